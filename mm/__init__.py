@@ -1,0 +1,26 @@
+"""mm: train and use CLIP-style image-text models.
+
+Public API (see README.md and ARCHITECTURE.md)::
+
+    import mm
+    model = mm.create_model("ViT-B-32")
+    tok = mm.get_tokenizer(model)
+    pre = mm.image_transform(model, train=False)
+    out = model(images, tok(["a photo of a cat"]))
+"""
+from .config import ConfigError, ModelConfig, MoEConfig, TextConfig, TransformerConfig, VisionConfig
+from .data.transforms import image_transform
+from .losses import ClipLoss, SigLipLoss, make_loss
+from .models import CLIP, ModelOutput, create_model
+from .presets import get_preset, list_models
+from .pretrained import PretrainedError, load_pretrained, save_pretrained
+from .tokenizer import Tokenizer, get_tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLIP", "ClipLoss", "ConfigError", "ModelConfig", "ModelOutput", "MoEConfig", "PretrainedError",
+    "SigLipLoss", "TextConfig", "Tokenizer", "TransformerConfig", "VisionConfig", "create_model",
+    "get_preset", "get_tokenizer", "image_transform", "list_models", "load_pretrained", "make_loss",
+    "save_pretrained",
+]

@@ -1,0 +1,338 @@
+"""Nested dataclass configs, loading from dicts / YAML / JSON, dotted overrides and validation.
+
+Every config error names the dotted key it is about (``vision.patch_size``), and is raised before any
+model is built or any data is read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or holds a bad value. The message names the key."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model configs
+# ----------------------------------------------------------------------------------------------------
+
+FFN_KINDS = ("mlp", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu", "relu")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts FFN placed in every ``every``-th block of a tower."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    every: int = 2  # blocks every-1, 2*every-1, ... get an MoE FFN; 1 = all blocks
+    capacity_factor: float | None = 1.25  # training; None = unlimited (no token is dropped)
+    eval_capacity_factor: float | None = 2.0
+    router_jitter: float = 0.0  # multiplicative input noise in training (Switch Transformer)
+    normalize_gates: bool = True  # renormalise top-k gate weights to sum to 1 (k > 1)
+    aux_loss_weight: float = 0.01  # Switch load-balancing loss weight
+    z_loss_weight: float = 0.001  # router z-loss weight (ST-MoE)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.num_experts < 1:
+            yield "num_experts", f"must be >= 1, got {self.num_experts}"
+        if self.top_k not in (1, 2) or self.top_k > self.num_experts:
+            yield "top_k", f"must be 1 or 2 and <= num_experts ({self.num_experts}), got {self.top_k}"
+        if self.every < 1:
+            yield "every", f"must be >= 1, got {self.every}"
+        for k in ("capacity_factor", "eval_capacity_factor"):
+            v = getattr(self, k)
+            if v is not None and v <= 0:
+                yield k, f"must be > 0 or null (unlimited), got {v}"
+
+
+@dataclass
+class TransformerConfig:
+    """The one block stack every tower uses."""
+
+    width: int = 512
+    depth: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    ffn: str = "mlp"  # mlp | swiglu
+    act: str = "gelu"  # activation of the mlp FFN (quick_gelu for OpenAI weights)
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    norm_eps: float = 1e-5
+    layer_scale: float | None = None  # LayerScale init value; None = off
+    drop_path: float = 0.0  # stochastic depth, linearly increasing to this rate at the last block
+    moe: MoEConfig | None = None
+    grad_checkpointing: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        for k in ("width", "depth", "heads"):
+            if getattr(self, k) < 1:
+                yield k, f"must be >= 1, got {getattr(self, k)}"
+        if self.heads >= 1 and self.width % self.heads:
+            yield "heads", f"width {self.width} is not divisible by heads {self.heads}"
+        if self.ffn not in FFN_KINDS:
+            yield "ffn", f"must be one of {FFN_KINDS}, got {self.ffn!r}"
+        if self.act not in ACTIVATIONS:
+            yield "act", f"must be one of {ACTIVATIONS}, got {self.act!r}"
+        if not 0.0 <= self.drop_path < 1.0:
+            yield "drop_path", f"must be in [0, 1), got {self.drop_path}"
+
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 32
+    transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(768, 12, 12))
+    pos_embed: str = "learned"  # learned | sincos2d | rope2d
+    class_token: bool = True
+    pool: str = "cls"  # cls | mean | attn (attentional pooling, CoCa)
+    attn_pool_queries: int = 256  # attn pool: tokens handed to a captioning decoder
+    attn_pool_heads: int = 8
+    norm_pre: bool = True  # LayerNorm before the stack (CLIP's ln_pre)
+    patch_dropout: float = 0.0  # FLIP: fraction of patch tokens dropped in training
+    image_mean: tuple[float, float, float] = OPENAI_MEAN
+    image_std: tuple[float, float, float] = OPENAI_STD
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.patch_size < 1 or self.image_size % self.patch_size:
+            yield "patch_size", f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+        if self.pos_embed not in ("learned", "sincos2d", "rope2d"):
+            yield "pos_embed", f"must be learned, sincos2d or rope2d, got {self.pos_embed!r}"
+        if self.pool not in ("cls", "mean", "attn"):
+            yield "pool", f"must be cls, mean or attn, got {self.pool!r}"
+        if self.pool == "cls" and not self.class_token:
+            yield "pool", "cls pooling needs class_token: true"
+        if not 0.0 <= self.patch_dropout < 1.0:
+            yield "patch_dropout", f"must be in [0, 1), got {self.patch_dropout}"
+        if self.pos_embed == "rope2d" and self.transformer.head_dim % 4:
+            yield "pos_embed", f"rope2d needs head_dim divisible by 4, got {self.transformer.head_dim}"
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408
+    context_length: int = 77
+    transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(512, 12, 8))
+    causal: bool = True  # CLIP: causal; SigLIP-style encoders: bidirectional with a padding mask
+    pool: str = "eot"  # eot | first | last | mean
+    pos_embed: str = "learned"  # learned | rope
+    proj_bias: bool = False
+    pad_id: int = 0
+    eot_id: int = 49407
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.vocab_size < 1:
+            yield "vocab_size", f"must be >= 1, got {self.vocab_size}"
+        if self.context_length < 2:
+            yield "context_length", f"must be >= 2 (start + end token), got {self.context_length}"
+        if self.pool not in ("eot", "first", "last", "mean"):
+            yield "pool", f"must be eot, first, last or mean, got {self.pool!r}"
+        if self.pos_embed not in ("learned", "rope"):
+            yield "pos_embed", f"must be learned or rope, got {self.pos_embed!r}"
+        if self.pos_embed == "rope" and self.transformer.head_dim % 2:
+            yield "pos_embed", f"rope needs an even head_dim, got {self.transformer.head_dim}"
+        if not (0 <= self.eot_id < self.vocab_size and 0 <= self.pad_id < self.vocab_size):
+            yield "eot_id", f"eot_id {self.eot_id} / pad_id {self.pad_id} outside vocab_size {self.vocab_size}"
+
+
+@dataclass
+class ModelConfig:
+    """A CLIP-style model: image tower + text tower projected into a shared ``embed_dim`` space."""
+
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float | None = None  # set (e.g. -10) for SigLIP: adds a learnable logit bias
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.embed_dim < 1:
+            yield "embed_dim", f"must be >= 1, got {self.embed_dim}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generic machinery: dict <-> dataclass, overrides, validation
+# ----------------------------------------------------------------------------------------------------
+
+def _dataclass_type(tp: Any) -> type | None:
+    """The dataclass inside ``tp`` (``X`` or ``X | None``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            if dataclasses.is_dataclass(a):
+                return a
+    return None
+
+
+def _allows_none(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/JSON scalar to the annotated type, or raise ConfigError naming ``key``."""
+    if value is None:
+        if _allows_none(tp) or tp is Any:
+            return None
+        raise ConfigError(f"{key}: null is not allowed here (expected {getattr(tp, '__name__', tp)})")
+    if _allows_none(tp):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    origin = typing.get_origin(tp)
+    if origin is tuple or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        out = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict | Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested mapping; unknown keys are errors naming the dotted key."""
+    if dataclasses.is_dataclass(data) and isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key {where!r} (valid keys here: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        sub = _dataclass_type(hints[name])
+        if sub is not None and value is not None:
+            kwargs[name] = from_dict(sub, value, key)
+        else:
+            kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples as lists), suitable for JSON/YAML."""
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+    return conv(cfg)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line override value: YAML scalar/list syntax (``1e-3``, ``true``, ``[a, b]``, ``null``)."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    """Return a copy of ``cfg`` with dotted keys replaced: ``{"vision.patch_dropout": 0.5}``.
+
+    String values are parsed as YAML (so CLI ``key=value`` pairs can be passed through). Setting a
+    key inside an optional section that is null (``vision.transformer.moe.num_experts``) creates that
+    section with defaults first.
+    """
+    data = to_dict(cfg)
+    cls = type(cfg)
+    for dotted, value in overrides.items():
+        if isinstance(value, str):
+            value = parse_value(value)
+        parts = dotted.split(".")
+        node, node_cls = data, cls
+        for i, part in enumerate(parts):
+            key = ".".join(parts[: i + 1])
+            hints = typing.get_type_hints(node_cls)
+            if part not in hints:
+                raise ConfigError(f"unknown config key {key!r} (valid keys here: {', '.join(sorted(hints))})")
+            if i == len(parts) - 1:
+                node[part] = to_dict(value) if dataclasses.is_dataclass(value) else value
+                break
+            sub = _dataclass_type(hints[part])
+            if sub is None:
+                raise ConfigError(f"{key!r} is a value, not a section; cannot set {dotted!r}")
+            if node.get(part) is None:
+                node[part] = to_dict(sub())
+            node, node_cls = node[part], sub
+    return validate(from_dict(cls, data))
+
+
+def validate(cfg: Any, prefix: str = "") -> Any:
+    """Run every nested ``check()``; raise ConfigError for the first problem, naming its dotted key."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            validate(v, f"{prefix}{f.name}.")
+    if hasattr(cfg, "check"):
+        for key, msg in cfg.check():
+            raise ConfigError(f"{prefix}{key}: {msg}")
+    return cfg
+
+
+def load_file(path: str | Path) -> dict:
+    """Read a YAML or JSON file into a dict, with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        raise ConfigError(f"{path}: cannot parse: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data

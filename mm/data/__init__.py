@@ -1,0 +1,3 @@
+from .transforms import image_transform
+
+__all__ = ["image_transform"]

@@ -1,0 +1,181 @@
+"""Pre-norm residual Block and the Transformer stack shared by every tower; ``make_ffn`` picks the FFN."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import TransformerConfig
+from .attention import Attention, make_attn_mask
+from .mlp import Mlp, SwiGLU
+from .moe import MoE, RouterStats
+
+
+def is_moe_layer(cfg: TransformerConfig, layer_idx: int) -> bool:
+    return cfg.moe is not None and (layer_idx + 1) % cfg.moe.every == 0
+
+
+def make_ffn(cfg: TransformerConfig, layer_idx: int) -> nn.Module:
+    """The one place that chooses a block's feed-forward layer: MoE (every ``moe.every`` blocks), SwiGLU
+    or the plain MLP."""
+    if is_moe_layer(cfg, layer_idx):
+        return MoE(cfg.width, cfg.mlp_hidden, cfg.moe, act=cfg.act, swiglu=cfg.ffn == "swiglu")
+    if cfg.ffn == "swiglu":
+        return SwiGLU(cfg.width, cfg.mlp_hidden)
+    return Mlp(cfg.width, cfg.mlp_hidden, cfg.act)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample in training, rescale the survivors."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+def _scale(cfg: TransformerConfig) -> nn.Module:
+    return LayerScale(cfg.width, cfg.layer_scale) if cfg.layer_scale is not None else nn.Identity()
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)) [+ cross_attn(norm(x), norm(context))] + ffn(norm(x)), each branch with optional
+    LayerScale and drop-path. ``self_attn=False`` with ``cross_dim`` gives a cross-attention-only block."""
+
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        layer_idx: int = 0,
+        *,
+        self_attn: bool = True,
+        cross_dim: int | None = None,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        w, eps = cfg.width, cfg.norm_eps
+        attn_kw = dict(qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, norm_eps=eps)
+        if self_attn:
+            self.norm1 = nn.LayerNorm(w, eps=eps)
+            self.attn = Attention(w, cfg.heads, **attn_kw)
+            self.ls1 = _scale(cfg)
+        if cross_dim is not None:
+            self.norm_cross = nn.LayerNorm(w, eps=eps)
+            self.norm_context = nn.LayerNorm(cross_dim, eps=eps)
+            self.cross_attn = Attention(w, cfg.heads, cross=True, kv_dim=cross_dim, **attn_kw)
+            self.ls_cross = _scale(cfg)
+        self.norm2 = nn.LayerNorm(w, eps=eps)
+        self.ffn = make_ffn(cfg, layer_idx)
+        self.ls2 = _scale(cfg)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.has_self_attn = self_attn
+        self.has_cross_attn = cross_dim is not None
+        self.is_moe = isinstance(self.ffn, MoE)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, RouterStats | None]:
+        if self.has_self_attn:
+            x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, rope=rope)))
+        if self.has_cross_attn:
+            ctx = self.norm_context(context)
+            x = x + self.drop_path(self.ls_cross(self.cross_attn(self.norm_cross(x), ctx, attn_mask=context_mask)))
+        stats = None
+        if self.is_moe:
+            h, stats = self.ffn(self.norm2(x), valid)
+        else:
+            h = self.ffn(self.norm2(x))
+        return x + self.drop_path(self.ls2(h)), stats
+
+
+class Transformer(nn.Module):
+    """A stack of ``cfg.depth`` Blocks (optionally all with cross-attention to a context)."""
+
+    def __init__(self, cfg: TransformerConfig, *, cross_dim: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(
+            Block(cfg, i, cross_dim=cross_dim, drop_path=rates[i]) for i in range(cfg.depth)
+        )
+        self.grad_checkpointing = cfg.grad_checkpointing
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """CLIP's initialisation (Radford et al. 2021, as in open_clip's text tower), for every tower:
+        residual-branch outputs scaled down with depth so the stream's variance stays bounded."""
+        w, depth = self.cfg.width, self.cfg.depth
+        attn_std, proj_std, fc_std = w**-0.5, w**-0.5 * (2 * depth) ** -0.5, (2 * w) ** -0.5
+        for blk in self.blocks:
+            for a in (getattr(blk, "attn", None), getattr(blk, "cross_attn", None)):
+                if a is None:
+                    continue
+                for lin in (getattr(a, "qkv", None), getattr(a, "q", None), getattr(a, "kv", None)):
+                    if lin is not None:
+                        nn.init.normal_(lin.weight, std=attn_std)
+                        if lin.bias is not None:
+                            nn.init.zeros_(lin.bias)
+                nn.init.normal_(a.proj.weight, std=proj_std)
+                nn.init.zeros_(a.proj.bias)
+            if not blk.is_moe:
+                nn.init.normal_(blk.ffn.fc1.weight, std=fc_std)
+                nn.init.normal_(blk.ffn.fc2.weight, std=proj_std)
+                nn.init.zeros_(blk.ffn.fc1.bias)
+                nn.init.zeros_(blk.ffn.fc2.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        context: torch.Tensor | None = None,
+        context_padding_mask: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[RouterStats]]:
+        """x: (B, T, width). Masks are built once here and shared by all blocks. ``valid`` (B, T) marks
+        real tokens for MoE routing (defaults to ``key_padding_mask``). Returns the output and the router
+        statistics of every MoE block in order."""
+        attn_mask, is_causal = make_attn_mask(
+            x.shape[1], x.shape[1], causal=causal, key_padding_mask=key_padding_mask, device=x.device
+        )
+        context_mask = None
+        if context_padding_mask is not None:
+            context_mask, _ = make_attn_mask(
+                x.shape[1], context.shape[1], key_padding_mask=context_padding_mask, device=x.device
+            )
+        if valid is None:
+            valid = key_padding_mask
+        kw = dict(attn_mask=attn_mask, is_causal=is_causal, rope=rope, context=context,
+                  context_mask=context_mask, valid=valid)
+        stats: list[RouterStats] = []
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x, s = checkpoint(blk, x, use_reentrant=False, **kw)
+            else:
+                x, s = blk(x, **kw)
+            if s is not None:
+                stats.append(s)
+        return x, stats

@@ -1,0 +1,89 @@
+"""Position encodings: fixed 2-D sin-cos tables and rotary embeddings (1-D for text, 2-D for images).
+
+Learned absolute embeddings are plain ``nn.Parameter`` tables owned by the towers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def sincos_1d(dim: int, pos: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """(N,) positions -> (N, dim) table: [sin(pos * w_i) | cos(pos * w_i)], w_i = base^(-2i/dim)."""
+    if dim % 2:
+        raise ValueError(f"sin-cos dim must be even, got {dim}")
+    omega = 1.0 / base ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    out = pos.to(torch.float64).reshape(-1, 1) * omega[None]
+    return torch.cat([out.sin(), out.cos()], dim=1).float()
+
+
+def sincos_2d(dim: int, grid: int, prefix_tokens: int = 0) -> torch.Tensor:
+    """(prefix + grid*grid, dim) fixed table; prefix (class) tokens get zeros.
+
+    Row-major over the patch grid; the first half of the channels encodes the column (x), the second
+    half the row (y), which is the MAE / open_clip ``sin_cos_2d`` layout, so weights stay compatible.
+    """
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos dim must be divisible by 4, got {dim}")
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    table = torch.cat([sincos_1d(dim // 2, xs.reshape(-1)), sincos_1d(dim // 2, ys.reshape(-1))], dim=1)
+    return torch.cat([torch.zeros(prefix_tokens, dim), table], dim=0)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, Dh) queries or keys by tables (T, Dh). Half precision is rotated in fp32."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+def _rope_angles(dim: int, pos: torch.Tensor, base: float) -> torch.Tensor:
+    """(N,) positions -> (N, dim) angles, laid out for rotate_half: the same dim/2 freqs twice."""
+    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    ang = pos.float()[:, None] * inv[None]
+    return torch.cat([ang, ang], dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """1-D RoPE for sequences of up to ``max_len`` tokens; forward(T) -> (cos, sin) of shape (T, head_dim)."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
+        super().__init__()
+        ang = _rope_angles(head_dim, torch.arange(max_len), base)
+        # non-persistent: derived from the config, so it never appears in checkpoints
+        self.register_buffer("cos", ang.cos(), persistent=False)
+        self.register_buffer("sin", ang.sin(), persistent=False)
+
+    def forward(self, length: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[offset : offset + length], self.sin[offset : offset + length]
+
+
+class RotaryEmbedding2D(nn.Module):
+    """2-D RoPE for a (grid x grid) patch sequence: half of each head rotates with the row, half with the
+    column. ``prefix_tokens`` (class token) come first and are not rotated (cos 1, sin 0)."""
+
+    def __init__(self, head_dim: int, grid: int, prefix_tokens: int = 0, base: float = 100.0):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
+        ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+        half = head_dim // 2
+        ay = _rope_angles(half, ys.reshape(-1), base)  # (N, half)
+        ax = _rope_angles(half, xs.reshape(-1), base)
+        # interleave so rotate_half over the full head pairs y-with-y and x-with-x channels
+        ang = torch.cat([ay[:, : half // 2], ax[:, : half // 2], ay[:, half // 2 :], ax[:, half // 2 :]], dim=-1)
+        ang = torch.cat([torch.zeros(prefix_tokens, head_dim), ang], dim=0)
+        self.prefix_tokens = prefix_tokens
+        self.register_buffer("cos", ang.cos(), persistent=False)
+        self.register_buffer("sin", ang.sin(), persistent=False)
+
+    def forward(self, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keep``: optional (B, T') indices of the tokens still present (patch dropout, prefix
+        included); then the tables are (B, 1, T', head_dim) so they broadcast over heads."""
+        if keep is None:
+            return self.cos, self.sin
+        return self.cos[keep].unsqueeze(1), self.sin[keep].unsqueeze(1)

@@ -1,0 +1,230 @@
+"""Contrastive losses for CLIP-style models: CLIP (InfoNCE) and SigLIP (sigmoid).
+
+Each loss is an ``nn.Module`` called on a model output (duck typed; anything
+with ``image_emb``, ``text_emb``, ``logit_scale``, ``logit_bias`` and
+``aux_loss`` attributes) and returns a dict of scalar tensors:
+
+* ``loss``: the total to backpropagate, ``contrastive_loss + aux_weight * aux_loss``;
+* ``contrastive_loss``;
+* ``aux_loss``: only when ``out.aux_loss`` is not None (MoE load-balancing loss,
+  already weighted per tower by the model).
+
+``logit_scale`` is the multiplier itself (already exponentiated, as open_clip's
+model forward returns it). The logits are computed in at least float32 (float64
+inputs stay float64) so bf16 features do not lose precision in the softmax /
+log-sigmoid. No ``.item()`` or other host synchronisation happens here.
+
+Distributed convention (the DDP one)
+------------------------------------
+Under ``torch.distributed`` with W ranks, each holding B samples of a global
+batch of N = W*B, every rank backpropagates its own loss and DDP then
+*averages* parameter gradients over ranks. Let L be the single-process loss over
+the whole global batch. With the default settings
+(``gather_with_grad=True``; the all-gather's backward sums gradients over ranks):
+
+* the gradient that rank r's local features receive equals ``W * dL/d(local
+  features)``, so after DDP's 1/W average the parameter gradient equals the
+  single-process one;
+* ``ClipLoss(local_loss=False)``: every rank's loss value equals L, and every
+  rank's ``logit_scale`` gradient equals ``dL/dscale``;
+* ``ClipLoss(local_loss=True)`` and ``SigLipLoss``: the per-rank loss values
+  and ``logit_scale`` / ``logit_bias`` gradients differ across ranks; their
+  average over ranks equals L and ``dL/dscale`` (``dL/dbias``) respectively.
+
+With ``ClipLoss(gather_with_grad=False)`` other ranks' features are constants:
+for ``local_loss=False`` the local features get exactly ``dL/dx`` (1x, so after
+DDP averaging parameter gradients are 1/W of the single-process ones, a
+constant factor the learning rate absorbs); for ``local_loss=True`` they get
+only ``dL_r/dx``, the part of the gradient from this rank's loss, which is not
+proportional to the single-process gradient. Prefer the default.
+
+All gathers require the same local batch size on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mm import dist as mmdist
+
+__all__ = ["ClipLoss", "SigLipLoss", "make_loss", "LOSSES"]
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32, or float64 when any input is float64 (never lower than fp32)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _embeddings(out: Any) -> tuple[Tensor, Tensor]:
+    img, txt = getattr(out, "image_emb", None), getattr(out, "text_emb", None)
+    if img is None or txt is None:
+        raise ValueError("contrastive losses need both out.image_emb and out.text_emb")
+    return img, txt
+
+
+def _as_tensor(x: Any, like: Tensor) -> Tensor:
+    return x if isinstance(x, Tensor) else torch.as_tensor(x, device=like.device)
+
+
+class _ContrastiveLoss(nn.Module):
+    """Shared bits: aux-loss handling and the output dict."""
+
+    def __init__(self, aux_weight: float = 1.0):
+        super().__init__()
+        self.aux_weight = aux_weight
+
+    def contrastive(self, out: Any) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, out: Any) -> dict[str, Tensor]:
+        contrastive = self.contrastive(out)
+        result = {"contrastive_loss": contrastive}
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None:
+            result["aux_loss"] = aux
+            result["loss"] = contrastive + self.aux_weight * aux
+        else:
+            result["loss"] = contrastive
+        return result
+
+
+class ClipLoss(_ContrastiveLoss):
+    """CLIP's symmetric InfoNCE loss.
+
+    ``logits = logit_scale * img @ txt.T`` (plus ``logit_bias`` if the model has
+    one); the loss is the mean of cross-entropy image->text and text->image,
+    with the matching pair on the diagonal. A constant ``logit_bias`` shifts
+    every logit of a softmax row equally, so it changes neither the value nor
+    any gradient (its own gradient is 0); it is added only for parity with
+    open_clip.
+
+    Distributed (see the module docstring for the gradient convention):
+
+    * ``local_loss=False`` (default): gather all features and compute the full
+      N x N logits on every rank; the loss value on every rank is the
+      single-process loss.
+    * ``local_loss=True``: local images vs all texts and local texts vs all
+      images (B x N logits, labels offset by ``rank * B``); less memory and
+      compute, the average over ranks of the loss is the single-process loss.
+    * ``gather_with_grad``: gather with a differentiable all-gather (default,
+      exact gradients) or gather constants and keep only the local slice
+      differentiable (cheaper backward; gradient caveats in the module doc).
+
+    Labels tensors are cached per (device, size, offset) to avoid reallocating
+    them every step.
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = True, aux_weight: float = 1.0):
+        super().__init__(aux_weight)
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self._labels: dict[tuple[torch.device, int, int], Tensor] = {}
+
+    def labels(self, device: torch.device, n: int, offset: int = 0) -> Tensor:
+        key = (device, n, offset)
+        lab = self._labels.get(key)
+        if lab is None:
+            lab = torch.arange(offset, offset + n, device=device, dtype=torch.long)
+            self._labels[key] = lab
+        return lab
+
+    def contrastive(self, out: Any) -> Tensor:
+        img, txt = _embeddings(out)
+        scale = _as_tensor(out.logit_scale, img)
+        bias = getattr(out, "logit_bias", None)
+        dtype = _compute_dtype(img, txt, scale)
+        img, txt, scale = img.to(dtype), txt.to(dtype), scale.to(dtype)
+        bias = None if bias is None else _as_tensor(bias, img).to(dtype)
+
+        world = mmdist.world_size()
+        if world > 1:
+            gather = mmdist.all_gather_with_grad if self.gather_with_grad else mmdist.all_gather_no_grad
+            all_img, all_txt = gather(img), gather(txt)
+            if self.local_loss:
+                logits_i = scale * img @ all_txt.T
+                logits_t = scale * txt @ all_img.T
+                labels = self.labels(img.device, img.shape[0], mmdist.rank() * img.shape[0])
+            else:
+                logits_i = scale * all_img @ all_txt.T
+                logits_t = logits_i.T
+                labels = self.labels(img.device, all_img.shape[0])
+        else:
+            logits_i = scale * img @ txt.T
+            logits_t = logits_i.T
+            labels = self.labels(img.device, img.shape[0])
+
+        if bias is not None:
+            logits_i = logits_i + bias
+            logits_t = logits_t + bias
+        return (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
+
+
+class SigLipLoss(_ContrastiveLoss):
+    """SigLIP's pairwise sigmoid loss.
+
+    ``loss = -sum_ij logsigmoid(y_ij * (logit_scale * img_i . txt_j + logit_bias)) / B``
+    with ``y = 2 * eye - 1`` over the global pairs and B the *local* batch size.
+
+    Distributed: text features are all-gathered with grad and the local images
+    are scored against all N texts (B x N logits, positives at column
+    ``rank * B + i``). In value this equals open_clip's neighbour-exchange
+    variants (which sum the local block plus the negative-only blocks for every
+    other rank's texts, divided by B); it trades the W-1 ring exchanges for one
+    all-gather. The per-rank loss is this rank's share: the average over ranks
+    equals the single-process loss over the global batch (see the module
+    docstring for the gradients).
+    """
+
+    def __init__(self, aux_weight: float = 1.0):
+        super().__init__(aux_weight)
+        self._labels: dict[tuple[torch.device, torch.dtype, int, int, int], Tensor] = {}
+
+    def labels(self, device: torch.device, dtype: torch.dtype, b: int, n: int, offset: int = 0) -> Tensor:
+        """(b, n) matrix: +1 at (i, offset + i), -1 elsewhere; cached."""
+        key = (device, dtype, b, n, offset)
+        lab = self._labels.get(key)
+        if lab is None:
+            lab = -torch.ones((b, n), device=device, dtype=dtype)
+            idx = torch.arange(b, device=device)
+            lab[idx, idx + offset] = 1.0
+            self._labels[key] = lab
+        return lab
+
+    def contrastive(self, out: Any) -> Tensor:
+        img, txt = _embeddings(out)
+        scale = _as_tensor(out.logit_scale, img)
+        bias = getattr(out, "logit_bias", None)
+        dtype = _compute_dtype(img, txt, scale)
+        img, txt, scale = img.to(dtype), txt.to(dtype), scale.to(dtype)
+
+        b = img.shape[0]
+        all_txt = mmdist.all_gather_with_grad(txt)
+        logits = scale * img @ all_txt.T
+        if bias is not None:
+            logits = logits + _as_tensor(bias, img).to(dtype)
+        labels = self.labels(img.device, dtype, b, all_txt.shape[0], mmdist.rank() * b)
+        return -F.logsigmoid(labels * logits).sum() / b
+
+
+# Registry for make_loss. CoCa (contrastive + captioning loss over
+# out.caption_logits) will register here as "coca" when it lands.
+LOSSES: dict[str, type[nn.Module]] = {
+    "clip": ClipLoss,
+    "siglip": SigLipLoss,
+}
+
+
+def make_loss(kind: str, **kw: Any) -> nn.Module:
+    """Build a loss by name: ``"clip"`` or ``"siglip"``; keyword args go to its constructor."""
+    try:
+        cls = LOSSES[kind]
+    except KeyError:
+        raise ValueError(f"unknown loss kind {kind!r}; valid kinds: {', '.join(sorted(LOSSES))}") from None
+    return cls(**kw)

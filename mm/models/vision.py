@@ -1,0 +1,83 @@
+"""ViT image tower: patchify -> (+ class token, positions) -> Transformer -> norm -> pool -> project."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import VisionConfig
+from ..layers import AttentionalPool, RotaryEmbedding2D, RouterStats, Transformer, sincos_2d
+
+
+@dataclass
+class TowerOutput:
+    emb: torch.Tensor  # (B, embed_dim) projected, not normalised
+    tokens: torch.Tensor  # (B, T, D) per-token features after the final norm (for captioning / dense use)
+    router_stats: list[RouterStats] = field(default_factory=list)
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig, embed_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.transformer.width
+        scale = w**-0.5
+        self.patch_embed = nn.Conv2d(3, w, cfg.patch_size, cfg.patch_size, bias=False)
+        self.prefix = 1 if cfg.class_token else 0
+        self.cls_token = nn.Parameter(scale * torch.randn(w)) if cfg.class_token else None
+        n_pos = cfg.grid**2 + self.prefix
+        self.rope = None
+        if cfg.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(scale * torch.randn(n_pos, w))
+        elif cfg.pos_embed == "sincos2d":  # fixed: a buffer derived from the config, not saved
+            self.register_buffer("pos_embed", sincos_2d(w, cfg.grid, self.prefix), persistent=False)
+        else:  # rope2d: positions enter inside attention, nothing is added to the tokens
+            self.pos_embed = None
+            self.rope = RotaryEmbedding2D(cfg.transformer.head_dim, cfg.grid, self.prefix)
+        self.norm_pre = nn.LayerNorm(w, eps=cfg.transformer.norm_eps) if cfg.norm_pre else nn.Identity()
+        self.transformer = Transformer(cfg.transformer)
+        if cfg.pool == "attn":
+            self.attn_pool = AttentionalPool(embed_dim, w, cfg.attn_pool_heads, cfg.attn_pool_queries, cfg.transformer.norm_eps)
+            pool_dim = embed_dim
+        else:
+            self.attn_pool = None
+            pool_dim = w
+        self.norm = nn.LayerNorm(pool_dim, eps=cfg.transformer.norm_eps)
+        self.proj = nn.Linear(pool_dim, embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=pool_dim**-0.5)
+
+    def _patch_dropout(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """FLIP (Li et al. 2023): keep a random subset of patch tokens per image; prefix tokens stay.
+        Returns the tokens and the kept positions (B, T') including the prefix, for RoPE."""
+        p = self.cfg.patch_dropout
+        if not self.training or p == 0.0:
+            return x, None
+        b, n = x.shape[0], x.shape[1] - self.prefix
+        n_keep = max(1, int(n * (1 - p)))
+        keep = torch.rand(b, n, device=x.device).topk(n_keep, dim=1).indices + self.prefix  # (B, n_keep)
+        if self.prefix:
+            keep = torch.cat([torch.arange(self.prefix, device=x.device).expand(b, -1), keep], dim=1)
+        return x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])), keep
+
+    def forward(self, images: torch.Tensor) -> TowerOutput:
+        """images: (B, 3, H, W) normalised pixels at ``cfg.image_size``."""
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, W)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.to(x.dtype)
+        x, keep = self._patch_dropout(x)
+        x = self.norm_pre(x)
+        rope = self.rope(keep) if self.rope is not None else None
+        x, stats = self.transformer(x, rope=rope)
+        if self.attn_pool is not None:
+            # open_clip's CoCa layout (kept for weight compatibility): the first pooled query is the
+            # contrastive embedding, the other queries are the decoder's image tokens.
+            x = self.norm(self.attn_pool(x))
+            pooled, tokens = x[:, 0], x[:, 1:]
+        else:
+            x = self.norm(x)
+            tokens = x[:, self.prefix :]
+            pooled = x[:, 0] if self.cfg.pool == "cls" else tokens.mean(1)
+        return TowerOutput(self.proj(pooled), tokens, stats)

@@ -1,0 +1,111 @@
+"""save_pretrained / load_pretrained: ``config.json`` + ``model.safetensors``; loading never unpickles."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, ModelConfig, from_dict, to_dict, validate
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+class PretrainedError(RuntimeError):
+    """A saved model directory is missing a file, or a file does not match what was saved."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_pretrained(model: torch.nn.Module, directory: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed).
+
+    Files are written under temporary names and renamed, so an interrupted save never leaves a
+    directory that looks complete. The weights' SHA-256 goes into config.json so that loading detects
+    a changed or truncated weights file.
+    """
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp_w = d / (WEIGHTS_NAME + ".tmp")
+    save_file(state, str(tmp_w), metadata={"format": "mm", "format_version": str(FORMAT_VERSION)})
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model": to_dict(model.config),
+        "weights": {"file": WEIGHTS_NAME, "sha256": _sha256(tmp_w)},
+    }
+    tmp_c = d / (CONFIG_NAME + ".tmp")
+    tmp_c.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp_w, d / WEIGHTS_NAME)
+    os.replace(tmp_c, d / CONFIG_NAME)
+    return d
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    """The validated ModelConfig stored in ``directory/config.json``."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise PretrainedError(f"{path}: missing (not an mm model directory? expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+    try:
+        meta = json.loads(path.read_text())
+        return validate(from_dict(ModelConfig, meta["model"]))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise PretrainedError(f"{path}: not a valid mm config ({type(e).__name__}: {e})") from e
+    except ConfigError as e:
+        raise PretrainedError(f"{path}: {e}") from e
+
+
+def load_pretrained(directory: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> torch.nn.Module:
+    """Rebuild the model saved by :func:`save_pretrained`. ``verify`` checks the weights' SHA-256."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .models.clip import CLIP
+
+    d = Path(directory)
+    cfg = load_config(d)
+    meta = json.loads((d / CONFIG_NAME).read_text())
+    wpath = d / meta.get("weights", {}).get("file", WEIGHTS_NAME)
+    if not wpath.is_file():
+        raise PretrainedError(f"{wpath}: missing weights file")
+    expected = meta.get("weights", {}).get("sha256")
+    if verify and expected and _sha256(wpath) != expected:
+        raise PretrainedError(
+            f"{wpath}: SHA-256 differs from the one recorded in {d / CONFIG_NAME}; the file was changed or "
+            "truncated after saving (pass verify=False to load it anyway)"
+        )
+    try:
+        state = load_file(str(wpath), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PretrainedError(f"{wpath}: not a readable safetensors file ({e})") from e
+    model = CLIP(cfg)
+    load_state_dict_checked(model, state, source=str(wpath))
+    return model.to(device)
+
+
+def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the first offending key and shapes."""
+    own = model.state_dict()
+    for k, v in own.items():
+        if k not in state:
+            raise PretrainedError(f"{source}: missing tensor {k!r} (expected shape {tuple(v.shape)})")
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise PretrainedError(
+                f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}"
+            )
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise PretrainedError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all)")
+    model.load_state_dict(state, strict=True)
