@@ -1,0 +1,26 @@
+# `make run`  : set up .venv, then run the main demo job
+# `make test` : set up .venv, then run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# These pins are served from local files on the project's machines; any torch >= 2.4 works.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup run test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+run: setup
+	$(VENV)/bin/mm demo
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,142 @@
+"""Training-step throughput of mm vs open_clip, side by side in one process, same config and data.
+
+    python benchmarks/bench_train.py --model tiny-clip --batch 64 --steps 20
+    python benchmarks/bench_train.py --model ViT-B-32 --batch 8 --steps 6
+
+Both models get the same architecture (open_clip's own config for open_clip names; the equivalent
+open_clip config for mm's tiny presets), the same random images and captions, AdamW, and each package's
+own CLIP loss. Steps alternate between the two models so that machine noise hits both alike. Reports
+samples/s, median step time, FLOPs per sample (counted with torch's FlopCounterMode), peak memory and MFU
+(CUDA; MFU needs --peak-tflops), each as mm / open_clip. Absolute numbers only mean something on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import mm
+
+
+def open_clip_model(name: str):
+    """The open_clip model with the same shapes as mm preset ``name``."""
+    import open_clip
+
+    if name in open_clip.list_models():
+        return open_clip.create_model(name)
+    cfg = mm.get_preset(name)
+    v, t = cfg.vision, cfg.text
+    if v.transformer.moe or t.transformer.moe:
+        raise SystemExit(f"{name}: open_clip has no MoE equivalent")
+    return open_clip.model.CLIP(
+        embed_dim=cfg.embed_dim,
+        vision_cfg=dict(image_size=v.image_size, patch_size=v.patch_size, width=v.transformer.width,
+                        layers=v.transformer.depth, head_width=v.transformer.head_dim,
+                        mlp_ratio=v.transformer.mlp_ratio),
+        text_cfg=dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.transformer.width,
+                      heads=t.transformer.heads, layers=t.transformer.depth, mlp_ratio=t.transformer.mlp_ratio),
+        quick_gelu=v.transformer.act == "quick_gelu",
+    )
+
+
+class Runner:
+    def __init__(self, model, loss_fn, to_loss, args, device):
+        self.model, self.loss_fn, self.to_loss, self.device = model.to(device).train(), loss_fn, to_loss, device
+        fused = device.type == "cuda"
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        self.times: list[float] = []
+
+    def step(self, images, tokens) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            loss = self.to_loss(self.model, self.loss_fn, images, tokens)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def timed_step(self, images, tokens) -> None:
+        sync(self.device)
+        t0 = time.perf_counter()
+        self.step(images, tokens)
+        sync(self.device)
+        self.times.append(time.perf_counter() - t0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def mm_loss(model, loss_fn, images, tokens):
+    return loss_fn(model(images, tokens))["loss"]
+
+
+def oc_loss(model, loss_fn, images, tokens):
+    img, txt, scale = model(images, tokens)[:3]
+    return loss_fn(img, txt, scale)
+
+
+def count_flops(runner: Runner, images, tokens) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        runner.step(images, tokens)
+    return fc.get_total_flops() / images.shape[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny-clip")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per model (after 2 warm-up steps)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU, e.g. 793 (H200 bf16)")
+    args = p.parse_args()
+    import open_clip
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    ours = Runner(mm.create_model(args.model), mm.ClipLoss(), mm_loss, args, device)
+    theirs = Runner(open_clip_model(args.model), open_clip.loss.ClipLoss(), oc_loss, args, device)
+    n_ours = sum(p.numel() for p in ours.model.parameters())
+    n_theirs = sum(p.numel() for p in theirs.model.parameters())
+    cfg = mm.get_preset(args.model)
+    images = torch.randn(args.batch, 3, cfg.vision.image_size, cfg.vision.image_size, device=device)
+    tokens = mm.get_tokenizer(args.model)([f"a photo of a thing number {i}" for i in range(args.batch)]).to(device)
+
+    flops = {"mm": count_flops(ours, images, tokens), "open_clip": count_flops(theirs, images, tokens)}
+    for r in (ours, theirs):
+        r.step(images, tokens)  # warm-up (allocator, kernels)
+    peak = {}
+    for name, r in (("mm", ours), ("open_clip", theirs)):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            r.timed_step(images, tokens)
+            peak[name] = torch.cuda.max_memory_allocated() / 2**30
+            r.times.clear()
+    for _ in range(args.steps):  # interleaved
+        ours.timed_step(images, tokens)
+        theirs.timed_step(images, tokens)
+
+    print(f"# {args.model}, batch {args.batch}, {args.precision}, {device.type}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, params mm {n_ours:,} / open_clip {n_theirs:,}")
+    print("| package | median step (ms) | samples/s | GFLOP/sample | peak mem (GiB) | MFU |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    sps = {}
+    for name, r in (("mm", ours), ("open_clip", theirs)):
+        med = statistics.median(r.times)
+        sps[name] = args.batch / med
+        mfu = f"{flops[name] * sps[name] / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else "-"
+        mem = f"{peak[name]:.2f}" if name in peak else "-"
+        print(f"| {name} | {med * 1000:.1f} | {sps[name]:.1f} | {flops[name] / 1e9:.3f} | {mem} | {mfu} |")
+    ratio_mem = f", peak memory {peak['mm'] / peak['open_clip']:.2f}" if peak else ""
+    print(f"ratio mm / open_clip: samples/s {sps['mm'] / sps['open_clip']:.2f}, "
+          f"FLOPs/sample {flops['mm'] / flops['open_clip']:.2f}{ratio_mem}")
+
+
+if __name__ == "__main__":
+    main()
