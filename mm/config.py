@@ -199,8 +199,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if _allows_none(tp) or tp is Any:
             return None
         raise ConfigError(f"{key}: null is not allowed here (expected {getattr(tp, '__name__', tp)})")
-    if _allows_none(tp):
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        # try each alternative in order (``list[str] | str``: a list, else a file path)
+        alts = [a for a in typing.get_args(tp) if a is not type(None)]
+        for alt in alts:
+            try:
+                return _coerce(value, alt, key)
+            except ConfigError:
+                continue
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in alts)
+        raise ConfigError(f"{key}: expected {names}, got {value!r}")
     origin = typing.get_origin(tp)
     if origin is tuple or origin is list:
         if not isinstance(value, (list, tuple)):
@@ -213,7 +221,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         out = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
-    if origin is dict or tp is Any:
+    if tp is Any:
+        return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return value
     if tp is bool:
         if isinstance(value, bool):

@@ -1,0 +1,139 @@
+"""Turning raw webdataset samples (dicts of bytes) into tensors, and saying exactly why one is unusable.
+
+Every rejection raises :class:`BadSample` with a short reason ("undecodable image", "no caption", ...);
+the pipeline skips the sample, counts the reason and names the sample in the log. Nothing here is fatal.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, ImageOps
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; ``reason`` is a short, countable phrase."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Bytes -> RGB PIL image, upright (EXIF orientation applied), with alpha composited on white.
+
+    Handles grayscale, palette (with or without transparency), RGBA/LA, CMYK and 16-bit images.
+    Images with more than ``max_pixels`` pixels are rejected from the header alone, before decoding.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadSample("too many pixels", f"{w}x{h} > {max_pixels}")
+            img.load()  # a truncated or corrupt file fails here
+    except BadSample:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadSample("too many pixels", str(e)) from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        raise BadSample("undecodable image", f"{type(e).__name__}: {e}") from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block should not cost the image
+        pass
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16/32-bit: PIL's convert("RGB") clips to 255, which turns most 16-bit images white.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def decode_text(data: bytes | None) -> str:
+    if data is None:
+        raise BadSample("no caption")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadSample("caption not UTF-8", str(e)) from None
+    text = text.strip()
+    if not text:
+        raise BadSample("empty caption")
+    return text
+
+
+class SampleDecoder:
+    """Picklable callable: raw sample -> dict with ``image`` (tensor) and ``text`` / ``label`` / ``captions``.
+
+    ``need`` lists what this pipeline needs ("text", "label", "captions"); a sample lacking one is a
+    BadSample. ``transform(img, rng)`` receives a per-sample ``random.Random`` so augmentation is
+    reproducible from the sample's position alone (exact resume, any number of workers).
+    """
+
+    def __init__(
+        self,
+        transform: Callable[..., Any],
+        *,
+        image_keys: list[str],
+        text_key: str = "txt",
+        label_key: str = "cls",
+        need: tuple[str, ...] = ("text",),
+        max_pixels: int = 89_478_485,
+    ):
+        self.transform = transform
+        self.image_keys = list(image_keys)
+        self.text_key, self.label_key = text_key, label_key
+        self.need = need
+        self.max_pixels = max_pixels
+
+    def __call__(self, sample: dict[str, Any], rng: random.Random | None = None) -> dict[str, Any]:
+        key = next((k for k in self.image_keys if k in sample), None)
+        if key is None:
+            raise BadSample("no image", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
+        out: dict[str, Any] = {}
+        if "text" in self.need:
+            out["text"] = decode_text(sample.get(self.text_key))
+        if "label" in self.need:
+            raw = sample.get(self.label_key)
+            if raw is None:
+                raise BadSample("no label", f"missing {self.label_key!r}")
+            try:
+                out["label"] = int(raw.decode("utf-8").strip())
+            except (UnicodeDecodeError, ValueError):
+                raise BadSample("bad label", repr(raw[:20])) from None
+        if "captions" in self.need:
+            out["captions"] = self._captions(sample)
+        img = decode_image(sample[key], self.max_pixels)
+        out["image"] = self.transform(img, rng) if rng is not None else self.transform(img)
+        return out
+
+    def _captions(self, sample: dict[str, Any]) -> list[str]:
+        raw = sample.get("json")
+        if raw is not None:
+            try:
+                caps = json.loads(raw.decode("utf-8")).get("captions")
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                raise BadSample("bad json") from None
+            if isinstance(caps, list) and caps and all(isinstance(c, str) and c.strip() for c in caps):
+                return [c.strip() for c in caps]
+        return [decode_text(sample.get(self.text_key))]

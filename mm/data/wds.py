@@ -1,0 +1,263 @@
+"""Webdataset shards -> decoded, tokenized batches, deterministic enough to resume exactly.
+
+Why not webdataset's own pipeline: resuming inside an epoch needs each worker's stream to be a pure
+function of (seed, epoch, worker) and a position, and every rejected sample must be counted with its
+reason. We use webdataset for what it does well (opening local / ``pipe:`` / http(s) URLs) and
+braceexpand for URL lists, and keep the stream logic here:
+
+- each *logical* worker ``g`` of ``world * workers`` reads an infinite sequence of epochs; epoch ``e``
+  shuffles the shard list with seed (seed, e) and takes every ``total``-th shard from position ``g``
+  (or, with fewer shards than workers, every ``total``-th sample, so no worker ever starves);
+- raw samples (still bytes) pass a seeded shuffle buffer, so replaying a prefix costs reading, not
+  decoding; a sample's augmentation RNG is derived from its (epoch, worker, position);
+- every batch carries its worker's position after it; the trainer keeps the positions of the batches it
+  has *consumed* and, on resume, each worker replays its stream up to that position. DataLoader hands out
+  batches round-robin over workers, so the resumed loader rotates logical worker ids by the number of
+  batches already consumed to continue the exact order.
+"""
+from __future__ import annotations
+
+import random
+import tarfile
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..config import ConfigError
+from .decode import BadSample, SampleDecoder
+
+
+def expand_urls(spec: str | list[str]) -> list[str]:
+    """``"a-{000..009}.tar::b.tar"`` -> the list of shard URLs (brace expansion, ``::`` joins)."""
+    from braceexpand import braceexpand
+
+    parts = spec if isinstance(spec, list) else str(spec).split("::")
+    return [u for p in parts if p.strip() for u in braceexpand(p.strip())]
+
+
+def is_local(url: str) -> bool:
+    return not (url.startswith("pipe:") or "://" in url) or url.startswith("file://")
+
+
+def check_urls(spec: str | list[str] | None, key: str) -> list[str]:
+    """Expand and check that local shard files exist; errors name the config key and the first missing file."""
+    if not spec:
+        return []
+    urls = expand_urls(spec)
+    if not urls:
+        raise ConfigError(f"{key}: {spec!r} expands to no shard")
+    missing = [u.removeprefix("file://") for u in urls if is_local(u) and not Path(u.removeprefix("file://")).is_file()]
+    if missing:
+        raise ConfigError(f"{key}: shard {missing[0]!r} not found ({len(missing)} of {len(urls)} shards "
+                          f"in {spec!r} missing)")
+    return urls
+
+
+def _open(url: str):
+    if is_local(url):
+        return open(url.removeprefix("file://"), "rb")
+    import webdataset
+
+    return webdataset.gopen(url, "rb")
+
+
+def iter_shard(url: str, warn: Callable[[str], None]) -> Iterator[dict[str, Any]]:
+    """Samples of one tar (``.tar`` / ``.tar.gz``, streamed): {"__key__", "__url__", ext: bytes}.
+
+    A shard cut off mid-file yields what was complete and warns, naming the shard: only the remainder
+    is lost. Members are grouped by key = the basename up to its first dot (webdataset's convention).
+    """
+    sample: dict[str, Any] | None = None
+    count = 0
+    try:
+        with _open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                d, _, base = member.name.rpartition("/")
+                if "." not in base or base.startswith("."):
+                    continue
+                stem, ext = base.split(".", 1)
+                key = f"{d}/{stem}" if d else stem
+                if sample is not None and sample["__key__"] != key:
+                    yield sample  # complete: the next sample's header has been read
+                    count += 1
+                    sample = None
+                if sample is None:
+                    sample = {"__key__": key, "__url__": url}
+                sample[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        warn(f"shard {url} is cut off or unreadable after {count} samples ({type(e).__name__}: {e}); "
+             "the rest of this shard is skipped")
+        return  # the partially read last sample is dropped with the rest
+    if sample is not None:
+        yield sample
+
+
+def _seeded(*parts: int) -> random.Random:
+    return random.Random(hash(tuple(parts)) & 0xFFFFFFFFFFFF)  # tuple hash of ints is stable across runs
+
+
+class ShardStream(IterableDataset):
+    """Infinite (train) or single-pass (eval) stream of collated batches; see the module docstring.
+
+    ``start``: {global worker id: (epoch, position)} from a checkpoint; ``rotation``: batches already
+    consumed by this process, modulo the number of workers. ``max_samples`` (eval) caps the total,
+    split evenly over all workers of all processes.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        decoder: SampleDecoder,
+        collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle_buffer: int = 0,
+        train: bool = True,
+        resampled: bool = False,
+        rank: int = 0,
+        world: int = 1,
+        start: dict[int, tuple[int, int]] | None = None,
+        rotation: int = 0,
+        max_samples: int | None = None,
+    ):
+        self.urls, self.decoder, self.collate = urls, decoder, collate
+        self.batch_size, self.seed, self.buffer = batch_size, seed, shuffle_buffer
+        self.train, self.resampled = train, resampled
+        self.rank, self.world = rank, world
+        self.start, self.rotation = dict(start or {}), rotation
+        self.max_samples = max_samples
+
+    # -- raw stream ------------------------------------------------------------------------------
+    def _raw(self, epoch: int, gid: int, total: int, warn) -> Iterator[dict[str, Any]]:
+        if self.resampled:  # shards drawn with replacement, forever
+            rng = _seeded(self.seed, gid, 7919)
+            while True:
+                yield from iter_shard(rng.choice(self.urls), warn)
+        urls = list(self.urls)
+        if self.train:
+            _seeded(self.seed, epoch).shuffle(urls)
+        if len(urls) >= total:
+            for u in urls[gid::total]:
+                yield from iter_shard(u, warn)
+        else:  # fewer shards than workers: split by sample so that every worker gets data
+            i = 0
+            for u in urls:
+                for s in iter_shard(u, warn):
+                    if i % total == gid:
+                        yield s
+                    i += 1
+
+    def _shuffled(self, raw: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        if not self.train or self.buffer <= 1:
+            yield from raw
+            return
+        buf: list[dict[str, Any]] = []
+        for s in raw:
+            if len(buf) < self.buffer:
+                buf.append(s)
+                continue
+            i = rng.randrange(len(buf))
+            buf[i], s = s, buf[i]
+            yield s
+        rng.shuffle(buf)
+        yield from buf
+
+    # -- batches ---------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        logical = (wid + self.rotation) % nw
+        gid, total = self.rank * nw + logical, self.world * nw
+        # eval cap: split evenly over all workers of all processes
+        limit = -(-self.max_samples // total) if self.max_samples else None
+        warnings: list[str] = []
+        epoch, skip = self.start.get(gid, (0, 0))
+        batch: list[dict[str, Any]] = []
+        skipped: Counter[str] = Counter()
+        bad: list[str] = []
+        emitted = 0
+        while True:
+            good_in_epoch, pos, resumed = 0, 0, skip > 0
+            stream = self._shuffled(self._raw(epoch, gid, total, warnings.append), _seeded(self.seed, epoch, gid))
+            for raw in stream:
+                pos += 1
+                if pos <= skip:
+                    continue  # replaying up to the resume position: no decoding
+                try:
+                    rng = _seeded(self.seed, epoch, gid, pos) if self.train else None
+                    item = self.decoder(raw, rng)
+                except BadSample as e:
+                    skipped[e.reason] += 1
+                    bad.append(f"{raw['__url__']}:{raw['__key__']}: {e}")
+                    continue
+                item["__key__"] = raw["__key__"]
+                batch.append(item)
+                good_in_epoch += 1
+                if len(batch) == self.batch_size or (limit and emitted + len(batch) >= limit):
+                    out = self.collate(batch)
+                    out["meta"] = {"worker": gid, "epoch": epoch, "pos": pos, "skipped": dict(skipped),
+                                   "bad": bad, "warnings": warnings[:]}
+                    emitted += len(batch)
+                    batch, skipped, bad = [], Counter(), []
+                    warnings.clear()  # the list object is shared with the shard readers
+                    yield out
+                    if limit and emitted >= limit:
+                        return
+            skip = 0
+            if not self.train:
+                break
+            if resumed:
+                pass  # resumed at (or near) the end of an epoch: an empty remainder is expected
+            elif good_in_epoch == 0 and pos <= 0:
+                raise RuntimeError(f"worker {gid}: shards yielded no samples at all ({len(self.urls)} shards, "
+                                   f"first {self.urls[0]}); warnings: {warnings[:3]}")
+            elif good_in_epoch == 0 and not batch:
+                raise RuntimeError(f"worker {gid}: a whole pass over its shards produced no usable sample; "
+                                   f"reasons: {dict(skipped)}; e.g. {bad[:3]}")
+            epoch += 1
+        if batch:  # eval: the last partial batch
+            out = self.collate(batch)
+            out["meta"] = {"worker": gid, "epoch": epoch, "pos": pos, "skipped": dict(skipped), "bad": bad,
+                           "warnings": warnings}
+            yield out
+
+
+def collate_fn(tokenizer=None) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    return Collate(tokenizer)
+
+
+class Collate:
+    """Stack images, tokenize captions in the worker (keeps the main process free), pass labels/captions."""
+
+    def __init__(self, tokenizer=None):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {"images": torch.stack([it["image"] for it in items]),
+                               "keys": [it["__key__"] for it in items]}
+        if "text" in items[0]:
+            out["texts"] = [it["text"] for it in items]
+            if self.tokenizer is not None:
+                out["tokens"] = self.tokenizer(out["texts"])
+        if "label" in items[0]:
+            out["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+        if "captions" in items[0]:
+            out["captions"] = [it["captions"] for it in items]
+        return out
+
+
+def make_loader(stream: ShardStream, workers: int, prefetch_factor: int = 4, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over a stream that already yields batches (``batch_size=None``)."""
+    kw: dict[str, Any] = {}
+    if workers > 0:
+        # batches come back in worker round-robin order (DataLoader's default in-order mode), which the
+        # resume logic relies on
+        kw = dict(num_workers=workers, prefetch_factor=prefetch_factor)
+    return DataLoader(stream, batch_size=None, pin_memory=pin_memory, **kw)

@@ -1,0 +1,180 @@
+"""The training run's config: one YAML file + ``section.key=value`` overrides -> a validated RunConfig.
+
+Sections: ``model`` (a preset name, a config file path or an inline mapping), ``data``, ``train``,
+``eval`` and ``output_dir``. Everything is checked (unknown keys, types, values, that shard files and
+class-name files exist) before any work starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..config import ConfigError, ModelConfig, apply_overrides, from_dict, load_file, parse_value, validate
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None  # shard URLs, brace-expanded: "dir/train-{000000..000009}.tar"; "::" joins sets
+    batch_size: int = 64  # per process
+    workers: int = 2  # DataLoader worker processes per process (0 = load in the main process)
+    shuffle_buffer: int = 1000  # sample shuffle buffer per worker (0 = only shard shuffling)
+    resampled: bool = False  # draw shards with replacement (infinite stream) instead of epoch passes
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    text_key: str = "txt"
+    max_pixels: int = 89_478_485  # larger images are skipped as decompression bombs (PIL's default)
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range
+    prefetch_factor: int = 4
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.batch_size < 1:
+            yield "batch_size", f"must be >= 1, got {self.batch_size}"
+        if self.workers < 0:
+            yield "workers", f"must be >= 0, got {self.workers}"
+        if self.shuffle_buffer < 0:
+            yield "shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}"
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            yield "crop_scale", f"must satisfy 0 < min <= max <= 1, got {self.crop_scale}"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    lr: float = 5e-4
+    warmup_steps: int = 100
+    min_lr: float = 0.0  # cosine floor
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    grad_accum: int = 1
+    grad_clip: float | None = 1.0  # max global grad norm; null = off
+    seed: int = 0
+    loss: str = "clip"  # clip | siglip
+    local_loss: bool = False
+    aux_weight: float = 1.0  # weight of the model's MoE aux loss
+    checkpoint_every: int = 500  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (newest complete checkpoint in output_dir) | none | a checkpoint path
+    stop_after: int | None = None  # end this run (with a checkpoint) after this step; resume later
+    compile: bool = False
+    grad_checkpointing: bool = False
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    log_every: int = 10
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.steps < 1:
+            yield "steps", f"must be >= 1, got {self.steps}"
+        if self.lr <= 0:
+            yield "lr", f"must be > 0, got {self.lr}"
+        if self.warmup_steps < 0:
+            yield "warmup_steps", f"must be >= 0, got {self.warmup_steps}"
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            yield "precision", f"must be fp32, bf16 or fp16, got {self.precision!r}"
+        if self.grad_accum < 1:
+            yield "grad_accum", f"must be >= 1, got {self.grad_accum}"
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            yield "grad_clip", f"must be > 0 or null, got {self.grad_clip}"
+        if self.loss not in ("clip", "siglip"):
+            yield "loss", f"must be clip or siglip, got {self.loss!r}"
+        if self.checkpoint_every < 0:
+            yield "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}"
+        if self.keep_checkpoints < 1:
+            yield "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}"
+        if self.resume not in ("auto", "none") and not Path(self.resume).exists():
+            yield "resume", f"checkpoint {self.resume!r} does not exist (use auto, none or a checkpoint path)"
+        if self.max_bad_steps < 1:
+            yield "max_bad_steps", f"must be >= 1, got {self.max_bad_steps}"
+
+
+@dataclass
+class ZeroShotConfig:
+    shards: str | None = None  # labelled shards (label in `label_key`)
+    classnames: list[str] | str | None = None  # list, or a .txt / .json file; default: info.json "classes"
+    templates: list[str] | str | None = None  # "{}" format strings or a file; default: info.json, else OpenAI's
+    label_key: str = "cls"
+    max_samples: int | None = None
+
+
+@dataclass
+class RetrievalConfig:
+    shards: str | None = None  # samples whose `json` holds "captions": [...]
+    max_samples: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between evaluations; 0 = only at the end
+    batch_size: int = 256
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+
+
+@dataclass
+class RunConfig:
+    model: str | dict[str, Any] = "tiny-clip"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/default"
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not self.data.train:
+            yield "data.train", "no training shards given (set data.train=PATH-{000000..000009}.tar)"
+        if self.train.loss == "siglip" and self.model_config().init_logit_bias is None:
+            yield "train.loss", "siglip needs a model with a logit bias (set model.init_logit_bias, e.g. -10)"
+
+    def model_config(self) -> ModelConfig:
+        from ..models.clip import resolve_config
+
+        return resolve_config(self.model)
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | dict[str, Any] = ()) -> RunConfig:
+    """YAML file (optional) + overrides (``["train.lr=1e-3", ...]`` or a dict) -> validated RunConfig.
+
+    Also checks what can be checked without training: the model resolves, local shard files exist,
+    class-name / template files exist.
+    """
+    data = load_file(path) if path else {}
+    cfg = from_dict(RunConfig, data)
+    if isinstance(overrides, dict):
+        items = overrides
+    else:
+        items = {}
+        for ov in overrides:
+            if "=" not in ov:
+                raise ConfigError(f"override {ov!r} is not of the form section.key=value")
+            k, v = ov.split("=", 1)
+            items[k.strip()] = v
+    if items:
+        # `model=ViT-B-32` replaces the model; `model.vision.patch_size=16` edits an inline mapping
+        model_items = {k: v for k, v in items.items() if k.startswith("model.")}
+        rest = {k: v for k, v in items.items() if not k.startswith("model.")}
+        cfg = apply_overrides(cfg, rest) if rest else cfg
+        if model_items:
+            mcfg = apply_overrides(cfg.model_config(), {k[len("model."):]: v for k, v in model_items.items()})
+            from ..config import to_dict
+
+            cfg.model = to_dict(mcfg)
+    try:
+        cfg.model_config()
+    except ConfigError as e:
+        raise ConfigError(f"model: {e}") from e
+    validate(cfg)
+    from ..data.wds import check_urls
+
+    check_urls(cfg.data.train, "data.train")
+    if cfg.eval.zeroshot.shards:
+        check_urls(cfg.eval.zeroshot.shards, "eval.zeroshot.shards")
+    if cfg.eval.retrieval.shards:
+        check_urls(cfg.eval.retrieval.shards, "eval.retrieval.shards")
+    for key in ("classnames", "templates"):
+        v = getattr(cfg.eval.zeroshot, key)
+        if isinstance(v, str) and not Path(v).is_file():
+            raise ConfigError(f"eval.zeroshot.{key}: file {v!r} not found")
+    return cfg
+
+
+__all__ = ["DataConfig", "EvalConfig", "RetrievalConfig", "RunConfig", "TrainConfig", "ZeroShotConfig",
+           "load_run_config", "parse_value"]

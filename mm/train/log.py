@@ -1,0 +1,126 @@
+"""What the user sees: a progress bar (plain lines when not a TTY), metrics.jsonl, TensorBoard, PNG plots.
+
+Only the main process logs. Nothing here touches the device: callers pass Python numbers.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class RunLogger:
+    def __init__(self, output_dir: str | Path, total_steps: int, start_step: int = 0, enabled: bool = True,
+                 tensorboard: bool = True):
+        self.dir = Path(output_dir)
+        self.enabled = enabled
+        self.total = total_steps
+        self.tty = sys.stderr.isatty()
+        self.bar = None
+        self.tb = None
+        self.t_start = time.time()
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+            except ImportError:
+                self.info("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
+
+    def info(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def log(self, record: dict[str, Any], show: bool = True) -> None:
+        """Append a record (must hold ``step``) to metrics.jsonl and TensorBoard; show it."""
+        if not self.enabled:
+            return
+        record = {"time": round(time.time() - self.t_start, 3), **record}
+        self.metrics.write(json.dumps(record) + "\n")
+        step = record["step"]
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self.tb.add_scalar(k, v, step)
+        if not show:
+            return
+        if self.bar is not None and "loss" in record:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 sps=f"{record.get('samples_per_s', 0):.0f}")
+        else:
+            self.info(format_record(record, self.total))
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.metrics.close()
+
+
+def format_record(r: dict[str, Any], total: int) -> str:
+    parts = [f"step {r['step']}/{total}"]
+    for k, v in r.items():
+        if k in ("step", "time"):
+            continue
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    if "eta_s" in r:
+        parts.append(f"(ETA {int(r['eta_s']) // 60}m{int(r['eta_s']) % 60:02d}s)")
+    return "  ".join(p for p in parts if not p.startswith("eta_s"))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_run(output_dir: str | Path) -> list[Path]:
+    """PNG plots of loss, learning rate and evaluation metrics against step. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = Path(output_dir)
+    records = read_metrics(d / "metrics.jsonl")
+    written = []
+    panels = [("loss", ["loss", "contrastive_loss", "aux_loss"]), ("lr", ["lr"]),
+              ("eval", ["zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"])]
+    for name, keys in panels:
+        series = {k: [(r["step"], r[k]) for r in records if k in r] for k in keys}
+        series = {k: v for k, v in series.items() if v}
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        for k, pts in series.items():
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, label=k)
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = d / f"{name}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,315 @@
+"""The training run under Accelerate: one CPU, one GPU, many GPUs or nodes.
+
+``main`` reads top to bottom: config -> accelerator -> model -> optimizer -> data -> resume -> steps ->
+final save and evaluation. Each stage is a function a test can call.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import to_dict
+from ..data.decode import SampleDecoder
+from ..data.transforms import image_transform
+from ..data.wds import Collate, ShardStream, check_urls, make_loader
+from ..losses import make_loss
+from ..models.clip import CLIP
+from ..pretrained import save_pretrained
+from ..tokenizer import get_tokenizer
+from . import checkpoint as ckpt
+from .config import RunConfig, load_run_config
+from .evaluate import evaluate
+from .log import RunLogger, plot_run
+from .optim import make_optimizer, make_scheduler
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. too many non-finite steps in a row)."""
+
+
+@dataclass
+class DataState:
+    """What this process has consumed: batches, each worker's stream position, skipped samples."""
+
+    batches: int = 0
+    workers: dict[int, tuple[int, int]] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def consume(self, meta: dict[str, Any]) -> None:
+        self.batches += 1
+        self.workers[meta["worker"]] = (meta["epoch"], meta["pos"])
+        for reason, n in meta["skipped"].items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+    def to_json(self, workers_per_process: int) -> dict[str, Any]:
+        return {"batches": self.batches, "workers_per_process": workers_per_process,
+                "positions": {str(k): list(v) for k, v in self.workers.items()}, "skipped": self.skipped}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DataState:
+        return cls(d["batches"], {int(k): tuple(v) for k, v in d["positions"].items()}, dict(d["skipped"]))
+
+
+class StopFlag:
+    """SIGTERM / SIGINT ask for a checkpoint at the next step boundary (cluster preemption)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))  # a second signal acts as usual
+
+    def uninstall(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def make_accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
+    # cpu=True is what makes `accelerate launch --multi_gpu` on a GPU-less machine form gloo ranks
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp)
+
+
+def build_model(cfg: RunConfig) -> CLIP:
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every process
+    model = CLIP(cfg.model_config())
+    if cfg.train.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def build_train_stream(cfg: RunConfig, model: CLIP, rank: int, world: int, data: DataState) -> ShardStream:
+    mcfg = model.config
+    decoder = SampleDecoder(image_transform(mcfg, train=True, scale=tuple(cfg.data.crop_scale)),
+                            image_keys=cfg.data.image_keys, text_key=cfg.data.text_key,
+                            need=("text",), max_pixels=cfg.data.max_pixels)
+    nw = max(1, cfg.data.workers)
+    return ShardStream(check_urls(cfg.data.train, "data.train"), decoder, Collate(get_tokenizer(model)),
+                       cfg.data.batch_size, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                       train=True, resampled=cfg.data.resampled, rank=rank, world=world,
+                       start=data.workers, rotation=data.batches % nw)
+
+
+def find_resume(cfg: RunConfig) -> Path | None:
+    if cfg.train.resume == "none":
+        return None
+    if cfg.train.resume == "auto":
+        found = ckpt.complete_checkpoints(Path(cfg.output_dir) / "checkpoints")
+        return found[-1] if found else None
+    return Path(cfg.train.resume)
+
+
+def params_sha256(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Train according to ``cfg``; returns the final evaluation (empty if none configured)."""
+    acc = make_accelerator(cfg)
+    out_dir, ckpt_root = Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoints"
+    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    acc.wait_for_everyone()
+
+    core = build_model(cfg)
+    opt = make_optimizer(core, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas), cfg.train.eps, acc.device)
+    sched = make_scheduler(opt, cfg.train.warmup_steps, cfg.train.steps, cfg.train.lr, cfg.train.min_lr)
+    step, skipped_steps, data = 0, 0, DataState()
+    resume_from = find_resume(cfg)
+    if resume_from is not None:
+        state = ckpt.load(resume_from, rank)
+        core.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, skipped_steps = state["state"]["step"], state["state"]["skipped_steps"]
+        if state["data"] and state["data"]["workers_per_process"] == max(1, cfg.data.workers) \
+                and state["state"]["world_size"] == world:
+            data = DataState.from_json(state["data"])
+        else:
+            acc.print(f"warning: resuming with a different number of processes x workers than {resume_from} "
+                      "was written with; the data stream restarts its shuffle order (not bit-exact)")
+            data.batches = state["state"].get("batches", 0)
+    model = torch.compile(core) if cfg.train.compile else core
+    model, opt = acc.prepare(model, opt)
+    if resume_from is not None and acc.scaler is not None and "scaler" in state["state"]:
+        acc.scaler.load_state_dict(state["state"]["scaler"])
+    loss_kw = {"local_loss": cfg.train.local_loss} if cfg.train.loss == "clip" else {}
+    loss_fn = make_loss(cfg.train.loss, aux_weight=cfg.train.aux_weight, **loss_kw)
+
+    loader = make_loader(build_train_stream(cfg, core, rank, world, data), cfg.data.workers,
+                         cfg.data.prefetch_factor, pin_memory=acc.device.type == "cuda")
+    end = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
+    log = RunLogger(out_dir, cfg.train.steps, step, enabled=main)
+    skip_log = open(out_dir / f"skipped_samples.rank{rank}.txt", "a", buffering=1)
+    if resume_from is not None:
+        log.info(f"resumed from {resume_from} at step {step}")
+    log.info(f"training {cfg.model if isinstance(cfg.model, str) else 'model'}: "
+             f"{sum(p.numel() for p in core.parameters()):,} parameters, {world} process(es) on {acc.device}, "
+             f"batch {cfg.data.batch_size} x {world} x accum {cfg.train.grad_accum}, steps {step} -> {end}")
+    if step == 0:
+        log.log({"step": 0, "world_size": world, "device": str(acc.device)}, show=False)
+
+    def save(at: int) -> None:
+        if main:
+            extra = {"scaler": acc.scaler.state_dict()} if acc.scaler is not None else {}
+            ckpt.save_main(ckpt_root, at, core, opt.optimizer if hasattr(opt, "optimizer") else opt, sched,
+                           {"step": at, "skipped_steps": skipped_steps, "world_size": world,
+                            "batches": data.batches, **extra})
+        acc.wait_for_everyone()
+        ckpt.save_rank(ckpt_root, at, rank, data.to_json(max(1, cfg.data.workers)))
+        acc.wait_for_everyone()
+        if main:
+            ckpt.publish(ckpt_root, at, cfg.train.keep_checkpoints)
+        acc.wait_for_everyone()
+
+    stop = StopFlag()
+    stop.install()
+    batches = iter(loader)  # draws the workers' base seed from the global RNG: before restoring it
+    torch.manual_seed(cfg.train.seed * 1000 + rank + step)  # dropout / patch dropout streams per rank
+    if resume_from is not None and state["rng"] is not None:
+        ckpt.set_rng_state(state["rng"])
+    bad_in_row, t_last, samples_since = 0, time.time(), 0
+    results: dict[str, Any] = {}
+    max_bad = cfg.train.max_bad_steps + (16 if cfg.train.precision == "fp16" else 0)  # fp16: scaler calibration
+    try:
+        while step < end:
+            if _agree(acc, stop.requested):
+                save(step)
+                log.info(f"stopped by signal at step {step}; checkpoint written. Run again with train.resume=auto "
+                         "to continue.")
+                return results
+            losses = None
+            for micro in range(cfg.train.grad_accum):
+                batch = next(batches)
+                data.consume(batch["meta"])
+                _report_bad(batch["meta"], skip_log, log, rank)
+                images = batch["images"].to(acc.device, non_blocking=True)
+                tokens = batch["tokens"].to(acc.device, non_blocking=True)
+                sync = nullcontext() if micro == cfg.train.grad_accum - 1 else acc.no_sync(model)
+                with sync:
+                    losses = loss_fn(model(images, tokens))
+                    acc.backward(losses["loss"] / cfg.train.grad_accum)
+                samples_since += images.shape[0] * world
+            norm = acc.clip_grad_norm_(core.parameters(), cfg.train.grad_clip or float("inf"))
+            finite = bool(torch.isfinite(norm))  # one host sync per step: the skip decision needs it
+            if finite or cfg.train.precision == "fp16":
+                opt.step()  # under fp16 the grad scaler skips overflowing steps itself
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            with torch.no_grad():
+                core.logit_scale.clamp_(0, math.log(100))  # CLIP: temperature capped at 100
+            step += 1
+            log.advance()
+            if finite:
+                bad_in_row = 0
+            else:
+                skipped_steps += 1
+                bad_in_row += 1
+                log.info(f"step {step}: non-finite loss or gradients; step skipped ({bad_in_row} in a row)")
+                if bad_in_row >= max_bad:
+                    raise TrainingError(f"{bad_in_row} steps in a row had non-finite loss or gradients "
+                                        f"(last at step {step}); lower train.lr or check the data")
+            if step % cfg.train.log_every == 0 or step == end:
+                dt = time.time() - t_last
+                rec = {"step": step, "loss": losses["loss"].item(), "lr": sched.get_last_lr()[0],
+                       "samples_per_s": samples_since / max(dt, 1e-9), "skipped_samples": sum(data.skipped.values()),
+                       "skipped_steps": skipped_steps, "logit_scale": core.logit_scale.exp().item(),
+                       "eta_s": (end - step) * dt / cfg.train.log_every}
+                for k in ("contrastive_loss", "aux_loss"):
+                    if k in losses and k != "loss":
+                        rec[k] = losses[k].item()
+                log.log(rec)
+                t_last, samples_since = time.time(), 0
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < end:
+                save(step)
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < end:
+                results = _evaluate(cfg, core, acc, log, step)
+        save(step)
+        if step >= cfg.train.steps:
+            results = _finish(cfg, core, acc, log, step, data)
+        else:
+            log.info(f"stopped after step {step} (train.stop_after); resume with train.resume=auto")
+        return results
+    finally:
+        stop.uninstall()
+        log.close()
+        skip_log.close()
+
+
+def _agree(acc, flag: bool) -> bool:
+    """True if any process was asked to stop (the signal may reach only some of them)."""
+    if acc.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+    return bool(acc.reduce(t, reduction="sum").item() > 0)
+
+
+def _report_bad(meta: dict[str, Any], skip_log, log: RunLogger, rank: int) -> None:
+    for line in meta["bad"]:
+        skip_log.write(line + "\n")
+        log.info(f"skipped sample {line}") if rank == 0 else print(f"[rank {rank}] skipped sample {line}")
+    for w in meta["warnings"]:
+        log.info(f"warning: {w}") if rank == 0 else print(f"[rank {rank}] warning: {w}")
+
+
+def _evaluate(cfg: RunConfig, core: CLIP, acc, log: RunLogger, step: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    if acc.is_main_process and (cfg.eval.zeroshot.shards or cfg.eval.retrieval.shards):
+        results = evaluate(cfg, core, acc.device)
+        if results:
+            log.log({"step": step, **results})
+    acc.wait_for_everyone()
+    return results
+
+
+def _finish(cfg: RunConfig, core: CLIP, acc, log: RunLogger, step: int, data: DataState) -> dict[str, Any]:
+    from accelerate.utils import gather_object
+
+    shas = gather_object([params_sha256(core)])
+    results = _evaluate(cfg, core, acc, log, step)
+    if acc.is_main_process:
+        if len(set(shas)) != 1:
+            log.info(f"WARNING: parameters differ between processes: {shas}")
+        save_pretrained(core, Path(cfg.output_dir) / "final")
+        log.log({"step": step, "final": True, "param_sha256": shas, "skipped_by_reason": data.skipped}, show=False)
+        plots = plot_run(cfg.output_dir)
+        log.info(f"final model: {Path(cfg.output_dir) / 'final'}; plots: {', '.join(p.name for p in plots)}")
+        if data.skipped:
+            log.info(f"skipped samples by reason: {data.skipped} (names in skipped_samples.rank*.txt)")
+    acc.wait_for_everyone()
+    return results
+
+
+def main(config: str | None, overrides: list[str] = ()) -> int:
+    cfg = load_run_config(config, list(overrides))  # every config error surfaces here, before any work
+    results = run(cfg)
+    if results:
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float))
+        print(f"evaluation: {summary}")
+    return 0

@@ -1,0 +1,44 @@
+"""Parameter groups, AdamW and the warmup + cosine schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def no_decay(name: str, param: nn.Parameter) -> bool:
+    """Norm weights, biases, embeddings (token / position / class), learned queries and the logit
+    scale / bias are not decayed: shrinking them toward zero has no regularising meaning (CLIP, open_clip)."""
+    if param.ndim < 2:  # biases, norm gains, logit scale/bias, class token
+        return True
+    leaf = name.rsplit(".", 1)[-1]
+    return "embed" in name or leaf in ("query", "cls_token") or name.endswith("token_embedding.weight")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (keep if no_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
+                   device: torch.device) -> torch.optim.Optimizer:
+    # fused AdamW: one kernel for all parameters on CUDA; on CPU the foreach path is the fast one
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """Linear warmup from lr/warmup to lr over ``warmup`` steps, then cosine decay to ``min_ratio * lr``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_scheduler(opt: torch.optim.Optimizer, warmup: int, total: int, lr: float, min_lr: float):
+    ratio = min_lr / lr if lr > 0 else 0.0
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, ratio))

@@ -1,0 +1,65 @@
+"""Shared fixtures: small webdataset shards made on the fly (the suite never reads ../shared)."""
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+COLOURS = ["red", "green", "blue", "yellow"]
+RGB = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def colour_image(colour: str, size: int = 40, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(RGB[colour])[None, None] + rng.normal(0, 20, (size, size, 3)), 0, 255)
+    return Image.fromarray(arr.astype(np.uint8), "RGB")
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """samples: [(key, {ext: bytes})] written as KEY.EXT members in order."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def colour_samples(n: int, start: int = 0, size: int = 40) -> list[tuple[str, dict[str, bytes]]]:
+    out = []
+    for i in range(start, start + n):
+        c = COLOURS[i % len(COLOURS)]
+        out.append((f"s{i:05d}", {"jpg": jpeg_bytes(colour_image(c, size, seed=i)),
+                                  "txt": f"a {c} square number {i}".encode(),
+                                  "cls": str(i % len(COLOURS)).encode()}))
+    return out
+
+
+@pytest.fixture
+def colour_shards(tmp_path):
+    """3 shards x 16 samples of noisy colour squares with captions and labels, plus info.json."""
+    d = tmp_path / "shards"
+    d.mkdir()
+    for s in range(3):
+        write_tar(d / f"train-{s:04d}.tar", colour_samples(16, start=16 * s))
+    write_tar(d / "test-0000.tar", colour_samples(16, start=1000))
+    (d / "info.json").write_text('{"classes": ["red", "green", "blue", "yellow"], '
+                                 '"templates": ["a {} square", "a photo of something {}"]}')
+    return d
