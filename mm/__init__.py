@@ -10,6 +10,7 @@ Public API (see README.md and ARCHITECTURE.md)::
 """
 from .config import ConfigError, ModelConfig, MoEConfig, TextConfig, TransformerConfig, VisionConfig
 from .data.transforms import image_transform
+from .eval import zero_shot_classifier
 from .losses import ClipLoss, SigLipLoss, make_loss
 from .models import CLIP, ModelOutput, create_model
 from .presets import get_preset, list_models
@@ -22,5 +23,5 @@ __all__ = [
     "CLIP", "ClipLoss", "ConfigError", "ModelConfig", "ModelOutput", "MoEConfig", "PretrainedError",
     "SigLipLoss", "TextConfig", "Tokenizer", "TransformerConfig", "VisionConfig", "create_model",
     "get_preset", "get_tokenizer", "image_transform", "list_models", "load_pretrained", "make_loss",
-    "save_pretrained",
+    "save_pretrained", "zero_shot_classifier",
 ]
