@@ -177,3 +177,26 @@ def test_train_transform_is_a_function_of_the_rng():
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert a.shape == (3, 32, 32)
     assert not torch.equal(a, t(img, random.Random(6)))
+
+
+@pytest.mark.parametrize("size", [(40, 40), (64, 48), (31, 90), (20, 20), (32, 32), (500, 375)])
+def test_eval_transform_matches_open_clip_preprocessing(size):
+    import open_clip
+
+    _, _, ref = open_clip.create_model_and_transforms("ViT-B-32", device="meta")  # its 224 px eval pipeline
+    ours = mm.image_transform(mm.get_preset("ViT-B-32"), train=False)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size[::-1], 3), dtype=np.uint8))
+    torch.testing.assert_close(ours(img), ref(img), atol=0, rtol=0)
+
+
+def test_train_transform_matches_torchvision_resized_crop():
+    import random
+
+    from torchvision.transforms import functional as TF
+
+    t = mm.image_transform(mm.get_preset("tiny-clip"), train=True)
+    img = colour_image("green", 70, seed=2).resize((70, 50))
+    i, j, h, w = t.crop_params(70, 50, random.Random(9))
+    ref = TF.normalize(TF.to_tensor(TF.resized_crop(img, i, j, h, w, [32, 32], TF.InterpolationMode.BICUBIC)),
+                       t.mean.flatten().tolist(), t.std.flatten().tolist())
+    torch.testing.assert_close(t(img, random.Random(9)), ref, atol=0, rtol=0)

@@ -1,0 +1,216 @@
+"""End-to-end training runs in subprocesses (as users run them): exact resume, crash safety, signals,
+bad data, config errors, and 2-process training through `accelerate launch`."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import colour_samples, jpeg_bytes, png_bytes, write_tar
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp_path: Path, shards: Path, out: str, **sections) -> Path:
+    cfg = {
+        "model": "tiny-clip",
+        "data": {"train": f"{shards}/train-{{0000..0002}}.tar", "batch_size": 4, "workers": 2, "shuffle_buffer": 8},
+        "train": {"steps": 8, "warmup_steps": 2, "lr": 1e-3, "checkpoint_every": 0, "log_every": 1, "seed": 1},
+        "eval": {"batch_size": 8},
+        "output_dir": str(tmp_path / out),
+    }
+    for sec, values in sections.items():
+        cfg[sec].update(values) if isinstance(cfg.get(sec), dict) else cfg.__setitem__(sec, values)
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train(config: Path, *overrides: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), str(config), *overrides], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert diff == 0.0, f"max abs difference {diff}"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted 8-step run (with a final zero-shot evaluation) that other tests compare against."""
+    from conftest import colour_shards as _  # noqa: F401  (fixture module import for clarity)
+
+    tmp = tmp_path_factory.mktemp("ref")
+    shards = tmp / "shards"
+    shards.mkdir()
+    for s in range(3):
+        write_tar(shards / f"train-{s:04d}.tar", colour_samples(16, start=16 * s))
+    write_tar(shards / "test-0000.tar", colour_samples(16, start=1000))
+    (shards / "info.json").write_text('{"classes": ["red", "green", "blue", "yellow"], "templates": ["a {} square"]}')
+    cfg = write_config(tmp, shards, "full", eval={"batch_size": 8, "zeroshot": {"shards": f"{shards}/test-0000.tar"}})
+    proc = train(cfg)
+    return tmp, shards, tmp / "full", proc
+
+
+def test_full_run_writes_the_run_directory(reference_run):
+    tmp, shards, run, proc = reference_run
+    for name in ("config.yaml", "metrics.jsonl", "final/config.json", "final/model.safetensors", "loss.png", "lr.png"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").iterdir())
+    recs = metrics(run)
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    for key in ("lr", "samples_per_s", "skipped_samples"):
+        assert key in steps[0]
+    final_eval = [r for r in recs if "zeroshot_top1" in r]
+    assert final_eval and 0 <= final_eval[-1]["zeroshot_top1"] <= 1 and final_eval[-1]["zeroshot_n"] == 16
+    assert "zeroshot_top1" in proc.stdout
+    import mm
+
+    mm.load_pretrained(run / "final")  # the final directory is a save_pretrained model
+
+
+def test_stop_and_resume_is_exact(reference_run):
+    tmp, shards, full, _ = reference_run
+    cfg = write_config(tmp, shards, "resumed")
+    first = train(cfg, "train.stop_after=3")
+    assert "stopped after step 3" in first.stdout + first.stderr
+    assert not (tmp / "resumed" / "final").exists()
+    second = train(cfg)
+    assert "resumed from" in second.stdout + second.stderr
+    assert_same_weights(final_weights(full), final_weights(tmp / "resumed"))
+
+
+def test_kill_9_during_checkpoint_write_resumes_from_previous_checkpoint(reference_run):
+    tmp, shards, full, _ = reference_run
+    cfg = write_config(tmp, shards, "killed", train={"steps": 8, "warmup_steps": 2, "lr": 1e-3, "checkpoint_every": 2,
+                                                     "log_every": 1, "seed": 1})
+    crashed = train(cfg, env={"MM_FAULT_KILL_IN_CHECKPOINT": "4"}, check=False)
+    assert crashed.returncode == -signal.SIGKILL
+    ckpts = tmp / "killed" / "checkpoints"
+    assert (ckpts / "step_2").is_dir() and (ckpts / "step_4.tmp").is_dir() and not (ckpts / "step_4").exists()
+    resumed = train(cfg)
+    assert "resumed from" in resumed.stdout + resumed.stderr and "step_2" in resumed.stdout + resumed.stderr
+    assert_same_weights(final_weights(full), final_weights(tmp / "killed"))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_6", "step_8"]  # keep_checkpoints=2, tmp cleaned
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_zero(colour_shards, tmp_path):
+    cfg = write_config(tmp_path, colour_shards, "term", train={"steps": 100000, "log_every": 1, "warmup_steps": 1})
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), str(cfg)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and '"loss"' in log.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped by signal" in out
+    ckpts = list((tmp_path / "term" / "checkpoints").iterdir())
+    assert len(ckpts) == 1 and ckpts[0].name.startswith("step_") and (ckpts[0] / "optimizer.pt").is_file()
+
+
+def test_bad_data_is_skipped_counted_and_named(tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    good = colour_samples(12)
+    img = Image.new("RGB", (40, 40), (10, 200, 10))
+    arr16 = (torch.arange(1600).reshape(40, 40) * 40).numpy().astype("uint16")
+    rgba = Image.new("RGBA", (40, 40), (200, 0, 0, 128))
+    from test_data import bomb_png
+
+    odd_good = [("cmyk", {"jpg": jpeg_bytes(img.convert("CMYK")), "txt": b"a cmyk image"}),
+                ("png16", {"png": png_bytes(Image.fromarray(arr16)), "txt": b"a 16-bit image"}),
+                ("rgba", {"png": png_bytes(rgba), "txt": b"a transparent image"})]
+    bad = [("corrupt", {"jpg": b"\xff\xd8 not really a jpeg", "txt": b"x"}),
+           ("truncated", {"jpg": jpeg_bytes(img)[:200], "txt": b"x"}),
+           ("nocaption", {"jpg": jpeg_bytes(img)}),
+           ("emptycaption", {"jpg": jpeg_bytes(img), "txt": b"   "}),
+           ("latin1", {"jpg": jpeg_bytes(img), "txt": b"caf\xe9"}),
+           ("bomb", {"png": bomb_png(), "txt": b"a huge image"})]
+    write_tar(d / "train-0000.tar", good[:6] + bad + odd_good)
+    write_tar(d / "train-0001.tar", good[6:])
+    cut = write_tar(d / "train-0002.tar", colour_samples(12, start=100))
+    cut.write_bytes(cut.read_bytes()[:9000])  # a shard cut off mid-file
+    cfg = write_config(tmp_path, d, "badrun", train={"steps": 10, "log_every": 1, "warmup_steps": 1})
+    proc = train(cfg)
+    out = proc.stdout + proc.stderr
+    assert "train-0002.tar is cut off" in out
+    named = (tmp_path / "badrun" / "skipped_samples.rank0.txt").read_text()
+    for key, reason in [("corrupt", "undecodable image"), ("truncated", "undecodable image"),
+                        ("nocaption", "no caption"), ("emptycaption", "empty caption"),
+                        ("latin1", "caption not UTF-8"), ("bomb", "too many pixels")]:
+        assert f"train-0000.tar:{key}: {reason}" in named
+    for key in ("cmyk", "png16", "rgba"):
+        assert f":{key}:" not in named  # odd but valid images are used
+    recs = metrics(tmp_path / "badrun")
+    final = [r for r in recs if r.get("final")][0]
+    assert set(final["skipped_by_reason"]) == {"undecodable image", "no caption", "empty caption",
+                                               "caption not UTF-8", "too many pixels"}
+    assert max(r["step"] for r in recs if "loss" in r) == 10
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lerning_rate=1", "unknown config key 'train.lerning_rate'"),
+    ("data.train=/nonexistent/shard-{0..3}.tar", "data.train: shard '/nonexistent/shard-0.tar' not found"),
+    ("train.precision=fp8", "train.precision"),
+    ("model=ViT-Q-1", "unknown model 'ViT-Q-1'"),
+])
+def test_config_errors_fail_before_training(colour_shards, tmp_path, override, message):
+    cfg = write_config(tmp_path, colour_shards, "err")
+    proc = train(cfg, override, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (tmp_path / "err").exists()  # nothing was started
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_training_with_accelerate_launch(colour_shards, tmp_path):
+    cfg = write_config(tmp_path, colour_shards, "ddp", train={"steps": 4, "log_every": 1, "warmup_steps": 1,
+                                                              "checkpoint_every": 2})
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(ROOT / "train.py"), str(cfg)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = metrics(tmp_path / "ddp")
+    assert recs[0]["world_size"] == 2  # really two ranks, not two independent single-process runs
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4]  # written once, by the main process
+    final = [r for r in recs if r.get("final")][0]
+    assert len(final["param_sha256"]) == 2 and len(set(final["param_sha256"])) == 1  # identical on both ranks
+    ckpts = sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir())
+    assert ckpts == ["step_2", "step_4"]
+    assert {p.name for p in (tmp_path / "ddp" / "checkpoints" / "step_4").iterdir()} >= {
+        "model.safetensors", "rank_0.pt", "rank_1.pt", "data_rank_0.json", "data_rank_1.json"}
