@@ -51,12 +51,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.loop import main as train_main
+
+    config = args.config
+    overrides = list(args.overrides)
+    if config and "=" in config and not config.endswith((".yaml", ".yml", ".json")):
+        overrides.insert(0, config)  # only overrides were given
+        config = None
+    return train_main(config, overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mm", description="Train and use CLIP-style image-text models.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("models", help="list model presets", description="List model presets.\n\nexample: mm models",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.set_defaults(fn=cmd_models)
+    s = sub.add_parser(
+        "train", help="train a model from webdataset shards",
+        description="Train a model. One YAML config plus section.key=value overrides; run under `accelerate "
+                    "launch` for several processes.\n\nexamples:\n  mm train data/builtin.yaml\n"
+                    "  mm train data/builtin.yaml train.steps=2000 data.batch_size=128 output_dir=runs/b128\n"
+                    "  accelerate launch --multi_gpu --num_processes 2 -m mm.cli train data/builtin.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("config", nargs="?", help="YAML/JSON run config (optional if every key is given as an override)")
+    s.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-3")
+    s.set_defaults(fn=cmd_train)
     s = sub.add_parser("demo", help="forward/backward demo on a random batch",
                        description="Train a model for a few steps on one random batch.\n\nexample: mm demo --model tiny-clip --steps 20",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

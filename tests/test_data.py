@@ -200,3 +200,14 @@ def test_train_transform_matches_torchvision_resized_crop():
     ref = TF.normalize(TF.to_tensor(TF.resized_crop(img, i, j, h, w, [32, 32], TF.InterpolationMode.BICUBIC)),
                        t.mean.flatten().tolist(), t.std.flatten().tolist())
     torch.testing.assert_close(t(img, random.Random(9)), ref, atol=0, rtol=0)
+
+
+def test_pipe_urls_and_resampled_mode(colour_shards):
+    dec = SampleDecoder(mm.image_transform(mm.get_preset("tiny-clip")), image_keys=["jpg"], need=("text",))
+    urls = [f"pipe:cat {colour_shards}/train-0000.tar", f"pipe:cat {colour_shards}/train-0001.tar"]
+    once = list(ShardStream(urls, dec, Collate(), 8, train=False))
+    assert sum(len(b["keys"]) for b in once) == 32
+    stream = ShardStream(urls, dec, Collate(), 8, train=True, resampled=True, seed=1)
+    it = iter(stream)
+    keys = [k for _ in range(12) for k in next(it)["keys"]]  # 96 samples from 32: drawn with replacement
+    assert len(keys) == 96 and len(set(keys)) <= 32

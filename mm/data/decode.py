@@ -124,7 +124,7 @@ class SampleDecoder:
         if "captions" in self.need:
             out["captions"] = self._captions(sample)
         img = decode_image(sample[key], self.max_pixels)
-        out["image"] = self.transform(img, rng) if rng is not None else self.transform(img)
+        out["image"] = self.transform(img, rng)
         return out
 
     def _captions(self, sample: dict[str, Any]) -> list[str]:

@@ -46,7 +46,8 @@ class EvalTransform(_ToNormalizedTensor):
         super().__init__(mean, std)
         self.size = size
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        """``rng`` is accepted and unused (deterministic), so both transforms share one signature."""
         w, h = img.size
         short, long = (w, h) if w <= h else (h, w)
         if short != self.size:
