@@ -1,4 +1,4 @@
-# `make run`  : set up .venv, then run the main demo job
+# `make run`  : set up .venv, draw the built-in data set, train tiny-clip on it (CPU, minutes), evaluate
 # `make test` : set up .venv, then run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/mm demo
+	test -f data/builtin/info.json || $(VENV)/bin/mm shards builtin data/builtin
+	$(VENV)/bin/mm train data/builtin.yaml
 
 test: setup
 	$(PY) -m pytest
