@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mm.data.shards import add_commands
+from mm.data.sources import add_commands
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", nargs="?", help="YAML/JSON run config (optional if every key is given as an override)")
     s.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-3")
     s.set_defaults(fn=cmd_train)
-    from .data.shards import add_parser as add_shards_parser
+    from .data.sources import add_parser as add_shards_parser
 
     add_shards_parser(sub)
     s = sub.add_parser("demo", help="forward/backward demo on a random batch",

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from mm.data import shards, synthetic
-from mm.data.shards import ShardWriter, from_img2dataset, from_table
+from mm.data import sources, synthetic
+from mm.data.shards import ShardWriter
+from mm.data.sources import from_img2dataset, from_table
 
 
 def _image(path: Path, size: int = 16, seed: int = 0, fmt: str | None = None) -> Path:
@@ -282,7 +283,7 @@ def test_synthetic_shape_is_drawn_in_its_colour():
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mm")
-    shards.add_parser(p.add_subparsers(dest="command"))
+    sources.add_parser(p.add_subparsers(dest="command"))
     return p
 
 
