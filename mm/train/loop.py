@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from .config import RunConfig, load_run_config
 from .evaluate import evaluate
 from .log import RunLogger, plot_run
-from .optim import make_optimizer, make_scheduler
+from .optim import grad_norm, make_optimizer, make_scheduler
 
 
 class TrainingError(RuntimeError):
@@ -216,7 +216,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                     losses = loss_fn(model(images, tokens))
                     acc.backward(losses["loss"] / cfg.train.grad_accum)
                 samples_since += images.shape[0] * world
-            norm = acc.clip_grad_norm_(core.parameters(), cfg.train.grad_clip or float("inf"))
+            if cfg.train.grad_clip:
+                norm = acc.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
+            else:
+                acc.unscale_gradients()  # fp16: the finite check needs the true gradients
+                norm = grad_norm(core.parameters())
             finite = bool(torch.isfinite(norm))  # one host sync per step: the skip decision needs it
             if finite or cfg.train.precision == "fp16":
                 opt.step()  # under fp16 the grad scaler skips overflowing steps itself

@@ -13,7 +13,8 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
     if param.ndim < 2:  # biases, norm gains, logit scale/bias, class token
         return True
     leaf = name.rsplit(".", 1)[-1]
-    return "embed" in name or leaf in ("query", "cls_token") or name.endswith("token_embedding.weight")
+    # embeddings are lookup tables (token, position); the patch "embedding" is a linear map and decays
+    return leaf in ("pos_embed", "query", "cls_token") or name.endswith("token_embedding.weight")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -26,9 +27,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
                    device: torch.device) -> torch.optim.Optimizer:
-    # fused AdamW: one kernel for all parameters on CUDA; on CPU the foreach path is the fast one
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
+    # fused AdamW on CUDA (one kernel for all parameters); on CPU torch would default to a Python loop
+    # over parameters (measured 0.3-0.6 s per tiny-clip step on 2 cores), the foreach path batches it.
+    cuda = device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
+                             fused=cuda, foreach=not cuda)
+
+
+def grad_norm(params) -> torch.Tensor:
+    """Global L2 norm of the gradients, without clipping (no extra pass that rescales them)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
