@@ -1,7 +1,6 @@
 """Decoding odd images, shard reading, and the stream's determinism and resume positions."""
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 from collections import Counter

@@ -6,7 +6,6 @@ import pathlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mm.config import MoEConfig, TransformerConfig
 from mm.layers import (

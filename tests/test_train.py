@@ -63,8 +63,6 @@ def assert_same_weights(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     """An uninterrupted 8-step run (with a final zero-shot evaluation) that other tests compare against."""
-    from conftest import colour_shards as _  # noqa: F401  (fixture module import for clarity)
-
     tmp = tmp_path_factory.mktemp("ref")
     shards = tmp / "shards"
     shards.mkdir()

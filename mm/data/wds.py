@@ -229,10 +229,6 @@ class ShardStream(IterableDataset):
             yield out
 
 
-def collate_fn(tokenizer=None) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
-    return Collate(tokenizer)
-
-
 class Collate:
     """Stack images, tokenize captions in the worker (keeps the main process free), pass labels/captions."""
 
