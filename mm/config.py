@@ -142,7 +142,15 @@ class TextConfig:
     pos_embed: str = "learned"  # learned | rope
     proj_bias: bool = False
     pad_id: int = 0
+    sot_id: int = 49406  # start of text: the first token of every caption a decoder generates
     eot_id: int = 49407
+    # CoCa: a learned class token appended after the text; its output (normed after pooling) is the
+    # contrastive embedding, and the other positions feed the captioning decoder. Overrides ``pool``.
+    embed_cls: bool = False
+    # Which keys the appended class token may attend to. "correct": the real tokens and itself.
+    # "open_clip": open_clip's CoCa mask (the default there, and what its pretrained CoCa weights were
+    # trained with): padding is found by id and the mask is shifted one position to the right.
+    cls_mask: str = "correct"
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.vocab_size < 1:
@@ -155,8 +163,33 @@ class TextConfig:
             yield "pos_embed", f"must be learned or rope, got {self.pos_embed!r}"
         if self.pos_embed == "rope" and self.transformer.head_dim % 2:
             yield "pos_embed", f"rope needs an even head_dim, got {self.transformer.head_dim}"
-        if not (0 <= self.eot_id < self.vocab_size and 0 <= self.pad_id < self.vocab_size):
-            yield "eot_id", f"eot_id {self.eot_id} / pad_id {self.pad_id} outside vocab_size {self.vocab_size}"
+        for k in ("eot_id", "sot_id", "pad_id"):
+            if not 0 <= getattr(self, k) < self.vocab_size:
+                yield k, f"{getattr(self, k)} is outside vocab_size {self.vocab_size}"
+        if self.cls_mask not in ("correct", "open_clip"):
+            yield "cls_mask", f"must be correct or open_clip, got {self.cls_mask!r}"
+        if self.embed_cls and not self.causal:
+            yield "embed_cls", "the appended class token is for causal text towers (CoCa)"
+
+
+DECODER_LAYOUTS = ("separate", "fused")
+
+
+@dataclass
+class DecoderConfig:
+    """CoCa's multimodal captioning decoder. It continues from the text tower's (unimodal, causal) token
+    features, cross-attends to the image tower's tokens and predicts the next token over the text
+    vocabulary; it has no embedding of its own, so the token embedding is shared with the text tower."""
+
+    transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(512, 12, 8))
+    # "separate": each layer is a self-attention block then a cross-attention block, each with its own
+    # FFN (open_clip's MultimodalTransformer, needed for its weights). "fused": one block per layer with
+    # self-attention, cross-attention and one FFN (the Transformer decoder of Vaswani et al.).
+    layout: str = "separate"
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.layout not in DECODER_LAYOUTS:
+            yield "layout", f"must be one of {DECODER_LAYOUTS}, got {self.layout!r}"
 
 
 @dataclass
@@ -168,10 +201,17 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None  # set (e.g. -10) for SigLIP: adds a learnable logit bias
+    decoder: DecoderConfig | None = None  # set for CoCa: a captioning decoder trained jointly
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.embed_dim < 1:
             yield "embed_dim", f"must be >= 1, got {self.embed_dim}"
+        if self.decoder is not None and not self.text.causal:
+            yield "decoder", "a captioning decoder needs a causal text tower (text.causal: true)"
+        if self.decoder is not None and self.decoder.transformer.width != self.text.transformer.width:
+            yield "decoder.transformer.width", (
+                f"must equal text.transformer.width ({self.text.transformer.width}): the decoder continues "
+                f"from the text tower's features, got {self.decoder.transformer.width}")
 
 
 # ----------------------------------------------------------------------------------------------------

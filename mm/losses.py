@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from mm import dist as mmdist
 
-__all__ = ["ClipLoss", "SigLipLoss", "make_loss", "LOSSES"]
+__all__ = ["ClipLoss", "SigLipLoss", "CocaLoss", "caption_loss", "make_loss", "LOSSES"]
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -213,16 +213,57 @@ class SigLipLoss(_ContrastiveLoss):
         return -F.logsigmoid(labels * logits).sum() / b
 
 
-# Registry for make_loss. CoCa (contrastive + captioning loss over
-# out.caption_logits) will register here as "coca" when it lands.
+def caption_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Mean token cross-entropy of (B, L, V) logits against (B, L) labels, -100 ignored; in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                           label_smoothing=label_smoothing)
+
+
+class CocaLoss(nn.Module):
+    """CoCa: ``contrastive_weight * contrastive + caption_weight * caption CE (+ aux_weight * aux)``.
+
+    The contrastive part is any loss of this module (CLIP by default, SigLIP works too); the caption
+    part is the token cross-entropy over ``out.caption_logits`` / ``out.caption_labels`` with padding
+    ignored and optional label smoothing. The defaults (1 and 2) are open_clip's. Distributed: the
+    caption loss is each rank's token mean, which DDP's gradient averaging turns into the mean over
+    ranks (the global token mean when ranks hold as many caption tokens).
+    """
+
+    def __init__(self, contrastive: nn.Module | None = None, contrastive_weight: float = 1.0,
+                 caption_weight: float = 2.0, label_smoothing: float = 0.0, aux_weight: float = 1.0):
+        super().__init__()
+        self.contrastive_loss = contrastive if contrastive is not None else ClipLoss(aux_weight=aux_weight)
+        self.contrastive_weight = contrastive_weight
+        self.caption_weight = caption_weight
+        self.label_smoothing = label_smoothing
+        self.aux_weight = aux_weight
+
+    def forward(self, out: Any) -> dict[str, Tensor]:
+        logits, labels = getattr(out, "caption_logits", None), getattr(out, "caption_labels", None)
+        if logits is None or labels is None:
+            raise ValueError("the CoCa loss needs out.caption_logits and out.caption_labels (a CoCa model "
+                             "called with images and tokens)")
+        result = {"contrastive_loss": self.contrastive_loss.contrastive(out),
+                  "caption_loss": caption_loss(logits, labels, self.label_smoothing)}
+        loss = self.contrastive_weight * result["contrastive_loss"] + self.caption_weight * result["caption_loss"]
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None:
+            result["aux_loss"] = aux
+            loss = loss + self.aux_weight * aux
+        result["loss"] = loss
+        return result
+
+
+# Registry for make_loss.
 LOSSES: dict[str, type[nn.Module]] = {
     "clip": ClipLoss,
     "siglip": SigLipLoss,
+    "coca": CocaLoss,
 }
 
 
 def make_loss(kind: str, **kw: Any) -> nn.Module:
-    """Build a loss by name: ``"clip"`` or ``"siglip"``; keyword args go to its constructor."""
+    """Build a loss by name: ``"clip"``, ``"siglip"`` or ``"coca"``; keyword args go to its constructor."""
     try:
         cls = LOSSES[kind]
     except KeyError:

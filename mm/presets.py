@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from .config import ModelConfig, MoEConfig, TextConfig, TransformerConfig, VisionConfig, validate
+from .config import DecoderConfig, ModelConfig, MoEConfig, TextConfig, TransformerConfig, VisionConfig, validate
 
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {}
 
@@ -102,4 +102,29 @@ def tiny_moe() -> ModelConfig:
     cfg = tiny_clip()
     cfg.vision.transformer.moe = MoEConfig(num_experts=8, top_k=2, every=2)
     cfg.text.transformer.moe = MoEConfig(num_experts=8, top_k=2, every=2)
+    return cfg
+
+
+@preset("coca_ViT-B-32")
+def coca_vit_b_32() -> ModelConfig:
+    """open_clip's coca_ViT-B-32: ViT-B/32 with 256-query attentional pooling, a text tower with an
+    appended class token (context 76 + 1) and a 12-layer multimodal decoder of width 512."""
+    cfg = _b(32)
+    cfg.vision.pool = "attn"
+    cfg.vision.attn_pool_queries, cfg.vision.attn_pool_heads = 256, 8
+    cfg.text.context_length = 76
+    cfg.text.embed_cls, cfg.text.cls_mask = True, "open_clip"
+    cfg.decoder = DecoderConfig(TransformerConfig(512, 12, 8), layout="separate")
+    return cfg
+
+
+@preset("tiny-coca")
+def tiny_coca() -> ModelConfig:
+    """tiny-clip made CoCa: 64-query attentional pooling (1 contrastive + 63 decoder tokens), a class
+    token on the text tower and a 2-layer decoder in open_clip's layout."""
+    cfg = tiny_clip()
+    cfg.vision.pool = "attn"
+    cfg.vision.attn_pool_queries, cfg.vision.attn_pool_heads = 64, 4
+    cfg.text.embed_cls = True
+    cfg.decoder = DecoderConfig(TransformerConfig(128, 2, 2), layout="separate")
     return cfg

@@ -72,7 +72,7 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu", v
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .models.clip import CLIP
+    from .models.clip import model_class
 
     d = Path(directory)
     cfg = load_config(d)
@@ -90,7 +90,7 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu", v
         state = load_file(str(wpath), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise PretrainedError(f"{wpath}: not a readable safetensors file ({e})") from e
-    model = CLIP(cfg)
+    model = model_class(cfg)(cfg)
     load_state_dict_checked(model, state, source=str(wpath))
     return model.to(device)
 

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import mm.dist as mmdist
-from mm.losses import ClipLoss, SigLipLoss, make_loss
+from mm.losses import ClipLoss, CocaLoss, SigLipLoss, caption_loss, make_loss
 
 WORLD = 2
 B_LOCAL = 4
@@ -201,8 +201,9 @@ def test_make_loss():
     assert isinstance(make_loss("clip", local_loss=True), ClipLoss)
     assert make_loss("clip", local_loss=True).local_loss
     assert isinstance(make_loss("siglip"), SigLipLoss)
-    with pytest.raises(ValueError, match=r"'coca'.*clip.*siglip"):
-        make_loss("coca")
+    assert isinstance(make_loss("coca"), CocaLoss)
+    with pytest.raises(ValueError, match=r"'infonce'.*clip.*coca.*siglip"):
+        make_loss("infonce")
 
 
 def test_missing_embeddings_raise():

@@ -12,6 +12,48 @@ from torch import nn
 from .position import apply_rope
 
 
+class KVCache:
+    """Keys and values of one attention layer, kept across incremental decoding steps.
+
+    Self-attention: :meth:`append` writes the new positions into buffers allocated once for ``max_len``
+    positions (no re-allocation or concatenation per step) and returns the keys/values so far.
+    Cross-attention: the context's keys/values are projected on the first step and reused after
+    (``static``), so an image's tokens are projected once per layer, not once per generated token.
+    """
+
+    def __init__(self, max_len: int | None = None):
+        self.max_len = max_len
+        self.k: torch.Tensor | None = None  # (B, H, max_len or S, Dh)
+        self.v: torch.Tensor | None = None
+        self.length = 0
+
+    @property
+    def static(self) -> bool:
+        return self.max_len is None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        if self.k is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        if self.length + t > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; cannot append {t} after {self.length}")
+        self.k[:, :, self.length : self.length + t] = k
+        self.v[:, :, self.length : self.length + t] = v
+        self.length += t
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` of the batch (beam search: each new beam continues an old one)."""
+        if self.k is not None and not self.static:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+    def repeat_interleave(self, n: int) -> None:
+        """Each batch row becomes ``n`` consecutive rows (one image's cache shared by its beams)."""
+        if self.k is not None and n > 1:
+            self.k, self.v = self.k.repeat_interleave(n, 0), self.v.repeat_interleave(n, 0)
+
+
 def make_attn_mask(
     q_len: int,
     k_len: int,
@@ -29,6 +71,8 @@ def make_attn_mask(
     if key_padding_mask is None:
         if causal and q_len == k_len:
             return None, True
+        if causal and q_len == 1:  # one new query after a KV cache: it may see every key
+            return None, False
         if not causal:
             return None, False
     mask = None
@@ -86,23 +130,34 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """x: (B, T, dim); context: (B, S, kv_dim) for cross-attention. Returns (B, T, dim).
 
         ``attn_mask`` / ``is_causal`` as built by :func:`make_attn_mask`; ``rope`` = (cos, sin) tables
-        of shape (T, head_dim) applied to queries and keys (self-attention only).
+        of shape (T, head_dim) for x's positions, applied to queries and keys (self-attention only).
+        With a ``cache``, x holds only the new positions: self-attention appends their keys/values and
+        attends over everything cached; cross-attention projects ``context`` once and reuses it.
         """
         b, t, d = x.shape
         if self.cross:
-            if context is None:
-                raise ValueError("cross-attention needs a context tensor")
-            q = self._heads(self.q(x))
-            k, v = self._heads_kv(self.kv(context))
+            q = self.q_norm(self._heads(self.q(x)))
+            if cache is not None and cache.k is not None:
+                k, v = cache.k, cache.v
+            else:
+                if context is None:
+                    raise ValueError("cross-attention needs a context tensor")
+                k, v = self._heads_kv(self.kv(context))
+                k = self.k_norm(k)
+                if cache is not None:
+                    cache.k, cache.v = k, v
         else:
             q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if cache is not None:
+                k, v = cache.append(k, v)
         if q.dtype != v.dtype:  # qk-norm / rope may run in fp32 under autocast
             q, k = q.to(v.dtype), k.to(v.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)

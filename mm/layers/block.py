@@ -1,12 +1,14 @@
 """Pre-norm residual Block and the Transformer stack shared by every tower; ``make_ffn`` picks the FFN."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TransformerConfig
-from .attention import Attention, make_attn_mask
+from .attention import Attention, KVCache, make_attn_mask
 from .mlp import Mlp, SwiGLU
 from .moe import MoE, RouterStats
 
@@ -46,6 +48,18 @@ class DropPath(nn.Module):
             return x
         keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
         return x * keep / (1 - self.p)
+
+
+@dataclass
+class BlockCache:
+    """One block's decoding state: its self-attention keys/values and its cross-attention context."""
+
+    self_kv: KVCache | None = None
+    cross_kv: KVCache | None = None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.self_kv is not None:
+            self.self_kv.reorder(index)
 
 
 def _scale(cfg: TransformerConfig) -> nn.Module:
@@ -95,12 +109,18 @@ class Block(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
+        cache: BlockCache | None = None,
     ) -> tuple[torch.Tensor, RouterStats | None]:
         if self.has_self_attn:
-            x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, rope=rope)))
+            kv = cache.self_kv if cache is not None else None
+            h = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, rope=rope, cache=kv)
+            x = x + self.drop_path(self.ls1(h))
         if self.has_cross_attn:
-            ctx = self.norm_context(context)
-            x = x + self.drop_path(self.ls_cross(self.cross_attn(self.norm_cross(x), ctx, attn_mask=context_mask)))
+            kv = cache.cross_kv if cache is not None else None
+            # with a filled cache the context was normed and projected on the first step already
+            ctx = self.norm_context(context) if kv is None or kv.k is None else None
+            h = self.cross_attn(self.norm_cross(x), ctx, attn_mask=context_mask, cache=kv)
+            x = x + self.drop_path(self.ls_cross(h))
         stats = None
         if self.is_moe:
             h, stats = self.ffn(self.norm2(x), valid)
@@ -110,15 +130,25 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of ``cfg.depth`` Blocks (optionally all with cross-attention to a context)."""
+    """A stack of ``cfg.depth`` layers of Blocks, optionally cross-attending to a context of width
+    ``cross_dim``: with ``cross_layout="fused"`` every Block has self-attention, cross-attention and an
+    FFN; with ``"separate"`` each layer is a self-attention Block followed by a cross-attention-only
+    Block, each with its own FFN (open_clip's CoCa decoder)."""
 
-    def __init__(self, cfg: TransformerConfig, *, cross_dim: int | None = None):
+    def __init__(self, cfg: TransformerConfig, *, cross_dim: int | None = None, cross_layout: str = "fused"):
         super().__init__()
         self.cfg = cfg
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(
-            Block(cfg, i, cross_dim=cross_dim, drop_path=rates[i]) for i in range(cfg.depth)
-        )
+        if cross_dim is not None and cross_layout == "separate":
+            blocks = []
+            for i in range(cfg.depth):
+                blocks.append(Block(cfg, i, drop_path=rates[i]))
+                blocks.append(Block(cfg, i, self_attn=False, cross_dim=cross_dim, drop_path=rates[i]))
+        elif cross_layout in ("fused", "separate"):
+            blocks = [Block(cfg, i, cross_dim=cross_dim, drop_path=rates[i]) for i in range(cfg.depth)]
+        else:
+            raise ValueError(f"cross_layout must be fused or separate, got {cross_layout!r}")
+        self.blocks = nn.ModuleList(blocks)
         self.grad_checkpointing = cfg.grad_checkpointing
         self.init_weights()
 
@@ -154,12 +184,16 @@ class Transformer(nn.Module):
         context: torch.Tensor | None = None,
         context_padding_mask: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
+        cache: list[BlockCache] | None = None,
     ) -> tuple[torch.Tensor, list[RouterStats]]:
         """x: (B, T, width). Masks are built once here and shared by all blocks. ``valid`` (B, T) marks
-        real tokens for MoE routing (defaults to ``key_padding_mask``). Returns the output and the router
-        statistics of every MoE block in order."""
+        real tokens for MoE routing (defaults to ``key_padding_mask``). With a ``cache`` (from
+        :meth:`new_cache`), x holds the positions after those already cached; ``key_padding_mask`` then
+        covers all keys (cached + new). Returns the output and the router statistics of every MoE block
+        in order."""
+        past = self.cached_length(cache)
         attn_mask, is_causal = make_attn_mask(
-            x.shape[1], x.shape[1], causal=causal, key_padding_mask=key_padding_mask, device=x.device
+            x.shape[1], past + x.shape[1], causal=causal, key_padding_mask=key_padding_mask, device=x.device
         )
         context_mask = None
         if context_padding_mask is not None:
@@ -171,11 +205,28 @@ class Transformer(nn.Module):
         kw = dict(attn_mask=attn_mask, is_causal=is_causal, rope=rope, context=context,
                   context_mask=context_mask, valid=valid)
         stats: list[RouterStats] = []
-        for blk in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+        for i, blk in enumerate(self.blocks):
+            if cache is not None:
+                x, s = blk(x, cache=cache[i], **kw)
+            elif self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x, s = checkpoint(blk, x, use_reentrant=False, **kw)
             else:
                 x, s = blk(x, **kw)
             if s is not None:
                 stats.append(s)
         return x, stats
+
+    def new_cache(self, max_len: int) -> list[BlockCache]:
+        """Empty decoding state for sequences of up to ``max_len`` positions (see :meth:`forward`)."""
+        return [
+            BlockCache(KVCache(max_len) if blk.has_self_attn else None, KVCache() if blk.has_cross_attn else None)
+            for blk in self.blocks
+        ]
+
+    @staticmethod
+    def cached_length(cache: list[BlockCache] | None) -> int:
+        """Positions already held by ``cache`` (0 without one)."""
+        for c in cache or ():
+            if c.self_kv is not None:
+                return c.self_kv.length
+        return 0

@@ -1,7 +1,8 @@
-"""CLIP composition: two towers, a learnable temperature (and bias, SigLIP), named outputs; create_model."""
+"""CLIP / CoCa composition: two towers, a learnable temperature (and bias, SigLIP), a captioning decoder
+(CoCa), named outputs; ``create_model`` picks the class from the config."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, apply_overrides, from_dict, load_file, validate
-from ..layers import RouterStats
+from ..layers import BlockCache, RouterStats, text_valid_mask
+from .decoder import CaptionDecoder
 from .text import TextTower
-from .vision import VisionTower
+from .vision import TowerOutput, VisionTower
 
 
 @dataclass
@@ -23,7 +25,10 @@ class ModelOutput:
     text_emb: torch.Tensor | None = None  # (B, embed_dim), L2-normalised
     logit_scale: torch.Tensor | None = None  # the multiplier exp(log-scale), as open_clip returns it
     logit_bias: torch.Tensor | None = None  # SigLIP only
-    caption_logits: torch.Tensor | None = None  # CoCa only: (B, T, vocab)
+    # CoCa only: caption_logits[:, i] (B, L, vocab) predicts caption_labels[:, i] (B, L) = tokens[:, i + 1],
+    # -100 after the end token; L + 1 is the batch's longest caption (positions past it are left out)
+    caption_logits: torch.Tensor | None = None
+    caption_labels: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # MoE only: mean of the MoE layers' weighted aux losses
     router_stats: dict[str, list[RouterStats]] | None = None  # MoE only: per tower, per MoE layer
 
@@ -57,8 +62,13 @@ class CLIP(nn.Module):
         self.text.transformer.grad_checkpointing = enable
 
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> ModelOutput:
+        out, _, _, stats = self._towers(images, tokens)
+        return self._finish(out, stats)
+
+    def _towers(self, images, tokens) -> tuple[ModelOutput, TowerOutput | None, TowerOutput | None, dict]:
         out = ModelOutput(logit_scale=self.logit_scale.exp(), logit_bias=self.logit_bias)
         stats: dict[str, list[RouterStats]] = {}
+        v = t = None
         if images is not None:
             v = self.vision(images)
             out.image_emb = F.normalize(v.emb, dim=-1)
@@ -67,10 +77,84 @@ class CLIP(nn.Module):
             t = self.text(tokens)
             out.text_emb = F.normalize(t.emb, dim=-1)
             stats["text"] = t.router_stats
+        return out, v, t, stats
+
+    @staticmethod
+    def _finish(out: ModelOutput, stats: dict[str, list[RouterStats]]) -> ModelOutput:
         if any(stats.values()):
             out.router_stats = stats
             out.aux_loss = _mean_aux(stats)
         return out
+
+
+@dataclass
+class DecodeCache:
+    """Decoding state of a CoCa model: KV caches of the text tower and of the decoder (whose
+    cross-attention entries hold the image tokens' keys/values)."""
+
+    text: list[BlockCache] = field(default_factory=list)
+    decoder: list[BlockCache] = field(default_factory=list)
+
+    def _kvs(self):
+        for c in self.text + self.decoder:
+            yield from (kv for kv in (c.self_kv, c.cross_kv) if kv is not None)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows ``index`` continue (beam search); cross-attention entries are per image and stay."""
+        for c in self.text + self.decoder:
+            c.reorder(index)
+
+    def repeat_interleave(self, n: int) -> None:
+        """Every row becomes ``n`` rows (the beams of one image)."""
+        for kv in self._kvs():
+            kv.repeat_interleave(n)
+
+
+class CoCa(CLIP):
+    """CLIP plus a captioning decoder (Yu et al. 2022): ``forward`` also returns next-token
+    ``caption_logits`` and their ``caption_labels`` (teacher forcing on the image's tokens)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        v = cfg.vision
+        # attentional pooling hands the decoder embed_dim-wide tokens, otherwise the ViT's own
+        context_dim = cfg.embed_dim if v.pool == "attn" else v.transformer.width
+        self.decoder = CaptionDecoder(cfg.decoder, context_dim, cfg.text.vocab_size)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        super().set_grad_checkpointing(enable)
+        self.decoder.transformer.grad_checkpointing = enable
+
+    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> ModelOutput:
+        out, v, t, stats = self._towers(images, tokens)
+        if v is not None and t is not None:
+            valid = text_valid_mask(tokens, eot_id=self.config.text.eot_id, pad_id=self.config.text.pad_id)
+            # Positions after the batch's longest caption only predict padding (ignored by the loss) and,
+            # the decoder being causal, change nothing before them: leave them out. With short captions
+            # in a long context this removes most of the decoder's and the LM head's work.
+            n = int(valid.sum(1).max().clamp_min(2))
+            logits, stats["decoder"] = self.decoder(t.tokens[:, : n - 1], v.tokens, valid=valid[:, : n - 1])
+            out.caption_logits = logits
+            out.caption_labels = tokens[:, 1:n].masked_fill(~valid[:, 1:n], -100)
+        return self._finish(out, stats)
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, S, context_dim): what the decoder cross-attends to."""
+        return self.vision(images).tokens
+
+    def new_decode_cache(self, max_len: int | None = None) -> DecodeCache:
+        """Empty KV caches for generating up to ``max_len`` positions (default: the context length)."""
+        max_len = max_len or self.config.text.context_length
+        return DecodeCache(self.text.transformer.new_cache(max_len), self.decoder.transformer.new_cache(max_len))
+
+    def next_token_logits(self, tokens: torch.Tensor, image_tokens: torch.Tensor | None,
+                          cache: DecodeCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) of the token after each of ``tokens`` (B, T), all positions real (no
+        padding). With a ``cache``, ``tokens`` are the positions after those already cached and
+        ``image_tokens`` are needed on the first call only."""
+        feats = self.text.token_features(tokens, cache.text if cache is not None else None)
+        logits, _ = self.decoder(feats, image_tokens, cache=cache.decoder if cache is not None else None)
+        return logits
 
 
 def _flatten_overrides(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -107,6 +191,11 @@ def resolve_config(spec: str | Path | dict | ModelConfig, **overrides: Any) -> M
     return validate(cfg)
 
 
+def model_class(cfg: ModelConfig) -> type[CLIP]:
+    """CoCa when the config has a captioning decoder, else CLIP."""
+    return CoCa if cfg.decoder is not None else CLIP
+
+
 def create_model(spec: str | Path | dict | ModelConfig, **overrides: Any) -> CLIP:
     """Build a randomly initialised model from a preset name, a config file, a dict or a config object.
 
@@ -119,4 +208,5 @@ def create_model(spec: str | Path | dict | ModelConfig, **overrides: Any) -> CLI
         if overrides:
             raise ConfigError("overrides cannot be applied when loading a saved model directory")
         return load_pretrained(spec)
-    return CLIP(resolve_config(spec, **overrides))
+    cfg = resolve_config(spec, **overrides)
+    return model_class(cfg)(cfg)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..config import TextConfig
-from ..layers import RotaryEmbedding, Transformer, pool_text, text_valid_mask
+from ..layers import BlockCache, RotaryEmbedding, Transformer, pool_text, text_valid_mask
 from .vision import TowerOutput
 
 
@@ -16,11 +16,14 @@ class TextTower(nn.Module):
         w = cfg.transformer.width
         self.token_embedding = nn.Embedding(cfg.vocab_size, w)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
+        # CoCa appends a class token after the text; it needs one more position
+        n_pos = cfg.context_length + int(cfg.embed_cls)
+        self.cls_token = nn.Parameter(torch.randn(w) * 0.01) if cfg.embed_cls else None
         self.pos_embed, self.rope = None, None
         if cfg.pos_embed == "learned":
-            self.pos_embed = nn.Parameter(torch.randn(cfg.context_length, w) * 0.01)
+            self.pos_embed = nn.Parameter(torch.randn(n_pos, w) * 0.01)
         else:
-            self.rope = RotaryEmbedding(cfg.transformer.head_dim, cfg.context_length)
+            self.rope = RotaryEmbedding(cfg.transformer.head_dim, n_pos)
         self.transformer = Transformer(cfg.transformer)
         self.norm = nn.LayerNorm(w, eps=cfg.transformer.norm_eps)
         self.proj = nn.Linear(w, embed_dim, bias=cfg.proj_bias)
@@ -29,14 +32,21 @@ class TextTower(nn.Module):
             nn.init.zeros_(self.proj.bias)
 
     def forward(self, tokens: torch.Tensor) -> TowerOutput:
-        """tokens: (B, T) ids, T <= context_length."""
-        t = tokens.shape[1]
+        """tokens: (B, T) ids, T <= context_length.
+
+        ``tokens`` of the output are the per-position features a captioning decoder continues from:
+        after the final norm, except with ``embed_cls`` where (as in open_clip's CoCa) the norm is
+        applied to the pooled class token only.
+        """
+        b, t = tokens.shape
         if t > self.cfg.context_length:
             raise ValueError(f"text has {t} tokens, more than context_length {self.cfg.context_length}")
         x = self.token_embedding(tokens)
+        valid = text_valid_mask(tokens, eot_id=self.cfg.eot_id, pad_id=self.cfg.pad_id)
+        if self.cls_token is not None:
+            return self._forward_cls(x, tokens, valid)
         if self.pos_embed is not None:
             x = x + self.pos_embed[:t].to(x.dtype)
-        valid = text_valid_mask(tokens, eot_id=self.cfg.eot_id, pad_id=self.cfg.pad_id)
         rope = self.rope(t) if self.rope is not None else None
         if self.cfg.causal:
             # No padding mask needed: padding follows the end token, and causal attention never lets an
@@ -47,3 +57,38 @@ class TextTower(nn.Module):
         x = self.norm(x)
         pooled = pool_text(x, tokens, self.cfg.pool, eot_id=self.cfg.eot_id, valid=valid)
         return TowerOutput(self.proj(pooled), x, stats)
+
+    def _forward_cls(self, x: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> TowerOutput:
+        """CoCa: the class token goes last, so causally it sees the whole text while no text position
+        sees it; it alone needs the padding mask."""
+        b, t = tokens.shape
+        x = torch.cat([x, self.cls_token.to(x.dtype).expand(b, 1, -1)], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[: t + 1].to(x.dtype)
+        rope = self.rope(t + 1) if self.rope is not None else None
+        ones = valid.new_ones(b, 1)
+        if self.cfg.cls_mask == "open_clip":
+            # open_clip's default CoCa mask: padding by id, shifted right by one position (its
+            # pretrained CoCa weights were trained with it)
+            keys = torch.cat([ones, tokens != self.cfg.pad_id], dim=1)
+        else:
+            keys = torch.cat([valid, ones], dim=1)
+        x, stats = self.transformer(x, causal=True, key_padding_mask=keys, rope=rope,
+                                    valid=torch.cat([valid, ones], dim=1))
+        pooled = self.norm(x[:, -1])
+        return TowerOutput(self.proj(pooled), x[:, :-1], stats)
+
+    def token_features(self, tokens: torch.Tensor, cache: list[BlockCache] | None = None) -> torch.Tensor:
+        """Causal features of ``tokens`` (B, T) for the captioning decoder, without the class token and
+        without padding masks (every position is a real token while generating). With a ``cache``
+        (from ``self.transformer.new_cache``) ``tokens`` are the positions after those cached."""
+        offset = Transformer.cached_length(cache)
+        t = tokens.shape[1]
+        if offset + t > self.cfg.context_length:
+            raise ValueError(f"text has {offset + t} tokens, more than context_length {self.cfg.context_length}")
+        x = self.token_embedding(tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[offset : offset + t].to(x.dtype)
+        rope = self.rope(t, offset) if self.rope is not None else None
+        x, _ = self.transformer(x, causal=True, rope=rope, cache=cache)
+        return x if self.cls_token is not None else self.norm(x)

@@ -21,7 +21,7 @@ from ..data.decode import SampleDecoder
 from ..data.transforms import image_transform
 from ..data.wds import Collate, ShardStream, check_urls, make_loader
 from ..losses import make_loss
-from ..models.clip import CLIP
+from ..models.clip import CLIP, model_class
 from ..pretrained import save_pretrained
 from ..tokenizer import get_tokenizer
 from . import checkpoint as ckpt
@@ -90,7 +90,8 @@ def make_accelerator(cfg: RunConfig):
 
 def build_model(cfg: RunConfig) -> CLIP:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every process
-    model = CLIP(cfg.model_config())
+    mcfg = cfg.model_config()
+    model = model_class(mcfg)(mcfg)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model

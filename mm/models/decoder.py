@@ -1,0 +1,38 @@
+"""CoCa's multimodal captioning decoder: the shared Transformer with cross-attention to image tokens,
+then a norm and an LM head over the text vocabulary.
+
+It has no token embedding of its own: like CoCa (Yu et al. 2022) and open_clip, it continues from the
+text tower's causal token features, so the text tower is the decoder's unimodal half and the two share
+the embedding.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import DecoderConfig
+from ..layers import BlockCache, RouterStats, Transformer
+
+
+class CaptionDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, context_dim: int, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.transformer.width
+        self.transformer = Transformer(cfg.transformer, cross_dim=context_dim, cross_layout=cfg.layout)
+        self.norm = nn.LayerNorm(w, eps=cfg.transformer.norm_eps)
+        self.head = nn.Linear(w, vocab_size, bias=False)
+        nn.init.normal_(self.head.weight, std=w**-0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        image_tokens: torch.Tensor | None,
+        *,
+        valid: torch.Tensor | None = None,
+        cache: list[BlockCache] | None = None,
+    ) -> tuple[torch.Tensor, list[RouterStats]]:
+        """x: (B, T, width) text features; image_tokens: (B, S, context_dim) (may be None once a cache
+        holds their keys/values). Returns next-token logits (B, T, vocab) and MoE router statistics."""
+        x, stats = self.transformer(x, causal=True, context=image_tokens, valid=valid, cache=cache)
+        return self.head(self.norm(x)), stats
