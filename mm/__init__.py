@@ -7,12 +7,14 @@ Public API (see README.md and ARCHITECTURE.md)::
     tok = mm.get_tokenizer(model)
     pre = mm.image_transform(model, train=False)
     out = model(images, tok(["a photo of a cat"]))
+    captions = mm.caption(mm.create_model("tiny-coca"), tok, images)   # CoCa models
 """
-from .config import ConfigError, ModelConfig, MoEConfig, TextConfig, TransformerConfig, VisionConfig
+from .config import ConfigError, DecoderConfig, ModelConfig, MoEConfig, TextConfig, TransformerConfig, VisionConfig
 from .data.transforms import image_transform
 from .eval import zero_shot_classifier
-from .losses import ClipLoss, SigLipLoss, make_loss
-from .models import CLIP, ModelOutput, create_model
+from .generate import GenerationConfig, caption
+from .losses import ClipLoss, CocaLoss, SigLipLoss, make_loss
+from .models import CLIP, CoCa, ModelOutput, create_model
 from .presets import get_preset, list_models
 from .pretrained import PretrainedError, load_pretrained, save_pretrained
 from .tokenizer import Tokenizer, get_tokenizer
@@ -20,8 +22,8 @@ from .tokenizer import Tokenizer, get_tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "CLIP", "ClipLoss", "ConfigError", "ModelConfig", "ModelOutput", "MoEConfig", "PretrainedError",
-    "SigLipLoss", "TextConfig", "Tokenizer", "TransformerConfig", "VisionConfig", "create_model",
+    "CLIP", "ClipLoss", "CoCa", "CocaLoss", "ConfigError", "DecoderConfig", "GenerationConfig", "ModelConfig", "ModelOutput", "MoEConfig", "PretrainedError",
+    "SigLipLoss", "TextConfig", "Tokenizer", "TransformerConfig", "VisionConfig", "caption", "create_model",
     "get_preset", "get_tokenizer", "image_transform", "list_models", "load_pretrained", "make_loss",
     "save_pretrained", "zero_shot_classifier",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,28 +39,21 @@ class GenerationConfig:
     no_repeat_ngram_size: int = 0  # 0 = off
     use_cache: bool = True
 
-    def check(self) -> None:
-        problems = []
+    def check(self) -> Iterator[tuple[str, str]]:
         if self.method not in METHODS:
-            problems.append(f"method must be one of {METHODS}, got {self.method!r}")
+            yield "method", f"must be one of {METHODS}, got {self.method!r}"
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.min_new_tokens < 0:
-            problems.append(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+            yield "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"
+        for k in ("min_new_tokens", "top_k", "no_repeat_ngram_size"):
+            if getattr(self, k) < 0:
+                yield k, f"must be >= 0, got {getattr(self, k)}"
         if self.num_beams < 1:
-            problems.append(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.temperature <= 0:
-            problems.append(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0, got {self.top_k}")
+            yield "num_beams", f"must be >= 1, got {self.num_beams}"
+        for k in ("temperature", "repetition_penalty"):
+            if getattr(self, k) <= 0:
+                yield k, f"must be > 0, got {getattr(self, k)}"
         if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.no_repeat_ngram_size < 0:
-            problems.append(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
-        if problems:
-            raise ValueError("bad generation settings: " + "; ".join(problems))
+            yield "top_p", f"must be in (0, 1], got {self.top_p}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,8 +247,9 @@ def generate(model, images: torch.Tensor, cfg: GenerationConfig | None = None, *
     keyword arguments (``method="sample", top_p=0.9``)."""
     if not hasattr(model, "next_token_logits"):
         raise TypeError(f"{type(model).__name__} has no captioning decoder; use a CoCa model (e.g. tiny-coca)")
-    cfg = GenerationConfig(**{**(vars(cfg) if cfg is not None else {}), **kwargs})
-    cfg.check()
+    from .config import from_dict, to_dict, validate
+
+    cfg = validate(from_dict(GenerationConfig, {**(to_dict(cfg) if cfg is not None else {}), **kwargs}))
     t = model.config.text
     ids = {"sot": t.sot_id, "eot": t.eot_id, "pad": t.pad_id}
     b = images.shape[0]
@@ -288,7 +282,8 @@ def _load_images(images, transform, device) -> torch.Tensor:
     for im in images:
         if isinstance(im, (str, Path)):
             with Image.open(im) as f:
-                im = to_rgb(f)
+                f.load()
+                im = to_rgb(f).copy()  # detached from the file, which closes here
         batch.append(transform(im))
     return torch.stack(batch).to(device)
 

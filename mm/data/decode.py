@@ -99,8 +99,10 @@ class SampleDecoder:
         label_key: str = "cls",
         need: tuple[str, ...] = ("text",),
         max_pixels: int = 89_478_485,
+        random_caption: bool = False,
     ):
         self.transform = transform
+        self.random_caption = random_caption
         self.image_keys = list(image_keys)
         self.text_key, self.label_key = text_key, label_key
         self.need = need
@@ -112,7 +114,11 @@ class SampleDecoder:
             raise BadSample("no image", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
         out: dict[str, Any] = {}
         if "text" in self.need:
-            out["text"] = decode_text(sample.get(self.text_key))
+            if self.random_caption:  # one of the json captions, drawn with the sample's own rng
+                caps = self._captions(sample)
+                out["text"] = caps[rng.randrange(len(caps))] if rng is not None else caps[0]
+            else:
+                out["text"] = decode_text(sample.get(self.text_key))
         if "label" in self.need:
             raw = sample.get(self.label_key)
             if raw is None:

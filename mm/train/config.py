@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..config import ConfigError, ModelConfig, apply_overrides, from_dict, load_file, parse_value, validate
+from ..generate import GenerationConfig
 
 
 @dataclass
@@ -22,6 +23,9 @@ class DataConfig:
     resampled: bool = False  # draw shards with replacement (infinite stream) instead of epoch passes
     image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
     text_key: str = "txt"
+    # train on a random one of the sample's json "captions" (re-drawn every epoch, reproducibly) instead
+    # of text_key; samples without them fall back to text_key (Flickr/COCO-style multi-caption shards)
+    random_caption: bool = False
     max_pixels: int = 89_478_485  # larger images are skipped as decompression bombs (PIL's default)
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range
     prefetch_factor: int = 4
@@ -53,6 +57,10 @@ class TrainConfig:
     loss: str = "clip"  # clip | siglip
     local_loss: bool = False
     aux_weight: float = 1.0  # weight of the model's MoE aux loss
+    # CoCa models (model.decoder set): loss = contrastive_weight * (clip|siglip) + caption_weight * token CE
+    contrastive_weight: float = 1.0
+    caption_weight: float = 2.0
+    label_smoothing: float = 0.0  # of the caption cross-entropy
     checkpoint_every: int = 500  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir) | none | a checkpoint path
@@ -73,6 +81,11 @@ class TrainConfig:
             yield "precision", f"must be fp32, bf16 or fp16, got {self.precision!r}"
         if self.grad_accum < 1:
             yield "grad_accum", f"must be >= 1, got {self.grad_accum}"
+        if not 0.0 <= self.label_smoothing < 1.0:
+            yield "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}"
+        if self.contrastive_weight < 0 or self.caption_weight < 0:
+            yield "caption_weight", (f"loss weights must be >= 0, got contrastive {self.contrastive_weight}, "
+                                     f"caption {self.caption_weight}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             yield "grad_clip", f"must be > 0 or null, got {self.grad_clip}"
         if self.loss not in ("clip", "siglip"):
@@ -103,11 +116,23 @@ class RetrievalConfig:
 
 
 @dataclass
+class CaptioningConfig:
+    """Caption the images of ``shards`` (CoCa models) and score them against the references: the json
+    "captions" list of each sample, else its text. Logs caption_bleu4 and caption_cider."""
+
+    shards: str | None = None
+    max_samples: int | None = None
+    show: int = 5  # example captions printed to the log (all are written to captions.jsonl)
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(num_beams=3, max_new_tokens=30))
+
+
+@dataclass
 class EvalConfig:
     every: int = 0  # steps between evaluations; 0 = only at the end
     batch_size: int = 256
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    captioning: CaptioningConfig = field(default_factory=CaptioningConfig)
 
 
 @dataclass
@@ -121,8 +146,16 @@ class RunConfig:
     def check(self) -> Iterator[tuple[str, str]]:
         if not self.data.train:
             yield "data.train", "no training shards given (set data.train=PATH-{000000..000009}.tar)"
-        if self.train.loss == "siglip" and self.model_config().init_logit_bias is None:
+        mcfg = self.model_config()
+        if self.train.loss == "siglip" and mcfg.init_logit_bias is None:
             yield "train.loss", "siglip needs a model with a logit bias (set model.init_logit_bias, e.g. -10)"
+        if self.eval.captioning.shards and mcfg.decoder is None:
+            yield "eval.captioning.shards", "captioning needs a model with a decoder (e.g. model: tiny-coca)"
+        gen = self.eval.captioning.generation
+        if gen.max_new_tokens is not None and gen.max_new_tokens >= mcfg.text.context_length:
+            yield "eval.captioning.generation.max_new_tokens", (
+                f"{gen.max_new_tokens} does not fit the model's context length {mcfg.text.context_length} "
+                "(start token included)")
 
     def model_config(self) -> ModelConfig:
         from ..models.clip import resolve_config

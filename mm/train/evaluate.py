@@ -10,6 +10,7 @@ import torch
 from ..data.decode import SampleDecoder
 from ..data.transforms import image_transform
 from ..data.wds import Collate, ShardStream, check_urls, is_local, make_loader
+from ..eval.captioning import caption_eval
 from ..eval.retrieval import retrieval_eval
 from ..eval.zeroshot import load_names, zero_shot_classifier, zero_shot_eval
 from ..tokenizer import get_tokenizer
@@ -37,7 +38,9 @@ def eval_batches(cfg: RunConfig, model, urls: list[str], need: tuple[str, ...], 
 
 
 def evaluate(cfg: RunConfig, model, device: torch.device) -> dict[str, Any]:
-    """Zero-shot top-1/top-5 and retrieval recall@1/5/10, for the shard sets configured in ``cfg.eval``."""
+    """Zero-shot top-1/top-5, retrieval recall@1/5/10 and caption BLEU-4 / CIDEr, for the shard sets
+    configured in ``cfg.eval``. Captions are written to ``output_dir/captions.jsonl``; the first
+    ``eval.captioning.show`` are returned under ``caption_examples``."""
     was_training = model.training
     model.eval()
     tok = get_tokenizer(model)
@@ -64,6 +67,17 @@ def evaluate(cfg: RunConfig, model, device: torch.device) -> dict[str, Any]:
             r = retrieval_eval(model, tok, ((b["images"], b["captions"]) for b in loader), device=device,
                                autocast_dtype=dtype)
             results.update({k: v for k, v in r.items() if k.startswith(("i2t", "t2i"))})
+        cp = cfg.eval.captioning
+        if cp.shards:
+            urls = check_urls(cp.shards, "eval.captioning.shards")
+            loader = eval_batches(cfg, model, urls, ("captions",), max_samples=cp.max_samples)
+            r = caption_eval(model, tok, ((b["images"], b["captions"], b["keys"]) for b in loader), cp.generation,
+                             device=device, autocast_dtype=dtype)
+            rows = r.pop("captions")
+            with open(Path(cfg.output_dir) / "captions.jsonl", "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+            results.update(caption_bleu4=r["caption_bleu4"], caption_cider=r["caption_cider"], caption_n=r["caption_n"])
+            results["caption_examples"] = rows[: cp.show]
     finally:
         model.train(was_training)
     return results

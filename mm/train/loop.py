@@ -20,7 +20,7 @@ from ..config import to_dict
 from ..data.decode import SampleDecoder
 from ..data.transforms import image_transform
 from ..data.wds import Collate, ShardStream, check_urls, make_loader
-from ..losses import make_loss
+from ..losses import CocaLoss, make_loss
 from ..models.clip import CLIP, model_class
 from ..pretrained import save_pretrained
 from ..tokenizer import get_tokenizer
@@ -101,12 +101,24 @@ def build_train_stream(cfg: RunConfig, model: CLIP, rank: int, world: int, data:
     mcfg = model.config
     decoder = SampleDecoder(image_transform(mcfg, train=True, scale=tuple(cfg.data.crop_scale)),
                             image_keys=cfg.data.image_keys, text_key=cfg.data.text_key,
-                            need=("text",), max_pixels=cfg.data.max_pixels)
+                            need=("text",), max_pixels=cfg.data.max_pixels,
+                            random_caption=cfg.data.random_caption)
     nw = max(1, cfg.data.workers)
     return ShardStream(check_urls(cfg.data.train, "data.train"), decoder, Collate(get_tokenizer(model)),
                        cfg.data.batch_size, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                        train=True, resampled=cfg.data.resampled, rank=rank, world=world,
                        start=data.workers, rotation=data.batches % nw)
+
+
+def build_loss(cfg: RunConfig, model: CLIP) -> torch.nn.Module:
+    """The configured contrastive loss; wrapped in the CoCa loss when the model has a decoder."""
+    t = cfg.train
+    loss_kw = {"local_loss": t.local_loss} if t.loss == "clip" else {}
+    loss = make_loss(t.loss, aux_weight=t.aux_weight, **loss_kw)
+    if model.config.decoder is not None:
+        loss = CocaLoss(loss, contrastive_weight=t.contrastive_weight, caption_weight=t.caption_weight,
+                        label_smoothing=t.label_smoothing, aux_weight=t.aux_weight)
+    return loss
 
 
 def find_resume(cfg: RunConfig) -> Path | None:
@@ -160,8 +172,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     model, opt = acc.prepare(model, opt)
     if resume_from is not None and acc.scaler is not None and "scaler" in state["state"]:
         acc.scaler.load_state_dict(state["state"]["scaler"])
-    loss_kw = {"local_loss": cfg.train.local_loss} if cfg.train.loss == "clip" else {}
-    loss_fn = make_loss(cfg.train.loss, aux_weight=cfg.train.aux_weight, **loss_kw)
+    loss_fn = build_loss(cfg, core)
 
     loader = make_loader(build_train_stream(cfg, core, rank, world, data), cfg.data.workers,
                          cfg.data.prefetch_factor, pin_memory=acc.device.type == "cuda")
@@ -246,7 +257,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                        "samples_per_s": samples_since / max(dt, 1e-9), "skipped_samples": sum(data.skipped.values()),
                        "skipped_steps": skipped_steps, "logit_scale": core.logit_scale.exp().item(),
                        "eta_s": (end - step) * dt / cfg.train.log_every}
-                for k in ("contrastive_loss", "aux_loss"):
+                for k in ("contrastive_loss", "caption_loss", "aux_loss"):
                     if k in losses and k != "loss":
                         rec[k] = losses[k].item()
                 log.log(rec)
@@ -285,8 +296,10 @@ def _report_bad(meta: dict[str, Any], skip_log, log: RunLogger, rank: int) -> No
 
 def _evaluate(cfg: RunConfig, core: CLIP, acc, log: RunLogger, step: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    if acc.is_main_process and (cfg.eval.zeroshot.shards or cfg.eval.retrieval.shards):
+    if acc.is_main_process and (cfg.eval.zeroshot.shards or cfg.eval.retrieval.shards or cfg.eval.captioning.shards):
         results = evaluate(cfg, core, acc.device)
+        for ex in results.pop("caption_examples", []):
+            log.info(f"caption {ex['key']}: {ex['caption']!r}   (reference: {ex['references'][0]!r})")
         if results:
             log.log({"step": step, **results})
     acc.wait_for_everyone()
