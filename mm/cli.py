@@ -62,6 +62,77 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_main(config, overrides)
 
 
+def load_model(spec: str, device: str):
+    """--model: a saved model directory, or a preset name (random weights, for trying the command)."""
+    from pathlib import Path
+
+    from . import create_model
+
+    if not Path(spec).is_dir():
+        print(f"warning: {spec!r} is not a model directory; using the preset with random weights", file=sys.stderr)
+    return create_model(spec).to(device).eval()
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    """One caption per image: "PATH<TAB>caption" lines (or JSON lines with --json)."""
+    import json
+
+    import torch
+
+    from . import get_tokenizer, image_transform
+    from .config import ConfigError, validate
+    from .data.decode import BadSample
+    from .data.folder import list_images, load_image
+    from .generate import GenerationConfig, generate
+
+    try:
+        paths = list_images(args.images)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not paths:
+        print("error: no images found", file=sys.stderr)
+        return 2
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        gen = validate(GenerationConfig(
+            method=args.method, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.min_new_tokens, length_penalty=args.length_penalty, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+            no_repeat_ngram_size=args.no_repeat_ngram))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model = load_model(args.model, args.device)
+    if getattr(model.config, "decoder", None) is None:
+        print(f"error: {args.model} has no captioning decoder (train or load a CoCa model, e.g. tiny-coca)",
+              file=sys.stderr)
+        return 2
+    tok, pre = get_tokenizer(model), image_transform(model, train=False)
+    eot = model.config.text.eot_id
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    bad = 0
+    for start in range(0, len(paths), args.batch_size):
+        chunk, images = [], []
+        for p in paths[start:start + args.batch_size]:
+            try:
+                images.append(pre(load_image(p)))
+                chunk.append(p)
+            except BadSample as e:
+                bad += 1
+                print(f"skipped {p}: {e}", file=sys.stderr)
+        if not images:
+            continue
+        with torch.no_grad():
+            ids = generate(model, torch.stack(images).to(args.device), gen, generator=generator)
+        for p, row in zip(chunk, ids.tolist()):
+            text = tok.decode(row[: row.index(eot)] if eot in row else row)
+            print(json.dumps({"image": str(p), "caption": text}) if args.json else f"{p}\t{text}", flush=True)
+    if bad:
+        print(f"{bad} of {len(paths)} images could not be read and were skipped", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mm", description="Train and use CLIP-style image-text models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -81,6 +152,30 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.sources import add_parser as add_shards_parser
 
     add_shards_parser(sub)
+    s = sub.add_parser(
+        "caption", help="caption images with a CoCa model",
+        description="Print one caption per image (PATH<TAB>caption). Folders are searched recursively; unreadable "
+                    "images are skipped and counted.\n\nexamples:\n  mm caption --model runs/builtin/final photo.jpg\n"
+                    "  mm caption --model runs/builtin/final --method sample --top-p 0.9 --seed 1 photos/\n"
+                    "  mm caption --model runs/builtin/final --num-beams 5 --no-repeat-ngram 3 --json photos/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("images", nargs="+", help="image files or folders")
+    s.add_argument("--model", required=True, help="a model directory (mm train's final/ or save_pretrained)")
+    s.add_argument("--method", default="beam", choices=["beam", "greedy", "sample"])
+    s.add_argument("--num-beams", type=int, default=4)
+    s.add_argument("--length-penalty", type=float, default=1.0, help="beam: > 0 favours longer captions")
+    s.add_argument("--max-new-tokens", type=int, default=None, help="default: up to the context length")
+    s.add_argument("--min-new-tokens", type=int, default=0)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--no-repeat-ngram", type=int, default=0, help="forbid repeating n-grams of this size")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    s.add_argument("--json", action="store_true", help="JSON lines {image, caption}")
+    s.set_defaults(fn=cmd_caption)
     s = sub.add_parser("demo", help="forward/backward demo on a random batch",
                        description="Train a model for a few steps on one random batch.\n\nexample: mm demo --model tiny-clip --steps 20",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -274,18 +274,9 @@ def generate(model, images: torch.Tensor, cfg: GenerationConfig | None = None, *
 def _load_images(images, transform, device) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         return images.to(device)
-    from PIL import Image
+    from .data.folder import load_image
 
-    from .data.decode import to_rgb
-
-    batch = []
-    for im in images:
-        if isinstance(im, (str, Path)):
-            with Image.open(im) as f:
-                f.load()
-                im = to_rgb(f).copy()  # detached from the file, which closes here
-        batch.append(transform(im))
-    return torch.stack(batch).to(device)
+    return torch.stack([transform(load_image(im) if isinstance(im, (str, Path)) else im) for im in images]).to(device)
 
 
 def caption(model, tok, images: torch.Tensor | Sequence[Any], *, batch_size: int = 64,

@@ -307,3 +307,31 @@ def test_decoder_layouts_and_config_checks():
     x = torch.randn(2, 3, 32, 32)
     tok = mm.get_tokenizer(fused)(["a", "b c"])
     assert torch.equal(generate(fused, x, max_new_tokens=6), generate(fused, x, max_new_tokens=6, use_cache=False))
+
+
+def test_mm_caption_cli_prints_one_line_per_readable_image(model, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import colour_image
+
+    mm.save_pretrained(model, tmp_path / "coca")
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    colour_image("red", 48).save(folder / "a.jpg")
+    colour_image("blue", 40, seed=3).save(folder / "sub" / "b.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    proc = subprocess.run([sys.executable, "-m", "mm.cli", "caption", "--model", str(tmp_path / "coca"),
+                           "--method", "greedy", "--max-new-tokens", "8", "--device", "cpu", str(folder)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    paths = [line.split("\t")[0] for line in lines]
+    assert paths == [str(folder / "a.jpg"), str(folder / "sub" / "b.png")]
+    assert "broken.jpg" in proc.stderr and "1 of 3 images could not be read" in proc.stderr
+    expected = caption(model, mm.get_tokenizer(model), [folder / "a.jpg", folder / "sub" / "b.png"],
+                       method="greedy", max_new_tokens=8)
+    assert [line.split("\t", 1)[1] for line in lines] == expected
+    bad = subprocess.run([sys.executable, "-m", "mm.cli", "caption", "--model", str(tmp_path / "coca"),
+                          "--top-p", "0", str(folder)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "top_p" in bad.stderr

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+import mm
 from PIL import Image
 
 from conftest import colour_samples, jpeg_bytes, png_bytes, write_tar
@@ -212,3 +214,26 @@ def test_two_process_training_with_accelerate_launch(colour_shards, tmp_path):
     assert ckpts == ["step_2", "step_4"]
     assert {p.name for p in (tmp_path / "ddp" / "checkpoints" / "step_4").iterdir()} >= {
         "model.safetensors", "rank_0.pt", "rank_1.pt", "data_rank_0.json", "data_rank_1.json"}
+
+
+def test_coca_trains_with_only_the_model_changed_and_reports_caption_metrics(colour_shards, tmp_path):
+    cap = {"shards": f"{colour_shards}/test-0000.tar", "show": 2,
+           "generation": {"method": "beam", "num_beams": 2, "max_new_tokens": 6}}
+    cfg = write_config(tmp_path, colour_shards, "coca", model="tiny-coca", eval={"batch_size": 8, "captioning": cap})
+    proc = train(cfg)
+    run = tmp_path / "coca"
+    recs = metrics(run)
+    steps = [r for r in recs if "caption_loss" in r]
+    assert len(steps) == 8 and all(r["loss"] > r["caption_loss"] > 0 for r in steps)
+    final = [r for r in recs if "caption_bleu4" in r][-1]
+    assert final["caption_n"] == 16 and 0 <= final["caption_bleu4"] <= 1 and final["caption_cider"] >= 0
+    rows = [json.loads(line) for line in (run / "captions.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and rows[0]["references"] == ["a red square number 1000"]
+    assert f"caption {rows[0]['key']}: " in proc.stdout + proc.stderr
+    assert isinstance(mm.load_pretrained(run / "final"), mm.CoCa)
+
+
+def test_captioning_eval_needs_a_decoder(colour_shards, tmp_path):
+    cfg = write_config(tmp_path, colour_shards, "nocap", eval={"captioning": {"shards": f"{colour_shards}/test-0000.tar"}})
+    proc = train(cfg, check=False)
+    assert proc.returncode != 0 and "eval.captioning.shards" in proc.stderr + proc.stdout
