@@ -305,7 +305,6 @@ def test_decoder_layouts_and_config_checks():
     with pytest.raises(mm.ConfigError, match="decoder.layout"):
         mm.create_model("tiny-coca", decoder__layout="stacked")
     x = torch.randn(2, 3, 32, 32)
-    tok = mm.get_tokenizer(fused)(["a", "b c"])
     assert torch.equal(generate(fused, x, max_new_tokens=6), generate(fused, x, max_new_tokens=6, use_cache=False))
 
 

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import mm.dist as mmdist
-from mm.losses import ClipLoss, CocaLoss, SigLipLoss, caption_loss, make_loss
+from mm.losses import ClipLoss, CocaLoss, SigLipLoss, make_loss
 
 WORLD = 2
 B_LOCAL = 4

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 import mm
-from PIL import Image
 
 from conftest import colour_samples, jpeg_bytes, png_bytes, write_tar
 

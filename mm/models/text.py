@@ -38,7 +38,7 @@ class TextTower(nn.Module):
         after the final norm, except with ``embed_cls`` where (as in open_clip's CoCa) the norm is
         applied to the pooled class token only.
         """
-        b, t = tokens.shape
+        t = tokens.shape[1]
         if t > self.cfg.context_length:
             raise ValueError(f"text has {t} tokens, more than context_length {self.cfg.context_length}")
         x = self.token_embedding(tokens)
