@@ -214,8 +214,8 @@ class SigLipLoss(_ContrastiveLoss):
 
 
 def caption_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Mean token cross-entropy of (B, L, V) logits against (B, L) labels, -100 ignored; in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+    """Mean token cross-entropy of (..., V) logits against (...) labels, -100 ignored; in fp32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
                            label_smoothing=label_smoothing)
 
 
@@ -223,8 +223,8 @@ class CocaLoss(nn.Module):
     """CoCa: ``contrastive_weight * contrastive + caption_weight * caption CE (+ aux_weight * aux)``.
 
     The contrastive part is any loss of this module (CLIP by default, SigLIP works too); the caption
-    part is the token cross-entropy over ``out.caption_logits`` / ``out.caption_labels`` with padding
-    ignored and optional label smoothing. The defaults (1 and 2) are open_clip's. Distributed: the
+    part is the token cross-entropy over ``out.caption_logits`` / ``out.caption_labels`` (padding already
+    left out by the model; -100 labels are ignored too) with optional label smoothing. The defaults (1 and 2) are open_clip's. Distributed: the
     caption loss is each rank's token mean, which DDP's gradient averaging turns into the mean over
     ranks (the global token mean when ranks hold as many caption tokens).
     """

@@ -58,31 +58,28 @@ def test_coca_preset_matches_open_clip_parameter_count():
     assert count(ours.vision) == count(theirs.visual)
 
 
-def test_forward_returns_caption_logits_and_labels(model, images):
+def test_forward_returns_packed_caption_logits_and_labels(model, images):
     tok = mm.get_tokenizer(model)
     tokens = tok(["a red circle", "two blue squares on green grass", "x"])
     tokens[2, 1:4] = torch.tensor([0, 320, EOT])  # id 0 is a real token ("!") as well as the pad id
     out = model(images, tokens)
-    longest = int((tokens != 0).sum(1).max())  # sot ... eot of the longest caption
-    assert out.caption_logits.shape == (3, longest - 1, model.config.text.vocab_size)
-    assert out.caption_labels.shape == (3, longest - 1)
-    # labels are the next tokens, -100 after each caption's end token ("!" has id 0 = the pad id)
-    n = int((tokens[0] != 0).sum())
-    assert torch.equal(out.caption_labels[0, : n - 1], tokens[0, 1:n])
-    assert (out.caption_labels[0, n - 1:] == -100).all()
-    assert out.caption_labels[2, :4].tolist() == [0, 320, EOT, -100]
+    lengths = [int((t == EOT).nonzero()[0]) + 1 for t in tokens]  # sot ... eot
+    expected = torch.cat([t[1:n] for t, n in zip(tokens, lengths)])  # every next token, padding left out
+    assert torch.equal(out.caption_labels, expected)
+    assert out.caption_labels[-3:].tolist() == [0, 320, EOT]
+    assert out.caption_logits.shape == (sum(lengths) - 3, model.config.text.vocab_size)
     assert out.image_emb.shape == out.text_emb.shape == (3, 128)
 
 
-def test_trimmed_caption_logits_equal_the_full_decoder(model, images):
-    """forward leaves out positions past the longest caption; what remains equals decoding everything."""
+def test_packed_caption_logits_equal_decoding_every_position(model, images):
+    """forward computes logits only where a real token is predicted; they equal decoding everything."""
     tok = mm.get_tokenizer(model)
     tokens = tok(["a red circle", "two blue squares on green grass", "a cat"])
     out = model(images, tokens)
     full = model.next_token_logits(tokens[:, :-1], model.image_tokens(images))
-    valid = out.caption_labels != -100
-    length = out.caption_logits.shape[1]
-    assert torch.allclose(out.caption_logits[valid], full[:, :length][valid], atol=1e-5)
+    lengths = [int((t == EOT).nonzero()[0]) + 1 for t in tokens]
+    expected = torch.cat([f[: n - 1] for f, n in zip(full, lengths)])
+    assert torch.allclose(out.caption_logits, expected, atol=1e-5)
 
 
 def test_causal_decoder_ignores_future_tokens(model, images):
@@ -259,18 +256,22 @@ def test_saved_coca_generates_the_same_captions(model, images, tmp_path):
 # Loss and training
 # ---------------------------------------------------------------------------------------------------
 
-def test_coca_loss_is_the_weighted_sum_and_ignores_padding(model, images):
+def test_coca_loss_is_the_weighted_sum(model, images):
     tok = mm.get_tokenizer(model)
     out = model(images, tok(["a red circle", "two blue squares", "a cat on a mat"]))
     loss = CocaLoss(ClipLoss(), contrastive_weight=0.5, caption_weight=3.0)(out)
-    labels = out.caption_labels
-    keep = labels != -100
-    ce = F.cross_entropy(out.caption_logits[keep], labels[keep])
-    assert torch.allclose(loss["caption_loss"], ce)
+    # the reference: cross-entropy over every (image, position) whose next token is real, from the full decoder
+    full = model.next_token_logits(tok(["a red circle", "two blue squares", "a cat on a mat"])[:, :-1],
+                                   model.image_tokens(images))
+    tokens = tok(["a red circle", "two blue squares", "a cat on a mat"])
+    labels = tokens[:, 1:].masked_fill(torch.cumsum(tokens[:, :-1] == EOT, 1) > 0, -100)
+    ce = F.cross_entropy(full.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    assert torch.allclose(loss["caption_loss"], ce, atol=1e-5)
     assert torch.allclose(loss["contrastive_loss"], ClipLoss()(out)["loss"])
-    assert torch.allclose(loss["loss"], 0.5 * loss["contrastive_loss"] + 3.0 * ce)
+    assert torch.allclose(loss["loss"], 0.5 * loss["contrastive_loss"] + 3.0 * loss["caption_loss"])
     smooth = CocaLoss(label_smoothing=0.1)(out)["caption_loss"]
-    assert torch.allclose(smooth, F.cross_entropy(out.caption_logits[keep], labels[keep], label_smoothing=0.1))
+    assert torch.allclose(smooth, F.cross_entropy(out.caption_logits, out.caption_labels, label_smoothing=0.1))
+    assert not torch.allclose(smooth, loss["caption_loss"])
     with pytest.raises(ValueError, match="caption_logits"):
         CocaLoss()(mm.create_model("tiny-clip")(images, tok(["a", "b", "c"])))
 

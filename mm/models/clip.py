@@ -25,8 +25,9 @@ class ModelOutput:
     text_emb: torch.Tensor | None = None  # (B, embed_dim), L2-normalised
     logit_scale: torch.Tensor | None = None  # the multiplier exp(log-scale), as open_clip returns it
     logit_bias: torch.Tensor | None = None  # SigLIP only
-    # CoCa only: caption_logits[:, i] (B, L, vocab) predicts caption_labels[:, i] (B, L) = tokens[:, i + 1],
-    # -100 after the end token; L + 1 is the batch's longest caption (positions past it are left out)
+    # CoCa only, teacher forcing: caption_logits (N, vocab) at the N positions of the batch whose next token
+    # is a real caption token (up to and including the end token), in row-major order; caption_labels (N,)
+    # those next tokens. Padding is left out rather than masked (see CoCa.forward).
     caption_logits: torch.Tensor | None = None
     caption_labels: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # MoE only: mean of the MoE layers' weighted aux losses
@@ -129,13 +130,16 @@ class CoCa(CLIP):
         out, v, t, stats = self._towers(images, tokens)
         if v is not None and t is not None:
             valid = text_valid_mask(tokens, eot_id=self.config.text.eot_id, pad_id=self.config.text.pad_id)
-            # Positions after the batch's longest caption only predict padding (ignored by the loss) and,
-            # the decoder being causal, change nothing before them: leave them out. With short captions
-            # in a long context this removes most of the decoder's and the LM head's work.
+            # Positions after the batch's longest caption only predict padding and, the decoder being
+            # causal, change nothing before them: the decoder leaves them out, and the LM head also skips
+            # every other position that predicts padding. With short captions in a long context this
+            # removes most of the decoder's and LM head's work and most of the logits' memory.
             n = int(valid.sum(1).max().clamp_min(2))
-            logits, stats["decoder"] = self.decoder(t.tokens[:, : n - 1], v.tokens, valid=valid[:, : n - 1])
+            predicts_real = valid[:, 1:n]
+            logits, stats["decoder"] = self.decoder(t.tokens[:, : n - 1], v.tokens, valid=valid[:, : n - 1],
+                                                    select=predicts_real)
             out.caption_logits = logits
-            out.caption_labels = tokens[:, 1:n].masked_fill(~valid[:, 1:n], -100)
+            out.caption_labels = tokens[:, 1:n][predicts_real]
         return self._finish(out, stats)
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:

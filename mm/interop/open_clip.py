@@ -1,0 +1,370 @@
+"""Exact weight conversion between open_clip and mm models (CLIP ViTs and CoCa).
+
+One table, :data:`RULES`, says where every open_clip tensor goes: each rule names open_clip key
+patterns, mm key patterns and a :class:`Transform` with both directions, and rules inside a
+Transformer stack are expanded over its layers. Both directions read the same table, so
+``to_open_clip(from_open_clip(sd, name))`` gives back every tensor of ``sd`` bit for bit.
+
+Layout differences the transforms bridge:
+
+* open_clip's attention is ``nn.MultiheadAttention``: ``in_proj_weight`` packs [q; k; v] (or, when
+  keys come from a different width, ``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight``) and
+  ``in_proj_bias`` packs the biases. mm self-attention packs the same [q; k; v] in ``qkv``;
+  cross-attention has ``q`` and a packed [k; v] ``kv``.
+* open_clip keeps ``visual.proj``, ``text_projection`` and the decoder's ``text_projection`` as
+  (in, out) matrices applied as ``x @ P``; mm uses ``nn.Linear`` (weight = P.T).
+* open_clip's plain CLIP keeps the text tower at the top level (``token_embedding``,
+  ``transformer.resblocks``...); CoCa and CustomTextCLIP put it under ``text.``.
+
+Settings that change what a model computes without changing its state dict (activation, heads,
+CoCa's class-token mask) come from the mm config, i.e. the ``name``: open_clip's ``*-quickgelu``
+models need the matching mm ``*-quickgelu`` preset. open_clip's CoCa uses its legacy class-token mask
+unless ``model.text.correct_cls_mask`` is set (open_clip 3.3 has no config key for it); the mm preset
+``coca_ViT-B-32`` uses that legacy mask (``text.cls_mask: open_clip``), ``tiny-coca`` the correct
+one. When an open_clip module (not a bare state dict) is given, both settings are checked against
+the config.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, TransformerConfig
+from ..models.clip import CLIP, model_class, resolve_config
+
+Tensors = list[torch.Tensor]
+
+
+class ConversionError(ValueError):
+    """A state dict or config does not fit the conversion; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class Transform:
+    """How the tensors of one rule turn into each other: ``to_mm`` maps the open_clip tensors (in the
+    rule's key order) to the mm tensors, ``to_open_clip`` is its exact inverse."""
+
+    to_mm: Callable[[Tensors], Tensors]
+    to_open_clip: Callable[[Tensors], Tensors]
+
+
+def _split_q_kv(ts: Tensors) -> Tensors:
+    d = ts[0].shape[0] // 3
+    return [ts[0][:d], ts[0][d:]]
+
+
+COPY = Transform(lambda ts: ts, lambda ts: ts)
+# x @ P (open_clip) == Linear with weight P.T (mm)
+TRANSPOSE = Transform(lambda ts: [ts[0].t()], lambda ts: [ts[0].t()])
+# packed [q; k; v] (weights or biases) <-> mm cross-attention's q and packed [k; v]
+PACKED_TO_Q_KV = Transform(_split_q_kv, lambda ts: [torch.cat(ts)])
+# MultiheadAttention with kdim != embed_dim keeps q, k, v weights apart; mm packs [k; v]
+SEPARATE_TO_Q_KV = Transform(lambda ts: [ts[0], torch.cat(ts[1:])], lambda ts: [ts[0], *ts[1].chunk(2)])
+
+
+@dataclass(frozen=True)
+class Rule:
+    """open_clip keys <-> mm keys through ``transform``.
+
+    Patterns are ``str.format`` templates: ``{i}`` is the layer index when ``layers`` names a stack
+    (``vision``, ``text`` or ``decoder``); ``{self_block}`` / ``{cross_block}`` are the indices (2i,
+    2i + 1) of layer i's two blocks in mm's "separate" decoder; ``{text}`` is the prefix of open_clip's
+    text tower (``""`` for CLIP, ``"text."`` for CoCa / CustomTextCLIP). A rule applies when ``when``
+    (if set) holds for the config and its mm keys exist in the mm model (optional parts: logit bias,
+    LayerScale, class tokens, attentional pooling, decoder)."""
+
+    open_clip: tuple[str, ...]
+    mm: tuple[str, ...]
+    transform: Transform = COPY
+    layers: str | None = None
+    when: Callable[[ModelConfig], bool] | None = None
+
+
+def _rule(oc: str | tuple[str, ...], mm: str | tuple[str, ...], transform: Transform = COPY, **kw) -> Rule:
+    return Rule((oc,) if isinstance(oc, str) else oc, (mm,) if isinstance(mm, str) else mm, transform, **kw)
+
+
+def _params(oc: str, mm: str, names: tuple[str, ...] = ("weight", "bias"), **kw) -> list[Rule]:
+    """One COPY rule per parameter of a module (a LayerNorm or Linear: weight and bias)."""
+    return [_rule(f"{oc}.{n}", f"{mm}.{n}", **kw) for n in names]
+
+
+def _ffn(oc: str, mm: str, layers: str) -> list[Rule]:
+    """The second half of every block: ln_2, mlp, ls_2."""
+    return [
+        *_params(f"{oc}.ln_2", f"{mm}.norm2", layers=layers),
+        *_params(f"{oc}.mlp.c_fc", f"{mm}.ffn.fc1", layers=layers),
+        *_params(f"{oc}.mlp.c_proj", f"{mm}.ffn.fc2", layers=layers),
+        _rule(f"{oc}.ls_2.gamma", f"{mm}.ls2.gamma", layers=layers),
+    ]
+
+
+def _self_block(oc: str, mm: str, layers: str) -> list[Rule]:
+    """open_clip ResidualAttentionBlock <-> mm Block with self-attention."""
+    return [
+        *_params(f"{oc}.ln_1", f"{mm}.norm1", layers=layers),
+        _rule(f"{oc}.attn.in_proj_weight", f"{mm}.attn.qkv.weight", layers=layers),
+        _rule(f"{oc}.attn.in_proj_bias", f"{mm}.attn.qkv.bias", layers=layers),
+        *_params(f"{oc}.attn.out_proj", f"{mm}.attn.proj", layers=layers),
+        _rule(f"{oc}.ls_1.gamma", f"{mm}.ls1.gamma", layers=layers),
+        *_ffn(oc, mm, layers),
+    ]
+
+
+def _cross_block(oc: str, mm: str, layers: str) -> list[Rule]:
+    """open_clip cross-attention ResidualAttentionBlock (ln_1 on the queries, ln_1_kv on the context;
+    kdim == embed_dim, so in_proj is packed) <-> mm cross-attention-only Block."""
+    return [
+        *_params(f"{oc}.ln_1", f"{mm}.norm_cross", layers=layers),
+        *_params(f"{oc}.ln_1_kv", f"{mm}.norm_context", layers=layers),
+        _rule(f"{oc}.attn.in_proj_weight", (f"{mm}.cross_attn.q.weight", f"{mm}.cross_attn.kv.weight"),
+              PACKED_TO_Q_KV, layers=layers),
+        _rule(f"{oc}.attn.in_proj_bias", (f"{mm}.cross_attn.q.bias", f"{mm}.cross_attn.kv.bias"),
+              PACKED_TO_Q_KV, layers=layers),
+        *_params(f"{oc}.attn.out_proj", f"{mm}.cross_attn.proj", layers=layers),
+        _rule(f"{oc}.ls_1.gamma", f"{mm}.ls_cross.gamma", layers=layers),
+        *_ffn(oc, mm, layers),
+    ]
+
+
+def _pool_packed(cfg: ModelConfig) -> bool:
+    """Whether open_clip's attentional pooler packs in_proj_weight: its keys come from the ViT's width,
+    its queries have embed_dim, and MultiheadAttention packs only when the two are equal."""
+    return cfg.embed_dim == cfg.vision.transformer.width
+
+
+_POOL_OC, _POOL_MM = "visual.attn_pool", "vision.attn_pool"
+
+RULES: list[Rule] = [
+    _rule("logit_scale", "logit_scale"),
+    _rule("logit_bias", "logit_bias"),
+    # vision tower
+    _rule("visual.conv1.weight", "vision.patch_embed.weight"),
+    _rule("visual.class_embedding", "vision.cls_token"),
+    _rule("visual.positional_embedding", "vision.pos_embed"),
+    *_params("visual.ln_pre", "vision.norm_pre"),
+    *_self_block("visual.transformer.resblocks.{i}", "vision.transformer.blocks.{i}", "vision"),
+    _rule(f"{_POOL_OC}.query", f"{_POOL_MM}.query"),
+    *_params(f"{_POOL_OC}.ln_q", f"{_POOL_MM}.norm_q"),
+    *_params(f"{_POOL_OC}.ln_k", f"{_POOL_MM}.norm_k"),
+    _rule(f"{_POOL_OC}.attn.in_proj_weight", (f"{_POOL_MM}.attn.q.weight", f"{_POOL_MM}.attn.kv.weight"),
+          PACKED_TO_Q_KV, when=_pool_packed),
+    _rule(tuple(f"{_POOL_OC}.attn.{p}_proj_weight" for p in "qkv"),
+          (f"{_POOL_MM}.attn.q.weight", f"{_POOL_MM}.attn.kv.weight"),
+          SEPARATE_TO_Q_KV, when=lambda cfg: not _pool_packed(cfg)),
+    _rule(f"{_POOL_OC}.attn.in_proj_bias", (f"{_POOL_MM}.attn.q.bias", f"{_POOL_MM}.attn.kv.bias"), PACKED_TO_Q_KV),
+    *_params(f"{_POOL_OC}.attn.out_proj", f"{_POOL_MM}.attn.proj"),
+    *_params("visual.ln_post", "vision.norm"),
+    _rule("visual.proj", "vision.proj.weight", TRANSPOSE),
+    # text tower
+    _rule("{text}token_embedding.weight", "text.token_embedding.weight"),
+    _rule("{text}cls_emb", "text.cls_token"),
+    _rule("{text}positional_embedding", "text.pos_embed"),
+    *_self_block("{text}transformer.resblocks.{i}", "text.transformer.blocks.{i}", "text"),
+    *_params("{text}ln_final", "text.norm"),
+    # open_clip makes the projection an nn.Linear (already mm's layout) only when it has a bias
+    _rule("{text}text_projection", "text.proj.weight", TRANSPOSE, when=lambda cfg: not cfg.text.proj_bias),
+    *_params("{text}text_projection", "text.proj", when=lambda cfg: cfg.text.proj_bias),
+    # CoCa decoder: layer i is open_clip's resblocks[i] then cross_attn[i], mm's blocks 2i and 2i + 1
+    *_self_block("text_decoder.resblocks.{i}", "decoder.transformer.blocks.{self_block}", "decoder"),
+    *_cross_block("text_decoder.cross_attn.{i}", "decoder.transformer.blocks.{cross_block}", "decoder"),
+    *_params("text_decoder.ln_final", "decoder.norm"),
+    _rule("text_decoder.text_projection", "decoder.head.weight", TRANSPOSE),
+]
+
+
+def _stacks(cfg: ModelConfig) -> dict[str, TransformerConfig]:
+    """The config's Transformer stacks by tower name (the names ``Rule.layers`` uses)."""
+    stacks = {"vision": cfg.vision.transformer, "text": cfg.text.transformer}
+    if cfg.decoder is not None:
+        stacks["decoder"] = cfg.decoder.transformer
+    return stacks
+
+
+def _check_supported(cfg: ModelConfig) -> None:
+    """Reject mm configs that open_clip's ViT CLIP / CoCa cannot express, naming the dotted key."""
+    problems: list[tuple[str, str]] = []
+    for tower, t in _stacks(cfg).items():
+        key = f"{tower}.transformer"
+        if t.ffn != "mlp":
+            problems.append((f"{key}.ffn", f"open_clip has no {t.ffn!r} FFN"))
+        if t.moe is not None:
+            problems.append((f"{key}.moe", "open_clip has no MoE"))
+        if t.qk_norm:
+            problems.append((f"{key}.qk_norm", "open_clip's qk-norm blocks have another layout"))
+        if not t.qkv_bias:
+            problems.append((f"{key}.qkv_bias", "open_clip's attention always has biases"))
+        if t.act != cfg.vision.transformer.act or t.act not in ("gelu", "quick_gelu"):
+            problems.append((f"{key}.act", f"open_clip uses GELU or QuickGELU in all towers, got {t.act!r}"))
+        if t.norm_eps != 1e-5:
+            problems.append((f"{key}.norm_eps", f"open_clip's LayerNorm eps is 1e-5, got {t.norm_eps}"))
+    if cfg.vision.pos_embed != "learned":
+        problems.append(("vision.pos_embed", f"must be learned, got {cfg.vision.pos_embed!r}"))
+    if not cfg.vision.class_token:
+        problems.append(("vision.class_token", "open_clip's ViT always has a class token"))
+    if cfg.text.pos_embed != "learned":
+        problems.append(("text.pos_embed", f"must be learned, got {cfg.text.pos_embed!r}"))
+    if cfg.decoder is not None:
+        if cfg.decoder.layout != "separate":
+            problems.append(("decoder.layout", "open_clip's decoder has the 'separate' layout"))
+        context_dim = cfg.embed_dim if cfg.vision.pool == "attn" else cfg.vision.transformer.width
+        if context_dim != cfg.decoder.transformer.width:
+            problems.append(("decoder.transformer.width", f"open_clip's cross-attention needs the image tokens' "
+                             f"width ({context_dim}), got {cfg.decoder.transformer.width}"))
+    if problems:
+        raise ConversionError(f"not convertible to open_clip: {problems[0][0]}: {problems[0][1]}"
+                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
+def _reference(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The mm model's state dict on the meta device: names and shapes, no memory, no init cost."""
+    with torch.device("meta"):
+        return model_class(cfg)(cfg).state_dict()
+
+
+Step = tuple[list[str], list[str], Transform]
+
+
+def _plan(cfg: ModelConfig, text_prefix: str, mm_ref: dict[str, torch.Tensor]) -> list[Step]:
+    """:data:`RULES` expanded for ``cfg``: (open_clip keys, mm keys, transform) for every rule that
+    applies; every mm key is covered exactly once."""
+    stacks = _stacks(cfg)
+    steps: list[Step] = []
+    for rule in RULES:
+        if (rule.when is not None and not rule.when(cfg)) or (rule.layers and rule.layers not in stacks):
+            continue
+        for i in range(stacks[rule.layers].depth) if rule.layers else (0,):
+            fmt = dict(i=i, self_block=2 * i, cross_block=2 * i + 1, text=text_prefix)
+            mm_keys = [p.format(**fmt) for p in rule.mm]
+            if all(k in mm_ref for k in mm_keys):
+                steps.append(([p.format(**fmt) for p in rule.open_clip], mm_keys, rule.transform))
+    covered = [k for _, mm_keys, _ in steps for k in mm_keys]
+    unique = set(covered)
+    uncovered = [k for k in mm_ref if k not in unique]
+    if uncovered or len(covered) != len(unique):
+        # a config the checks above let through but the table does not describe: a converter bug
+        raise ConversionError(f"no open_clip counterpart for mm key {uncovered[0]!r}" if uncovered
+                              else "conversion table maps an mm key twice")
+    return steps
+
+
+def _check_keys(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str) -> None:
+    """Raise one error naming the first tensor of ``sd`` whose shape differs, then missing and
+    unexpected keys by name."""
+    problems = []
+    bad = [k for k, v in sd.items() if k in expected and tuple(v.shape) != expected[k]]
+    if bad:
+        problems.append(f"{bad[0]!r} has shape {tuple(sd[bad[0]].shape)}, expected {expected[bad[0]]}"
+                        + (f" ({len(bad)} tensors have wrong shapes)" if len(bad) > 1 else ""))
+    for label, keys in (("missing", [k for k in expected if k not in sd]),
+                        ("unexpected", [k for k in sd if k not in expected])):
+        if keys:
+            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+            problems.append(f"{len(keys)} {label} key(s): {', '.join(map(repr, keys[:5]))}{more}")
+    if problems:
+        raise ConversionError(f"{what}: " + "; ".join(problems))
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    # never alias the source tensors (slices, transposes, plain copies), so converting and then
+    # training one model leaves the other untouched; contiguous for safetensors
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _label(cfg: ModelConfig | str) -> str:
+    return repr(cfg) if isinstance(cfg, str) else "the given config"
+
+
+def convert_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig | str) -> dict[str, torch.Tensor]:
+    """open_clip state dict -> mm state dict for the model ``cfg`` (an mm ModelConfig or preset name).
+
+    The text tower's prefix is taken from ``sd``: ``text.`` (CoCa, CustomTextCLIP) or none (CLIP).
+    Raises :class:`ConversionError` naming the first tensor whose shape differs from what ``cfg``
+    expects, and any missing or unexpected keys."""
+    label, cfg = _label(cfg), resolve_config(cfg)
+    _check_supported(cfg)
+    text_prefix = "text." if any(k.startswith("text.") for k in sd) else ""
+    mm_ref = _reference(cfg)
+    steps = _plan(cfg, text_prefix, mm_ref)
+    expected = {}
+    for oc_keys, mm_keys, t in steps:
+        expected.update(zip(oc_keys, (tuple(x.shape) for x in t.to_open_clip([mm_ref[k] for k in mm_keys]))))
+    _check_keys(sd, expected, f"open_clip state dict does not fit mm model {label}")
+    out = {}
+    for oc_keys, mm_keys, t in steps:
+        out.update(zip(mm_keys, map(_fresh, t.to_mm([sd[k] for k in oc_keys]))))
+    return out
+
+
+def export_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig | str, *,
+                      custom_text: bool | None = None) -> dict[str, torch.Tensor]:
+    """mm state dict of the model ``cfg`` -> open_clip state dict.
+
+    ``custom_text``: put the text tower under ``text.`` (open_clip's CoCa and CustomTextCLIP);
+    default: for CoCa only, as open_clip builds its CLIP presets with a top-level text tower."""
+    label, cfg = _label(cfg), resolve_config(cfg)
+    _check_supported(cfg)
+    if custom_text is None:
+        custom_text = cfg.decoder is not None
+    mm_ref = _reference(cfg)
+    steps = _plan(cfg, "text." if custom_text else "", mm_ref)
+    _check_keys(sd, {k: tuple(v.shape) for k, v in mm_ref.items()}, f"mm state dict does not fit mm model {label}")
+    out = {}
+    for oc_keys, mm_keys, t in steps:
+        out.update(zip(oc_keys, map(_fresh, t.to_open_clip([sd[k] for k in mm_keys]))))
+    return out
+
+
+def _check_module(model: nn.Module, cfg: ModelConfig) -> None:
+    """Settings of an open_clip module that its state dict does not show: the MLP activation of each
+    tower and CoCa's class-token mask. They must match ``cfg`` for the models to compute the same."""
+    stacks = _stacks(cfg)
+    prefixes = {"visual.": "vision", "text_decoder.": "decoder"}
+    for name, module in model.named_modules():
+        if not name.endswith(".mlp.gelu"):  # open_clip's ResidualAttentionBlock names its activation so
+            continue
+        tower = next((t for p, t in prefixes.items() if name.startswith(p)), "text")
+        if tower not in stacks:  # a decoder the config lacks: the state dict check names its keys
+            continue
+        kind = type(module).__name__
+        act = {"QuickGELU": "quick_gelu", "GELU": "gelu" if getattr(module, "approximate", "none") == "none" else "gelu_tanh"}
+        if act.get(kind, kind) != stacks[tower].act:
+            raise ConversionError(
+                f"open_clip module {name} is {kind} but the mm config's {tower}.transformer.act is "
+                f"{stacks[tower].act!r} (open_clip's -quickgelu models need the mm -quickgelu preset)")
+    correct = getattr(getattr(model, "text", None), "correct_cls_mask", None)
+    if cfg.text.embed_cls and correct is not None and ("correct" if correct else "open_clip") != cfg.text.cls_mask:
+        raise ConversionError(
+            f"open_clip's text.correct_cls_mask is {correct} but the mm config's text.cls_mask is "
+            f"{cfg.text.cls_mask!r} (use text.cls_mask={'correct' if correct else 'open_clip'!r})")
+
+
+def from_open_clip(model_or_state_dict: nn.Module | dict[str, torch.Tensor], name: ModelConfig | str) -> CLIP:
+    """An mm model with the weights of an open_clip model (or its state dict).
+
+    ``name``: the open_clip model name, which is also the mm preset name (``ViT-B-32``,
+    ``coca_ViT-B-32``...), or an mm ModelConfig for other shapes. The mm model's tensors are new
+    (never shared with the source), with the source's dtype and device."""
+    label, cfg = _label(name), resolve_config(name)
+    if isinstance(model_or_state_dict, nn.Module):
+        _check_module(model_or_state_dict, cfg)
+        sd = model_or_state_dict.state_dict()
+    else:
+        sd = model_or_state_dict
+    mm_sd = convert_state_dict(sd, cfg)
+    with torch.device("meta"):  # no random init: every tensor is assigned from mm_sd
+        model = model_class(cfg)(cfg)
+    model.load_state_dict(mm_sd, strict=True, assign=True)
+    left = [n for n, b in model.named_buffers() if b.is_meta]
+    if left:  # a non-persistent buffer has no value in any state dict; building on meta cannot fill it
+        raise ConversionError(f"mm model {label} has buffer {left[0]!r} that a state dict does not hold")
+    return model
+
+
+def to_open_clip(model: CLIP, *, custom_text: bool | None = None) -> dict[str, torch.Tensor]:
+    """The open_clip state dict of an mm model: ``open_clip.create_model(name).load_state_dict(sd)``
+    loads it with ``strict=True``. ``custom_text`` as in :func:`export_state_dict`."""
+    return export_state_dict(model.state_dict(), model.config, custom_text=custom_text)
