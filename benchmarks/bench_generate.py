@@ -30,6 +30,7 @@ if (HERE / ".peer" / "hf").is_dir():
 
 import mm  # noqa: E402
 from mm.generate import generate  # noqa: E402
+from mm.layers import text_valid_mask  # noqa: E402
 
 
 def open_clip_coca(model: mm.CoCa):
@@ -40,6 +41,8 @@ def open_clip_coca(model: mm.CoCa):
     from mm.interop.open_clip import open_clip_config, to_open_clip
 
     oc = CoCa(**open_clip_config(model.config))
+    # open_clip has no config key for the class token's mask; its attribute selects the corrected one
+    oc.text.correct_cls_mask = model.config.text.cls_mask == "correct"
     oc.load_state_dict(to_open_clip(model), strict=True)
     assert isinstance(oc, open_clip.CoCa)
     return oc.eval()
@@ -94,8 +97,9 @@ def main() -> None:
                                                      num_beam_groups=1, **common)
         with torch.no_grad():  # the two agree on what they compute (teacher-forced logits, same weights)
             tok = mm.get_tokenizer(model)(["a dog runs on the beach"] * 2).to(device)
-            ours = model(images[:2], tok).caption_logits
-            theirs = oc(images[:2], tok)["logits"][:, : ours.shape[1]]
+            ours = model(images[:2], tok).caption_logits  # packed: positions that predict a real token
+            t = model.config.text
+            theirs = oc(images[:2], tok)["logits"][text_valid_mask(tok, eot_id=t.eot_id, pad_id=t.pad_id)[:, 1:]]
             print(f"caption logits mm vs open_clip, same weights: max abs diff {(ours - theirs).abs().max():.2e}")
 
     times: dict[str, list[float]] = {k: [] for k in runs}

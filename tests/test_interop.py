@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import mm
-from mm.interop import ConversionError, convert_state_dict, export_state_dict, from_open_clip, to_open_clip
+from mm.interop import (ConversionError, convert_state_dict, export_state_dict, from_open_clip, open_clip_config,
+                        to_open_clip)
 from mm.layers import text_valid_mask
 from mm.models import resolve_config
 
@@ -31,14 +32,18 @@ TINY_COCA = {
 }
 
 
-def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """open_clip initialises LayerNorms to (1, 0) and biases to 0, so a mapping that swapped two of
-    them would still match; give every vector (and scalar) parameter distinct random values."""
+def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Finish open_clip's random init for testing. It sets LayerNorms to (1, 0) and biases to 0, so a
+    mapping that swapped two of them would still match: give every vector (and scalar) parameter
+    distinct random values. It never initialises CoCa's decoder projection (``torch.empty``)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim <= 1:
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
+        if hasattr(model, "text_decoder"):
+            proj = model.text_decoder.text_projection
+            proj.copy_(torch.randn(proj.shape, generator=g) * proj.shape[0] ** -0.5)
     return model.eval()
 
 
@@ -78,7 +83,7 @@ def _assert_bit_identical(got: dict[str, torch.Tensor], want: dict[str, torch.Te
 def pair(request) -> tuple[str, torch.nn.Module, mm.CLIP]:
     """(name, random open_clip model, the mm model converted from it), built once per name."""
     torch.manual_seed(0)
-    ref = _perturb(open_clip.create_model(request.param), seed=0)
+    ref = _randomise(open_clip.create_model(request.param), seed=0)
     return request.param, ref, from_open_clip(ref, request.param).eval()
 
 
@@ -93,6 +98,23 @@ def test_state_dict_round_trips_bit_identical(pair):
     # open_clip's causal masks are non-persistent buffers: nothing to carry over
     assert not any(k.endswith("attn_mask") for k in sd)
     _assert_bit_identical(to_open_clip(model), sd)
+
+
+def _arch(model: torch.nn.Module) -> list[tuple[str, int | None]]:
+    return [(type(m).__name__, getattr(m, "num_heads", None)) for m in model.modules()]
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32-quickgelu", "ViT-L-14-336", "ViT-H-14", "coca_ViT-B-32"])
+def test_open_clip_config_builds_the_open_clip_model(name):
+    cfg = open_clip_config(name)
+    assert cfg["quick_gelu"] == name.endswith("quickgelu")
+    with torch.device("meta"):
+        ours = (open_clip.CoCa if "multimodal_cfg" in cfg else open_clip.CLIP)(**cfg)
+        theirs = open_clip.create_model(name, device="meta")
+    assert type(ours) is type(theirs)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    # what shapes do not show: activations (module types) and attention heads
+    assert _arch(ours) == _arch(theirs)
 
 
 def _meta_state_dict(name: str) -> dict[str, torch.Tensor]:
@@ -150,24 +172,46 @@ def _open_clip_tiny_coca(variant: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("variant", ["tiny-coca", "legacy_mask", "packed_pool"])
-def test_tiny_coca_converts_both_ways(variant):
+def test_tiny_coca_from_open_clip(variant):
     cfg = _tiny_coca_cfg(variant)
     torch.manual_seed(0)
-    ref = _perturb(_open_clip_tiny_coca(variant), seed=1)
-    name = "tiny-coca" if variant == "tiny-coca" else cfg
-    model = from_open_clip(ref, name).eval()
+    ref = _randomise(_open_clip_tiny_coca(variant), seed=1)
+    model = from_open_clip(ref, "tiny-coca" if variant == "tiny-coca" else cfg).eval()
+    # the mm model owns its tensors: training it leaves open_clip's untouched
+    assert model.text.token_embedding.weight.data_ptr() != ref.text.token_embedding.weight.data_ptr()
     _assert_same_outputs(ref, model)
     _assert_bit_identical(to_open_clip(model), ref.state_dict())
-    # from a bare state dict, and in half precision: dtypes are kept
-    _assert_bit_identical(from_open_clip(ref.state_dict(), cfg).state_dict(), model.state_dict())
-    half = {k: v.half() for k, v in ref.state_dict().items()}
-    _assert_bit_identical(export_state_dict(convert_state_dict(half, cfg), cfg), half)
 
-    # mm -> open_clip: a random mm model's weights make open_clip compute what mm computes
-    fresh = mm.create_model(cfg).eval()
-    target = _open_clip_tiny_coca(variant).eval()
-    target.load_state_dict(to_open_clip(fresh), strict=True)
-    _assert_same_outputs(target, fresh)
+
+def test_tiny_coca_to_open_clip():
+    """mm -> open_clip: a random mm model's weights make open_clip compute what mm computes; bare
+    state dicts convert both ways in half precision too, keeping the dtype."""
+    torch.manual_seed(0)
+    model = mm.create_model("tiny-coca").eval()
+    ref = open_clip.CoCa(**open_clip_config("tiny-coca")).eval()
+    ref.text.correct_cls_mask = True
+    ref.load_state_dict(to_open_clip(model), strict=True)
+    _assert_same_outputs(ref, model)
+    half = {k: v.half() for k, v in model.state_dict().items()}
+    _assert_bit_identical(convert_state_dict(export_state_dict(half, "tiny-coca"), "tiny-coca"), half)
+    _assert_bit_identical(from_open_clip(ref.state_dict(), "tiny-coca").state_dict(), model.state_dict())
+
+
+def test_tiny_clip_with_layer_scale_and_logit_bias():
+    """Plain CLIP (text tower at the top level of open_clip's state dict) with the optional parts the
+    presets above lack: LayerScale in every block and a SigLIP logit bias."""
+    cfg = resolve_config("tiny-siglip", vision__transformer__layer_scale=0.1, text__transformer__layer_scale=0.1)
+    torch.manual_seed(0)
+    ref = _randomise(open_clip.CLIP(
+        embed_dim=128, init_logit_scale=cfg.init_logit_scale, init_logit_bias=cfg.init_logit_bias,
+        vision_cfg={"image_size": 32, "patch_size": 4, "width": 192, "layers": 6, "head_width": 64,
+                    "ls_init_value": 0.1},
+        text_cfg={"context_length": 32, "width": 128, "heads": 2, "layers": 4, "ls_init_value": 0.1},
+    ), seed=2)
+    model = from_open_clip(ref, cfg).eval()
+    assert model.logit_bias is not None
+    _assert_same_outputs(ref, model)
+    _assert_bit_identical(to_open_clip(model), ref.state_dict())
 
 
 def test_cls_mask_mismatch_is_reported():

@@ -22,12 +22,12 @@ models need the matching mm ``*-quickgelu`` preset. open_clip's CoCa uses its le
 unless ``model.text.correct_cls_mask`` is set (open_clip 3.3 has no config key for it); the mm preset
 ``coca_ViT-B-32`` uses that legacy mask (``text.cls_mask: open_clip``), ``tiny-coca`` the correct
 one. When an open_clip module (not a bare state dict) is given, both settings are checked against
-the config.
+the config. :func:`open_clip_config` gives the open_clip constructor arguments for an mm config.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -51,18 +51,27 @@ class Transform:
     to_open_clip: Callable[[Tensors], Tensors]
 
 
+# Transforms copy only what they must: a plain COPY returns its input (as ``state_dict()`` returns the
+# model's own tensors), while split parts are cloned so that no two results share storage (safetensors
+# refuses to save tensors that do) and transposes are made contiguous.
+
 def _split_q_kv(ts: Tensors) -> Tensors:
     d = ts[0].shape[0] // 3
-    return [ts[0][:d], ts[0][d:]]
+    return [ts[0][:d].clone(), ts[0][d:].clone()]
+
+
+def _transpose(ts: Tensors) -> Tensors:
+    return [ts[0].t().contiguous()]
 
 
 COPY = Transform(lambda ts: ts, lambda ts: ts)
 # x @ P (open_clip) == Linear with weight P.T (mm)
-TRANSPOSE = Transform(lambda ts: [ts[0].t()], lambda ts: [ts[0].t()])
+TRANSPOSE = Transform(_transpose, _transpose)
 # packed [q; k; v] (weights or biases) <-> mm cross-attention's q and packed [k; v]
 PACKED_TO_Q_KV = Transform(_split_q_kv, lambda ts: [torch.cat(ts)])
 # MultiheadAttention with kdim != embed_dim keeps q, k, v weights apart; mm packs [k; v]
-SEPARATE_TO_Q_KV = Transform(lambda ts: [ts[0], torch.cat(ts[1:])], lambda ts: [ts[0], *ts[1].chunk(2)])
+SEPARATE_TO_Q_KV = Transform(lambda ts: [ts[0], torch.cat(ts[1:])],
+                             lambda ts: [ts[0], *(t.clone() for t in ts[1].chunk(2))])
 
 
 @dataclass(frozen=True)
@@ -83,13 +92,15 @@ class Rule:
     when: Callable[[ModelConfig], bool] | None = None
 
 
-def _rule(oc: str | tuple[str, ...], mm: str | tuple[str, ...], transform: Transform = COPY, **kw) -> Rule:
-    return Rule((oc,) if isinstance(oc, str) else oc, (mm,) if isinstance(mm, str) else mm, transform, **kw)
+def _rule(oc: str | tuple[str, ...], mm: str | tuple[str, ...], transform: Transform = COPY, *,
+          layers: str | None = None, when: Callable[[ModelConfig], bool] | None = None) -> Rule:
+    return Rule((oc,) if isinstance(oc, str) else oc, (mm,) if isinstance(mm, str) else mm, transform, layers, when)
 
 
-def _params(oc: str, mm: str, names: tuple[str, ...] = ("weight", "bias"), **kw) -> list[Rule]:
-    """One COPY rule per parameter of a module (a LayerNorm or Linear: weight and bias)."""
-    return [_rule(f"{oc}.{n}", f"{mm}.{n}", **kw) for n in names]
+def _params(oc: str, mm: str, *, layers: str | None = None,
+            when: Callable[[ModelConfig], bool] | None = None) -> list[Rule]:
+    """COPY rules for the weight and bias of a LayerNorm or Linear."""
+    return [_rule(f"{oc}.{n}", f"{mm}.{n}", layers=layers, when=when) for n in ("weight", "bias")]
 
 
 def _ffn(oc: str, mm: str, layers: str) -> list[Rule]:
@@ -207,13 +218,18 @@ def _check_supported(cfg: ModelConfig) -> None:
         problems.append(("vision.class_token", "open_clip's ViT always has a class token"))
     if cfg.text.pos_embed != "learned":
         problems.append(("text.pos_embed", f"must be learned, got {cfg.text.pos_embed!r}"))
+    if cfg.text.pool != "eot" and not cfg.text.embed_cls:  # a class token overrides pooling in both
+        problems.append(("text.pool", f"open_clip pools CLIP text at the end token, got {cfg.text.pool!r}"))
     if cfg.decoder is not None:
+        if cfg.decoder.transformer.mlp_ratio != 4:  # open_clip does not pass its decoder an mlp_ratio
+            problems.append(("decoder.transformer.mlp_ratio", "open_clip's decoder MLP ratio is 4"))
         if cfg.decoder.layout != "separate":
             problems.append(("decoder.layout", "open_clip's decoder has the 'separate' layout"))
         context_dim = cfg.embed_dim if cfg.vision.pool == "attn" else cfg.vision.transformer.width
         if context_dim != cfg.decoder.transformer.width:
-            problems.append(("decoder.transformer.width", f"open_clip's cross-attention needs the image tokens' "
-                             f"width ({context_dim}), got {cfg.decoder.transformer.width}"))
+            problems.append(("decoder.transformer.width", (
+                f"open_clip's cross-attention needs the image tokens' width ({context_dim}), "
+                f"got {cfg.decoder.transformer.width}")))
     if problems:
         raise ConversionError(f"not convertible to open_clip: {problems[0][0]}: {problems[0][1]}"
                               + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
@@ -230,24 +246,21 @@ Step = tuple[list[str], list[str], Transform]
 
 def _plan(cfg: ModelConfig, text_prefix: str, mm_ref: dict[str, torch.Tensor]) -> list[Step]:
     """:data:`RULES` expanded for ``cfg``: (open_clip keys, mm keys, transform) for every rule that
-    applies; every mm key is covered exactly once."""
+    applies, covering every mm key."""
     stacks = _stacks(cfg)
     steps: list[Step] = []
     for rule in RULES:
         if (rule.when is not None and not rule.when(cfg)) or (rule.layers and rule.layers not in stacks):
             continue
         for i in range(stacks[rule.layers].depth) if rule.layers else (0,):
-            fmt = dict(i=i, self_block=2 * i, cross_block=2 * i + 1, text=text_prefix)
+            fmt = {"i": i, "self_block": 2 * i, "cross_block": 2 * i + 1, "text": text_prefix}
             mm_keys = [p.format(**fmt) for p in rule.mm]
             if all(k in mm_ref for k in mm_keys):
                 steps.append(([p.format(**fmt) for p in rule.open_clip], mm_keys, rule.transform))
-    covered = [k for _, mm_keys, _ in steps for k in mm_keys]
-    unique = set(covered)
-    uncovered = [k for k in mm_ref if k not in unique]
-    if uncovered or len(covered) != len(unique):
-        # a config the checks above let through but the table does not describe: a converter bug
-        raise ConversionError(f"no open_clip counterpart for mm key {uncovered[0]!r}" if uncovered
-                              else "conversion table maps an mm key twice")
+    covered = {k for _, mm_keys, _ in steps for k in mm_keys}
+    uncovered = [k for k in mm_ref if k not in covered]
+    if uncovered:  # an mm feature that _check_supported does not know and the table does not describe
+        raise ConversionError(f"no open_clip counterpart for mm key {uncovered[0]!r}")
     return steps
 
 
@@ -268,12 +281,6 @@ def _check_keys(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]
         raise ConversionError(f"{what}: " + "; ".join(problems))
 
 
-def _fresh(t: torch.Tensor) -> torch.Tensor:
-    # never alias the source tensors (slices, transposes, plain copies), so converting and then
-    # training one model leaves the other untouched; contiguous for safetensors
-    return t.detach().clone(memory_format=torch.contiguous_format)
-
-
 def _label(cfg: ModelConfig | str) -> str:
     return repr(cfg) if isinstance(cfg, str) else "the given config"
 
@@ -283,7 +290,8 @@ def convert_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig | str) -> d
 
     The text tower's prefix is taken from ``sd``: ``text.`` (CoCa, CustomTextCLIP) or none (CLIP).
     Raises :class:`ConversionError` naming the first tensor whose shape differs from what ``cfg``
-    expects, and any missing or unexpected keys."""
+    expects, and any missing or unexpected keys. Tensors copied unchanged are ``sd``'s own (as with
+    ``state_dict()``); no two results share storage."""
     label, cfg = _label(cfg), resolve_config(cfg)
     _check_supported(cfg)
     text_prefix = "text." if any(k.startswith("text.") for k in sd) else ""
@@ -295,7 +303,7 @@ def convert_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig | str) -> d
     _check_keys(sd, expected, f"open_clip state dict does not fit mm model {label}")
     out = {}
     for oc_keys, mm_keys, t in steps:
-        out.update(zip(mm_keys, map(_fresh, t.to_mm([sd[k] for k in oc_keys]))))
+        out.update(zip(mm_keys, t.to_mm([sd[k] for k in oc_keys])))
     return out
 
 
@@ -304,7 +312,8 @@ def export_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig | str, *,
     """mm state dict of the model ``cfg`` -> open_clip state dict.
 
     ``custom_text``: put the text tower under ``text.`` (open_clip's CoCa and CustomTextCLIP);
-    default: for CoCa only, as open_clip builds its CLIP presets with a top-level text tower."""
+    default: for CoCa only, as open_clip builds its CLIP presets with a top-level text tower. Tensors
+    are shared with ``sd`` as in :func:`convert_state_dict`."""
     label, cfg = _label(cfg), resolve_config(cfg)
     _check_supported(cfg)
     if custom_text is None:
@@ -314,7 +323,7 @@ def export_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig | str, *,
     _check_keys(sd, {k: tuple(v.shape) for k, v in mm_ref.items()}, f"mm state dict does not fit mm model {label}")
     out = {}
     for oc_keys, mm_keys, t in steps:
-        out.update(zip(oc_keys, map(_fresh, t.to_open_clip([sd[k] for k in mm_keys]))))
+        out.update(zip(oc_keys, t.to_open_clip([sd[k] for k in mm_keys])))
     return out
 
 
@@ -342,6 +351,44 @@ def _check_module(model: nn.Module, cfg: ModelConfig) -> None:
             f"{cfg.text.cls_mask!r} (use text.cls_mask={'correct' if correct else 'open_clip'!r})")
 
 
+def open_clip_config(cfg: ModelConfig | str) -> dict:
+    """Keyword arguments of open_clip's ``CLIP`` (``CoCa`` when the dict has ``multimodal_cfg``) for a
+    model of mm config ``cfg``: ``open_clip.CoCa(**open_clip_config("tiny-coca"))`` builds the open_clip
+    model that :func:`to_open_clip`'s state dict loads into. open_clip has no config key for CoCa's
+    class-token mask: for ``text.cls_mask: correct`` set ``model.text.correct_cls_mask = True``."""
+    cfg = resolve_config(cfg)
+    _check_supported(cfg)
+    v, t = cfg.vision, cfg.text
+    vt, tt = v.transformer, t.transformer
+    coca = cfg.decoder is not None
+    out = {
+        "embed_dim": cfg.embed_dim,
+        "quick_gelu": vt.act == "quick_gelu",
+        "init_logit_scale": cfg.init_logit_scale,
+        "vision_cfg": {
+            "image_size": v.image_size, "patch_size": v.patch_size, "width": vt.width, "layers": vt.depth,
+            "head_width": vt.head_dim, "mlp_ratio": vt.mlp_ratio, "ls_init_value": vt.layer_scale,
+            "no_ln_pre": not v.norm_pre, "pool_type": "avg" if v.pool == "mean" else "tok",
+            "attentional_pool": v.pool == "attn", "attn_pooler_queries": v.attn_pool_queries,
+            "attn_pooler_heads": v.attn_pool_heads, "output_tokens": coca,
+        },
+        "text_cfg": {
+            "context_length": t.context_length, "vocab_size": t.vocab_size, "width": tt.width, "heads": tt.heads,
+            "layers": tt.depth, "mlp_ratio": tt.mlp_ratio, "ls_init_value": tt.layer_scale,
+            "embed_cls": t.embed_cls, "pad_id": t.pad_id, "proj_bias": t.proj_bias, "output_tokens": coca,
+        },
+    }
+    if cfg.init_logit_bias is not None:
+        out["init_logit_bias"] = cfg.init_logit_bias
+    if coca:
+        dt = cfg.decoder.transformer
+        out["multimodal_cfg"] = {
+            "context_length": t.context_length, "vocab_size": t.vocab_size, "width": dt.width, "heads": dt.heads,
+            "layers": dt.depth, "ls_init_value": dt.layer_scale,
+        }
+    return out
+
+
 def from_open_clip(model_or_state_dict: nn.Module | dict[str, torch.Tensor], name: ModelConfig | str) -> CLIP:
     """An mm model with the weights of an open_clip model (or its state dict).
 
@@ -354,7 +401,8 @@ def from_open_clip(model_or_state_dict: nn.Module | dict[str, torch.Tensor], nam
         sd = model_or_state_dict.state_dict()
     else:
         sd = model_or_state_dict
-    mm_sd = convert_state_dict(sd, cfg)
+    # copies: training either model must leave the other untouched
+    mm_sd = {k: v.detach().clone() for k, v in convert_state_dict(sd, cfg).items()}
     with torch.device("meta"):  # no random init: every tensor is assigned from mm_sd
         model = model_class(cfg)(cfg)
     model.load_state_dict(mm_sd, strict=True, assign=True)
@@ -366,5 +414,6 @@ def from_open_clip(model_or_state_dict: nn.Module | dict[str, torch.Tensor], nam
 
 def to_open_clip(model: CLIP, *, custom_text: bool | None = None) -> dict[str, torch.Tensor]:
     """The open_clip state dict of an mm model: ``open_clip.create_model(name).load_state_dict(sd)``
-    loads it with ``strict=True``. ``custom_text`` as in :func:`export_state_dict`."""
+    loads it with ``strict=True``. Like ``state_dict()``, it shares the model's tensors where they are
+    copied unchanged. ``custom_text`` as in :func:`export_state_dict`."""
     return export_state_dict(model.state_dict(), model.config, custom_text=custom_text)
