@@ -62,17 +62,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_main(config, overrides)
 
 
-def load_model(spec: str, device: str):
-    """--model: a saved model directory, or a preset name (random weights, for trying the command)."""
-    from pathlib import Path
-
-    from . import create_model
-
-    if not Path(spec).is_dir():
-        print(f"warning: {spec!r} is not a model directory; using the preset with random weights", file=sys.stderr)
-    return create_model(spec).to(device).eval()
-
-
 def cmd_caption(args: argparse.Namespace) -> int:
     """One caption per image: "PATH<TAB>caption" lines (or JSON lines with --json)."""
     import json
@@ -84,6 +73,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from .data.decode import BadSample
     from .data.folder import list_images, load_image
     from .generate import GenerationConfig, generate
+    from .pretrained import load_model
 
     try:
         paths = list_images(args.images)
@@ -103,7 +93,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.pretrained, args.device)
     if getattr(model.config, "decoder", None) is None:
         print(f"error: {args.model} has no captioning decoder (train or load a CoCa model, e.g. tiny-coca)",
               file=sys.stderr)
@@ -133,6 +123,10 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_HELP = ("an mm model directory (a run's final/ or save_pretrained), open_clip:NAME[:TAG] (open_clip's "
+              "registry), or a preset name with --pretrained FILE")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mm", description="Train and use CLIP-style image-text models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -160,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "  mm caption --model runs/builtin/final --num-beams 5 --no-repeat-ngram 3 --json photos/",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("images", nargs="+", help="image files or folders")
-    s.add_argument("--model", required=True, help="a model directory (mm train's final/ or save_pretrained)")
+    s.add_argument("--model", required=True, help=MODEL_HELP)
+    s.add_argument("--pretrained", help="weights file for a preset --model (mm or open_clip checkpoint)")
     s.add_argument("--method", default="beam", choices=["beam", "greedy", "sample"])
     s.add_argument("--num-beams", type=int, default=4)
     s.add_argument("--length-penalty", type=float, default=1.0, help="beam: > 0 favours longer captions")

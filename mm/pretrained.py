@@ -109,3 +109,92 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
     if extra:
         raise PretrainedError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all)")
     model.load_state_dict(state, strict=True)
+
+
+def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors``, or from a ``.pt`` / ``.bin`` / ``.pth`` checkpoint read with
+    ``torch.load(weights_only=True)``: tensors and plain containers only, so a file that would run code
+    when unpickled is refused rather than executed. Training checkpoints (``{"state_dict": ...}``,
+    DDP's ``module.`` prefixes) are unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise PretrainedError(f"{path}: not a readable safetensors file ({e})") from e
+    import pickle
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise PretrainedError(
+            f"{path}: refused: the file holds Python objects other than tensors, and unpickling them could run "
+            f"arbitrary code (torch.load weights_only=True said: {str(e).splitlines()[0]})") from None
+    except (RuntimeError, OSError, EOFError) as e:
+        raise PretrainedError(f"{path}: not a readable torch checkpoint ({e})") from e
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise PretrainedError(f"{path}: expected a state dict (names -> tensors), got {type(sd).__name__}")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load a weights file into ``model``: an mm state dict as it is, an open_clip one (recognised by its
+    keys) converted exactly; errors name the file and the first offending tensor."""
+    sd = read_weights_file(path)
+    if set(sd) != set(model.state_dict()):
+        from .interop.open_clip import ConversionError, convert_state_dict
+
+        try:
+            sd = convert_state_dict(sd, model.config)
+        except ConversionError as e:
+            raise PretrainedError(f"{path}: neither an mm nor a matching open_clip state dict: {e}") from None
+    load_state_dict_checked(model, sd, source=str(path))
+    return model
+
+
+def load_model(spec: str | Path, pretrained: str | Path | None = None, device: str | torch.device = "cpu",
+               warn_random: bool = True) -> torch.nn.Module:
+    """The model a command's ``--model`` names, in eval mode on ``device``:
+
+    * an mm model directory (``save_pretrained`` / a run's ``final/``);
+    * ``open_clip:NAME`` or ``open_clip:NAME:TAG``: built with open_clip's own registry (TAG: one of its
+      pretrained tags, downloaded into its cache when the network allows) and converted exactly;
+    * a preset name or config file, with ``pretrained`` an mm or open_clip weights file; without one
+      the weights are random (a warning says so).
+    """
+    import sys
+
+    from .models.clip import create_model
+
+    spec = str(spec)
+    if Path(spec).is_dir():
+        if pretrained is not None:
+            raise PretrainedError(f"{spec} is a model directory and holds its weights; drop --pretrained")
+        model = load_pretrained(spec)
+    elif spec.startswith("open_clip:"):
+        import open_clip
+
+        from .interop.open_clip import from_open_clip
+
+        name, _, tag = spec[len("open_clip:"):].partition(":")
+        oc = open_clip.create_model(name, pretrained=tag or None, device="cpu")
+        if pretrained is not None:
+            oc.load_state_dict(read_weights_file(pretrained), strict=True)
+        model = from_open_clip(oc, name)
+    else:
+        model = create_model(spec)
+        if pretrained is not None:
+            load_weights(model, pretrained)
+        elif warn_random:
+            print(f"warning: {spec!r} is not a model directory and no --pretrained file was given: random weights",
+                  file=sys.stderr)
+    return model.to(device).eval()

@@ -200,8 +200,11 @@ def model_class(cfg: ModelConfig) -> type[CLIP]:
     return CoCa if cfg.decoder is not None else CLIP
 
 
-def create_model(spec: str | Path | dict | ModelConfig, **overrides: Any) -> CLIP:
-    """Build a randomly initialised model from a preset name, a config file, a dict or a config object.
+def create_model(spec: str | Path | dict | ModelConfig, pretrained: str | Path | None = None,
+                 **overrides: Any) -> CLIP:
+    """Build a model from a preset name, a config file, a dict or a config object: randomly initialised,
+    or with the weights of ``pretrained`` (an mm or open_clip ``.safetensors`` / ``.pt`` / ``.bin`` file;
+    open_clip state dicts are converted exactly, pickles that would run code are refused).
 
     A directory made by :func:`mm.save_pretrained` loads that model (weights included). Overrides use
     dotted keys with ``__`` or nested dicts: ``create_model("tiny-clip", vision__patch_dropout=0.5)``.
@@ -209,8 +212,13 @@ def create_model(spec: str | Path | dict | ModelConfig, **overrides: Any) -> CLI
     if isinstance(spec, (str, Path)) and Path(spec).is_dir():
         from ..pretrained import load_pretrained
 
-        if overrides:
-            raise ConfigError("overrides cannot be applied when loading a saved model directory")
+        if overrides or pretrained is not None:
+            raise ConfigError("overrides and pretrained= cannot be applied when loading a saved model directory")
         return load_pretrained(spec)
     cfg = resolve_config(spec, **overrides)
-    return model_class(cfg)(cfg)
+    model = model_class(cfg)(cfg)
+    if pretrained is not None:
+        from ..pretrained import load_weights
+
+        load_weights(model, pretrained)
+    return model
