@@ -16,6 +16,7 @@ from .generate import GenerationConfig, caption
 from .losses import ClipLoss, CocaLoss, SigLipLoss, make_loss
 from .models import CLIP, CoCa, ModelOutput, create_model
 from .presets import get_preset, list_models
+from .interop.hf import from_hf_clip
 from .interop.open_clip import from_open_clip, to_open_clip
 from .pretrained import PretrainedError, load_model, load_pretrained, save_pretrained
 from .tokenizer import Tokenizer, get_tokenizer
@@ -24,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CLIP", "ClipLoss", "CoCa", "CocaLoss", "ConfigError", "DecoderConfig", "GenerationConfig", "ModelConfig", "ModelOutput", "MoEConfig", "PretrainedError",
-    "SigLipLoss", "TextConfig", "Tokenizer", "TransformerConfig", "VisionConfig", "caption", "create_model", "from_open_clip", "load_model", "to_open_clip",
+    "SigLipLoss", "TextConfig", "Tokenizer", "TransformerConfig", "VisionConfig", "caption", "create_model", "from_hf_clip", "from_open_clip", "load_model", "to_open_clip",
     "get_preset", "get_tokenizer", "image_transform", "list_models", "load_pretrained", "make_loss",
     "save_pretrained", "zero_shot_classifier",
 ]

@@ -127,6 +127,56 @@ MODEL_HELP = ("an mm model directory (a run's final/ or save_pretrained), open_c
               "registry), or a preset name with --pretrained FILE")
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """open_clip / Hugging Face -> mm directory, or mm directory -> open_clip weights file."""
+    from pathlib import Path
+
+    from .interop.open_clip import ConversionError
+    from .pretrained import PretrainedError, load_model, load_pretrained, save_pretrained
+
+    try:
+        if args.to_open_clip:
+            if not args.model or not Path(args.model).is_dir():
+                print("error: --to-open-clip needs --model DIR (an mm model directory)", file=sys.stderr)
+                return 2
+            from .interop.open_clip import to_open_clip
+
+            sd = {k: v.detach().contiguous().cpu() for k, v in to_open_clip(load_pretrained(args.model)).items()}
+            out = Path(args.to_open_clip)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if out.suffix == ".safetensors":
+                from safetensors.torch import save_file
+
+                save_file(sd, str(out))
+            else:
+                import torch
+
+                torch.save(sd, out)
+            print(f"wrote {out} ({len(sd)} tensors); load it with open_clip.create_model_and_transforms(NAME, "
+                  f"pretrained={str(out)!r})")
+            return 0
+        if not args.source or not args.to:
+            print("error: give --from SOURCE --to DIR, or --model DIR --to-open-clip FILE", file=sys.stderr)
+            return 2
+        if args.source.startswith("hf:"):
+            from .interop.hf import from_hf_clip
+
+            model = from_hf_clip(args.source[3:])
+        elif args.source.startswith("open_clip:"):
+            model = load_model(args.source)
+        else:  # a weights file: the architecture comes from --model (a preset name or config file)
+            if not args.model:
+                print("error: converting a weights file needs --model PRESET (e.g. ViT-B-32)", file=sys.stderr)
+                return 2
+            model = load_model(args.model, pretrained=args.source)
+        save_pretrained(model, args.to)
+        print(f"wrote {args.to} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+        return 0
+    except (ConversionError, PretrainedError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mm", description="Train and use CLIP-style image-text models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -171,6 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--json", action="store_true", help="JSON lines {image, caption}")
     s.set_defaults(fn=cmd_caption)
+    s = sub.add_parser(
+        "convert", help="convert open_clip / Hugging Face checkpoints to mm and back",
+        description="Convert weights exactly (tensor for tensor).\n\nexamples:\n"
+                    "  mm convert --from open_clip:ViT-B-32:laion2b_s34b_b79k --to models/b32\n"
+                    "  mm convert --from open_clip_b32.safetensors --model ViT-B-32 --to models/b32\n"
+                    "  mm convert --from hf:/path/to/clip-vit-base-patch32 --to models/hf_b32\n"
+                    "  mm convert --model runs/b32/final --to-open-clip b32_open_clip.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--from", dest="source", help="open_clip:NAME[:TAG], hf:DIR, or an open_clip/mm weights file")
+    s.add_argument("--to", help="output mm model directory")
+    s.add_argument("--model", help="architecture (preset) for a weights file; the mm directory for --to-open-clip")
+    s.add_argument("--to-open-clip", help="write the open_clip state dict of --model DIR to this file "
+                                          "(.safetensors, else torch.save)")
+    s.set_defaults(fn=cmd_convert)
     s = sub.add_parser("demo", help="forward/backward demo on a random batch",
                        description="Train a model for a few steps on one random batch.\n\nexample: mm demo --model tiny-clip --steps 20",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
