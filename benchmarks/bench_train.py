@@ -2,10 +2,11 @@
 
     python benchmarks/bench_train.py --model tiny-clip --batch 64 --steps 20
     python benchmarks/bench_train.py --model ViT-B-32 --batch 8 --steps 6
+    python benchmarks/bench_train.py --model tiny-coca --batch 64 --steps 10
 
 Both models get the same architecture (open_clip's own config for open_clip names; the equivalent
-open_clip config for mm's tiny presets), the same random images and captions, AdamW, and each package's
-own CLIP loss. Steps alternate between the two models so that machine noise hits both alike. Reports
+open_clip config for mm's tiny presets), the same random images and captions (``--caption-words``), AdamW,
+and each package's own loss (CLIP, or CoCa with weights 1 / 2). Steps alternate between the two models so that machine noise hits both alike. Reports
 samples/s, median step time, FLOPs per sample (counted with torch's FlopCounterMode), peak memory and MFU
 (CUDA; MFU needs --peak-tflops), each as mm / open_clip. Absolute numbers only mean something on a GPU.
 """
@@ -21,24 +22,35 @@ import mm
 
 
 def open_clip_model(name: str):
-    """The open_clip model with the same shapes as mm preset ``name``."""
+    """The open_clip model with the same shapes as mm preset ``name`` (its own registry config for open_clip
+    names, else the equivalent config)."""
     import open_clip
 
-    if name in open_clip.list_models():
-        return open_clip.create_model(name)
+    from mm.interop.open_clip import ConversionError, open_clip_config
+
     cfg = mm.get_preset(name)
-    v, t = cfg.vision, cfg.text
-    if v.transformer.moe or t.transformer.moe:
-        raise SystemExit(f"{name}: open_clip has no MoE equivalent")
-    return open_clip.model.CLIP(
-        embed_dim=cfg.embed_dim,
-        vision_cfg=dict(image_size=v.image_size, patch_size=v.patch_size, width=v.transformer.width,
-                        layers=v.transformer.depth, head_width=v.transformer.head_dim,
-                        mlp_ratio=v.transformer.mlp_ratio),
-        text_cfg=dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.transformer.width,
-                      heads=t.transformer.heads, layers=t.transformer.depth, mlp_ratio=t.transformer.mlp_ratio),
-        quick_gelu=v.transformer.act == "quick_gelu",
-    )
+    if name in open_clip.list_models():
+        model = open_clip.create_model(name)
+    else:
+        try:
+            kw = open_clip_config(cfg)
+        except ConversionError as e:
+            raise SystemExit(f"{name}: open_clip has no equivalent ({e})") from None
+        model = open_clip.CoCa(**kw) if "multimodal_cfg" in kw else open_clip.CLIP(**kw)
+    if cfg.decoder is not None:
+        # open_clip leaves the CoCa decoder's output projection uninitialised (torch.empty)
+        torch.nn.init.normal_(model.text_decoder.text_projection, std=cfg.decoder.transformer.width**-0.5)
+        model.text.correct_cls_mask = cfg.text.cls_mask == "correct"
+    return model
+
+
+WORDS = ("dog cat man woman child ball grass water street red blue small large running sitting next to "
+         "the a in on with near two three").split()
+
+
+def captions(n: int, words: int) -> list[str]:
+    """Deterministic captions of ``words`` words (Flickr8k's mean is about 12)."""
+    return [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(words)) for i in range(n)]
 
 
 class Runner:
@@ -75,7 +87,10 @@ def mm_loss(model, loss_fn, images, tokens):
 
 
 def oc_loss(model, loss_fn, images, tokens):
-    img, txt, scale = model(images, tokens)[:3]
+    out = model(images, tokens)
+    if isinstance(out, dict):  # CoCa: open_clip's CoCaLoss returns (clip loss, caption loss), weighted
+        return sum(loss_fn(**out))
+    img, txt, scale = out[:3]
     return loss_fn(img, txt, scale)
 
 
@@ -95,18 +110,24 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU, e.g. 793 (H200 bf16)")
+    p.add_argument("--caption-words", type=int, default=12, help="words per caption (Flickr8k: ~12)")
     args = p.parse_args()
     import open_clip
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    ours = Runner(mm.create_model(args.model), mm.ClipLoss(), mm_loss, args, device)
-    theirs = Runner(open_clip_model(args.model), open_clip.loss.ClipLoss(), oc_loss, args, device)
+    coca = mm.get_preset(args.model).decoder is not None
+    # both packages' default CoCa weights: contrastive 1, caption 2
+    mm_loss_fn = mm.CocaLoss() if coca else mm.ClipLoss()
+    oc_loss_fn = (open_clip.loss.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0) if coca
+                  else open_clip.loss.ClipLoss())
+    ours = Runner(mm.create_model(args.model), mm_loss_fn, mm_loss, args, device)
+    theirs = Runner(open_clip_model(args.model), oc_loss_fn, oc_loss, args, device)
     n_ours = sum(p.numel() for p in ours.model.parameters())
     n_theirs = sum(p.numel() for p in theirs.model.parameters())
     cfg = mm.get_preset(args.model)
     images = torch.randn(args.batch, 3, cfg.vision.image_size, cfg.vision.image_size, device=device)
-    tokens = mm.get_tokenizer(args.model)([f"a photo of a thing number {i}" for i in range(args.batch)]).to(device)
+    tokens = mm.get_tokenizer(args.model)(captions(args.batch, args.caption_words)).to(device)
 
     flops = {"mm": count_flops(ours, images, tokens), "open_clip": count_flops(theirs, images, tokens)}
     for r in (ours, theirs):
