@@ -118,6 +118,19 @@ def coca_vit_b_32() -> ModelConfig:
     return cfg
 
 
+@preset("coca_ViT-L-14")
+def coca_vit_l_14() -> ModelConfig:
+    """open_clip's coca_ViT-L-14: ViT-L/14 with 256-query attentional pooling into embed_dim 768, text
+    12x768 with an appended class token, a 12-layer decoder of width 768."""
+    cfg = _l()
+    cfg.vision.pool = "attn"
+    cfg.vision.attn_pool_queries, cfg.vision.attn_pool_heads = 256, 8
+    cfg.text.context_length = 76
+    cfg.text.embed_cls, cfg.text.cls_mask = True, "open_clip"
+    cfg.decoder = DecoderConfig(TransformerConfig(768, 12, 12), layout="separate")
+    return cfg
+
+
 @preset("tiny-coca")
 def tiny_coca() -> ModelConfig:
     """tiny-clip made CoCa: 64-query attentional pooling (1 contrastive + 63 decoder tokens), a class

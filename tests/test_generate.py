@@ -46,13 +46,15 @@ def eot_loving(model: CoCa, bias: float = 30.0) -> CoCa:
 # Model: shapes, presets, causality, the cache at the logit level
 # ---------------------------------------------------------------------------------------------------
 
-def test_coca_preset_matches_open_clip_parameter_count():
-    open_clip = pytest.importorskip("open_clip")
+@pytest.mark.parametrize("name,params", [("coca_ViT-B-32", 253_560_065), ("coca_ViT-L-14", 638_450_177)])
+def test_coca_presets_match_open_clip_parameter_counts(name, params):
+    import open_clip
+
     with torch.device("meta"):
-        ours = mm.create_model("coca_ViT-B-32")
-        theirs = open_clip.create_model("coca_ViT-B-32", device="meta")
+        ours = mm.create_model(name)
+        theirs = open_clip.create_model(name, device="meta")
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    assert count(ours) == count(theirs) == 253_560_065
+    assert count(ours) == count(theirs) == params
     assert count(ours.decoder) == count(theirs.text_decoder)
     assert count(ours.text) == count(theirs.text)
     assert count(ours.vision) == count(theirs.visual)
