@@ -218,3 +218,21 @@ def test_cls_mask_mismatch_is_reported():
     legacy = _open_clip_tiny_coca("legacy_mask")
     with pytest.raises(ConversionError, match=r"correct_cls_mask is False.*text\.cls_mask is 'correct'"):
         from_open_clip(legacy, "tiny-coca")
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32-256", "ViT-B-16-quickgelu", "ViT-L-14", "ViT-L-14-quickgelu",
+                                  "ViT-L-14-336", "ViT-H-14", "coca_ViT-L-14"])
+def test_every_open_clip_named_preset_maps_every_key(name):
+    """The table covers the larger presets too: open_clip's state dict (shapes only, on the meta device)
+    converts to exactly the mm model's keys and shapes, and back to open_clip's."""
+    import open_clip
+
+    from mm.interop.open_clip import convert_state_dict, export_state_dict
+
+    with torch.device("meta"):
+        oc_sd = open_clip.create_model(name, device="meta").state_dict()
+        ours = mm.create_model(name).state_dict()
+    converted = convert_state_dict(oc_sd, name)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in ours.items()}
+    back = export_state_dict(converted, name)
+    assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in oc_sd.items()}
