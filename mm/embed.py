@@ -1,0 +1,511 @@
+"""Embeddings of many images or texts, written to disk in resumable chunks (``mm embed``).
+
+The inputs are cut into chunks before any work starts: image files (folders searched recursively) sorted
+by id and cut every ``chunk_size``; each webdataset shard is one chunk (its size is unknown until it is
+read); texts in file order, cut every ``chunk_size``. The cut is a pure function of the inputs and the
+chunk size, so a rerun of the same command finds the same chunks, skips those already on disk and does
+the rest. Under ``accelerate launch`` chunk ``c`` belongs to rank ``c % world``. Output directory::
+
+    plan.json                 what was asked; a rerun into the same directory must ask the same
+    part-RRR-CCCCCC.npy       chunk C's rows [n, embed_dim] (float32 or float16), written by rank R
+    part-RRR-CCCCCC.ids.json  {"ids": [...], "skipped": [[input, reason], ...]} for that chunk
+    skipped.txt               every unreadable input, "input<TAB>reason"
+    index.json                the parts in chunk order with row counts, model, embed_dim, normalisation
+
+Ids: image paths relative to the folder given (files given one by one: the path as given), shard sample
+keys, or ``"LINE: text"`` for texts. Every file is written under a temporary name and renamed, the ids
+before the rows, so an existing ``.npy`` means a finished chunk.
+
+Data flow: DataLoader workers decode and preprocess (or tokenize) whole batches; the main process runs
+the model under bf16 autocast on CUDA (fp32 on CPU), L2-normalises in fp32, and writes a chunk when all
+of its batches are in. Unreadable images are skipped and listed, never fatal.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .config import ConfigError
+from .data.decode import BadSample, SampleDecoder
+from .data.folder import list_images, load_image
+from .data.wds import check_urls, iter_shard
+
+INDEX_NAME, PLAN_NAME, SKIPPED_NAME = "index.json", "plan.json", "skipped.txt"
+IMAGE_KEYS = ["jpg", "jpeg", "png", "webp"]
+_PART_RE = re.compile(r"^part-(\d{3,})-(\d{6,})\.npy$")
+
+
+class EmbedError(ValueError):
+    """A problem with what was asked (inputs, output directory, options), found before the work starts."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One unit of output: ``items`` as (id, image path or text) pairs, or a whole shard ``url``."""
+
+    index: int
+    kind: str  # "files", "shard" or "texts"
+    items: tuple[tuple[str, str], ...] = ()
+    url: str = ""
+
+
+# -- planning: inputs -> chunks ----------------------------------------------------------------------
+def is_shard(spec: str) -> bool:
+    return spec.startswith("pipe:") or "://" in spec or spec.endswith((".tar", ".tar.gz", ".tgz"))
+
+
+def plan_images(inputs: Sequence[str | Path], chunk_size: int) -> list[Chunk]:
+    """Chunks over image files, folders and webdataset shards (brace-expanded). Raises EmbedError naming a
+    missing input, two inputs with the same id, or an input list with no image."""
+    files: dict[str, str] = {}
+    urls: set[str] = set()
+    for item in map(str, inputs):
+        if is_shard(item):
+            try:
+                urls.update(check_urls(item, "--images"))
+            except ConfigError as e:
+                raise EmbedError(str(e)) from None
+            continue
+        try:
+            found = list_images([item])
+        except FileNotFoundError as e:
+            raise EmbedError(str(e)) from None
+        root = Path(item)
+        for p in found:
+            pid = p.relative_to(root).as_posix() if root.is_dir() else p.as_posix()
+            if files.setdefault(pid, str(p)) != str(p):
+                raise EmbedError(f"two inputs have the id {pid!r} ({files[pid]} and {p}); give their common "
+                                 "parent folder instead, so that ids stay unique")
+    if not files and not urls:
+        raise EmbedError(f"no images found in {', '.join(map(str, inputs))}")
+    chunks = _cut("files", sorted(files.items()), chunk_size)
+    return chunks + [Chunk(len(chunks) + i, "shard", url=u) for i, u in enumerate(sorted(urls))]
+
+
+def read_texts(path: str | Path) -> list[tuple[str, str]]:
+    """(id, text) pairs from a text file (one text a line), a ``.json`` list of strings or a ``.jsonl`` file
+    of objects with a ``"text"`` field. Ids are ``"LINE: text"`` (list position for ``.json``); blank texts
+    are left out. Raises EmbedError naming the file and line of a malformed entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise EmbedError(f"--texts: no such file: {path}")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EmbedError(f"{path}: not UTF-8 text ({e})") from None
+    if path.suffix == ".json":
+        try:
+            texts = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise EmbedError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise EmbedError(f"{path}: expected a JSON list of strings")
+    elif path.suffix == ".jsonl":
+        texts = [_jsonl_text(path, n, line) for n, line in enumerate(raw.splitlines(), 1)]
+    else:
+        texts = raw.splitlines()
+    pairs = [(f"{n}: {t.strip()}", t.strip()) for n, t in enumerate(texts, 1) if t.strip()]
+    if not pairs:
+        raise EmbedError(f"{path}: no texts")
+    return pairs
+
+
+def _jsonl_text(path: Path, n: int, line: str) -> str:
+    if not line.strip():
+        return ""
+    try:
+        text = json.loads(line).get("text")
+    except (json.JSONDecodeError, AttributeError):
+        raise EmbedError(f"{path}:{n}: expected a JSON object with a \"text\" field") from None
+    if not isinstance(text, str):
+        raise EmbedError(f"{path}:{n}: \"text\" is missing or not a string")
+    return text
+
+
+def plan_texts(texts: str | Path | Sequence[str], chunk_size: int) -> list[Chunk]:
+    """Chunks over a texts file (see :func:`read_texts`) or a list of strings (ids "POSITION: text")."""
+    pairs = read_texts(texts) if isinstance(texts, (str, Path)) else \
+        [(f"{n}: {t.strip()}", t.strip()) for n, t in enumerate(texts, 1) if t.strip()]
+    if not pairs:
+        raise EmbedError("no texts to embed")
+    return _cut("texts", pairs, chunk_size)
+
+
+def _cut(kind: str, items: list[tuple[str, str]], size: int) -> list[Chunk]:
+    if size < 1:
+        raise EmbedError(f"--chunk-size must be >= 1, got {size}")
+    return [Chunk(i, kind, tuple(items[o:o + size])) for i, o in enumerate(range(0, len(items), size))]
+
+
+# -- workers: chunks -> preprocessed batches ---------------------------------------------------------
+@dataclass(frozen=True)
+class _Job:
+    """What one worker does in one go: a batch of files / texts, or a whole shard (several batches)."""
+
+    chunk: int
+    kind: str
+    batch: int = 0
+    last: bool = True
+    items: tuple[tuple[str, str], ...] = ()
+    url: str = ""
+
+
+def _jobs(chunks: list[Chunk], batch_size: int) -> list[_Job]:
+    jobs = []
+    for c in chunks:
+        if c.kind == "shard":
+            jobs.append(_Job(c.index, c.kind, url=c.url))
+            continue
+        starts = range(0, len(c.items), batch_size)
+        jobs += [_Job(c.index, c.kind, b, b == len(starts) - 1, c.items[o:o + batch_size])
+                 for b, o in enumerate(starts)]
+    return jobs
+
+
+def _batch(job: _Job, n: int, last: bool, ids: list[str], x: torch.Tensor | None,
+           skipped: list[tuple[str, str]]) -> dict[str, Any]:
+    return {"chunk": job.chunk, "batch": n, "last": last, "ids": ids, "x": x, "skipped": skipped}
+
+
+class _BatchStream(IterableDataset):
+    """Worker ``w`` of ``W`` runs jobs ``w, w + W, ...`` and yields batch dicts (see :func:`_batch`). A
+    chunk's batches may arrive out of order across workers; each carries its number and a last flag."""
+
+    def __init__(self, jobs: list[_Job], transform: Callable | None, tokenizer: Callable | None, batch_size: int):
+        self.jobs, self.transform, self.tokenizer, self.batch_size = jobs, transform, tokenizer, batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for job in self.jobs[wid::nw]:
+            if job.kind == "shard":
+                yield from self._shard(job)
+            elif job.kind == "texts":
+                yield _batch(job, job.batch, job.last, [i for i, _ in job.items],
+                             self.tokenizer([t for _, t in job.items]), [])
+            else:
+                yield self._files(job)
+
+    def _files(self, job: _Job) -> dict[str, Any]:
+        ids, xs, skipped = [], [], []
+        for pid, path in job.items:
+            try:
+                xs.append(self.transform(load_image(path)))
+                ids.append(pid)
+            except BadSample as e:
+                skipped.append((path, str(e)))
+        return _batch(job, job.batch, job.last, ids, torch.stack(xs) if xs else None, skipped)
+
+    def _shard(self, job: _Job) -> Iterator[dict[str, Any]]:
+        decoder = SampleDecoder(self.transform, image_keys=IMAGE_KEYS, need=())
+        warnings: list[str] = []
+        ids, xs, skipped, n = [], [], [], 0
+        for sample in iter_shard(job.url, warnings.append):
+            try:
+                xs.append(decoder(sample)["image"])
+                ids.append(sample["__key__"])
+            except BadSample as e:
+                skipped.append((f"{job.url}:{sample['__key__']}", str(e)))
+            if len(xs) == self.batch_size:
+                yield _batch(job, n, False, ids, torch.stack(xs), skipped)
+                ids, xs, skipped, n = [], [], [], n + 1
+        skipped += [(job.url, w) for w in warnings]  # a shard cut off mid-file: its remainder is lost
+        yield _batch(job, n, True, ids, torch.stack(xs) if xs else None, skipped)
+
+
+# -- output files ------------------------------------------------------------------------------------
+def _write_atomic(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
+    # one writer per file (parts carry their rank, the rest is the main process's), so a fixed temporary
+    # name is safe, and a crash's leftover is simply overwritten by the rerun
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, mode) as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any, indent: int | None = 1) -> None:
+    _write_atomic(path, lambda f: json.dump(obj, f, indent=indent))
+
+
+def _part_name(rank: int, chunk: int) -> str:
+    return f"part-{rank:03d}-{chunk:06d}"
+
+
+def finished_parts(out: Path) -> dict[int, str]:
+    """{chunk: part stem} for chunks whose rows are on disk (the ids file is written before the rows)."""
+    found = {}
+    for name in sorted(os.listdir(out)) if out.is_dir() else []:
+        m = _PART_RE.match(name)
+        if m and (out / f"{name[:-4]}.ids.json").is_file():
+            found.setdefault(int(m.group(2)), name[:-4])
+    return found
+
+
+def _write_chunk(out: Path, rank: int, chunk: int, ids: list[str], emb: np.ndarray,
+                 skipped: list[tuple[str, str]], dtype: str) -> None:
+    stem = _part_name(rank, chunk)
+    _write_json(out / f"{stem}.ids.json", {"ids": ids, "skipped": skipped}, indent=None)
+    _write_atomic(out / f"{stem}.npy", lambda f: np.save(f, emb.astype(dtype)), mode="wb")
+
+
+def _check_plan(out: Path, plan: dict[str, Any], write: bool) -> None:
+    """A rerun into ``out`` must ask for the same chunks, or old and new parts would not line up."""
+    path = out / PLAN_NAME
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [k for k in plan if old.get(k) != plan[k]]
+        if diff:
+            raise EmbedError(f"{out} holds an embed run with different {', '.join(diff)} (was "
+                             f"{', '.join(repr(old.get(k)) for k in diff)}); use a new --out directory, or "
+                             "the same inputs and options to resume")
+    elif write:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(path, plan)
+
+
+def make_plan(kind: str, chunks: list[Chunk], *, model: str | None, pretrained: str | None, normalize: bool,
+              dtype: str) -> dict[str, Any]:
+    digest = hashlib.sha256(json.dumps([asdict(c) for c in chunks]).encode()).hexdigest()
+    return {"kind": kind, "model": model, "pretrained": pretrained, "normalized": normalize, "dtype": dtype,
+            "chunks": len(chunks), "inputs_sha256": digest}
+
+
+def read_index(out_dir: str | Path) -> dict[str, Any]:
+    """The parsed ``index.json`` of an embed output directory."""
+    path = Path(out_dir) / INDEX_NAME
+    if not path.is_file():
+        raise EmbedError(f"{path}: missing; the embed run did not finish (rerun the same command to complete it)")
+    return json.loads(path.read_text())
+
+
+def load_index(out_dir: str | Path) -> tuple[np.ndarray, list[str]]:
+    """All embeddings ([N, embed_dim], the dtype they were stored in) and their ids, in index order."""
+    out, index = Path(out_dir), read_index(out_dir)
+    arrays = [np.load(out / p["file"]) for p in index["parts"]]
+    ids = [i for p in index["parts"] for i in json.loads((out / p["ids"]).read_text())["ids"]]
+    emb = np.concatenate(arrays) if arrays else np.zeros((0, index["embed_dim"]), index["dtype"])
+    return emb, ids
+
+
+def _write_index(out: Path, plan: dict[str, Any], embed_dim: int) -> None:
+    parts, skipped = [], []
+    done = finished_parts(out)
+    for c in range(plan["chunks"]):
+        if c not in done:
+            raise RuntimeError(f"{out}: chunk {c} has no part after all ranks finished")
+        side = json.loads((out / f"{done[c]}.ids.json").read_text())
+        parts.append({"file": f"{done[c]}.npy", "ids": f"{done[c]}.ids.json", "rows": len(side["ids"])})
+        skipped += side["skipped"]
+    _write_atomic(out / SKIPPED_NAME, lambda f: f.writelines(f"{name}\t{why}\n" for name, why in skipped))
+    index = {"format": "mm-embed", "version": 1, **plan, "embed_dim": embed_dim,
+             "count": sum(p["rows"] for p in parts), "skipped": len(skipped), "parts": parts}
+    _write_json(out / INDEX_NAME, index)
+
+
+# -- the run -----------------------------------------------------------------------------------------
+class _Progress:
+    """A tqdm bar on a terminal (when tqdm is installed), else a line every ``every`` seconds."""
+
+    def __init__(self, total: int | None, unit: str, enabled: bool, every: float = 10.0):
+        self.unit, self.enabled, self.every, self.total = unit, enabled, every, total
+        self.n, self.t0 = 0, time.perf_counter()
+        self.last, self.bar = self.t0, None
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit=unit, dynamic_ncols=True, smoothing=0.1)
+            except ImportError:
+                pass
+
+    def update(self, n: int) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and now - self.last >= self.every:
+            self.last = now
+            of = f" of {self.total}" if self.total else ""
+            print(f"{self.n}{of} {self.unit}s, {self.n / (now - self.t0):.1f} {self.unit}s/s", file=sys.stderr,
+                  flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def dist_state():
+    """accelerate's process state (one process when not launched)."""
+    from accelerate import PartialState
+
+    # cpu=True is what makes `accelerate launch --multi_gpu` on a GPU-less machine form gloo ranks
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _encode(model: torch.nn.Module, x: torch.Tensor, kind: str, normalize: bool, precision: str) -> np.ndarray:
+    dev = next(model.parameters()).device
+    x = x.to(dev, non_blocking=True)
+    with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16"):
+        emb = model.encode_text(x) if kind == "texts" else model.encode_image(x)
+    emb = emb.float()  # normalised in fp32: bf16 rows would not have unit norm
+    return (F.normalize(emb, dim=-1) if normalize else emb).cpu().numpy()
+
+
+def _recorded(spec: str | None) -> str | None:
+    """A model / weights path as index.json records it: absolute, so `mm search` works from anywhere."""
+    return str(Path(spec).resolve()) if spec and Path(spec).exists() else spec
+
+
+def run_embed(model: torch.nn.Module, chunks: list[Chunk], out_dir: str | Path, *, model_spec: str | None = None,
+              pretrained: str | None = None, batch_size: int = 64, workers: int = 4, normalize: bool = True,
+              precision: str | None = None, dtype: str = "float32") -> dict[str, Any]:
+    """Embed the planned ``chunks`` into ``out_dir`` (this rank's unfinished ones), then, after all ranks are
+    done, write index.json on the main process. Returns the index. ``model_spec`` / ``pretrained``: what
+    index.json records as the model (``mm search`` loads it for queries). ``precision``: "bf16" or "fp32"
+    (default: bf16 on CUDA, fp32 on CPU). The model is put in eval mode (train-mode patch dropout would
+    change the embeddings)."""
+    if batch_size < 1:
+        raise EmbedError(f"--batch-size must be >= 1, got {batch_size}")
+    if dtype not in ("float32", "float16"):
+        raise EmbedError(f"--dtype must be float32 or float16, got {dtype!r}")
+    state, out = dist_state(), Path(out_dir)
+    kind = "texts" if chunks and chunks[0].kind == "texts" else "images"
+    plan = make_plan(kind, chunks, model=_recorded(model_spec), pretrained=_recorded(pretrained), normalize=normalize,
+                     dtype=dtype)
+    _check_plan(out, plan, write=state.is_main_process)
+    state.wait_for_everyone()  # plan.json and the directory exist before any rank lists it
+    model.eval()
+    precision = precision or ("bf16" if next(model.parameters()).is_cuda else "fp32")
+    done = finished_parts(out)
+    todo = [c for c in chunks if c.index % state.num_processes == state.process_index and c.index not in done]
+    if state.is_main_process and done:
+        print(f"resuming: {len(done)} of {len(chunks)} chunks already in {out}", file=sys.stderr)
+    _embed_chunks(model, todo, out, state.process_index, batch_size=batch_size, workers=workers,
+                  normalize=normalize, precision=precision, dtype=dtype, show=state.is_main_process)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _write_index(out, plan, model.config.embed_dim)
+    state.wait_for_everyone()  # every rank returns the finished index
+    return read_index(out)
+
+
+def _embed_chunks(model: torch.nn.Module, chunks: list[Chunk], out: Path, rank: int, *, batch_size: int,
+                  workers: int, normalize: bool, precision: str, dtype: str, show: bool) -> None:
+    from . import get_tokenizer, image_transform
+
+    if not chunks:  # all of this rank's chunks were done by an earlier run
+        return
+    texts = chunks[0].kind == "texts"
+    stream = _BatchStream(_jobs(chunks, batch_size), None if texts else image_transform(model, train=False),
+                          get_tokenizer(model) if texts else None, batch_size)
+    cuda = next(model.parameters()).is_cuda
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=cuda,
+                        prefetch_factor=4 if workers else None)
+    known = None if any(c.kind == "shard" for c in chunks) else sum(len(c.items) for c in chunks)
+    progress = _Progress(known, "text" if texts else "image", show)
+    got: dict[int, dict[int, tuple]] = defaultdict(dict)
+    n_batches: dict[int, int] = {}
+    empty = np.zeros((0, model.config.embed_dim), np.float32)
+    for b in loader:
+        c = b["chunk"]
+        emb = empty if b["x"] is None else _encode(model, b["x"], "texts" if texts else "images", normalize, precision)
+        got[c][b["batch"]] = (b["ids"], emb, [tuple(s) for s in b["skipped"]])
+        if b["last"]:
+            n_batches[c] = b["batch"] + 1
+        progress.update(len(b["ids"]) + len(b["skipped"]))
+        if len(got[c]) == n_batches.get(c):
+            parts = [got[c].pop(i) for i in range(n_batches.pop(c))]
+            del got[c]
+            _write_chunk(out, rank, c, [i for p in parts for i in p[0]], np.concatenate([p[1] for p in parts]),
+                         [s for p in parts for s in p[2]], dtype)
+    progress.close()
+
+
+def embed_images(model: torch.nn.Module, inputs: Sequence[str | Path], out_dir: str | Path, *,
+                 chunk_size: int = 4096, **kw: Any) -> dict[str, Any]:
+    """Embed image files, folders (recursive) and webdataset shards into ``out_dir``; returns the index.
+    Keyword arguments as :func:`run_embed` (batch_size, workers, normalize, precision, dtype, model_spec)."""
+    return run_embed(model, plan_images(inputs, chunk_size), out_dir, **kw)
+
+
+def embed_texts(model: torch.nn.Module, texts: str | Path | Sequence[str], out_dir: str | Path, *,
+                chunk_size: int = 4096, **kw: Any) -> dict[str, Any]:
+    """Embed a texts file (one a line, ``.json`` list or ``.jsonl`` with "text") or a list of strings."""
+    return run_embed(model, plan_texts(texts, chunk_size), out_dir, **kw)
+
+
+# -- command line ------------------------------------------------------------------------------------
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .pretrained import PretrainedError, load_model
+
+    try:
+        if args.chunk_size < 1 or args.batch_size < 1:
+            raise EmbedError("--chunk-size and --batch-size must be >= 1")
+        chunks = plan_texts(args.texts, args.chunk_size) if args.texts else plan_images(args.images, args.chunk_size)
+        kind = "texts" if args.texts else "images"
+        normalize = not args.no_normalize
+        # fail on a mismatched output directory before the model is loaded
+        _check_plan(Path(args.out), make_plan(kind, chunks, model=_recorded(args.model), normalize=normalize,
+                                              pretrained=_recorded(args.pretrained), dtype=args.dtype), write=False)
+        device = args.device or str(dist_state().device)
+        model = load_model(args.model, args.pretrained, device)
+        index = run_embed(model, chunks, args.out, model_spec=args.model, pretrained=args.pretrained,
+                          batch_size=args.batch_size,
+                          workers=args.workers, normalize=normalize, precision=args.precision, dtype=args.dtype)
+    except (EmbedError, PretrainedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if dist_state().is_main_process:
+        skipped = f", {index['skipped']} skipped (see {Path(args.out) / SKIPPED_NAME})" if index["skipped"] else ""
+        print(f"{index['count']} {kind} embedded (dim {index['embed_dim']}) in {len(index['parts'])} parts; "
+              f"index: {Path(args.out) / INDEX_NAME}{skipped}", file=sys.stderr)
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``mm embed`` to the ``mm`` command's subparsers; returns its parser."""
+    from .cli import MODEL_HELP
+
+    s = subparsers.add_parser(
+        "embed", help="embed images or texts into a directory of .npy chunks (resumable)",
+        description="Embed images (files, folders, webdataset shards) or texts with a model, in resumable chunks "
+                    "(rerun the same command to finish an interrupted run). Under `accelerate launch` each process "
+                    "embeds its share.\n\nexamples:\n"
+                    "  mm embed --model runs/builtin/final --images photos/ --out emb/photos\n"
+                    "  mm embed --model open_clip:ViT-B-32:laion2b_s34b_b79k --images 'shards/{000000..000099}.tar' "
+                    "--out emb/laion --dtype float16\n"
+                    "  mm embed --model runs/builtin/final --texts captions.txt --out emb/captions\n"
+                    "  accelerate launch --multi_gpu --num_processes 8 -m mm.cli embed --model M --images photos/ "
+                    "--out emb/photos",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", metavar="INPUT",
+                     help="image files, folders (recursive) or webdataset shards (.tar/.tar.gz, brace ranges)")
+    src.add_argument("--texts", metavar="FILE",
+                     help="one text a line, a .json list of strings, or .jsonl with a \"text\" field")
+    s.add_argument("--model", required=True, help=MODEL_HELP)
+    s.add_argument("--pretrained", help="weights file for a preset --model (mm or open_clip checkpoint)")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=4, help="DataLoader workers decoding images (0: in-process)")
+    s.add_argument("--chunk-size", type=int, default=4096, help="rows per output part (a shard is one part)")
+    s.add_argument("--no-normalize", action="store_true", help="keep raw embeddings (default: L2-normalised)")
+    s.add_argument("--device", default=None, help="default: this process's accelerator device, else cpu")
+    s.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    s.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored dtype")
+    s.set_defaults(fn=cmd_embed)
+    return s

@@ -1,0 +1,169 @@
+"""Exact cosine top-k over an ``mm embed`` output directory (``mm search``).
+
+The index is streamed part by part, in row blocks, so memory holds one block plus a running top-k per
+query, whatever the index size. Rows are L2-normalised on the fly (an index written with
+``--no-normalize`` or in float16 still gives exact cosines). Ties break towards the earlier row, so the
+result equals a brute-force sort of the whole index. With ``--faiss`` each block is searched by a faiss
+flat inner-product index (exact too, faster for many queries) and merged the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .embed import EmbedError, read_index
+
+BLOCK_SCORES = 1 << 24  # scores held at once (64 MB of float32), whatever the number of queries
+
+
+def _block_topk(q: np.ndarray, rows: np.ndarray, k: int, use_faiss: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (scores, row positions) of each query against one block; unordered, may hold ties."""
+    if use_faiss:
+        import faiss
+
+        index = faiss.IndexFlatIP(rows.shape[1])
+        index.add(np.ascontiguousarray(rows))
+        return index.search(np.ascontiguousarray(q), k)
+    scores = q @ rows.T  # (Q, n)
+    if k < scores.shape[1]:
+        pos = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        return np.take_along_axis(scores, pos, axis=1), pos
+    return scores, np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+
+
+def _merge(best: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray], k: int):
+    """Keep the ``k`` best of both, ordered by score (descending) then global row (ascending)."""
+    scores, rows = np.concatenate([best[0], new[0]], 1), np.concatenate([best[1], new[1]], 1)
+    order = np.lexsort((rows, -scores), axis=-1)[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+
+
+def require_faiss() -> None:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        raise EmbedError("--faiss: faiss is not installed (pip install faiss-cpu, or faiss-gpu)") from None
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def search(index_dir: str | Path, query_embeddings: Any, k: int = 10, *, use_faiss: bool = False,
+           block_rows: int | None = None) -> tuple[np.ndarray, list[list[str]]]:
+    """Exact cosine top-``k`` of each query ([Q, embed_dim], array or tensor) over the index in
+    ``index_dir``: (scores [Q, min(k, N)] float32, ids per query), best first. ``block_rows``: index rows
+    scored at once (default: as many as keep Q x rows under 16M scores)."""
+    if use_faiss:
+        require_faiss()
+    out, index = Path(index_dir), read_index(index_dir)
+    if hasattr(query_embeddings, "detach"):
+        query_embeddings = query_embeddings.detach().float().cpu().numpy()
+    q = _unit(np.atleast_2d(query_embeddings))
+    if q.shape[1] != index["embed_dim"]:
+        raise EmbedError(f"queries have dimension {q.shape[1]}, the index in {out} has {index['embed_dim']} "
+                         "(a different model?)")
+    k = min(k, index["count"])
+    block_rows = block_rows or max(1024, BLOCK_SCORES // len(q))
+    best = (np.full((len(q), 0), -np.inf, np.float32), np.zeros((len(q), 0), np.int64))
+    starts, offset = [], 0
+    for part in index["parts"]:
+        starts.append(offset)
+        emb = np.load(out / part["file"], mmap_mode="r")  # only the block being scored is read
+        for b in range(0, part["rows"], block_rows):
+            rows = _unit(emb[b:b + block_rows])
+            scores, pos = _block_topk(q, rows, min(k, len(rows)), use_faiss)
+            best = _merge(best, (scores.astype(np.float32), pos + offset + b), k)
+        offset += part["rows"]
+    return best[0], _ids(out, index["parts"], np.array(starts, np.int64), best[1])
+
+
+def _ids(out: Path, parts: list[dict[str, Any]], starts: np.ndarray, rows: np.ndarray) -> list[list[str]]:
+    """Global row numbers -> ids, reading only the ids files of the parts that hold a result."""
+    part_of = np.searchsorted(starts, rows, side="right") - 1
+    cache: dict[int, list[str]] = {}
+    for p in np.unique(part_of):
+        cache[int(p)] = json.loads((out / parts[p]["ids"]).read_text())["ids"]
+    return [[cache[int(p)][int(r - starts[p])] for p, r in zip(pp, rr)] for pp, rr in zip(part_of, rows)]
+
+
+def _embed_queries(index: dict[str, Any], args: argparse.Namespace) -> np.ndarray:
+    import torch
+
+    from . import get_tokenizer, image_transform
+    from .data.folder import load_image
+    from .pretrained import load_model
+
+    spec = args.model or index.get("model")
+    if not spec:
+        raise EmbedError(f"{args.index} does not record its model; give --model")
+    pretrained = args.pretrained if args.model else index.get("pretrained")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(spec, pretrained, device)
+    with torch.inference_mode():
+        if args.image:
+            pre = image_transform(model, train=False)
+            x = torch.stack([pre(load_image(p)) for p in args.image]).to(device)
+            return model.encode_image(x, normalize=True).float().cpu().numpy()
+        return model.encode_text(get_tokenizer(model)(args.queries).to(device), normalize=True).float().cpu().numpy()
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .data.decode import BadSample
+    from .pretrained import PretrainedError
+
+    try:
+        if bool(args.queries) == bool(args.image):
+            raise EmbedError("give query texts or --image PATH (one of them)")
+        missing = [p for p in args.image or [] if not Path(p).is_file()]
+        if missing:
+            raise EmbedError(f"--image: no such file: {missing[0]}")
+        if args.k < 1:
+            raise EmbedError(f"-k must be >= 1, got {args.k}")
+        if args.faiss:
+            require_faiss()
+        index = read_index(args.index)
+        scores, ids = search(args.index, _embed_queries(index, args), args.k, use_faiss=args.faiss)
+    except (EmbedError, PretrainedError, BadSample) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for query, s, found in zip(args.image or args.queries, scores, ids):
+        if args.json:
+            print(json.dumps({"query": query, "results": [{"rank": r, "score": float(v), "id": i}
+                                                          for r, (v, i) in enumerate(zip(s, found), 1)]}))
+            continue
+        print(f"query: {query}")
+        for r, (v, i) in enumerate(zip(s, found), 1):
+            print(f"{r}\t{v:.6f}\t{i}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``mm search`` to the ``mm`` command's subparsers; returns its parser."""
+    from .cli import MODEL_HELP
+
+    s = subparsers.add_parser(
+        "search", help="nearest neighbours of texts or images in an `mm embed` output",
+        description="Exact cosine top-k over an `mm embed` output directory, streamed part by part. Prints "
+                    "rank<TAB>score<TAB>id per result.\n\nexamples:\n"
+                    "  mm search --index emb/photos 'a dog on a beach' 'a red car' -k 5\n"
+                    "  mm search --index emb/captions --image query.jpg\n"
+                    "  mm search --index emb/photos --model other_model/ 'a dog' --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("queries", nargs="*", metavar="QUERY_TEXT", help="query texts")
+    s.add_argument("--image", nargs="+", metavar="PATH", help="query images instead of texts")
+    s.add_argument("--index", required=True, help="an `mm embed` output directory")
+    s.add_argument("-k", type=int, default=10, help="results per query")
+    s.add_argument("--model", help=f"default: the model recorded in the index. {MODEL_HELP}")
+    s.add_argument("--pretrained", help="weights file for a preset --model")
+    s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    s.add_argument("--faiss", action="store_true", help="score blocks with faiss (must be installed)")
+    s.add_argument("--json", action="store_true", help="one JSON line per query {query, results: [{rank, score, id}]}")
+    s.set_defaults(fn=cmd_search)
+    return s
