@@ -193,9 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", nargs="?", help="YAML/JSON run config (optional if every key is given as an override)")
     s.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-3")
     s.set_defaults(fn=cmd_train)
+    # commands whose code lives with what they do
     from .data.sources import add_parser as add_shards_parser
+    from .embed import add_parser as add_embed_parser
+    from .eval.commands import add_parsers as add_eval_parsers
+    from .search import add_parser as add_search_parser
 
-    add_shards_parser(sub)
+    for add in (add_shards_parser, add_embed_parser, add_search_parser, add_eval_parsers):
+        add(sub)
     s = sub.add_parser(
         "caption", help="caption images with a CoCa model",
         description="Print one caption per image (PATH<TAB>caption). Folders are searched recursively; unreadable "
