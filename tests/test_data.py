@@ -160,6 +160,16 @@ def test_bad_samples_are_counted_and_named(tmp_path):
     assert any("bad_jpeg" in n and "a.tar" in n for n in names) and len(names) == 3
 
 
+def test_bad_samples_after_the_last_full_batch_are_still_reported(tmp_path):
+    good = colour_samples(4)
+    path = write_tar(tmp_path / "a.tar", good + [("tail_bad", {"jpg": b"garbage", "txt": b"x"})])
+    dec = SampleDecoder(mm.image_transform(mm.get_preset("tiny-clip")), image_keys=["jpg"], need=("text",))
+    batches = list(ShardStream([str(path)], dec, Collate(), 4, train=False))
+    assert [len(b.get("keys", [])) for b in batches] == [4, 0]
+    assert "images" not in batches[1] and batches[1]["meta"]["skipped"] == {"undecodable image": 1}
+    assert any("tail_bad" in line for line in batches[1]["meta"]["bad"])
+
+
 def test_all_bad_shards_raise_instead_of_hanging(tmp_path):
     path = write_tar(tmp_path / "a.tar", [(f"k{i}", {"jpg": b"junk", "txt": b"x"}) for i in range(5)])
     dec = SampleDecoder(mm.image_transform(mm.get_preset("tiny-clip")), image_keys=["jpg"], need=("text",))

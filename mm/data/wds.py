@@ -222,8 +222,10 @@ class ShardStream(IterableDataset):
                 raise RuntimeError(f"worker {gid}: a whole pass over its shards produced no usable sample; "
                                    f"reasons: {dict(skipped)}; e.g. {bad[:3]}")
             epoch += 1
-        if batch:  # eval: the last partial batch
-            out = self.collate(batch)
+        # eval: the last partial batch; with none left, a batch of only "meta" still reports the samples
+        # skipped since the last full batch (they must be counted, never lost)
+        if batch or skipped or warnings:
+            out = self.collate(batch) if batch else {}
             out["meta"] = {"worker": gid, "epoch": epoch, "pos": pos, "skipped": dict(skipped), "bad": bad,
                            "warnings": warnings}
             yield out

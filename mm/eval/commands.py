@@ -243,9 +243,14 @@ def shard_batches(model: Any, urls: list[str], label_key: str | None = "cls", ba
     """Batches of the shards' samples (``label_key=None``: unlabelled); skipped samples are named by
     ``shard:key: reason``, cut-off shards by a warning."""
     cfg = _run_config(batch_size, workers)
-    for b in eval_batches(cfg, model, urls, ("label",) if label_key else (), label_key or "cls"):
+    notes: list[str] = []
+    for b in eval_batches(cfg, model, urls, ("label",) if label_key else (), label_key or "cls",
+                          on_meta=lambda m: notes.extend(m["warnings"] + m["bad"])):
         labels = b["labels"].tolist() if label_key else [None] * len(b["keys"])
-        yield Batch(b["images"], b["keys"], labels, b["meta"]["warnings"] + b["meta"]["bad"])
+        yield Batch(b["images"], b["keys"], labels, notes[:])
+        notes.clear()
+    if notes:  # skipped after the last batch of images
+        yield Batch(None, [], [], notes)
 
 
 def zeroshot_shards(model: Any, shards: str | list[str], classnames: Sequence[str] | None = None,

@@ -29,12 +29,18 @@ def shard_info(urls: list[str]) -> dict[str, Any]:
 
 
 def eval_batches(cfg: RunConfig, model, urls: list[str], need: tuple[str, ...], label_key: str = "cls",
-                 max_samples: int | None = None):
+                 max_samples: int | None = None, on_meta=None):
+    """Batches of decoded samples from ``urls``; ``on_meta(meta)`` sees every batch's report (skipped
+    samples by name and reason, warnings), including a final report that comes without samples."""
     decoder = SampleDecoder(image_transform(model, train=False), image_keys=cfg.data.image_keys,
                             text_key=cfg.data.text_key, label_key=label_key, need=need,
                             max_pixels=cfg.data.max_pixels)
     stream = ShardStream(urls, decoder, Collate(), cfg.eval.batch_size, train=False, max_samples=max_samples)
-    return make_loader(stream, cfg.data.workers, cfg.data.prefetch_factor)
+    for b in make_loader(stream, cfg.data.workers, cfg.data.prefetch_factor):
+        if on_meta is not None:
+            on_meta(b["meta"])
+        if "images" in b:
+            yield b
 
 
 def evaluate(cfg: RunConfig, model, device: torch.device) -> dict[str, Any]:
