@@ -161,3 +161,15 @@ def test_hugging_face_clip_converts_exactly():
     with torch.no_grad():
         assert (hf.get_image_features(pixel_values=x) - model.encode_image(x)).abs().max() < 1e-5
         assert (hf.get_text_features(input_ids=tokens) - model.encode_text(tokens)).abs().max() < 1e-5
+
+
+def test_load_model_resolves_every_model_spec(tmp_path):
+    model = perturbed("tiny-clip", seed=7)
+    mm.save_pretrained(model, tmp_path / "dir")
+    torch.save(mm.to_open_clip(model), tmp_path / "oc.pt")
+    assert same_weights(mm.load_model(tmp_path / "dir"), model)
+    assert same_weights(mm.load_model("tiny-clip", pretrained=tmp_path / "oc.pt"), model)
+    from_registry = mm.load_model("open_clip:ViT-B-32")  # open_clip's own config, random weights (no tag)
+    assert from_registry.config == mm.get_preset("ViT-B-32") and not from_registry.training
+    with pytest.raises(mm.PretrainedError, match="model directory"):
+        mm.load_model(tmp_path / "dir", pretrained=tmp_path / "oc.pt")
