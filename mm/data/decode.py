@@ -100,8 +100,10 @@ class SampleDecoder:
         need: tuple[str, ...] = ("text",),
         max_pixels: int = 89_478_485,
         random_caption: bool = False,
+        raw_image: bool = False,
     ):
         self.transform = transform
+        self.raw_image = raw_image  # the transform takes the encoded bytes (decoding on the device)
         self.random_caption = random_caption
         self.image_keys = list(image_keys)
         self.text_key, self.label_key = text_key, label_key
@@ -129,7 +131,7 @@ class SampleDecoder:
                 raise BadSample("bad label", repr(raw[:20])) from None
         if "captions" in self.need:
             out["captions"] = self._captions(sample)
-        img = decode_image(sample[key], self.max_pixels)
+        img = sample[key] if self.raw_image else decode_image(sample[key], self.max_pixels)
         out["image"] = self.transform(img, rng)
         return out
 

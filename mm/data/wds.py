@@ -238,8 +238,14 @@ class Collate:
         self.tokenizer = tokenizer
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {"images": torch.stack([it["image"] for it in items]),
-                               "keys": [it["__key__"] for it in items]}
+        images = [it["image"] for it in items]
+        if all(isinstance(x, torch.Tensor) for x in images):
+            stacked: Any = torch.stack(images)
+        else:  # data.decode: device -- some images are still compressed
+            from .gpu import PendingImages
+
+            stacked = PendingImages.collate(images)
+        out: dict[str, Any] = {"images": stacked, "keys": [it["__key__"] for it in items]}
         if "text" in items[0]:
             out["texts"] = [it["text"] for it in items]
             if self.tokenizer is not None:

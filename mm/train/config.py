@@ -29,6 +29,10 @@ class DataConfig:
     max_pixels: int = 89_478_485  # larger images are skipped as decompression bombs (PIL's default)
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range
     prefetch_factor: int = 4
+    # where training JPEGs are decoded and augmented: "workers" (PIL in the DataLoader workers) or
+    # "device" (torchvision.io.decode_jpeg on the training device, batched: nvJPEG on CUDA; workers only
+    # read headers and draw crops). Other formats are always decoded in the workers.
+    decode: str = "workers"
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.batch_size < 1:
@@ -37,6 +41,8 @@ class DataConfig:
             yield "workers", f"must be >= 0, got {self.workers}"
         if self.shuffle_buffer < 0:
             yield "shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}"
+        if self.decode not in ("workers", "device"):
+            yield "decode", f"must be workers or device, got {self.decode!r}"
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             yield "crop_scale", f"must satisfy 0 < min <= max <= 1, got {self.crop_scale}"
 

@@ -18,6 +18,7 @@ import torch
 
 from ..config import to_dict
 from ..data.decode import SampleDecoder
+from ..data.gpu import DeferredTrainTransform, GpuImageDecoder, PendingImages
 from ..data.transforms import image_transform
 from ..data.wds import Collate, ShardStream, check_urls, make_loader
 from ..losses import CocaLoss, make_loss
@@ -99,10 +100,13 @@ def build_model(cfg: RunConfig) -> CLIP:
 
 def build_train_stream(cfg: RunConfig, model: CLIP, rank: int, world: int, data: DataState) -> ShardStream:
     mcfg = model.config
-    decoder = SampleDecoder(image_transform(mcfg, train=True, scale=tuple(cfg.data.crop_scale)),
-                            image_keys=cfg.data.image_keys, text_key=cfg.data.text_key,
+    transform = image_transform(mcfg, train=True, scale=tuple(cfg.data.crop_scale))
+    on_device = cfg.data.decode == "device"
+    if on_device:
+        transform = DeferredTrainTransform(transform, cfg.data.max_pixels)
+    decoder = SampleDecoder(transform, image_keys=cfg.data.image_keys, text_key=cfg.data.text_key,
                             need=("text",), max_pixels=cfg.data.max_pixels,
-                            random_caption=cfg.data.random_caption)
+                            random_caption=cfg.data.random_caption, raw_image=on_device)
     nw = max(1, cfg.data.workers)
     return ShardStream(check_urls(cfg.data.train, "data.train"), decoder, Collate(get_tokenizer(model)),
                        cfg.data.batch_size, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
@@ -176,6 +180,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     loader = make_loader(build_train_stream(cfg, core, rank, world, data), cfg.data.workers,
                          cfg.data.prefetch_factor, pin_memory=acc.device.type == "cuda")
+    v = core.config.vision
+    gpu_decoder = GpuImageDecoder(v.image_size, v.image_mean, v.image_std) if cfg.data.decode == "device" else None
     end = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
     log = RunLogger(out_dir, cfg.train.steps, step, enabled=main)
     skip_log = open(out_dir / f"skipped_samples.rank{rank}.txt", "a", buffering=1)
@@ -221,7 +227,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 batch = next(batches)
                 data.consume(batch["meta"])
                 _report_bad(batch["meta"], skip_log, log, rank)
-                images = batch["images"].to(acc.device, non_blocking=True)
+                images = batch["images"]
+                if isinstance(images, PendingImages):
+                    images = gpu_decoder(images, acc.device)
+                else:
+                    images = images.to(acc.device, non_blocking=True)
                 tokens = batch["tokens"].to(acc.device, non_blocking=True)
                 sync = nullcontext() if micro == cfg.train.grad_accum - 1 else acc.no_sync(model)
                 with sync:
