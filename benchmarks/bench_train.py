@@ -7,8 +7,9 @@
 Both models get the same architecture (open_clip's own config for open_clip names; the equivalent
 open_clip config for mm's tiny presets), the same random images and captions (``--caption-words``), AdamW,
 and each package's own loss (CLIP, or CoCa with weights 1 / 2). Steps alternate between the two models so that machine noise hits both alike. Reports
-samples/s, median step time, FLOPs per sample (counted with torch's FlopCounterMode), peak memory and MFU
-(CUDA; MFU needs --peak-tflops), each as mm / open_clip. Absolute numbers only mean something on a GPU.
+samples/s, median step time, FLOPs per sample (counted with torch's FlopCounterMode), peak memory (CUDA:
+the allocator's peak; CPU with --cpu-memory: peak resident-memory growth over the steps, each package in a
+process of its own) and MFU (CUDA; needs --peak-tflops), each as mm / open_clip. Absolute numbers only mean something on a GPU.
 """
 from __future__ import annotations
 
@@ -94,6 +95,48 @@ def oc_loss(model, loss_fn, images, tokens):
     return loss_fn(img, txt, scale)
 
 
+def _proc_status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def cpu_peak_child(args) -> None:
+    """Child process of --cpu-memory: one package's steps alone, printing the resident-memory growth from
+    just before the first step to the peak (activations, gradients, optimizer state)."""
+    import open_clip
+
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    coca = mm.get_preset(args.model).decoder is not None
+    if args.only == "mm":
+        runner = Runner(mm.create_model(args.model), mm.CocaLoss() if coca else mm.ClipLoss(), mm_loss, args, device)
+    else:
+        loss = open_clip.loss.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0) if coca else open_clip.loss.ClipLoss()
+        runner = Runner(open_clip_model(args.model), loss, oc_loss, args, device)
+    cfg = mm.get_preset(args.model)
+    images = torch.randn(args.batch, 3, cfg.vision.image_size, cfg.vision.image_size)
+    tokens = mm.get_tokenizer(args.model)(captions(args.batch, args.caption_words))
+    before = _proc_status_kib("VmRSS")
+    for _ in range(3):
+        runner.step(images, tokens)
+    print(f"PEAK_GROWTH_MIB {(_proc_status_kib('VmHWM') - before) / 1024:.1f}")
+
+
+def cpu_peaks(args) -> dict[str, float]:
+    import subprocess
+    import sys
+
+    out = {}
+    for name in ("mm", "open_clip"):
+        cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--precision",
+               args.precision, "--caption-words", str(args.caption_words), "--only", name]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[name] = float(res.stdout.split("PEAK_GROWTH_MIB")[1].split()[0]) / 1024
+    return out
+
+
 def count_flops(runner: Runner, images, tokens) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -111,7 +154,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU, e.g. 793 (H200 bf16)")
     p.add_argument("--caption-words", type=int, default=12, help="words per caption (Flickr8k: ~12)")
+    p.add_argument("--cpu-memory", action="store_true",
+                   help="CPU: also measure each package's peak resident-memory growth, in a process of its own")
+    p.add_argument("--only", choices=["mm", "open_clip"], help=argparse.SUPPRESS)  # --cpu-memory's children
     args = p.parse_args()
+    if args.only:
+        return cpu_peak_child(args)
     import open_clip
 
     device = torch.device(args.device)
@@ -139,6 +187,8 @@ def main() -> None:
             r.timed_step(images, tokens)
             peak[name] = torch.cuda.max_memory_allocated() / 2**30
             r.times.clear()
+    if args.cpu_memory and device.type == "cpu":
+        peak = cpu_peaks(args)
     for _ in range(args.steps):  # interleaved
         ours.timed_step(images, tokens)
         theirs.timed_step(images, tokens)
