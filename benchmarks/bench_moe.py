@@ -1,0 +1,88 @@
+"""MoE cost: training-step time of an MoE preset vs its dense twin with equal ACTIVE parameters.
+
+    python benchmarks/bench_moe.py --model tiny-moe --batch 64 --steps 10
+    python benchmarks/bench_moe.py --model ViT-B-16-moe --batch 256 --precision bf16 --steps 20   # GPU
+
+The twin is the same model with every MoE FFN replaced by one dense MLP of ``top_k x`` the expert width:
+each token then goes through the same number of FFN weights as it does through its top-k experts, so the
+FLOPs per token match and the ratio measures what routing costs (router, dispatch into capacity buffers,
+combine, the load-balancing and z losses) plus the work of capacity slack (``capacity_factor`` > 1 pads
+every expert's buffer). Steps of the two models alternate so machine noise hits both alike; the report
+is the median step time of each and the ratio MoE / dense (the issue's target: <= 1.3).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import mm
+from mm.layers import Mlp, MoE
+
+
+def dense_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace each MoE FFN by an Mlp of top_k x its expert width (same active parameters per token)."""
+    for blk in model.modules():
+        ffn = getattr(blk, "ffn", None)
+        if isinstance(ffn, MoE):
+            cfg = ffn.cfg
+            dim, hidden = ffn.w1.shape[1], ffn.w1.shape[2]
+            blk.ffn = Mlp(dim, cfg.top_k * hidden, act="gelu")
+            blk.is_moe = False
+    return model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny-moe")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    moe = mm.create_model(args.model).to(device).train()
+    torch.manual_seed(0)
+    dense = dense_twin(mm.create_model(args.model)).to(device).train()
+    cfg = moe.config
+    images = torch.randn(args.batch, 3, cfg.vision.image_size, cfg.vision.image_size, device=device)
+    tokens = mm.get_tokenizer(moe)([f"a photo of a thing number {i}" for i in range(args.batch)]).to(device)
+    loss_fn = mm.ClipLoss()
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    runs = {}
+    for name, model in (("moe", moe), ("dense", dense)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        runs[name] = (model, opt, [])
+
+    def step(model, opt) -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = loss_fn(model(images, tokens))["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for model, opt, _ in runs.values():  # warm-up
+        step(model, opt)
+    for _ in range(args.steps):
+        for model, opt, times in runs.values():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(model, opt)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    count = {n: sum(p.numel() for p in m.parameters()) for n, (m, _, _) in runs.items()}
+    med = {n: statistics.median(t) for n, (_, _, t) in runs.items()}
+    print(f"{args.model} batch {args.batch} {args.precision} {device} torch {torch.__version__}, "
+          f"median of {args.steps} steps")
+    for n in runs:
+        print(f"{n:6s} {med[n] * 1000:8.1f} ms/step  {args.batch / med[n]:8.1f} samples/s  {count[n]:,} parameters")
+    print(f"MoE / dense step time: {med['moe'] / med['dense']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
