@@ -14,7 +14,7 @@ from .data.transforms import image_transform
 from .eval import zero_shot_classifier
 from .generate import GenerationConfig, caption
 from .losses import ClipLoss, CocaLoss, SigLipLoss, make_loss
-from .models import CLIP, CoCa, ModelOutput, create_model
+from .models import CLIP, CoCa, LIMoE, ModelOutput, create_model
 from .presets import get_preset, list_models
 from .interop.hf import from_hf_clip
 from .interop.open_clip import from_open_clip, to_open_clip
@@ -24,7 +24,7 @@ from .tokenizer import Tokenizer, get_tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "CLIP", "ClipLoss", "CoCa", "CocaLoss", "ConfigError", "DecoderConfig", "GenerationConfig", "ModelConfig", "ModelOutput", "MoEConfig", "PretrainedError",
+    "CLIP", "ClipLoss", "CoCa", "CocaLoss", "ConfigError", "DecoderConfig", "GenerationConfig", "LIMoE", "ModelConfig", "ModelOutput", "MoEConfig", "PretrainedError",
     "SigLipLoss", "TextConfig", "Tokenizer", "TransformerConfig", "VisionConfig", "caption", "create_model", "from_hf_clip", "from_open_clip", "load_model", "to_open_clip",
     "get_preset", "get_tokenizer", "image_transform", "list_models", "load_pretrained", "make_loss",
     "save_pretrained", "zero_shot_classifier",

@@ -11,9 +11,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     for name in list_models():
         cfg = get_preset(name)
-        v, t = cfg.vision, cfg.text
-        print(f"{name:22s} image {v.image_size}px/{v.patch_size} vision {v.transformer.depth}x{v.transformer.width} "
-              f"text {t.transformer.depth}x{t.transformer.width} embed {cfg.embed_dim}")
+        v, t, one = cfg.vision, cfg.text, cfg.one_tower
+        stacks = (f"one tower {one.depth}x{one.width}" if one is not None else
+                  f"vision {v.transformer.depth}x{v.transformer.width} text {t.transformer.depth}x{t.transformer.width}")
+        print(f"{name:22s} image {v.image_size}px/{v.patch_size} {stacks} embed {cfg.embed_dim}")
     return 0
 
 

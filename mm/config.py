@@ -38,8 +38,17 @@ class MoEConfig:
     eval_capacity_factor: float | None = 2.0
     router_jitter: float = 0.0  # multiplicative input noise in training (Switch Transformer)
     normalize_gates: bool = True  # renormalise top-k gate weights to sum to 1 (k > 1)
+    # Batch Priority Routing (V-MoE): tokens claim expert slots in order of their top router probability,
+    # not of their place in the batch (which, in a one-tower call, would put all texts after all images)
+    batch_priority: bool = False
     aux_loss_weight: float = 0.01  # Switch load-balancing loss weight
     z_loss_weight: float = 0.001  # router z-loss weight (ST-MoE)
+    # LIMoE's entropy losses (Mustafa et al. 2022), per modality (per tower in a two-tower model):
+    local_entropy_weight: float = 0.0  # mean per-token router entropy, minimised (confident routing)
+    global_entropy_weight: float = 0.0  # entropy of the mean router distribution, maximised (diversity)
+    # Nats: the global term is max(0, threshold - H), so a modality is pushed to spread only until its
+    # entropy reaches the threshold (LIMoE: log S for about S experts, e.g. log 4 = 1.386); null = -H.
+    global_entropy_threshold: float | None = None
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.num_experts < 1:
@@ -52,6 +61,44 @@ class MoEConfig:
             v = getattr(self, k)
             if v is not None and v <= 0:
                 yield k, f"must be > 0 or null (unlimited), got {v}"
+        for k in ("aux_loss_weight", "z_loss_weight", "local_entropy_weight", "global_entropy_weight"):
+            if getattr(self, k) < 0:
+                yield k, f"must be >= 0, got {getattr(self, k)}"
+        tau, most = self.global_entropy_threshold, math.log(max(self.num_experts, 1))
+        if tau is not None and not 0 <= tau <= most:
+            # above log(num_experts) the threshold is unreachable: the term would never switch off
+            yield "global_entropy_threshold", (
+                f"must be in [0, log(num_experts) = {most:.4f}] nats (log S asks for about S experts), got {tau}")
+
+
+SPARSE_BACKENDS = ("flex", "dense")
+
+
+@dataclass
+class SparseAttentionConfig:
+    """Block-sparse self-attention (BigBird, Zaheer et al. 2020) over blocks of ``block_size`` tokens: a
+    local band of blocks, global tokens and random blocks. Built by ``mm.layers.sparse``."""
+
+    block_size: int = 64  # tokens per block; flex_attention skips whole blocks
+    window: int = 1  # blocks on each side of a query's own block (0 = its own block only)
+    global_tokens: int = 1  # the first N tokens (e.g. the class token) see all tokens and are seen by all
+    random_blocks: int = 0  # extra key blocks per query block, drawn per layer from (seed, layer index)
+    seed: int = 0
+    # flex: flex_attention, compiled, skips empty blocks (CUDA; other devices run the mask through SDPA);
+    # dense: the same mask through SDPA everywhere (the reference)
+    backend: str = "flex"
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.backend not in SPARSE_BACKENDS:
+            yield "backend", f"must be one of {SPARSE_BACKENDS}, got {self.backend!r}"
+        if self.block_size < 1:
+            yield "block_size", f"must be >= 1, got {self.block_size}"
+        elif self.backend == "flex" and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            # flex_attention's CUDA kernels tile each sparse block with power-of-two tiles of >= 16 rows
+            yield "block_size", f"the flex backend needs a power of two >= 16, got {self.block_size}"
+        for k in ("window", "global_tokens", "random_blocks"):
+            if getattr(self, k) < 0:
+                yield k, f"must be >= 0, got {getattr(self, k)}"
 
 
 @dataclass
@@ -71,6 +118,7 @@ class TransformerConfig:
     drop_path: float = 0.0  # stochastic depth, linearly increasing to this rate at the last block
     moe: MoEConfig | None = None
     grad_checkpointing: bool = False
+    sparse_attention: SparseAttentionConfig | None = None  # block-sparse self-attention; None = dense
 
     @property
     def head_dim(self) -> int:
@@ -92,6 +140,10 @@ class TransformerConfig:
             yield "act", f"must be one of {ACTIVATIONS}, got {self.act!r}"
         if not 0.0 <= self.drop_path < 1.0:
             yield "drop_path", f"must be in [0, 1), got {self.drop_path}"
+        sparse = self.sparse_attention
+        if sparse is not None and sparse.backend == "flex" and self.heads >= 1 and self.head_dim < 16:
+            # flex_attention's CUDA kernel (tl.dot) needs head_dim >= 16
+            yield "sparse_attention.backend", f"flex needs head_dim >= 16, got {self.head_dim} (use dense)"
 
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -102,7 +154,8 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 class VisionConfig:
     image_size: int = 224
     patch_size: int = 32
-    transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(768, 12, 12))
+    # the tower's own stack; null in a one-tower model, whose stack (ModelConfig.one_tower) it shares
+    transformer: TransformerConfig | None = field(default_factory=lambda: TransformerConfig(768, 12, 12))
     pos_embed: str = "learned"  # learned | sincos2d | rope2d
     class_token: bool = True
     pool: str = "cls"  # cls | mean | attn (attentional pooling, CoCa)
@@ -128,7 +181,7 @@ class VisionConfig:
             yield "pool", "cls pooling needs class_token: true"
         if not 0.0 <= self.patch_dropout < 1.0:
             yield "patch_dropout", f"must be in [0, 1), got {self.patch_dropout}"
-        if self.pos_embed == "rope2d" and self.transformer.head_dim % 4:
+        if self.pos_embed == "rope2d" and self.transformer is not None and self.transformer.head_dim % 4:
             yield "pos_embed", f"rope2d needs head_dim divisible by 4, got {self.transformer.head_dim}"
 
 
@@ -136,7 +189,8 @@ class VisionConfig:
 class TextConfig:
     vocab_size: int = 49408
     context_length: int = 77
-    transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(512, 12, 8))
+    # the tower's own stack; null in a one-tower model, whose stack (ModelConfig.one_tower) it shares
+    transformer: TransformerConfig | None = field(default_factory=lambda: TransformerConfig(512, 12, 8))
     causal: bool = True  # CLIP: causal; SigLIP-style encoders: bidirectional with a padding mask
     pool: str = "eot"  # eot | first | last | mean
     pos_embed: str = "learned"  # learned | rope
@@ -161,7 +215,7 @@ class TextConfig:
             yield "pool", f"must be eot, first, last or mean, got {self.pool!r}"
         if self.pos_embed not in ("learned", "rope"):
             yield "pos_embed", f"must be learned or rope, got {self.pos_embed!r}"
-        if self.pos_embed == "rope" and self.transformer.head_dim % 2:
+        if self.pos_embed == "rope" and self.transformer is not None and self.transformer.head_dim % 2:
             yield "pos_embed", f"rope needs an even head_dim, got {self.transformer.head_dim}"
         for k in ("eot_id", "sot_id", "pad_id"):
             if not 0 <= getattr(self, k) < self.vocab_size:
@@ -194,7 +248,11 @@ class DecoderConfig:
 
 @dataclass
 class ModelConfig:
-    """A CLIP-style model: image tower + text tower projected into a shared ``embed_dim`` space."""
+    """A CLIP-style model: image tower + text tower projected into a shared ``embed_dim`` space.
+
+    With ``one_tower`` set (LIMoE, Mustafa et al. 2022) that one Transformer encodes both modalities; the
+    ``vision`` and ``text`` sections then describe only embedding, pooling and projection, and their own
+    ``transformer`` must be null, so the shared stack is written in one place."""
 
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -202,16 +260,40 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None  # set (e.g. -10) for SigLIP: adds a learnable logit bias
     decoder: DecoderConfig | None = None  # set for CoCa: a captioning decoder trained jointly
+    one_tower: TransformerConfig | None = None  # set for a one-tower model: the stack both modalities share
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.embed_dim < 1:
             yield "embed_dim", f"must be >= 1, got {self.embed_dim}"
+        yield from self._check_stacks()
         if self.decoder is not None and not self.text.causal:
             yield "decoder", "a captioning decoder needs a causal text tower (text.causal: true)"
-        if self.decoder is not None and self.decoder.transformer.width != self.text.transformer.width:
+        if self.decoder is not None and self.text.transformer is not None \
+                and self.decoder.transformer.width != self.text.transformer.width:
             yield "decoder.transformer.width", (
                 f"must equal text.transformer.width ({self.text.transformer.width}): the decoder continues "
                 f"from the text tower's features, got {self.decoder.transformer.width}")
+
+    def _check_stacks(self) -> Iterator[tuple[str, str]]:
+        """Each tower has its own stack, or (one-tower) neither has and both use ``one_tower``."""
+        towers = (("vision", self.vision), ("text", self.text))
+        if self.one_tower is None:
+            for name, tower in towers:
+                if tower.transformer is None:
+                    yield f"{name}.transformer", "required (it may be null only in a one-tower model, with one_tower set)"
+            return
+        for name, tower in towers:
+            if tower.transformer is not None:
+                yield f"{name}.transformer", "must be null in a one-tower model: both modalities run through one_tower"
+        # one stack call carries both modalities: positions are added to the tokens, not rotated in attention
+        if self.vision.pos_embed == "rope2d":
+            yield "vision.pos_embed", "a one-tower model needs learned or sincos2d positions, got 'rope2d'"
+        if self.text.pos_embed == "rope":
+            yield "text.pos_embed", "a one-tower model needs learned positions, got 'rope'"
+        if self.text.embed_cls:
+            yield "text.embed_cls", "the appended class token is CoCa's; a one-tower model has none"
+        if self.decoder is not None:
+            yield "decoder", "a one-tower model has no captioning decoder"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -105,6 +105,32 @@ def tiny_moe() -> ModelConfig:
     return cfg
 
 
+@preset("ViT-B-16-moe")
+def vit_b_16_moe() -> ModelConfig:
+    """ViT-B-16 with an 8-expert top-2 MoE FFN in every second block of both towers."""
+    cfg = _b(16)
+    cfg.vision.transformer.moe = MoEConfig(num_experts=8, top_k=2, every=2)
+    cfg.text.transformer.moe = MoEConfig(num_experts=8, top_k=2, every=2)
+    return cfg
+
+
+@preset("tiny-limoe")
+def tiny_limoe() -> ModelConfig:
+    """One-tower LIMoE at tiny-clip's sizes: one 6x192 stack for 32 px images (patch 4) and 32-token texts,
+    an 8-expert top-1 MoE FFN in every second block, with LIMoE's entropy losses. As in LIMoE the text is
+    encoded bidirectionally, so both modalities share every router call (see mm/models/limoe.py)."""
+    cfg = tiny_clip()
+    # eval_capacity_factor=None: at evaluation every token reaches its experts, so an embedding does not
+    # depend on what else shares the router call (encode_text routes texts alone, training with images).
+    # batch_priority: over capacity, the least confident tokens are dropped, not the texts (last in the call).
+    moe = MoEConfig(num_experts=8, top_k=1, every=2, eval_capacity_factor=None, batch_priority=True,
+                    local_entropy_weight=0.01, global_entropy_weight=0.01, global_entropy_threshold=math.log(4))
+    cfg.one_tower = TransformerConfig(192, 6, 3, moe=moe)
+    cfg.vision.transformer = cfg.text.transformer = None
+    cfg.text.causal = False
+    return cfg
+
+
 @preset("coca_ViT-B-32")
 def coca_vit_b_32() -> ModelConfig:
     """open_clip's coca_ViT-B-32: ViT-B/32 with 256-query attentional pooling, a text tower with an

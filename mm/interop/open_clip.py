@@ -197,6 +197,8 @@ def _stacks(cfg: ModelConfig) -> dict[str, TransformerConfig]:
 
 def _check_supported(cfg: ModelConfig) -> None:
     """Reject mm configs that open_clip's ViT CLIP / CoCa cannot express, naming the dotted key."""
+    if cfg.one_tower is not None:  # checked first: the towers have no stacks of their own
+        raise ConversionError("not convertible to open_clip: one_tower: open_clip has no one-tower models")
     problems: list[tuple[str, str]] = []
     for tower, t in _stacks(cfg).items():
         key = f"{tower}.transformer"
@@ -396,6 +398,7 @@ def from_open_clip(model_or_state_dict: nn.Module | dict[str, torch.Tensor], nam
     ``coca_ViT-B-32``...), or an mm ModelConfig for other shapes. The mm model's tensors are new
     (never shared with the source), with the source's dtype and device."""
     label, cfg = _label(name), resolve_config(name)
+    _check_supported(cfg)
     if isinstance(model_or_state_dict, nn.Module):
         _check_module(model_or_state_dict, cfg)
         sd = model_or_state_dict.state_dict()

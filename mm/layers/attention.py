@@ -1,15 +1,48 @@
-"""The one attention implementation of mm: self or cross, causal or bidirectional, through SDPA.
+"""The one attention implementation of mm: self or cross, causal or bidirectional, dense or block-sparse.
 
 Every tower (vision, text, captioning decoder, attentional pooling) uses :class:`Attention`.
-Masks follow SDPA's boolean convention: ``True`` = may attend.
+Masks follow SDPA's boolean convention: ``True`` = may attend. A ``BlockMask`` (block-sparse patterns,
+built in ``sparse.py``) runs through flex_attention instead of SDPA.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .position import apply_rope
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
+_compiled_flex: Callable[..., torch.Tensor] | None = None
+
+
+def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    """flex_attention(q, k, v) under ``block_mask``, run as it should be on q's device.
+
+    CUDA: compiled once per process, at first use (not at import: compiling costs seconds and most
+    processes never use sparse attention). Only the compiled kernel skips empty blocks; eager
+    flex_attention computes the full score matrix and masks it. Masks made by the same mask_mod code
+    with different captured tensors (one per layer) reuse the compiled kernel. Other devices: eager,
+    which in torch 2.14 is unfused and, on the CPU, forward-only (it warns once that it is not compiled);
+    ``sparse.SparsePattern`` hands those devices boolean masks for SDPA instead, so this runs there only
+    when a caller passes a BlockMask itself. The module is imported here, not at the top: it pulls in
+    sympy (~0.8 s per process and DataLoader worker), which only sparse models need.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _compiled_flex
+    fn = flex_attention
+    # inside a compiled model (train.compile) the outer torch.compile already fuses flex_attention
+    if q.device.type == "cuda" and not torch.compiler.is_compiling():
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention)
+        fn = _compiled_flex
+    return fn(q, k, v, block_mask=block_mask)
 
 
 class KVCache:
@@ -127,14 +160,15 @@ class Attention(nn.Module):
         x: torch.Tensor,
         context: torch.Tensor | None = None,
         *,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | BlockMask | None = None,
         is_causal: bool = False,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """x: (B, T, dim); context: (B, S, kv_dim) for cross-attention. Returns (B, T, dim).
 
-        ``attn_mask`` / ``is_causal`` as built by :func:`make_attn_mask`; ``rope`` = (cos, sin) tables
+        ``attn_mask`` / ``is_causal`` as built by :func:`make_attn_mask`, or a flex_attention ``BlockMask``
+        (block-sparse attention, from ``sparse.SparsePattern``); ``rope`` = (cos, sin) tables
         of shape (T, head_dim) for x's positions, applied to queries and keys (self-attention only).
         With a ``cache``, x holds only the new positions: self-attention appends their keys/values and
         attends over everything cached; cross-attention projects ``context`` once and reuses it.
@@ -160,7 +194,10 @@ class Attention(nn.Module):
                 k, v = cache.append(k, v)
         if q.dtype != v.dtype:  # qk-norm / rope may run in fp32 under autocast
             q, k = q.to(v.dtype), k.to(v.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # a BlockMask
+            out = _flex_attention(q, k, v, attn_mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.proj(out.transpose(1, 2).reshape(b, t, d))
 
     def _heads_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

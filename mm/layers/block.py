@@ -11,6 +11,7 @@ from ..config import TransformerConfig
 from .attention import Attention, KVCache, make_attn_mask
 from .mlp import Mlp, SwiGLU
 from .moe import MoE, RouterStats
+from .sparse import SparsePattern
 
 
 def is_moe_layer(cfg: TransformerConfig, layer_idx: int) -> bool:
@@ -95,6 +96,7 @@ class Block(nn.Module):
         self.ffn = make_ffn(cfg, layer_idx)
         self.ls2 = _scale(cfg)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.layer_idx = layer_idx  # picks this layer's block-sparse mask (random blocks differ by layer)
         self.has_self_attn = self_attn
         self.has_cross_attn = cross_dim is not None
         self.is_moe = isinstance(self.ffn, MoE)
@@ -149,6 +151,7 @@ class Transformer(nn.Module):
         else:
             raise ValueError(f"cross_layout must be fused or separate, got {cross_layout!r}")
         self.blocks = nn.ModuleList(blocks)
+        self.sparse = SparsePattern(cfg.sparse_attention, cfg.depth) if cfg.sparse_attention is not None else None
         self.grad_checkpointing = cfg.grad_checkpointing
         self.init_weights()
 
@@ -189,12 +192,20 @@ class Transformer(nn.Module):
         """x: (B, T, width). Masks are built once here and shared by all blocks. ``valid`` (B, T) marks
         real tokens for MoE routing (defaults to ``key_padding_mask``). With a ``cache`` (from
         :meth:`new_cache`), x holds the positions after those already cached; ``key_padding_mask`` then
-        covers all keys (cached + new). Returns the output and the router statistics of every MoE block
-        in order."""
+        covers all keys (cached + new). With ``cfg.sparse_attention`` each layer's self-attention gets the
+        block-sparse pattern ANDed with ``causal`` and ``key_padding_mask`` (cross-attention stays dense).
+        Returns the output and the router statistics of every MoE block in order."""
         past = self.cached_length(cache)
-        attn_mask, is_causal = make_attn_mask(
-            x.shape[1], past + x.shape[1], causal=causal, key_padding_mask=key_padding_mask, device=x.device
-        )
+        q_len, k_len = x.shape[1], past + x.shape[1]
+        layer_masks = None
+        if self.sparse is not None:
+            layer_masks = self.sparse.masks(q_len, k_len, causal=causal, key_padding_mask=key_padding_mask,
+                                            device=x.device)
+            attn_mask, is_causal = None, False  # each block gets its layer's mask below
+        else:
+            attn_mask, is_causal = make_attn_mask(
+                q_len, k_len, causal=causal, key_padding_mask=key_padding_mask, device=x.device
+            )
         context_mask = None
         if context_padding_mask is not None:
             context_mask, _ = make_attn_mask(
@@ -206,6 +217,8 @@ class Transformer(nn.Module):
                   context_mask=context_mask, valid=valid)
         stats: list[RouterStats] = []
         for i, blk in enumerate(self.blocks):
+            if layer_masks is not None:
+                kw["attn_mask"] = layer_masks[blk.layer_idx]
             if cache is not None:
                 x, s = blk(x, cache=cache[i], **kw)
             elif self.grad_checkpointing and self.training and torch.is_grad_enabled():

@@ -1,15 +1,31 @@
 """Mixture-of-Experts feed-forward layer: fp32 top-k router, expert capacity, batched experts.
 
 Routing (Switch Transformer / GShard):
-- the router is a bias-free linear layer evaluated in fp32 even under autocast (softmax over experts is
-  sensitive to rounding; Fedus et al. 2021 §2.4);
+- the router is a bias-free linear layer evaluated in fp32 even under autocast or with bf16 weights
+  (softmax over experts is sensitive to rounding; Fedus et al. 2021 §2.4);
 - each token picks its top-k experts; all first choices are placed before any second choice, and an
   expert accepts at most ``capacity = ceil(capacity_factor * k * tokens / experts)`` assignments; the rest
-  are dropped: the layer outputs 0 for them, so the token passes through the block's residual unchanged;
+  are dropped: the layer outputs 0 for them, so the token passes through the block's residual unchanged.
+  Within a choice, tokens claim slots in batch order, or with ``batch_priority`` in order of their top
+  router probability (Batch Priority Routing, Riquelme et al. 2021);
 - experts run as one batched matmul over a (experts, capacity, dim) buffer: tokens are scattered to their
-  expert's slots, never looped over in Python.
+  expert's slots, never looped over in Python;
+- tokens may come in groups (the modalities of a one-tower model, LIMoE): all groups are routed together
+  (one capacity, one load-balancing loss over the call), statistics and entropy losses are per group.
 
-The layer returns its statistics; the model sums ``aux_loss`` and the trainer owns its weight.
+Auxiliary losses, each weighted by :class:`MoEConfig` and summed into ``RouterStats.aux_loss``:
+- load balancing (Switch): ``E * sum_e f_e * P_e`` over all routed tokens (f: fraction of assignments,
+  P: mean router probability), 1 when uniform;
+- z-loss (ST-MoE): mean squared log-sum-exp of the router logits;
+- per group (LIMoE, Mustafa et al. 2022 §3.2; a call without groups is one group), with ``p_i`` token i's
+  router distribution and ``p_bar`` its mean over the group's tokens:
+  local entropy ``mean_i H(p_i)``, minimised: each token chooses its experts confidently;
+  global entropy ``max(0, tau - H(p_bar))`` (``-H(p_bar)`` when ``tau`` is null), minimised, i.e. H(p_bar)
+  maximised: the group spreads over the experts, until its entropy reaches ``tau`` (LIMoE's threshold:
+  ``tau = log S`` asks for about S experts' worth of spread and no more, so modality-specific experts
+  can emerge).
+
+The layer returns its statistics; the model averages ``aux_loss`` over layers and the trainer weights it.
 """
 from __future__ import annotations
 
@@ -26,14 +42,20 @@ from .mlp import make_act
 
 @dataclass
 class RouterStats:
-    """What one MoE layer's router did in a forward pass (all tensors; none synchronise the device)."""
+    """What one MoE layer's router did in a forward pass (all tensors; none synchronise the device).
+    The losses carry gradient, the statistics are detached."""
 
-    aux_loss: torch.Tensor  # weighted load-balancing + z-loss, carries gradient
+    aux_loss: torch.Tensor  # weighted load balancing + z-loss + entropy losses: what the model adds up
     lb_loss: torch.Tensor  # Switch load-balancing loss (1.0 = perfectly uniform)
     z_loss: torch.Tensor  # mean squared log-sum-exp of router logits
     load: torch.Tensor  # (E,) fraction of routed assignments per expert, before capacity
     dropped_fraction: torch.Tensor  # fraction of assignments over capacity
-    entropy: torch.Tensor  # mean per-token router entropy (nats)
+    entropy: torch.Tensor  # mean per-token router entropy (nats): the local entropy
+    global_entropy: torch.Tensor  # entropy of the mean router distribution (nats)
+    entropy_loss: torch.Tensor  # weighted local + global entropy losses, summed over groups (in aux_loss)
+    # With groups: per group, the same quantities over that group's tokens alone (its aux_loss is the loss
+    # the group would have had if routed alone; the layer's aux_loss above is the one trained).
+    groups: list[RouterStats] | None = None
 
 
 def expert_capacity(tokens: int, num_experts: int, top_k: int, factor: float | None) -> int:
@@ -77,15 +99,21 @@ class MoE(nn.Module):
         return torch.baddbmm(self.b2.unsqueeze(1).to(h.dtype), h, self.w2.to(h.dtype))
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
-        """x: (..., dim). ``valid``: optional bool mask of x.shape[:-1]; invalid tokens (padding) are
-        neither routed nor counted, and get output 0."""
+        """x: (..., dim). ``valid``: optional bool mask, either of x.shape[:-1] (True = real token) or of
+        x.shape[:-1] + (G,), each token's membership in G groups (the modalities of a one-tower model; a
+        token in no group is padding). Padding is neither routed nor counted and gets output 0. With
+        groups, ``RouterStats.groups`` reports each group and the entropy losses are taken per group."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        member = None
+        if valid is not None and valid.dim() == x.dim():
+            member = valid.reshape(flat.shape[0], valid.shape[-1])
+            valid = member.any(-1)
         idx = valid.reshape(-1).nonzero().squeeze(1) if valid is not None else None
         xs = flat.index_select(0, idx) if idx is not None else flat
         n, e, k = xs.shape[0], self.cfg.num_experts, self.cfg.top_k
 
-        # Router in fp32, outside autocast.
+        # Router in fp32, outside autocast (and on fp32 copies of bf16 weights).
         with torch.autocast(device_type=x.device.type, enabled=False):
             r_in = xs.float()
             if self.training and self.cfg.router_jitter > 0:
@@ -100,7 +128,14 @@ class MoE(nn.Module):
         # Slot of each assignment inside its expert, first choices before second choices.
         flat_e = expert.t().reshape(-1)  # (k*n,)
         onehot = F.one_hot(flat_e, e)  # (k*n, E)
-        pos = (onehot.cumsum(0) * onehot).sum(-1) - 1
+        if self.cfg.batch_priority:
+            # the same token order for every choice: most confident first (stable: ties keep batch order)
+            rank = probs.amax(-1).argsort(descending=True, stable=True)  # (n,)
+            order = (rank + torch.arange(k, device=x.device).unsqueeze(1) * n).reshape(-1)  # (k*n,)
+            ranked = onehot.index_select(0, order)
+            pos = torch.empty_like(flat_e).index_copy_(0, order, (ranked.cumsum(0) * ranked).sum(-1) - 1)
+        else:
+            pos = (onehot.cumsum(0) * onehot).sum(-1) - 1
         factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
         cap = expert_capacity(n, e, k, factor)
         keep = pos < cap
@@ -115,21 +150,50 @@ class MoE(nn.Module):
             out = out_s.new_zeros(flat.shape[0], out_s.shape[-1]).index_copy_(0, idx, out_s)
         else:
             out = out_s
+        member = member.index_select(0, idx) if member is not None else None
+        return out.reshape(shape), self._stats(logits, probs, onehot, keep, member)
 
-        # Statistics and auxiliary losses (fp32).
-        total = max(k * n, 1)
-        counts = onehot.sum(0).float()
-        load = counts / total
-        importance = probs.mean(0) if n else probs.new_zeros(e)
-        lb = e * (load * importance).sum()
-        z = torch.logsumexp(logits, dim=-1).pow(2).mean() if n else logits.new_zeros(())
-        ent = -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean() if n else logits.new_zeros(())
-        stats = RouterStats(
-            aux_loss=self.cfg.aux_loss_weight * lb + self.cfg.z_loss_weight * z,
-            lb_loss=lb,
-            z_loss=z,
-            load=load.detach(),
-            dropped_fraction=((~keep).sum() / total).detach(),
-            entropy=ent.detach(),
-        )
-        return out.reshape(shape), stats
+    def _stats(self, logits: torch.Tensor, probs: torch.Tensor, onehot: torch.Tensor, keep: torch.Tensor,
+               member: torch.Tensor | None) -> RouterStats:
+        """Statistics and auxiliary losses in fp32. ``onehot`` (k*n, E) / ``keep`` (k*n,): each assignment's
+        expert and whether it fit, choice-major; ``member`` (n, G): the routed tokens' groups, or None.
+
+        Everything is computed for C columns at once: column 0 = all routed tokens, then one per group.
+        Sums over tokens are elementwise products summed, not matmuls: a matmul may run in TF32 on GPUs."""
+        cfg, (n, e), k = self.cfg, probs.shape, self.cfg.top_k
+        with torch.autocast(device_type=probs.device.type, enabled=False):
+            cols = probs.new_ones(n, 1)
+            if member is not None:
+                cols = torch.cat([cols, member.to(probs.dtype)], dim=1)  # (n, C)
+
+            def total(v: torch.Tensor) -> torch.Tensor:  # (n,) or (n, E) summed per column -> (C,) or (C, E)
+                return (cols.view(n, -1, *([1] * (v.dim() - 1))) * v.unsqueeze(1)).sum(0)
+
+            present = cols.sum(0)  # (C,) tokens per column
+            count = present.clamp_min(1)
+            per_token = onehot.view(k, n, e).sum(0).to(probs.dtype)  # (n, E) assignments of each token
+            dropped_tok = (~keep).view(k, n).sum(0).to(probs.dtype)  # (n,)
+            load = total(per_token) / (k * count[:, None])  # (C, E)
+            importance = total(probs) / count[:, None]  # (C, E) mean router distribution
+            lb = e * (load * importance).sum(-1)
+            z = total(torch.logsumexp(logits, dim=-1).pow(2)) / count
+            local = total(-(probs * probs.clamp_min(1e-9).log()).sum(-1)) / count
+            glob = -(importance * importance.clamp_min(1e-9).log()).sum(-1)
+            tau = cfg.global_entropy_threshold
+            glob_loss = (tau - glob).clamp_min(0) if tau is not None else -glob
+            # an empty group (no routed token) contributes nothing
+            ent_loss = (cfg.local_entropy_weight * local + cfg.global_entropy_weight * glob_loss) * (present > 0)
+            dropped = total(dropped_tok) / (k * count)
+
+            def column(c: int, entropy_loss: torch.Tensor) -> RouterStats:
+                return RouterStats(
+                    aux_loss=cfg.aux_loss_weight * lb[c] + cfg.z_loss_weight * z[c] + entropy_loss,
+                    lb_loss=lb[c], z_loss=z[c], load=load[c].detach(), dropped_fraction=dropped[c].detach(),
+                    entropy=local[c].detach(), global_entropy=glob[c].detach(), entropy_loss=entropy_loss,
+                )
+
+            if member is None:
+                return column(0, ent_loss[0])
+            stats = column(0, ent_loss[1:].sum())
+            stats.groups = [column(c, ent_loss[c]) for c in range(1, cols.shape[1])]
+            return stats

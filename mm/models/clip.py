@@ -1,5 +1,5 @@
 """CLIP / CoCa composition: two towers, a learnable temperature (and bias, SigLIP), a captioning decoder
-(CoCa), named outputs; ``create_model`` picks the class from the config."""
+(CoCa), named outputs; ``create_model`` picks the class from the config (one-tower LIMoE: limoe.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, apply_overrides, from_dict, load_file, validate
-from ..layers import BlockCache, RouterStats, text_valid_mask
+from ..layers import BlockCache, RouterStats, Transformer, text_valid_mask
 from .decoder import CaptionDecoder
 from .text import TextTower
 from .vision import TowerOutput, VisionTower
@@ -30,8 +30,10 @@ class ModelOutput:
     # those next tokens. Padding is left out rather than masked (see CoCa.forward).
     caption_logits: torch.Tensor | None = None
     caption_labels: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None  # MoE only: mean of the MoE layers' weighted aux losses
-    router_stats: dict[str, list[RouterStats]] | None = None  # MoE only: per tower, per MoE layer
+    aux_loss: torch.Tensor | None = None  # MoE only: mean of the MoE layer calls' weighted aux losses
+    # MoE only: per tower ("vision", "text", "decoder"; a one-tower model: per modality), per MoE layer in
+    # order (the block indices are the model's ``moe_layers()``)
+    router_stats: dict[str, list[RouterStats]] | None = None
 
 
 def _mean_aux(stats: dict[str, list[RouterStats]]) -> torch.Tensor | None:
@@ -39,12 +41,18 @@ def _mean_aux(stats: dict[str, list[RouterStats]]) -> torch.Tensor | None:
     return torch.stack(flat).mean() if flat else None
 
 
+def moe_blocks(stack: Transformer) -> list[int]:
+    """Indices of the MoE blocks of a stack, in the order of its router statistics."""
+    return [i for i, blk in enumerate(stack.blocks) if blk.is_moe]
+
+
 class CLIP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.vision = VisionTower(cfg.vision, cfg.embed_dim)
-        self.text = TextTower(cfg.text, cfg.embed_dim)
+        # a one-tower model's towers only embed / pool / project, around its shared stack
+        self.vision = VisionTower(cfg.vision, cfg.embed_dim, cfg.one_tower)
+        self.text = TextTower(cfg.text, cfg.embed_dim, cfg.one_tower)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = None
         if cfg.init_logit_bias is not None:
@@ -61,6 +69,10 @@ class CLIP(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vision.transformer.grad_checkpointing = enable
         self.text.transformer.grad_checkpointing = enable
+
+    def moe_layers(self) -> dict[str, list[int]]:
+        """Block indices of the MoE layers behind each entry of ``ModelOutput.router_stats``."""
+        return {"vision": moe_blocks(self.vision.transformer), "text": moe_blocks(self.text.transformer)}
 
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> ModelOutput:
         out, _, _, stats = self._towers(images, tokens)
@@ -125,6 +137,9 @@ class CoCa(CLIP):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         super().set_grad_checkpointing(enable)
         self.decoder.transformer.grad_checkpointing = enable
+
+    def moe_layers(self) -> dict[str, list[int]]:
+        return {**super().moe_layers(), "decoder": moe_blocks(self.decoder.transformer)}
 
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> ModelOutput:
         out, v, t, stats = self._towers(images, tokens)
@@ -196,7 +211,11 @@ def resolve_config(spec: str | Path | dict | ModelConfig, **overrides: Any) -> M
 
 
 def model_class(cfg: ModelConfig) -> type[CLIP]:
-    """CoCa when the config has a captioning decoder, else CLIP."""
+    """LIMoE for a one-tower config, CoCa when the config has a captioning decoder, else CLIP."""
+    if cfg.one_tower is not None:
+        from .limoe import LIMoE  # limoe.py builds on this module
+
+        return LIMoE
     return CoCa if cfg.decoder is not None else CLIP
 
 

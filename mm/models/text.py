@@ -4,16 +4,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import TextConfig
+from ..config import TextConfig, TransformerConfig
 from ..layers import BlockCache, RotaryEmbedding, Transformer, pool_text, text_valid_mask
 from .vision import TowerOutput
 
 
 class TextTower(nn.Module):
-    def __init__(self, cfg: TextConfig, embed_dim: int):
+    """``embed`` -> own ``Transformer`` -> ``head``. ``shared``: the stack config of a one-tower model
+    (mm/models/limoe.py), which runs ``embed`` and ``head`` around its own stack: the tower then has none,
+    and its widths come from ``shared``."""
+
+    def __init__(self, cfg: TextConfig, embed_dim: int, shared: TransformerConfig | None = None):
         super().__init__()
         self.cfg = cfg
-        w = cfg.transformer.width
+        stack = shared if shared is not None else cfg.transformer
+        w = stack.width
         self.token_embedding = nn.Embedding(cfg.vocab_size, w)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         # CoCa appends a class token after the text; it needs one more position
@@ -23,9 +28,9 @@ class TextTower(nn.Module):
         if cfg.pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.randn(n_pos, w) * 0.01)
         else:
-            self.rope = RotaryEmbedding(cfg.transformer.head_dim, n_pos)
-        self.transformer = Transformer(cfg.transformer)
-        self.norm = nn.LayerNorm(w, eps=cfg.transformer.norm_eps)
+            self.rope = RotaryEmbedding(stack.head_dim, n_pos)
+        self.transformer = Transformer(stack) if shared is None else None
+        self.norm = nn.LayerNorm(w, eps=stack.norm_eps)
         self.proj = nn.Linear(w, embed_dim, bias=cfg.proj_bias)
         nn.init.normal_(self.proj.weight, std=w**-0.5)
         if cfg.proj_bias:
@@ -38,30 +43,45 @@ class TextTower(nn.Module):
         after the final norm, except with ``embed_cls`` where (as in open_clip's CoCa) the norm is
         applied to the pooled class token only.
         """
-        t = tokens.shape[1]
-        if t > self.cfg.context_length:
-            raise ValueError(f"text has {t} tokens, more than context_length {self.cfg.context_length}")
-        x = self.token_embedding(tokens)
-        valid = text_valid_mask(tokens, eot_id=self.cfg.eot_id, pad_id=self.cfg.pad_id)
         if self.cls_token is not None:
-            return self._forward_cls(x, tokens, valid)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed[:t].to(x.dtype)
-        rope = self.rope(t) if self.rope is not None else None
+            return self._forward_cls(tokens)
+        x, valid = self.embed(tokens)
+        rope = self.rope(tokens.shape[1]) if self.rope is not None else None
         if self.cfg.causal:
             # No padding mask needed: padding follows the end token, and causal attention never lets an
             # earlier position see it. Keeping the mask out lets SDPA use its causal kernels.
             x, stats = self.transformer(x, causal=True, rope=rope, valid=valid)
         else:
             x, stats = self.transformer(x, key_padding_mask=valid, rope=rope)
+        emb, x = self.head(x, tokens, valid)
+        return TowerOutput(emb, x, stats)
+
+    def _check_length(self, t: int) -> None:
+        if t > self.cfg.context_length:
+            raise ValueError(f"text has {t} tokens, more than context_length {self.cfg.context_length}")
+
+    def embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) ids -> the stack's input (B, T, width), token + learned position embeddings (RoPE
+        positions enter in attention instead), and the real-token mask (B, T)."""
+        self._check_length(tokens.shape[1])
+        x = self.token_embedding(tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[: tokens.shape[1]].to(x.dtype)
+        return x, text_valid_mask(tokens, eot_id=self.cfg.eot_id, pad_id=self.cfg.pad_id)
+
+    def head(self, x: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stack's output (B, T, width) -> projected pooled embedding (B, embed_dim) and normed tokens."""
         x = self.norm(x)
         pooled = pool_text(x, tokens, self.cfg.pool, eot_id=self.cfg.eot_id, valid=valid)
-        return TowerOutput(self.proj(pooled), x, stats)
+        return self.proj(pooled), x
 
-    def _forward_cls(self, x: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> TowerOutput:
+    def _forward_cls(self, tokens: torch.Tensor) -> TowerOutput:
         """CoCa: the class token goes last, so causally it sees the whole text while no text position
         sees it; it alone needs the padding mask."""
         b, t = tokens.shape
+        self._check_length(t)
+        valid = text_valid_mask(tokens, eot_id=self.cfg.eot_id, pad_id=self.cfg.pad_id)
+        x = self.token_embedding(tokens)
         x = torch.cat([x, self.cls_token.to(x.dtype).expand(b, 1, -1)], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed[: t + 1].to(x.dtype)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import VisionConfig
+from ..config import TransformerConfig, VisionConfig
 from ..layers import AttentionalPool, RotaryEmbedding2D, RouterStats, Transformer, sincos_2d
 
 
@@ -18,10 +18,15 @@ class TowerOutput:
 
 
 class VisionTower(nn.Module):
-    def __init__(self, cfg: VisionConfig, embed_dim: int):
+    """``embed`` -> own ``Transformer`` -> ``head``. ``shared``: the stack config of a one-tower model
+    (mm/models/limoe.py), which runs ``embed`` and ``head`` around its own stack: the tower then has none,
+    and its widths come from ``shared``."""
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int, shared: TransformerConfig | None = None):
         super().__init__()
         self.cfg = cfg
-        w = cfg.transformer.width
+        stack = shared if shared is not None else cfg.transformer
+        w = stack.width
         scale = w**-0.5
         self.patch_embed = nn.Conv2d(3, w, cfg.patch_size, cfg.patch_size, bias=False)
         self.prefix = 1 if cfg.class_token else 0
@@ -34,16 +39,16 @@ class VisionTower(nn.Module):
             self.register_buffer("pos_embed", sincos_2d(w, cfg.grid, self.prefix), persistent=False)
         else:  # rope2d: positions enter inside attention, nothing is added to the tokens
             self.pos_embed = None
-            self.rope = RotaryEmbedding2D(cfg.transformer.head_dim, cfg.grid, self.prefix)
-        self.norm_pre = nn.LayerNorm(w, eps=cfg.transformer.norm_eps) if cfg.norm_pre else nn.Identity()
-        self.transformer = Transformer(cfg.transformer)
+            self.rope = RotaryEmbedding2D(stack.head_dim, cfg.grid, self.prefix)
+        self.norm_pre = nn.LayerNorm(w, eps=stack.norm_eps) if cfg.norm_pre else nn.Identity()
+        self.transformer = Transformer(stack) if shared is None else None
         if cfg.pool == "attn":
-            self.attn_pool = AttentionalPool(embed_dim, w, cfg.attn_pool_heads, cfg.attn_pool_queries, cfg.transformer.norm_eps)
+            self.attn_pool = AttentionalPool(embed_dim, w, cfg.attn_pool_heads, cfg.attn_pool_queries, stack.norm_eps)
             pool_dim = embed_dim
         else:
             self.attn_pool = None
             pool_dim = w
-        self.norm = nn.LayerNorm(pool_dim, eps=cfg.transformer.norm_eps)
+        self.norm = nn.LayerNorm(pool_dim, eps=stack.norm_eps)
         self.proj = nn.Linear(pool_dim, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=pool_dim**-0.5)
 
@@ -62,15 +67,25 @@ class VisionTower(nn.Module):
 
     def forward(self, images: torch.Tensor) -> TowerOutput:
         """images: (B, 3, H, W) normalised pixels at ``cfg.image_size``."""
+        x, keep = self.embed(images)
+        rope = self.rope(keep) if self.rope is not None else None
+        x, stats = self.transformer(x, rope=rope)
+        emb, tokens = self.head(x)
+        return TowerOutput(emb, tokens, stats)
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, H, W) -> the stack's input tokens (B, T, width) and, in training with patch dropout,
+        the kept positions (for RoPE)."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, W)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed.to(x.dtype)
         x, keep = self._patch_dropout(x)
-        x = self.norm_pre(x)
-        rope = self.rope(keep) if self.rope is not None else None
-        x, stats = self.transformer(x, rope=rope)
+        return self.norm_pre(x), keep
+
+    def head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stack's output (B, T, width) -> projected embedding (B, embed_dim) and normed tokens."""
         if self.attn_pool is not None:
             # open_clip's CoCa layout (kept for weight compatibility): the first pooled query is the
             # contrastive embedding, the other queries are the decoder's image tokens.
@@ -80,4 +95,4 @@ class VisionTower(nn.Module):
             x = self.norm(x)
             tokens = x[:, self.prefix :]
             pooled = x[:, 0] if self.cfg.pool == "cls" else tokens.mean(1)
-        return TowerOutput(self.proj(pooled), tokens, stats)
+        return self.proj(pooled), tokens

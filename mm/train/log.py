@@ -5,6 +5,7 @@ Only the main process logs. Nothing here touches the device: callers pass Python
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -94,7 +95,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_run(output_dir: str | Path) -> list[Path]:
-    """PNG plots of loss, learning rate and evaluation metrics against step. Returns the files written."""
+    """PNG plots of loss, learning rate and evaluation metrics against step, and of MoE expert usage.
+    Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,4 +125,42 @@ def plot_run(output_dir: str | Path) -> list[Path]:
         fig.savefig(path)
         plt.close(fig)
         written.append(path)
-    return written
+    experts = _plot_experts(records, d / "experts.png", plt)
+    return written + ([experts] if experts is not None else [])
+
+
+def _plot_experts(records: list[dict[str, Any]], path: Path, plt: Any) -> Path | None:
+    """Heatmaps of each MoE layer's load per expert (``moe/<tower>/<block>/load``), averaged over the
+    logged steps: one panel per tower (one-tower models: per modality), layers x experts, one colour scale."""
+    import numpy as np
+
+    loads: dict[str, dict[int, list[list[float]]]] = {}
+    dropped: dict[tuple[str, int], list[float]] = {}
+    for r in records:
+        for k, v in r.items():
+            m = re.fullmatch(r"moe/(.+)/(\d+)/(load|dropped)", k)
+            if m and m[3] == "load":
+                loads.setdefault(m[1], {}).setdefault(int(m[2]), []).append(v)
+            elif m:
+                dropped.setdefault((m[1], int(m[2])), []).append(v)
+    if not loads:
+        return None
+    grids = {t: (sorted(layers), np.array([np.mean(layers[b], axis=0) for b in sorted(layers)]))
+             for t, layers in loads.items()}
+    vmax = max(g.max() for _, g in grids.values())
+    rows = max(len(b) for b, _ in grids.values())
+    fig, axes = plt.subplots(1, len(grids), figsize=(5.5 * len(grids), 1.5 + 0.5 * rows), dpi=100,
+                             squeeze=False, layout="constrained")
+    for ax, (tower, (blocks, grid)) in zip(axes[0], grids.items()):
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+        ax.set_yticks(range(len(blocks)), [f"{b}: {np.mean(dropped.get((tower, b), [0])):.0%} dropped" for b in blocks])
+        ax.set_xticks(range(grid.shape[1]))
+        ax.set_xlabel("expert")
+        ax.set_ylabel("block")
+        ax.set_title(tower)
+    fig.colorbar(im, ax=list(axes[0]), label="fraction of assignments")
+    n = len({r["step"] for r in records if any(k.startswith("moe/") for k in r)})
+    fig.suptitle(f"expert load, mean over {n} logged steps")
+    fig.savefig(path)
+    plt.close(fig)
+    return path

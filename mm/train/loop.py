@@ -21,6 +21,7 @@ from ..data.decode import SampleDecoder
 from ..data.gpu import DeferredTrainTransform, GpuImageDecoder, PendingImages
 from ..data.transforms import image_transform
 from ..data.wds import Collate, ShardStream, check_urls, make_loader
+from ..layers import RouterStats
 from ..losses import CocaLoss, make_loss
 from ..models.clip import CLIP, model_class
 from ..pretrained import save_pretrained
@@ -123,6 +124,25 @@ def build_loss(cfg: RunConfig, model: CLIP) -> torch.nn.Module:
         loss = CocaLoss(loss, contrastive_weight=t.contrastive_weight, caption_weight=t.caption_weight,
                         label_smoothing=t.label_smoothing, aux_weight=t.aux_weight)
     return loss
+
+
+def routing_metrics(stats: dict[str, list[RouterStats]], layers: dict[str, list[int]]) -> dict[str, Any]:
+    """``moe/<tower or modality>/<block>/load|dropped|entropy``: each MoE layer's fraction of assignments per
+    expert (before capacity), fraction of assignments dropped over capacity and mean per-token router
+    entropy (nats), in this process's last micro-batch. One device-to-host copy for all of them."""
+    keys, rows = [], []
+    for tower, per_layer in stats.items():
+        for block, s in zip(layers[tower], per_layer):
+            keys.append(f"moe/{tower}/{block}")
+            rows.append(torch.cat([s.load, s.dropped_fraction[None], s.entropy[None]]).float())
+    if not rows:
+        return {}
+    values, rec, start = torch.cat(rows).cpu().tolist(), {}, 0
+    for key, row in zip(keys, rows):
+        v, start = values[start : start + len(row)], start + len(row)
+        rec[f"{key}/load"] = [round(x, 5) for x in v[:-2]]
+        rec[f"{key}/dropped"], rec[f"{key}/entropy"] = v[-2], v[-1]
+    return rec
 
 
 def find_resume(cfg: RunConfig) -> Path | None:
@@ -235,7 +255,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 tokens = batch["tokens"].to(acc.device, non_blocking=True)
                 sync = nullcontext() if micro == cfg.train.grad_accum - 1 else acc.no_sync(model)
                 with sync:
-                    losses = loss_fn(model(images, tokens))
+                    out = model(images, tokens)
+                    losses = loss_fn(out)
                     acc.backward(losses["loss"] / cfg.train.grad_accum)
                 samples_since += images.shape[0] * world
             if cfg.train.grad_clip:
@@ -271,6 +292,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                     if k in losses and k != "loss":
                         rec[k] = losses[k].item()
                 log.log(rec)
+                if main and out.router_stats:  # own record: per-layer lists would crowd the console line
+                    log.log({"step": step, **routing_metrics(out.router_stats, core.moe_layers())}, show=False)
                 t_last, samples_since = time.time(), 0
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < end:
                 save(step)
