@@ -131,30 +131,19 @@ def tiny_limoe() -> ModelConfig:
     return cfg
 
 
-@preset("coca_ViT-B-32")
-def coca_vit_b_32() -> ModelConfig:
-    """open_clip's coca_ViT-B-32: ViT-B/32 with 256-query attentional pooling, a text tower with an
-    appended class token (context 76 + 1) and a 12-layer multimodal decoder of width 512."""
-    cfg = _b(32)
+def _coca(cfg: ModelConfig, decoder: TransformerConfig) -> ModelConfig:
+    """open_clip's CoCa on a ViT CLIP: 256-query attentional pooling (8 heads), a text tower with an appended
+    class token (context 76 + 1, open_clip's class-token mask) and a multimodal decoder in its layout."""
     cfg.vision.pool = "attn"
     cfg.vision.attn_pool_queries, cfg.vision.attn_pool_heads = 256, 8
     cfg.text.context_length = 76
     cfg.text.embed_cls, cfg.text.cls_mask = True, "open_clip"
-    cfg.decoder = DecoderConfig(TransformerConfig(512, 12, 8), layout="separate")
+    cfg.decoder = DecoderConfig(decoder, layout="separate")
     return cfg
 
 
-@preset("coca_ViT-L-14")
-def coca_vit_l_14() -> ModelConfig:
-    """open_clip's coca_ViT-L-14: ViT-L/14 with 256-query attentional pooling into embed_dim 768, text
-    12x768 with an appended class token, a 12-layer decoder of width 768."""
-    cfg = _l()
-    cfg.vision.pool = "attn"
-    cfg.vision.attn_pool_queries, cfg.vision.attn_pool_heads = 256, 8
-    cfg.text.context_length = 76
-    cfg.text.embed_cls, cfg.text.cls_mask = True, "open_clip"
-    cfg.decoder = DecoderConfig(TransformerConfig(768, 12, 12), layout="separate")
-    return cfg
+preset("coca_ViT-B-32")(lambda: _coca(_b(32), TransformerConfig(512, 12, 8)))
+preset("coca_ViT-L-14")(lambda: _coca(_l(), TransformerConfig(768, 12, 12)))
 
 
 @preset("tiny-coca")

@@ -63,3 +63,21 @@ def colour_shards(tmp_path):
     (d / "info.json").write_text('{"classes": ["red", "green", "blue", "yellow"], '
                                  '"templates": ["a {} square", "a photo of something {}"]}')
     return d
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A random tiny-clip saved with mm.save_pretrained (what the commands take as --model)."""
+    import torch
+
+    import mm
+
+    torch.manual_seed(0)
+    return mm.save_pretrained(mm.create_model("tiny-clip"), tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    import mm
+
+    return mm.load_pretrained(model_dir).eval()

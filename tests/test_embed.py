@@ -28,15 +28,6 @@ ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 COLOURS = ["red", "green", "blue", "yellow"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return mm.save_pretrained(mm.create_model("tiny-clip"), tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return mm.load_pretrained(model_dir).eval()
 
 
 @pytest.fixture(scope="module")

@@ -36,15 +36,6 @@ RANKS = (0, 4, 6)  # image j gets the class ranked RANKS[j % 3] (0 = most probab
 BROKEN = Path("Light_Yellow", "broken.jpg")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return mm.save_pretrained(mm.create_model("tiny-clip"), tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return mm.load_pretrained(model_dir).eval()
 
 
 def probabilities(model, images: list[Image.Image], classes: list[str], templates) -> torch.Tensor:
