@@ -49,6 +49,12 @@ class MoEConfig:
     # Nats: the global term is max(0, threshold - H), so a modality is pushed to spread only until its
     # entropy reaches the threshold (LIMoE: log S for about S experts, e.g. log 4 = 1.386); null = -H.
     global_entropy_threshold: float | None = None
+    # How the experts run: "grouped" sorts the kept assignments by expert and runs each FFN matmul as one
+    # grouped GEMM over exactly those rows (torch's F.grouped_mm; no capacity padding, so unlimited
+    # capacity costs k x tokens rows, not experts x tokens); "padded" scatters into an (experts, capacity,
+    # dim) buffer and runs batched matmuls; "auto" = grouped where torch has a fast kernel for it (fp32 on
+    # CPU, bf16 on CUDA sm80+), else padded. Same routing and outputs either way (tested).
+    dispatch: str = "auto"
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.num_experts < 1:
@@ -64,6 +70,8 @@ class MoEConfig:
         for k in ("aux_loss_weight", "z_loss_weight", "local_entropy_weight", "global_entropy_weight"):
             if getattr(self, k) < 0:
                 yield k, f"must be >= 0, got {getattr(self, k)}"
+        if self.dispatch not in ("auto", "grouped", "padded"):
+            yield "dispatch", f"must be auto, grouped or padded, got {self.dispatch!r}"
         tau, most = self.global_entropy_threshold, math.log(max(self.num_experts, 1))
         if tau is not None and not 0 <= tau <= most:
             # above log(num_experts) the threshold is unreachable: the term would never switch off

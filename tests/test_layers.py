@@ -168,18 +168,72 @@ def reference_moe(moe: MoE, x: torch.Tensor, cap: int) -> tuple[torch.Tensor, in
     return out, dropped
 
 
+@pytest.mark.parametrize("dispatch", ["padded", "grouped"])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("factor", [0.5, 1.0, None])
-def test_moe_batched_dispatch_matches_token_loop(top_k, factor):
+def test_moe_batched_dispatch_matches_token_loop(top_k, factor, dispatch):
     torch.manual_seed(1)
-    e, n, d = 4, 24, 6
-    moe = MoE(d, 10, MoEConfig(num_experts=e, top_k=top_k, capacity_factor=factor)).train()
-    x = torch.randn(n, d)
+    # grouped_mm has no fp64 kernel: that path is checked in fp32 (against the same fp32 token loop)
+    dtype, atol = (torch.float64, 1e-10) if dispatch == "padded" else (torch.float32, 1e-5)
+    e, n, d = 4, 24, 8
+    moe = MoE(d, 16, MoEConfig(num_experts=e, top_k=top_k, capacity_factor=factor, dispatch=dispatch)).train()
+    moe.to(dtype)
+    x = torch.randn(n, d, dtype=dtype)
     y, stats = moe(x)
     cap = expert_capacity(n, e, top_k, factor)
     ref, dropped = reference_moe(moe, x, cap)
-    torch.testing.assert_close(y, ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(y, ref, atol=atol, rtol=0)
     assert stats.dropped_fraction.item() == pytest.approx(dropped / (top_k * n))
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("cfg", [
+    dict(top_k=2, capacity_factor=0.75),
+    dict(top_k=1, capacity_factor=1.0, batch_priority=True),
+    dict(top_k=2, capacity_factor=None),
+])
+def test_grouped_dispatch_equals_padded(cfg, swiglu):
+    """The grouped GEMM path and the capacity-buffer path: same outputs, gradients and statistics, with
+    drops, BPR, unlimited capacity, padding tokens and modality groups; also under bf16 autocast."""
+    torch.manual_seed(5)
+    d, hidden, e = 16, 24, 4
+    models = {}
+    for dispatch in ("padded", "grouped"):
+        torch.manual_seed(6)
+        models[dispatch] = MoE(d, hidden, MoEConfig(num_experts=e, dispatch=dispatch, **cfg), swiglu=swiglu).float().train()
+    x = torch.randn(3, 10, d, dtype=torch.float32)
+    member = torch.zeros(3, 10, 2, dtype=torch.bool)
+    member[:, :6, 0] = True  # "images"
+    member[:2, 6:9, 1] = True  # "texts"; the rest is padding
+    runs = {}
+    for name, moe in models.items():
+        xi = x.clone().requires_grad_(True)
+        y, stats = moe(xi, member)
+        (y * torch.linspace(-1, 1, d)).sum().backward()
+        runs[name] = (y, xi.grad, moe.w1.grad, moe.b2.grad, stats)
+    (yp, gxp, gw1p, gb2p, sp), (yg, gxg, gw1g, gb2g, sg) = runs["padded"], runs["grouped"]
+    assert sp.dropped_fraction.item() > 0 or cfg["capacity_factor"] is None or cfg["capacity_factor"] >= 1
+    for a, b in ((yp, yg), (gxp, gxg), (gw1p, gw1g), (gb2p, gb2g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip([sp, *sp.groups], [sg, *sg.groups]):
+        torch.testing.assert_close(a.load, b.load)
+        torch.testing.assert_close(a.dropped_fraction, b.dropped_fraction)
+        torch.testing.assert_close(a.aux_loss, b.aux_loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yp, _ = models["padded"](x, member)
+        yg, _ = models["grouped"](x, member)
+    assert yp.dtype == yg.dtype == torch.bfloat16
+    torch.testing.assert_close(yp.float(), yg.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_grouped_dispatch_backward_of_plain_sum():
+    """grouped_mm's own backward rejects a stride-0 gradient (that of ``y.sum()``); the layer must not."""
+    torch.manual_seed(7)
+    moe = MoE(16, 32, MoEConfig(num_experts=4, top_k=2, dispatch="grouped")).float().train()
+    x = torch.randn(20, 16, dtype=torch.float32, requires_grad=True)
+    y, _ = moe(x)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and moe.w2.grad.abs().sum() > 0
 
 
 def test_dropped_fraction_counts_over_capacity_tokens():
