@@ -3,7 +3,8 @@
     python benchmarks/bench_moe.py --model tiny-moe --batch 64 --steps 10
     python benchmarks/bench_moe.py --model ViT-B-16-moe --batch 256 --precision bf16 --steps 20   # GPU
 
-The twin is the same model with every MoE FFN replaced by one dense MLP of ``top_k x`` the expert width:
+The twin is the same model with every MoE FFN replaced by one dense MLP of ``top_k x`` the expert width
+(``MoEConfig.dense_twin``; for tiny-moe it is the preset tiny-moe-dense):
 each token then goes through the same number of FFN weights as it does through its top-k experts, so the
 FLOPs per token match and the ratio measures what routing costs (router, dispatch into capacity buffers,
 combine, the load-balancing and z losses) plus the work of capacity slack (``capacity_factor`` > 1 pads
@@ -22,19 +23,20 @@ import time
 import torch
 
 import mm
-from mm.layers import Mlp, MoE
+from mm.layers import MoE
 
 
-def dense_twin(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace each MoE FFN by an Mlp of top_k x its expert width (same active parameters per token)."""
-    for blk in model.modules():
-        ffn = getattr(blk, "ffn", None)
-        if isinstance(ffn, MoE):
-            cfg = ffn.cfg
-            dim, hidden = ffn.w1.shape[1], ffn.w1.shape[2]
-            blk.ffn = Mlp(dim, cfg.top_k * hidden, act="gelu")
-            blk.is_moe = False
-    return model
+def dense_twin(spec: str) -> mm.ModelConfig:
+    """The preset with ``moe.dense_twin`` set in every stack: each MoE FFN becomes one dense FFN of top_k x
+    its expert width (same active parameters and FLOPs per token), e.g. tiny-moe -> tiny-moe-dense."""
+    from mm.models.clip import resolve_config
+
+    cfg = resolve_config(spec)
+    for stack in (cfg.vision.transformer, cfg.text.transformer, cfg.one_tower,
+                  cfg.decoder.transformer if cfg.decoder is not None else None):
+        if stack is not None and stack.moe is not None:
+            stack.moe.dense_twin = True
+    return cfg
 
 
 def main() -> None:
@@ -60,7 +62,7 @@ def main() -> None:
     if device.type == "cuda" and dtype is None:  # torch's grouped GEMM is bf16-only on CUDA
         moe = with_dispatch("auto")
     torch.manual_seed(0)
-    dense = dense_twin(mm.create_model(args.model)).to(device).train()
+    dense = mm.create_model(dense_twin(args.model)).to(device).train()
     cfg = moe.config
     images = torch.randn(args.batch, 3, cfg.vision.image_size, cfg.vision.image_size, device=device)
     tokens = mm.get_tokenizer(moe)([f"a photo of a thing number {i}" for i in range(args.batch)]).to(device)

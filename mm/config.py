@@ -49,6 +49,9 @@ class MoEConfig:
     # Nats: the global term is max(0, threshold - H), so a modality is pushed to spread only until its
     # entropy reaches the threshold (LIMoE: log S for about S experts, e.g. log 4 = 1.386); null = -H.
     global_entropy_threshold: float | None = None
+    # The dense equal-active-parameter twin, a control for MoE experiments: each MoE place gets one dense
+    # FFN of top_k x the expert width instead (same FLOPs and active weights per token, no routing).
+    dense_twin: bool = False
     # How the experts run: "grouped" sorts the kept assignments by expert and runs each FFN matmul as one
     # grouped GEMM over exactly those rows (torch's F.grouped_mm; no capacity padding, so unlimited
     # capacity costs k x tokens rows, not experts x tokens); "padded" scatters into an (experts, capacity,

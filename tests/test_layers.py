@@ -414,3 +414,19 @@ def test_one_attention_implementation_in_the_package():
             if pat in src:
                 offenders.append(f"{f.relative_to(root)}: {pat}")
     assert not offenders, offenders
+
+
+def test_moe_dense_twin_has_the_active_parameters_of_the_moe():
+    """moe.dense_twin: the same places get one dense FFN whose weights equal the top-k experts' a token uses."""
+    from mm.layers.block import make_ffn
+
+    cfg = TransformerConfig(16, 4, 2, moe=MoEConfig(num_experts=8, top_k=2, every=2))
+    twin = TransformerConfig(16, 4, 2, moe=MoEConfig(num_experts=8, top_k=2, every=2, dense_twin=True))
+    for i in range(4):
+        moe, dense = make_ffn(cfg, i), make_ffn(twin, i)
+        if isinstance(moe, MoE):
+            assert isinstance(dense, Mlp)
+            active = 2 * (moe.w1[0].numel() + moe.b1[0].numel() + moe.w2[0].numel()) + moe.b2[0].numel()
+            assert sum(p.numel() for p in dense.parameters()) == active
+        else:
+            assert type(dense) is type(moe)

@@ -19,8 +19,11 @@ def is_moe_layer(cfg: TransformerConfig, layer_idx: int) -> bool:
 
 
 def make_ffn(cfg: TransformerConfig, layer_idx: int) -> nn.Module:
-    """The one place that chooses a block's feed-forward layer: MoE (every ``moe.every`` blocks), SwiGLU
-    or the plain MLP."""
+    """The one place that chooses a block's feed-forward layer: MoE (every ``moe.every`` blocks; or, as its
+    dense twin, one FFN of top_k x the width there), SwiGLU or the plain MLP."""
+    if is_moe_layer(cfg, layer_idx) and cfg.moe.dense_twin:
+        hidden = cfg.moe.top_k * cfg.mlp_hidden
+        return SwiGLU(cfg.width, hidden) if cfg.ffn == "swiglu" else Mlp(cfg.width, hidden, cfg.act)
     if is_moe_layer(cfg, layer_idx):
         return MoE(cfg.width, cfg.mlp_hidden, cfg.moe, act=cfg.act, swiglu=cfg.ffn == "swiglu")
     if cfg.ffn == "swiglu":

@@ -67,6 +67,10 @@ def expert_capacity(tokens: int, num_experts: int, top_k: int, factor: float | N
     return max(1, math.ceil(factor * top_k * tokens / num_experts))
 
 
+# public since torch 2.10; torch._grouped_mm before that (2.8+); None: only the padded dispatch exists
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the expert matmuls run in: autocast's when it is on (grouped_mm is not on autocast's
     lists, so the cast is explicit), else the input's."""
@@ -119,14 +123,19 @@ class MoE(nn.Module):
         aligned rows; it is used for fp32 on CPU and bf16 on CUDA sm80+ (its fast kernels); anything else takes
         the padded path."""
         mode = self.cfg.dispatch
+        if mode == "grouped" and _GROUPED_MM is None:
+            raise RuntimeError(f"moe.dispatch: grouped needs torch >= 2.8 (grouped_mm), this is {torch.__version__}")
         if mode != "auto":
             return mode == "grouped"
+        if _GROUPED_MM is None:
+            return False
         size = torch.empty((), dtype=dtype).element_size()
         aligned = all(d * size % 16 == 0 for d in (self.w1.shape[1], self.w1.shape[2], self.w2.shape[1]))
         if device.type == "cpu":
             # fp32 only: torch's CPU grouped GEMM has no fast bf16 path, while bmm uses AMX / oneDNN
             # (bf16: grouped 45 ms vs bmm 11 ms on 8 x (1040 x 192 @ 192 x 768), 2 cores)
-            return aligned and dtype == torch.float32
+            # (and only with the public F.grouped_mm: the private op of older releases may lack a CPU kernel)
+            return aligned and dtype == torch.float32 and hasattr(F, "grouped_mm")
         if device.type == "cuda":
             return aligned and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
         return False
@@ -137,13 +146,13 @@ class MoE(nn.Module):
         if xs.shape[0] == 0:
             return xs.new_zeros(0, self.w2.shape[2])
         dt = xs.dtype
-        h = _grad_contiguous(F.grouped_mm(xs, self.w1.to(dt), offs=offs)) + self.b1.to(dt).index_select(0, expert)
+        h = _grad_contiguous(_GROUPED_MM(xs, self.w1.to(dt), offs=offs)) + self.b1.to(dt).index_select(0, expert)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = self.act(h)
-        y = _grad_contiguous(F.grouped_mm(h.contiguous(), self.w2.to(dt), offs=offs))
+        y = _grad_contiguous(_GROUPED_MM(h.contiguous(), self.w2.to(dt), offs=offs))
         return y + self.b2.to(dt).index_select(0, expert)
 
     def _experts(self, buf: torch.Tensor) -> torch.Tensor:

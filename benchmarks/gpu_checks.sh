@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU (issues 5, 7 and 8), as one prepared pass sized for one H200 and a
+# 10-minute command. Each step has its own time limit, so one hang costs only its slot; logs go to
+# $OUT (the device tool's output folder) or benchmarks/runs/gpu.
+#
+#   bash benchmarks/gpu_checks.sh                 # everything (limits add up to 620 s; expect ~8 min)
+#   ONLY="train moe" bash benchmarks/gpu_checks.sh  # some steps
+#
+# The device image has Python 3.12 with torch, accelerate, safetensors, matplotlib, pytest; mm's other
+# dependencies travel as wheels in .whl (git-ignored through .git/info/exclude), fetched here once:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     open_clip_torch==3.3.0 webdataset==1.0.2 braceexpand==0.1.7 ftfy==6.3.1 wcwidth==0.2.13
+# and the device command is (carry: [".whl"]):
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+#     PYTHONPATH=/tmp/site:. PY=python3 bash benchmarks/gpu_checks.sh
+set -u
+OUT=${OUT:-benchmarks/runs/gpu}
+PY=${PY:-.venv/bin/python}
+ONLY=${ONLY:-"info train infer data moe sparse tests"}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME SECONDS CMD...: run, keep the log, print its tail
+    local name=$1 limit=$2
+    shift 2
+    case " $ONLY " in *" $name "* | *" ${name%%_*} "*) ;; *) return 0 ;; esac
+    echo "=== $name ($limit s): $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    echo "--- rc=$? in $((SECONDS - t0)) s"
+    tail -n 12 "$OUT/$name.log"
+}
+
+step info 20 bash -c "nvidia-smi; $PY -c 'import torch, open_clip, webdataset; print(torch.__version__, open_clip.__version__, torch.cuda.get_device_name())'"
+
+# Issue 7, acceptance 2: ViT-B-16 b256 bf16 eager and compiled (MFU vs 793 TFLOP/s), ViT-B-32 b512, CoCa.
+TRAIN="$PY benchmarks/bench_train.py --precision bf16 --peak-tflops 793"
+step train_b16 60 $TRAIN --model ViT-B-16 --batch 256 --steps 8
+step train_b16_compiled 150 $TRAIN --model ViT-B-16 --batch 256 --steps 8 --compile
+step train_b32 45 $TRAIN --model ViT-B-32 --batch 512 --steps 10
+step train_coca 60 $TRAIN --model coca_ViT-B-32 --batch 256 --steps 8
+
+# Issue 7, acceptance 3: training from JPEG shards vs the synthetic-data step rate (ViT-B-32, b512).
+step data 90 $PY benchmarks/bench_data.py --make-shards /tmp/jpegs --n 8192 \
+    --shards '/tmp/jpegs/train-{000000..000007}.tar' --batch 512 --workers 15 --batches 12 --train ViT-B-32
+
+# Issue 5, acceptance 3 / issue 7: embedding throughput, mm embed vs a plain open_clip loop.
+step infer 45 $PY benchmarks/bench_infer.py --model ViT-B-32 --n 4096 --batch-size 1024 --workers 15 --repeats 2
+
+# Issue 8, acceptance 3 (and issue 7's MoE dispatch): MoE vs dense twin; sparse vs dense attention at 4k.
+step moe 50 $PY benchmarks/bench_moe.py --model ViT-B-16-moe --batch 256 --precision bf16 --steps 10
+step sparse 40 $PY benchmarks/bench_sparse.py --depth 12
+
+# The CUDA-only tests (compiled flex_attention) and the device paths of the rest.
+step tests 60 $PY -m pytest -x tests/test_sparse_attention.py tests/test_layers.py tests/test_device_decode.py
