@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from mm import dist as mmdist
 
-__all__ = ["ClipLoss", "SigLipLoss", "CocaLoss", "caption_loss", "make_loss", "LOSSES"]
+__all__ = ["ClipLoss", "SigLipLoss", "CocaLoss", "DistillLoss", "caption_loss", "make_loss", "LOSSES"]
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -251,6 +251,74 @@ class CocaLoss(nn.Module):
             result["aux_loss"] = aux
             loss = loss + self.aux_weight * aux
         result["loss"] = loss
+        return result
+
+
+def similarity_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
+    """KL(teacher || student) of the in-batch similarity distributions, both directions: over the rows of the
+    (B, B) image->text logits and over their columns (text->image), averaged; in fp32."""
+    t, s = teacher_logits.float(), student_logits.float()
+    kl = 0.0
+    for dim in (1, 0):  # image -> text rows, text -> image columns
+        kl = kl + F.kl_div(F.log_softmax(s, dim), F.log_softmax(t, dim), log_target=True, reduction="sum")
+    return kl / (2 * t.shape[0])
+
+
+class DistillLoss(nn.Module):
+    """Knowledge distillation from a frozen teacher's embeddings (mm/train/distill.py feeds them):
+
+    ``loss = task_weight * task(out) + kl_weight * KL + feature_weight * feature``
+
+    * ``task``: the run's usual loss (CLIP / SigLIP, CoCa's caption loss, MoE aux loss included);
+    * KL: :func:`similarity_kl` between the teacher's and the student's in-batch image-text similarity
+      distributions. Logits are ``scale * cos``: with ``temperature`` None each model uses its own logit
+      scale (the teacher's fixed, the student's learned, so the student also learns the teacher's
+      sharpness); a number T sets ``1 / T`` for both. No T^2 factor: the logits are bounded cosines.
+      Local batch only under DDP (the in-batch distribution of each process);
+    * feature: the student's normalised embeddings, mapped by a learned bias-free ``proj`` when the widths
+      differ (one map shared by both modalities: they live in one space), against the teacher's
+      normalised embeddings: ``cosine`` (1 - cos) or ``mse`` (squared L2 distance, batch mean); the mean
+      of the image and text terms.
+
+    ``teacher`` is ``(image_emb, text_emb, logit_scale)`` with L2-normalised (B, D_t) embeddings; the
+    result adds ``task_loss``, ``kl_loss`` and ``feature_loss`` to the task loss's own entries.
+    """
+
+    def __init__(self, task: nn.Module, student_dim: int, teacher_dim: int, *, task_weight: float = 1.0,
+                 kl_weight: float = 1.0, feature_weight: float = 0.0, feature_loss: str = "cosine",
+                 temperature: float | None = None):
+        super().__init__()
+        if feature_loss not in ("cosine", "mse"):
+            raise ValueError(f"feature_loss must be cosine or mse, got {feature_loss!r}")
+        self.task = task
+        self.task_weight, self.kl_weight, self.feature_weight = task_weight, kl_weight, feature_weight
+        self.feature_loss, self.temperature = feature_loss, temperature
+        self.proj = None
+        if feature_weight > 0 and student_dim != teacher_dim:
+            self.proj = nn.Linear(student_dim, teacher_dim, bias=False)
+            nn.init.normal_(self.proj.weight, std=student_dim**-0.5)
+
+    def _feature(self, s: Tensor, t: Tensor) -> Tensor:
+        s = self.proj(s.to(self.proj.weight.dtype)) if self.proj is not None else s
+        s, t = s.float(), t.float()
+        if self.feature_loss == "cosine":
+            return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+        return (s - t).pow(2).sum(-1).mean()
+
+    def forward(self, out: Any, teacher: tuple[Tensor, Tensor, Tensor | float]) -> dict[str, Tensor]:
+        t_img, t_txt, t_scale = teacher
+        img, txt = _embeddings(out)
+        result = dict(self.task(out))
+        result["task_loss"] = result["loss"]
+        if self.temperature is not None:
+            s_scale = t_scale = 1.0 / self.temperature
+        else:
+            s_scale = _as_tensor(out.logit_scale, img).float()
+        kl = similarity_kl(t_scale * t_img.float() @ t_txt.float().T, s_scale * img.float() @ txt.float().T)
+        feat = (self._feature(img, t_img) + self._feature(txt, t_txt)) / 2 if self.feature_weight > 0 \
+            else kl.new_zeros(())
+        result["kl_loss"], result["feature_loss"] = kl, feat
+        result["loss"] = self.task_weight * result["task_loss"] + self.kl_weight * kl + self.feature_weight * feat
         return result
 
 

@@ -16,7 +16,9 @@ def text_valid_mask(tokens: torch.Tensor, *, eot_id: int, pad_id: int) -> torch.
     """
     is_eot = tokens == eot_id
     before_first_eot = (is_eot.long().cumsum(1) - is_eot.long()) == 0
-    return torch.where(is_eot.any(1, keepdim=True), before_first_eot, tokens != pad_id)
+    has_eot = is_eot.any(1, keepdim=True)
+    # where(has_eot, a, b) written with logical ops: ONNX Runtime has no boolean Where (mm export)
+    return (has_eot & before_first_eot) | (~has_eot & (tokens != pad_id))
 
 
 def pool_text(x: torch.Tensor, tokens: torch.Tensor, kind: str, *, eot_id: int, valid: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,314 @@
+"""Distillation in a training run (the ``distill`` section): a frozen teacher's embeddings for every batch,
+and the distillation loss (:class:`mm.losses.DistillLoss`) around the run's usual loss.
+
+The teacher is any model ``load_model`` takes (an mm directory, ``open_clip:NAME[:TAG]``, a preset with a
+weights file), in eval mode, without gradients, outside the optimizer and the checkpoints. It sees the
+student's batch: images adapted to its own preprocessing (un-normalised with the student's mean / std,
+resized bicubically to its image size, normalised with its own), captions re-tokenized when its context
+length differs. Its embeddings may instead come from disk: ``mm embed --images`` over the training shards
+(ids are the shard keys, so samples are matched by key) and ``mm embed --texts`` over the training captions
+(matched by the text itself). Precomputed image embeddings are of the teacher's eval view of each image,
+not of the student's augmented crop.
+
+The only trained part is the feature loss's projection (student width -> teacher width, when they differ):
+its own optimizer group, its gradient averaged over processes here (it is not inside DDP), and its weights
+saved in each checkpoint as ``distill.safetensors`` (a resumed run continues it; ``final/`` holds the
+student alone).
+"""
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError, ModelConfig
+from ..losses import DistillLoss
+
+if TYPE_CHECKING:
+    from .config import DistillConfig, RunConfig
+
+STATE_NAME = "distill.safetensors"
+OPEN_CLIP = "open_clip:"
+
+
+class DistillError(RuntimeError):
+    """A training batch has no teacher embedding on disk."""
+
+
+# -- checks before any work ---------------------------------------------------------------------------
+def teacher_config(spec: str) -> ModelConfig | None:
+    """The teacher's architecture (None for an open_clip name mm has no preset of); ConfigError if ``spec``
+    names nothing loadable."""
+    from ..models.clip import resolve_config
+    from ..presets import list_models
+    from ..pretrained import PretrainedError, load_config
+
+    if Path(spec).is_dir():
+        try:
+            return load_config(spec)
+        except PretrainedError as e:
+            raise ConfigError(str(e)) from None
+    if spec.startswith(OPEN_CLIP):
+        name = spec[len(OPEN_CLIP):].partition(":")[0]
+        if name in list_models():
+            return resolve_config(name)
+        import open_clip
+
+        if name not in open_clip.list_models():
+            raise ConfigError(f"{spec!r}: open_clip has no model {name!r}")
+        return None
+    return resolve_config(spec)
+
+
+def _teacher_dim(spec: str) -> int:
+    cfg = teacher_config(spec)
+    if cfg is not None:
+        return cfg.embed_dim
+    import open_clip
+
+    return int(open_clip.get_model_config(spec[len(OPEN_CLIP):].partition(":")[0])["embed_dim"])
+
+
+def read_embed_index(directory: str | Path, kind: str) -> dict[str, Any]:
+    """index.json of a finished ``mm embed`` output holding ``kind`` ("images" / "texts"); ConfigError if not."""
+    path = Path(directory) / "index.json"
+    if not path.is_file():
+        raise ConfigError(f"{directory}: no index.json (not a finished `mm embed` output directory)")
+    index = json.loads(path.read_text())
+    if index.get("kind") != kind:
+        raise ConfigError(f"{directory}: holds {index.get('kind')} embeddings, expected {kind} "
+                          f"(`mm embed --{kind} ...`)")
+    return index
+
+
+def logit_scale_of(spec: str | None) -> float | None:
+    """exp(logit_scale) read from an mm model directory's weights (no model is built); None otherwise."""
+    if not spec or not (Path(spec) / "model.safetensors").is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(Path(spec) / "model.safetensors"), "pt") as f:
+        return float(f.get_tensor("logit_scale").exp()) if "logit_scale" in f.keys() else None
+
+
+def check_config(d: DistillConfig) -> Iterator[tuple[str, str]]:
+    """(key, problem) pairs for a ``distill`` section; file contents are read, no model is built."""
+    for k in ("task_weight", "kl_weight", "feature_weight"):
+        if getattr(d, k) < 0:
+            yield k, f"must be >= 0, got {getattr(d, k)}"
+    if d.kl_weight == 0 and d.feature_weight == 0:
+        yield "kl_weight", "kl_weight and feature_weight are both 0: nothing would be distilled"
+    if d.feature_loss not in ("cosine", "mse"):
+        yield "feature_loss", f"must be cosine or mse, got {d.feature_loss!r}"
+    if d.temperature is not None and d.temperature <= 0:
+        yield "temperature", f"must be > 0 or null (the models' logit scales), got {d.temperature}"
+    dims: dict[str, int] = {}
+    indexes: dict[str, dict] = {}
+    for key, kind in (("image_embeddings", "images"), ("text_embeddings", "texts")):
+        if getattr(d, key):
+            try:
+                indexes[key] = read_embed_index(getattr(d, key), kind)
+                dims[key] = int(indexes[key]["embed_dim"])
+            except ConfigError as e:
+                yield key, str(e)
+                return
+    if d.teacher is None:
+        if len(indexes) < 2:
+            yield "teacher", "required unless both image_embeddings and text_embeddings are given"
+            return
+        if d.teacher_pretrained:
+            yield "teacher_pretrained", "given without a teacher"
+    else:
+        try:
+            dims["teacher"] = _teacher_dim(d.teacher)
+        except ConfigError as e:
+            yield "teacher", str(e)
+            return
+        if d.teacher_pretrained and not Path(d.teacher_pretrained).is_file():
+            yield "teacher_pretrained", f"file {d.teacher_pretrained!r} not found"
+        elif d.teacher_pretrained and Path(d.teacher).is_dir():
+            yield "teacher_pretrained", f"{d.teacher} is a model directory and holds its weights; drop it"
+        elif not d.teacher_pretrained and not Path(d.teacher).is_dir() and not d.teacher.startswith(OPEN_CLIP):
+            yield "teacher_pretrained", (f"teacher {d.teacher!r} is a preset or config file: give its weights file "
+                                         "(random weights teach nothing)")
+    if len(set(dims.values())) > 1:
+        key = "image_embeddings" if "image_embeddings" in dims else "text_embeddings"
+        yield key, f"embedding widths differ: {', '.join(f'{k} {v}' for k, v in dims.items())} (one teacher)"
+    if d.teacher is None and d.temperature is None:
+        models = {logit_scale_of(i.get("model")) for i in indexes.values()}
+        if None in models or len(models) != 1:
+            yield "temperature", ("needed: without distill.teacher the teacher's logit scale is read from the mm "
+                                  "model directory the embeddings' index.json names, and there is none (or two)")
+
+
+# -- precomputed embeddings ---------------------------------------------------------------------------
+class EmbeddingStore:
+    """The rows of an ``mm embed`` output directory, looked up by id: shard sample keys (images) or the
+    text itself (texts, whose ids are ``"LINE: text"``). Parts are memory-mapped, not read whole."""
+
+    def __init__(self, directory: str | Path, kind: str):
+        self.directory, self.kind = Path(directory), kind
+        index = read_embed_index(directory, kind)
+        self.normalized, self.dim = bool(index.get("normalized", True)), int(index["embed_dim"])
+        self.parts = [np.load(self.directory / p["file"], mmap_mode="r") for p in index["parts"]]
+        self.rows: dict[str, tuple[int, int]] = {}
+        for n, p in enumerate(index["parts"]):
+            ids = json.loads((self.directory / p["ids"]).read_text())["ids"]
+            for r, i in enumerate(ids):
+                key = i.split(": ", 1)[1] if kind == "texts" else i
+                if self.rows.setdefault(key, (n, r)) != (n, r) and kind == "images":
+                    raise ConfigError(f"{directory}: the id {key!r} occurs twice; embed each shard once")
+        self.scale = logit_scale_of(index.get("model"))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def lookup(self, keys: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+        """(len(keys), dim) float32, L2-normalised; DistillError naming the first key that is missing."""
+        out = np.empty((len(keys), self.dim), np.float32)
+        for j, k in enumerate(keys):
+            at = self.rows.get(k)
+            if at is None:
+                what = "sample key" if self.kind == "images" else "caption"
+                raise DistillError(f"{what} {k!r} of a training batch is not in {self.directory} (embed the "
+                                   f"training {'shards' if self.kind == 'images' else 'captions'} with the teacher: "
+                                   f"`mm embed --{self.kind} ...`)")
+            out[j] = self.parts[at[0]][at[1]]
+        x = torch.from_numpy(out).to(device)
+        return x if self.normalized else F.normalize(x, dim=-1)
+
+
+# -- the run's distiller ------------------------------------------------------------------------------
+class Distiller:
+    """Teacher embeddings for a batch + :class:`DistillLoss` around the run's ``task`` loss.
+    ``distiller(out, batch, images, tokens)`` returns the loss dict the trainer logs."""
+
+    def __init__(self, d: DistillConfig, student: nn.Module, task: nn.Module, device: torch.device,
+                 autocast=nullcontext):
+        from ..pretrained import load_model
+        from ..tokenizer import get_tokenizer
+
+        self.cfg, self.device, self.autocast = d, torch.device(device), autocast
+        self.teacher = None
+        if d.teacher is not None:
+            self.teacher = load_model(d.teacher, d.teacher_pretrained, self.device).eval()
+            self.teacher.requires_grad_(False)
+        self.images = EmbeddingStore(d.image_embeddings, "images") if d.image_embeddings else None
+        self.texts = EmbeddingStore(d.text_embeddings, "texts") if d.text_embeddings else None
+        if self.teacher is not None:
+            teacher_dim = self.teacher.config.embed_dim
+            self.scale = float(self.teacher.logit_scale.detach().exp())
+        else:
+            teacher_dim = self.images.dim
+            self.scale = self.images.scale or self.texts.scale or 1.0  # temperature set (checked) if unknown
+        s_cfg = student.config
+        self.tokenizer = None
+        if self.teacher is not None and self.teacher.config.text.context_length != s_cfg.text.context_length:
+            self.tokenizer = get_tokenizer(self.teacher)
+        self.image_fix = _image_adapter(s_cfg, self.teacher.config) if self.teacher is not None else None
+        self.loss = DistillLoss(task, s_cfg.embed_dim, teacher_dim, task_weight=d.task_weight,
+                                kl_weight=d.kl_weight, feature_weight=d.feature_weight,
+                                feature_loss=d.feature_loss, temperature=d.temperature).to(self.device)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The trained projection's parameters (none when the widths agree or feature_weight is 0)."""
+        return list(self.loss.proj.parameters()) if self.loss.proj is not None else []
+
+    def describe(self) -> str:
+        src = [f"teacher {self.cfg.teacher}"] if self.teacher is not None else []
+        src += [f"{s.kind} from {s.directory} ({len(s):,})" for s in (self.images, self.texts) if s is not None]
+        return (f"distilling: {', '.join(src)}; kl {self.cfg.kl_weight}, feature {self.cfg.feature_weight} "
+                f"({self.cfg.feature_loss}{', projected' if self.loss.proj is not None else ''}), "
+                f"task {self.cfg.task_weight}, teacher logit scale {self.scale:.2f}")
+
+    @torch.no_grad()
+    def teacher_embeddings(self, batch: dict[str, Any], images: torch.Tensor,
+                           tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised (B, D_teacher) image and text embeddings of the batch, from disk or the teacher."""
+        if self.images is not None:
+            img = self.images.lookup(batch["keys"], self.device)
+        else:
+            with self.autocast():
+                img = self.teacher.encode_image(self.image_fix(images))
+            img = F.normalize(img.float(), dim=-1)
+        if self.texts is not None:
+            txt = self.texts.lookup(batch["texts"], self.device)
+        else:
+            t_tokens = self.tokenizer(batch["texts"]).to(self.device) if self.tokenizer is not None else tokens
+            with self.autocast():
+                txt = self.teacher.encode_text(t_tokens)
+            txt = F.normalize(txt.float(), dim=-1)
+        return img, txt
+
+    def __call__(self, out: Any, batch: dict[str, Any], images: torch.Tensor,
+                 tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        img, txt = self.teacher_embeddings(batch, images, tokens)
+        return self.loss(out, (img, txt, self.scale))
+
+    def sync_grads(self) -> None:
+        """Average the projection's gradient over processes (DDP only syncs the student)."""
+        import torch.distributed as dist
+
+        params = [p for p in self.parameters() if p.grad is not None]
+        if params and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for p in params:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+
+    def save(self, directory: str | Path) -> None:
+        """The projection into a checkpoint directory (nothing without one)."""
+        if self.loss.proj is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.loss.proj.state_dict().items()},
+                      str(Path(directory) / STATE_NAME))
+
+    def load(self, directory: str | Path) -> None:
+        if self.loss.proj is None:
+            return
+        path = Path(directory) / STATE_NAME
+        if not path.is_file():
+            raise DistillError(f"{path}: missing; the checkpoint was written without distillation's projection")
+        from safetensors.torch import load_file
+
+        self.loss.proj.load_state_dict(load_file(str(path), device=str(self.device)))
+
+
+def _image_adapter(student: ModelConfig, teacher: ModelConfig):
+    """Student-preprocessed images -> the teacher's input (identity when the preprocessing is the same)."""
+    sv, tv = student.vision, teacher.vision
+    if sv.image_size == tv.image_size and tuple(sv.image_mean) == tuple(tv.image_mean) \
+            and tuple(sv.image_std) == tuple(tv.image_std):
+        return lambda x: x
+    s_mean, s_std = torch.tensor(sv.image_mean).view(3, 1, 1), torch.tensor(sv.image_std).view(3, 1, 1)
+    t_mean, t_std = torch.tensor(tv.image_mean).view(3, 1, 1), torch.tensor(tv.image_std).view(3, 1, 1)
+
+    def adapt(x: torch.Tensor) -> torch.Tensor:
+        dev = x.device
+        x = x.float() * s_std.to(dev) + s_mean.to(dev)  # back to [0, 1] pixels
+        if x.shape[-1] != tv.image_size:
+            x = F.interpolate(x, size=(tv.image_size, tv.image_size), mode="bicubic", antialias=True,
+                              align_corners=False).clamp_(0, 1)
+        return (x - t_mean.to(dev)) / t_std.to(dev)
+
+    return adapt
+
+
+def build_distiller(cfg: RunConfig, student: nn.Module, task: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    device: torch.device, autocast=nullcontext) -> Distiller | None:
+    """The run's distiller (None without a ``distill`` section); its projection, if any, joins ``optimizer``
+    as its own group (call before the scheduler is made: it reads the groups)."""
+    if cfg.distill is None:
+        return None
+    d = Distiller(cfg.distill, student, task, device, autocast)
+    params = d.parameters()
+    if params and optimizer is not None:
+        optimizer.add_param_group({"params": params, "weight_decay": cfg.train.weight_decay, "lr": cfg.train.lr,
+                                   "lr_scale": 1.0})
+    return d
