@@ -1,0 +1,418 @@
+"""Classification fine-tuning of a model's image tower, and WiSE-FT (``mm finetune``).
+
+The classifier is ``head(encode_image(images, normalize=True))``. The linear head starts as the zero-shot
+classifier (Wortsman et al. 2022): its weight is the class text embeddings (``zero_shot_classifier``: class
+names x templates, as zero-shot evaluation builds them) times the model's logit scale, its bias zero, so
+before the first step the classifier's predictions are the zero-shot predictions. Fine-tuning trains the
+image encoder and the head end to end with cross-entropy (AdamW, warmup + cosine, optional layer-wise lr
+decay); the text tower is not used.
+
+WiSE-FT then interpolates every trained tensor (image encoder and head) between the two endpoints,
+``theta(alpha) = (1 - alpha) * zero-shot + alpha * fine-tuned``, with ``torch.lerp``, which returns the
+endpoints exactly at alpha 0 and 1; the test accuracy is reported for each alpha. Saved classifiers are mm
+model directories (the whole CLIP with the image encoder replaced: ``mm zeroshot`` / ``mm embed`` work on
+them) plus ``classifier.safetensors`` (the head) and ``classes.json``; :func:`load_classifier` reads them.
+
+One process on one device: data as in training (``mm.data.wds``: shuffled shards, train augmentation).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD_NAME, CLASSES_NAME = "classifier.safetensors", "classes.json"
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 64
+    lr: float = 3e-5  # peak learning rate (WiSE-FT's ImageNet recipe)
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    min_lr: float = 0.0  # cosine floor
+    grad_clip: float | None = 1.0  # max global grad norm; None = off
+    label_smoothing: float = 0.0
+    layer_decay: float | None = None  # BEiT layer-wise lr decay of the image encoder (head: 1); None = off
+    # the head's learning rate is lr * head_lr_mult: a zero-shot head's weights are the logit scale (~14-100)
+    # times unit vectors, and a head fitted to normalised embeddings needs much larger ones (see docs)
+    head_lr_mult: float = 1.0
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range of the training images
+    shuffle_buffer: int = 1000
+    workers: int = 2  # image loading processes (0 = in this one)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    seed: int = 0
+    log_every: int = 10
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        for k in ("steps", "batch_size", "log_every"):
+            if getattr(self, k) < 1:
+                yield k, f"must be >= 1, got {getattr(self, k)}"
+        if self.lr <= 0:
+            yield "lr", f"must be > 0, got {self.lr}"
+        for k in ("weight_decay", "warmup_steps", "min_lr", "shuffle_buffer", "workers"):
+            if getattr(self, k) < 0:
+                yield k, f"must be >= 0, got {getattr(self, k)}"
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            yield "grad_clip", f"must be > 0 or None, got {self.grad_clip}"
+        if not 0 <= self.label_smoothing < 1:
+            yield "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}"
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            yield "layer_decay", f"must be in (0, 1] or None, got {self.layer_decay}"
+        if self.head_lr_mult <= 0:
+            yield "head_lr_mult", f"must be > 0, got {self.head_lr_mult}"
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            yield "crop_scale", f"must satisfy 0 < min <= max <= 1, got {self.crop_scale}"
+        if self.precision not in _AUTOCAST:
+            yield "precision", f"must be one of {', '.join(_AUTOCAST)}, got {self.precision!r}"
+
+
+class Classifier(nn.Module):
+    """``head(model.encode_image(images, normalize=True))``: logits ``(B, n_classes)``."""
+
+    def __init__(self, model: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.model.encode_image(images, normalize=True))
+
+
+def zero_shot_head(model: nn.Module, classnames: Sequence[str], templates: Sequence[Any] | None = None,
+                   *, device: str | torch.device | None = None) -> nn.Linear:
+    """The zero-shot classifier as a Linear layer: weight ``logit_scale.exp() * W.T`` (``W``: normalised class
+    text embeddings, ``[embed_dim, n_classes]``), bias 0. Its argmax is zero-shot classification's."""
+    from .eval.zeroshot import zero_shot_classifier
+    from .tokenizer import get_tokenizer
+
+    W = zero_shot_classifier(model, get_tokenizer(model), list(classnames), templates, device=device)
+    head = nn.Linear(W.shape[0], W.shape[1]).to(W.device)
+    with torch.no_grad():
+        head.weight.copy_(model.logit_scale.detach().float().exp() * W.T)
+        head.bias.zero_()
+    return head
+
+
+def image_encoder_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes ``encode_image`` depends on: the vision tower, and a one-tower model's shared
+    stack and image modality embedding."""
+    if getattr(model.config, "one_tower", None) is not None:
+        return ("vision.", "transformer.", "modality_embed.vision")
+    return ("vision.",)
+
+
+def trainable_names(classifier: Classifier) -> list[str]:
+    """Classifier parameter names fine-tuning trains (and WiSE-FT interpolates): image encoder and head."""
+    prefixes = tuple("model." + p for p in image_encoder_prefixes(classifier.model)) + ("head.",)
+    return [n for n, _ in classifier.named_parameters() if n.startswith(prefixes)]
+
+
+def wise_interpolate(zeroshot: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
+                     alpha: float) -> dict[str, torch.Tensor]:
+    """WiSE-FT: ``(1 - alpha) * zeroshot + alpha * finetuned`` per tensor (same keys, floating point). Uses
+    ``torch.lerp``, exact at the endpoints: alpha 0 returns ``zeroshot``'s values, 1 ``finetuned``'s."""
+    if zeroshot.keys() != finetuned.keys():
+        raise ValueError(f"the two state dicts hold different tensors: {sorted(set(zeroshot) ^ set(finetuned))[:3]}")
+    return {k: torch.lerp(v, finetuned[k].to(v.device), float(alpha)) for k, v in zeroshot.items()}
+
+
+def snapshot(classifier: Classifier, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    params = dict(classifier.named_parameters())
+    return {n: params[n].detach().clone() for n in names}
+
+
+def load_into(classifier: Classifier, state: dict[str, torch.Tensor]) -> None:
+    params = dict(classifier.named_parameters())
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v)
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+def classifier_eval(classifier: Classifier, batches: Iterable[dict[str, Any]], *, device: torch.device,
+                    autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Top-1 / top-``min(5, C)`` accuracy of ``classifier`` on ``{"images", "labels"}`` batches (one sync)."""
+    from .eval.zeroshot import autocast, eval_mode
+
+    n_classes = classifier.head.out_features
+    k = min(5, n_classes)
+    hits = torch.zeros(3, dtype=torch.long, device=device)  # n, top-1, top-k
+    with eval_mode(classifier):
+        for b in batches:
+            labels = b["labels"].to(device).view(-1)
+            with autocast(device, autocast_dtype):
+                logits = classifier(b["images"].to(device))
+            top = logits.float().topk(k, dim=1).indices == labels[:, None]
+            hits += torch.stack([torch.tensor(len(labels), device=device), top[:, 0].sum(), top.any(1).sum()])
+    n, h1, hk = hits.tolist()
+    if n == 0:
+        raise ValueError("no labelled test images")
+    return {"top1": h1 / n, "top5": hk / n, "n": n}
+
+
+# -- training ------------------------------------------------------------------------------------
+def train_batches(model: nn.Module, urls: list[str], cfg: FinetuneConfig, label_key: str = "cls") -> Iterator[dict]:
+    """An endless stream of shuffled, augmented ``{"images", "labels"}`` batches (training's reader)."""
+    from .data.decode import SampleDecoder
+    from .data.transforms import image_transform
+    from .data.wds import Collate, ShardStream, make_loader
+    from .train.config import DataConfig
+
+    decoder = SampleDecoder(image_transform(model, train=True, scale=tuple(cfg.crop_scale)),
+                            image_keys=DataConfig().image_keys, label_key=label_key, need=("label",))
+    stream = ShardStream(urls, decoder, Collate(), cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
+    return iter(make_loader(stream, cfg.workers))
+
+
+def finetune(classifier: Classifier, batches: Iterator[dict[str, Any]], cfg: FinetuneConfig, *,
+             device: torch.device, log: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Train the image encoder and head of ``classifier`` (the rest frozen) for ``cfg.steps`` steps on
+    ``batches``; returns the logged records (step, loss, lr, batch accuracy, samples/s)."""
+    from .train.adapt import lr_scales
+    from .train.optim import grad_norm, make_optimizer, make_scheduler
+
+    torch.manual_seed(cfg.seed)
+    trained = set(trainable_names(classifier))
+    for n, p in classifier.named_parameters():
+        p.requires_grad_(n in trained)
+    scales = None
+    if cfg.layer_decay is not None or cfg.head_lr_mult != 1:
+        scales = {f"model.{n}": s for n, s in lr_scales(classifier.model, {}, cfg.layer_decay).items()}
+        scales.update({n: cfg.head_lr_mult for n, _ in classifier.head.named_parameters(prefix="head")})
+    opt = make_optimizer(classifier, cfg.lr, cfg.weight_decay, (0.9, 0.999), 1e-8, device, scales)
+    sched = make_scheduler(opt, cfg.warmup_steps, cfg.steps, cfg.lr, cfg.min_lr)
+    n_classes, dtype = classifier.head.out_features, _AUTOCAST[cfg.precision]
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    params = [p for p in classifier.parameters() if p.requires_grad]
+    classifier.train()
+    records, t_last, seen = [], time.time(), 0
+    for step in range(1, cfg.steps + 1):
+        b = next(batches)
+        if b["labels"].min() < 0 or b["labels"].max() >= n_classes:
+            raise ValueError(f"training label {int(b['labels'].max())} is not a class index (there are {n_classes} "
+                             "classes); do the class names belong to these shards?")
+        images, labels = b["images"].to(device, non_blocking=True), b["labels"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = classifier(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else grad_norm(params)
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        elif torch.isfinite(norm):
+            opt.step()
+        sched.step()
+        seen += len(labels)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            dt = time.time() - t_last
+            rec = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0] / opt.param_groups[0]["lr_scale"],
+                   "batch_top1": (logits.argmax(1) == labels).float().mean().item(), "grad_norm": float(norm),
+                   "samples_per_s": seen / max(dt, 1e-9)}
+            if not math.isfinite(rec["loss"]):
+                raise RuntimeError(f"step {step}: non-finite loss; lower --lr")
+            records.append(rec)
+            if log:
+                log(rec)
+            t_last, seen = time.time(), 0
+    classifier.eval()
+    return records
+
+
+# -- saving --------------------------------------------------------------------------------------
+def save_classifier(classifier: Classifier, classnames: Sequence[str], directory: str | Path,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """An mm model directory (``save_pretrained``) plus the head and the class names."""
+    from safetensors.torch import save_file
+
+    from .pretrained import save_pretrained
+
+    d = save_pretrained(classifier.model, directory)
+    head = {k: v.detach().contiguous().cpu() for k, v in classifier.head.state_dict().items()}
+    save_file(head, str(d / HEAD_NAME))
+    (d / CLASSES_NAME).write_text(json.dumps({"classes": list(classnames), **(extra or {})}, indent=1))
+    return d
+
+
+def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, list[str]]:
+    """The classifier and class names :func:`save_classifier` wrote, in eval mode."""
+    from safetensors.torch import load_file
+
+    from .pretrained import PretrainedError, load_pretrained
+
+    d = Path(directory)
+    if not (d / HEAD_NAME).is_file():
+        raise PretrainedError(f"{d / HEAD_NAME}: missing (not a directory written by mm finetune)")
+    model = load_pretrained(d)
+    sd = load_file(str(d / HEAD_NAME))
+    head = nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
+    head.load_state_dict(sd)
+    classes = json.loads((d / CLASSES_NAME).read_text())["classes"]
+    return Classifier(model, head).to(device).eval(), classes
+
+
+# -- the command ---------------------------------------------------------------------------------
+def run(model: nn.Module, train_urls: list[str], test_urls: list[str], classnames: Sequence[str],
+        templates: Sequence[Any] | None, cfg: FinetuneConfig, alphas: Sequence[float], out: str | Path, *,
+        label_key: str = "cls", max_test: int | None = None, save_alpha: float | None = None,
+        eval_batch_size: int = 128, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Zero-shot head -> fine-tune -> WiSE-FT test accuracy per alpha; writes ``out/finetuned/``,
+    ``out/wise-ALPHA/`` (``save_alpha``), ``out/metrics.jsonl`` and ``out/results.json``."""
+    from .eval.probe import labelled_batches
+
+    device = next(model.parameters()).device
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    classifier = Classifier(model, zero_shot_head(model, classnames, templates, device=device)).to(device)
+    names = trainable_names(classifier)
+    zeroshot = snapshot(classifier, names)
+    n_train = sum(classifier.get_parameter(n).numel() for n in names)
+    log(f"fine-tuning {n_train:,} parameters (image encoder + head over {len(classnames)} classes) for {cfg.steps} "
+        f"steps of {cfg.batch_size} on {device}")
+    t0 = time.time()
+    with open(out / "metrics.jsonl", "w", buffering=1) as f:
+        def log_rec(rec: dict[str, Any]) -> None:
+            f.write(json.dumps(rec) + "\n")
+            log(f"step {rec['step']}/{cfg.steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  batch top-1 "
+                f"{100 * rec['batch_top1']:.1f}%  {rec['samples_per_s']:.1f} samples/s")
+
+        finetune(classifier, train_batches(model, train_urls, cfg, label_key), cfg, device=device, log=log_rec)
+    train_s = time.time() - t0
+    finetuned = snapshot(classifier, names)
+    dtype = _AUTOCAST[cfg.precision]
+    rows = []
+    for alpha in alphas:
+        load_into(classifier, wise_interpolate(zeroshot, finetuned, alpha))
+        batches = labelled_batches(model, test_urls, label_key=label_key, batch_size=eval_batch_size,
+                                   workers=cfg.workers, max_samples=max_test)
+        r = classifier_eval(classifier, batches, device=device, autocast_dtype=dtype)
+        rows.append({"alpha": float(alpha), **r})
+        log(f"alpha {alpha:.2f}: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  ({r['n']} test images)")
+    meta = {"config": asdict(cfg), "templates": None if templates is None else [str(t) for t in templates]}
+    load_into(classifier, finetuned)
+    save_classifier(classifier, classnames, out / "finetuned", meta)
+    if save_alpha is not None:
+        load_into(classifier, wise_interpolate(zeroshot, finetuned, save_alpha))
+        save_classifier(classifier, classnames, out / f"wise-{save_alpha:g}", {**meta, "wise_alpha": save_alpha})
+        load_into(classifier, finetuned)
+    result = {"wise": rows, "train_s": round(train_s, 1), "steps": cfg.steps, "classes": list(classnames),
+              **meta}
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+DESCRIPTION = """\
+Fine-tune a model's image tower for classification on labelled shards (label in --label-key, classes from
+--classes or the shards' info.json). The linear head starts as the zero-shot classifier (class names x
+templates; --templates, default: info.json, else OpenAI's ImageNet prompts), so step 0 predicts exactly what
+zero-shot classification does. After training, WiSE-FT: every trained tensor is interpolated,
+(1 - alpha) * zero-shot + alpha * fine-tuned, and the test accuracy is printed for each --wise-alpha (0 = the
+zero-shot model, 1 = the fine-tuned one). Writes OUT/finetuned/ (an mm model directory plus
+classifier.safetensors and classes.json), OUT/wise-A/ with --save-alpha A, OUT/metrics.jsonl, OUT/results.json.
+
+examples:
+  mm finetune --model runs/builtin/final --train 'data/builtin/train-{000000..000003}.tar.gz' \\
+      --test data/builtin/test-000000.tar.gz --steps 300 --out runs/builtin_ft
+  mm finetune --model runs/flickr8k_coca/final --train ../shared/datasets/cifar10/train-0000.tar.gz \\
+      --test ../shared/datasets/cifar10/test-0000.tar.gz --max-test 2000 --steps 300 --batch-size 32 \\
+      --lr 1e-4 --templates benchmarks/cifar10_zeroshot_templates.txt --wise-alpha 0,0.25,0.5,0.75,1 \\
+      --save-alpha 0.5 --out runs/cifar10_ft"""
+
+
+def _alphas(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0 <= a <= 1 for a in values):
+        raise argparse.ArgumentTypeError(f"alphas must lie in [0, 1], got {text!r}")
+    return values
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .config import validate
+    from .data.wds import check_urls
+    from .eval.commands import parse_classes, parse_templates, resolve_shards
+    from .pretrained import load_model
+
+    cfg = validate(FinetuneConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, grad_clip=args.grad_clip or None, label_smoothing=args.label_smoothing,
+        layer_decay=args.layer_decay, head_lr_mult=args.head_lr_mult, workers=args.workers, precision=args.precision, seed=args.seed,
+        log_every=args.log_every))
+    if args.max_test is not None and args.max_test < 1:
+        raise ValueError(f"--max-test must be >= 1, got {args.max_test}")
+    if args.save_alpha is not None and not 0 <= args.save_alpha <= 1:
+        raise ValueError(f"--save-alpha must lie in [0, 1], got {args.save_alpha}")
+    train_urls, classnames, templates = resolve_shards(args.train, parse_classes(args.classes),
+                                                       parse_templates(args.templates), "--train")
+    test_urls = check_urls(args.test, "--test")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model, args.pretrained, device)
+    result = run(model, train_urls, test_urls, classnames, templates, cfg, args.wise_alpha, args.out,
+                 label_key=args.label_key, max_test=args.max_test, save_alpha=args.save_alpha,
+                 log=lambda s: print(s, file=sys.stderr if args.json else sys.stdout, flush=True))
+    if args.json:
+        print(json.dumps({k: result[k] for k in ("wise", "train_s", "steps")}))
+    else:
+        print("alpha  top-1    top-5")
+        for r in result["wise"]:
+            note = "  (zero-shot)" if r["alpha"] == 0 else "  (fine-tuned)" if r["alpha"] == 1 else ""
+            print(f"{r['alpha']:.2f}  {100 * r['top1']:6.2f}%  {100 * r['top5']:6.2f}%{note}")
+        print(f"fine-tuned model: {Path(args.out) / 'finetuned'}")
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    from .cli import MODEL_HELP
+    from .eval.commands import _guard
+
+    d = FinetuneConfig()
+    p = sub.add_parser("finetune", help="fine-tune the image tower for classification, with WiSE-FT interpolation",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--pretrained", help="weights file for a preset --model (mm or open_clip checkpoint)")
+    p.add_argument("--train", required=True, metavar="SHARDS", help="labelled training shards (brace ranges, :: joins)")
+    p.add_argument("--test", required=True, metavar="SHARDS", help="labelled test shards")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--classes", help="class names: a .txt / .json file or a,b,c (default: the shards' info.json)")
+    p.add_argument("--templates", help="zero-shot head prompts: a .txt / .json file or one template with {} "
+                                       "(default: the shards' info.json, else OpenAI's ImageNet prompts)")
+    p.add_argument("--label-key", default="cls", help="the member holding the class index (default: cls)")
+    p.add_argument("--wise-alpha", type=_alphas, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="comma-separated interpolation weights to evaluate (default: 0,0.25,0.5,0.75,1)")
+    p.add_argument("--save-alpha", type=float, default=None, help="also save the model at this alpha (OUT/wise-A/)")
+    p.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test samples")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay of the image encoder, "
+                                                                   "e.g. 0.65 (default: off)")
+    p.add_argument("--head-lr-mult", type=float, default=d.head_lr_mult, help="the head's lr = --lr x this "
+                                                                             "(default: 1)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--workers", type=int, default=d.workers, help="image loading processes (0: load in this one)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--precision", default="fp32", choices=list(_AUTOCAST), help="autocast (default: fp32, none)")
+    p.add_argument("--json", action="store_true", help="print the WiSE-FT results as one JSON object (log to stderr)")
+    p.set_defaults(fn=_guard(cmd_finetune))
