@@ -1,0 +1,94 @@
+"""What the notebooks share: where they work, the built-in data set, and the small CoCa model that notebook 01
+trains and 02-04 reuse (each trains it first if it is not there yet, so any notebook runs on its own).
+
+Environment:
+  MM_NOTEBOOK_DIR    working folder (default: runs/notebooks in the repository)
+  MM_NOTEBOOK_QUICK  1: tiny settings, seconds per notebook (the test suite); the numbers are then near chance
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mm.cli
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto in a kernel without ipywidgets
+warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # emoji in an untrained model's captions
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = Path(os.environ.get("MM_NOTEBOOK_DIR") or REPO / "runs" / "notebooks").resolve()
+QUICK = os.environ.get("MM_NOTEBOOK_QUICK", "") not in ("", "0")
+DATA = WORK / "data"  # the built-in shapes set (mm shards builtin)
+COCA_RUN = WORK / "coca"  # notebook 01's run; its final/ is the model of 02-04
+
+# (quick, full): data set size and the CoCa run
+N_TRAIN, N_TEST, PER_SHARD = (1000, 200, 250) if QUICK else (10000, 1000, 1000)
+
+
+def mm_cli(*args: Any) -> None:
+    """Run an ``mm`` command in this process, as ``mm ARGS`` would in a shell (its output shows below the
+    cell); raise if it fails."""
+    args = [str(a) for a in args]
+    print("$ mm " + " ".join(shlex.quote(a) for a in args), flush=True)
+    code = mm.cli.main(args)
+    if code:
+        raise RuntimeError(f"mm {args[0]} failed with exit code {code}")
+
+
+def train_shards() -> str:
+    return f"{DATA}/train-{{000000..{N_TRAIN // PER_SHARD - 1:06d}}}.tar.gz"
+
+
+def test_shard() -> str:
+    return f"{DATA}/test-000000.tar.gz"
+
+
+def builtin_data() -> Path:
+    """The built-in data set in WORK/data, drawn on first use."""
+    if not (DATA / "info.json").is_file():
+        mm_cli("shards", "builtin", DATA, "--n-train", N_TRAIN, "--n-test", N_TEST, "--samples-per-shard", PER_SHARD)
+    return DATA
+
+
+def classes() -> list[str]:
+    return json.loads((builtin_data() / "info.json").read_text())["classes"]
+
+
+def coca_train_args() -> list[str]:
+    """The ``mm train`` command line of notebook 01: tiny-coca on the built-in set, evaluated as it goes."""
+    steps, batch, every = (12, 16, 6) if QUICK else (300, 64, 100)
+    return ["train", "model=tiny-coca", f"data.train={train_shards()}", f"data.batch_size={batch}",
+            f"data.workers={1 if QUICK else 2}", "data.shuffle_buffer=500", f"train.steps={steps}",
+            f"train.warmup_steps={max(1, steps // 10)}", "train.lr=1e-3", "train.weight_decay=0.1",
+            f"train.log_every={2 if QUICK else 10}", f"train.checkpoint_every={0 if QUICK else 100}",
+            f"eval.every={every}", f"eval.zeroshot.shards={test_shard()}",
+            f"eval.zeroshot.max_samples={100 if QUICK else N_TEST}", f"eval.captioning.shards={test_shard()}",
+            f"eval.captioning.max_samples={8 if QUICK else 100}", "eval.captioning.show=3",
+            f"eval.captioning.generation.num_beams={2 if QUICK else 3}",
+            "eval.captioning.generation.max_new_tokens=16", f"output_dir={COCA_RUN}"]
+
+
+def trained_coca() -> Path:
+    """notebook 01's model directory (COCA_RUN/final), trained first if missing."""
+    if not (COCA_RUN / "final" / "config.json").is_file():
+        builtin_data()
+        mm_cli(*coca_train_args())
+    return COCA_RUN / "final"
+
+
+def samples(shard: str, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` samples of a shard as {"key", "image" (PIL), "caption", "label"}."""
+    from mm.data.decode import decode_image
+    from mm.data.wds import iter_shard
+
+    out = []
+    for s in iter_shard(shard, warn=print):
+        out.append({"key": s["__key__"], "image": decode_image(s["jpg"], 10**8), "caption": s["txt"].decode(),
+                    "label": int(s["cls"])})
+        if len(out) == n:
+            break
+    return out
