@@ -1,11 +1,12 @@
 # `make run`  : set up .venv, draw the built-in data set, train tiny-clip on it (CPU, minutes), evaluate
 # `make test` : set up .venv, then run the test suite
+# `make docs` : regenerate docs/config.md and docs/cli.md (a test fails when they are stale)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # These pins are served from local files on the project's machines; any torch >= 2.4 works.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup run test clean
+.PHONY: setup run test docs clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +23,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest
+
+docs: setup
+	$(PY) -m mm._docs config > docs/config.md
+	$(PY) -m mm._docs cli > docs/cli.md
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -60,7 +60,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config and "=" in config and not config.endswith((".yaml", ".yml", ".json")):
         overrides.insert(0, config)  # only overrides were given
         config = None
-    return train_main(config, overrides)
+    from .config import ConfigError
+
+    try:
+        return train_main(config, overrides)
+    except ConfigError as e:  # a bad key or value: one line naming it, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -102,13 +108,15 @@ def cmd_caption(args: argparse.Namespace) -> int:
     tok, pre = get_tokenizer(model), image_transform(model, train=False)
     eot = model.config.text.eot_id
     generator = torch.Generator(args.device).manual_seed(args.seed)
-    bad = 0
+    bad, sheet = 0, []  # sheet: (image, caption) for --plot, the first PLOT_MAX images
     for start in range(0, len(paths), args.batch_size):
-        chunk, images = [], []
+        chunk, images, pil = [], [], []
         for p in paths[start:start + args.batch_size]:
             try:
-                images.append(pre(load_image(p)))
+                img = load_image(p)
+                images.append(pre(img))
                 chunk.append(p)
+                pil.append(img if args.plot and len(sheet) + len(pil) < PLOT_MAX else None)
             except BadSample as e:
                 bad += 1
                 print(f"skipped {p}: {e}", file=sys.stderr)
@@ -116,12 +124,22 @@ def cmd_caption(args: argparse.Namespace) -> int:
             continue
         with torch.no_grad():
             ids = generate(model, torch.stack(images).to(args.device), gen, generator=generator)
-        for p, row in zip(chunk, ids.tolist()):
+        for p, row, img in zip(chunk, ids.tolist(), pil):
             text = tok.decode(row[: row.index(eot)] if eot in row else row)
             print(json.dumps({"image": str(p), "caption": text}) if args.json else f"{p}\t{text}", flush=True)
+            if img is not None:
+                sheet.append((img, f"{p.name}\n{text}"))
     if bad:
         print(f"{bad} of {len(paths)} images could not be read and were skipped", file=sys.stderr)
+    if args.plot:
+        from .plots import caption_sheet
+
+        out = caption_sheet(sheet, args.plot, title=f"{args.model} ({args.method})")
+        print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+PLOT_MAX = 64  # images drawn by `mm caption --plot`
 
 
 MODEL_HELP = ("an mm model directory (a run's final/ or save_pretrained), open_clip:NAME[:TAG] (open_clip's "
@@ -189,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model. One YAML config plus section.key=value overrides; run under `accelerate "
                     "launch` for several processes.\n\nexamples:\n  mm train data/builtin.yaml\n"
                     "  mm train data/builtin.yaml train.steps=2000 data.batch_size=128 output_dir=runs/b128\n"
+                    "  mm train data/builtin.yaml model=micro-clip distill.teacher=runs/builtin/final "
+                    "output_dir=runs/micro_distilled\n"
                     "  accelerate launch --multi_gpu --num_processes 2 -m mm.cli train data/builtin.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("config", nargs="?", help="YAML/JSON run config (optional if every key is given as an override)")
@@ -198,16 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.sources import add_parser as add_shards_parser
     from .embed import add_parser as add_embed_parser
     from .eval.commands import add_parsers as add_eval_parsers
+    from .export import add_parser as add_export_parser
+    from .eval.probe import add_parser as add_probe_parser
+    from .finetune import add_parser as add_finetune_parser
     from .search import add_parser as add_search_parser
 
-    for add in (add_shards_parser, add_embed_parser, add_search_parser, add_eval_parsers):
+    for add in (add_shards_parser, add_embed_parser, add_search_parser, add_eval_parsers, add_probe_parser,
+                add_finetune_parser, add_export_parser):
         add(sub)
     s = sub.add_parser(
         "caption", help="caption images with a CoCa model",
         description="Print one caption per image (PATH<TAB>caption). Folders are searched recursively; unreadable "
                     "images are skipped and counted.\n\nexamples:\n  mm caption --model runs/builtin/final photo.jpg\n"
                     "  mm caption --model runs/builtin/final --method sample --top-p 0.9 --seed 1 photos/\n"
-                    "  mm caption --model runs/builtin/final --num-beams 5 --no-repeat-ngram 3 --json photos/",
+                    "  mm caption --model runs/builtin/final --num-beams 5 --no-repeat-ngram 3 --json photos/\n"
+                    "  mm caption --model runs/builtin/final examples/ --plot captions.png",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("images", nargs="+", help="image files or folders")
     s.add_argument("--model", required=True, help=MODEL_HELP)
@@ -226,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--json", action="store_true", help="JSON lines {image, caption}")
+    s.add_argument("--plot", metavar="PNG", help=f"also draw the images (the first {PLOT_MAX}) with their captions to "
+                                                 "this PNG")
     s.set_defaults(fn=cmd_caption)
     s = sub.add_parser(
         "convert", help="convert open_clip / Hugging Face checkpoints to mm and back",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,11 +32,11 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu", "relu")
 class MoEConfig:
     """Mixture-of-Experts FFN placed in every ``every``-th block of a tower."""
 
-    num_experts: int = 8
-    top_k: int = 2
+    num_experts: int = 8  # experts per MoE layer
+    top_k: int = 2  # experts per token: 1 (Switch) or 2 (GShard)
     every: int = 2  # blocks every-1, 2*every-1, ... get an MoE FFN; 1 = all blocks
     capacity_factor: float | None = 1.25  # training; None = unlimited (no token is dropped)
-    eval_capacity_factor: float | None = 2.0
+    eval_capacity_factor: float | None = 2.0  # evaluation and inference; None = unlimited
     router_jitter: float = 0.0  # multiplicative input noise in training (Switch Transformer)
     normalize_gates: bool = True  # renormalise top-k gate weights to sum to 1 (k > 1)
     # Batch Priority Routing (V-MoE): tokens claim expert slots in order of their top router probability,
@@ -94,7 +95,7 @@ class SparseAttentionConfig:
     window: int = 1  # blocks on each side of a query's own block (0 = its own block only)
     global_tokens: int = 1  # the first N tokens (e.g. the class token) see all tokens and are seen by all
     random_blocks: int = 0  # extra key blocks per query block, drawn per layer from (seed, layer index)
-    seed: int = 0
+    seed: int = 0  # of the random blocks
     # flex: flex_attention, compiled, skips empty blocks (CUDA; other devices run the mask through SDPA);
     # dense: the same mask through SDPA everywhere (the reference)
     backend: str = "flex"
@@ -116,19 +117,19 @@ class SparseAttentionConfig:
 class TransformerConfig:
     """The one block stack every tower uses."""
 
-    width: int = 512
-    depth: int = 12
-    heads: int = 8
-    mlp_ratio: float = 4.0
+    width: int = 512  # token width
+    depth: int = 12  # blocks
+    heads: int = 8  # attention heads (width must divide by heads)
+    mlp_ratio: float = 4.0  # FFN hidden width / width
     ffn: str = "mlp"  # mlp | swiglu
     act: str = "gelu"  # activation of the mlp FFN (quick_gelu for OpenAI weights)
-    qkv_bias: bool = True
-    qk_norm: bool = False
-    norm_eps: float = 1e-5
+    qkv_bias: bool = True  # biases on the query/key/value projections
+    qk_norm: bool = False  # LayerNorm on queries and keys, per head
+    norm_eps: float = 1e-5  # LayerNorm epsilon
     layer_scale: float | None = None  # LayerScale init value; None = off
     drop_path: float = 0.0  # stochastic depth, linearly increasing to this rate at the last block
     moe: MoEConfig | None = None
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute each block in backward (less memory)
     sparse_attention: SparseAttentionConfig | None = None  # block-sparse self-attention; None = dense
 
     @property
@@ -163,19 +164,19 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class VisionConfig:
-    image_size: int = 224
-    patch_size: int = 32
+    image_size: int = 224  # input side in pixels (square)
+    patch_size: int = 32  # patch side; image_size must be a multiple
     # the tower's own stack; null in a one-tower model, whose stack (ModelConfig.one_tower) it shares
     transformer: TransformerConfig | None = field(default_factory=lambda: TransformerConfig(768, 12, 12))
     pos_embed: str = "learned"  # learned | sincos2d | rope2d
-    class_token: bool = True
+    class_token: bool = True  # prepend a learned class token
     pool: str = "cls"  # cls | mean | attn (attentional pooling, CoCa)
     attn_pool_queries: int = 256  # attn pool: tokens handed to a captioning decoder
-    attn_pool_heads: int = 8
+    attn_pool_heads: int = 8  # attn pool: heads of the pooler
     norm_pre: bool = True  # LayerNorm before the stack (CLIP's ln_pre)
     patch_dropout: float = 0.0  # FLIP: fraction of patch tokens dropped in training
-    image_mean: tuple[float, float, float] = OPENAI_MEAN
-    image_std: tuple[float, float, float] = OPENAI_STD
+    image_mean: tuple[float, float, float] = OPENAI_MEAN  # per-channel normalisation (OpenAI CLIP's)
+    image_std: tuple[float, float, float] = OPENAI_STD  # per-channel standard deviation
 
     @property
     def grid(self) -> int:
@@ -198,17 +199,17 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    vocab_size: int = 49408
-    context_length: int = 77
+    vocab_size: int = 49408  # CLIP BPE
+    context_length: int = 77  # tokens per text, start and end tokens included
     # the tower's own stack; null in a one-tower model, whose stack (ModelConfig.one_tower) it shares
     transformer: TransformerConfig | None = field(default_factory=lambda: TransformerConfig(512, 12, 8))
     causal: bool = True  # CLIP: causal; SigLIP-style encoders: bidirectional with a padding mask
     pool: str = "eot"  # eot | first | last | mean
     pos_embed: str = "learned"  # learned | rope
-    proj_bias: bool = False
-    pad_id: int = 0
+    proj_bias: bool = False  # bias on the output projection
+    pad_id: int = 0  # padding token id
     sot_id: int = 49406  # start of text: the first token of every caption a decoder generates
-    eot_id: int = 49407
+    eot_id: int = 49407  # end of text
     # CoCa: a learned class token appended after the text; its output (normed after pooling) is the
     # contrastive embedding, and the other positions feed the captioning decoder. Overrides ``pool``.
     embed_cls: bool = False
@@ -265,10 +266,10 @@ class ModelConfig:
     ``vision`` and ``text`` sections then describe only embedding, pooling and projection, and their own
     ``transformer`` must be null, so the shared stack is written in one place."""
 
-    embed_dim: int = 512
+    embed_dim: int = 512  # width of the shared image-text embedding space
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_scale: float = math.log(1 / 0.07)  # log of the initial inverse temperature (learned)
     init_logit_bias: float | None = None  # set (e.g. -10) for SigLIP: adds a learnable logit bias
     decoder: DecoderConfig | None = None  # set for CoCa: a captioning decoder trained jointly
     one_tower: TransformerConfig | None = None  # set for a one-tower model: the stack both modalities share
@@ -326,6 +327,9 @@ def _allows_none(tp: Any) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/JSON scalar to the annotated type, or raise ConfigError naming ``key``."""
     if value is None:
@@ -369,6 +373,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
+        # PyYAML (YAML 1.1) reads 1e-3 (no dot) as a string; accept plain decimal / exponent notation
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -277,11 +277,27 @@ def _check_plan(out: Path, plan: dict[str, Any], write: bool) -> None:
         _write_json(path, plan)
 
 
+def image_sources(chunks: list[Chunk]) -> dict[str, list[str]]:
+    """Where the indexed images can be read again (``mm search --plot``), recorded in index.json: the absolute
+    folders that file ids are relative to (an id + its root is the file), and absolute shard URLs (ids are
+    sample keys). Not part of the plan: moving the inputs does not invalidate finished chunks."""
+    roots: set[str] = set()
+    shards: list[str] = []
+    for c in chunks:
+        if c.kind == "shard":
+            shards.append(c.url if c.url.startswith("pipe:") or "://" in c.url else os.path.abspath(c.url))
+        for pid, path in c.items if c.kind == "files" else ():
+            full = Path(os.path.abspath(path)).as_posix()
+            if full.endswith(pid):
+                roots.add(full[: len(full) - len(pid)])
+    return {"roots": sorted(roots), "shards": shards}
+
+
 def make_plan(kind: str, chunks: list[Chunk], *, model: str | None, pretrained: str | None, normalize: bool,
-              dtype: str) -> dict[str, Any]:
+              dtype: str, quantize: str | None = None) -> dict[str, Any]:
     digest = hashlib.sha256(json.dumps([asdict(c) for c in chunks]).encode()).hexdigest()
     return {"kind": kind, "model": model, "pretrained": pretrained, "normalized": normalize, "dtype": dtype,
-            "chunks": len(chunks), "inputs_sha256": digest}
+            "quantize": quantize, "chunks": len(chunks), "inputs_sha256": digest}
 
 
 def read_index(out_dir: str | Path) -> dict[str, Any]:
@@ -372,11 +388,12 @@ def _recorded(spec: str | None) -> str | None:
 
 def run_embed(model: torch.nn.Module, chunks: list[Chunk], out_dir: str | Path, *, model_spec: str | None = None,
               pretrained: str | None = None, batch_size: int = 64, workers: int = 4, normalize: bool = True,
-              precision: str | None = None, dtype: str = "float32") -> dict[str, Any]:
+              precision: str | None = None, dtype: str = "float32", quantize: str | None = None) -> dict[str, Any]:
     """Embed the planned ``chunks`` into ``out_dir`` (this rank's unfinished ones), then, after all ranks are
     done, write index.json on the main process. Returns the index. ``model_spec`` / ``pretrained``: what
     index.json records as the model (``mm search`` loads it for queries). ``precision``: "bf16" or "fp32"
-    (default: bf16 on CUDA, fp32 on CPU). The model is put in eval mode (train-mode patch dropout would
+    (default: bf16 on CUDA, fp32 on CPU). ``quantize``: "int8" / "int8-weight" (:func:`mm.quantize`, applied to
+    a copy unless the model already is). The model is put in eval mode (train-mode patch dropout would
     change the embeddings)."""
     if batch_size < 1:
         raise EmbedError(f"--batch-size must be >= 1, got {batch_size}")
@@ -385,7 +402,14 @@ def run_embed(model: torch.nn.Module, chunks: list[Chunk], out_dir: str | Path, 
     state, out = dist_state(), Path(out_dir)
     kind = "texts" if chunks and chunks[0].kind == "texts" else "images"
     plan = make_plan(kind, chunks, model=_recorded(model_spec), pretrained=_recorded(pretrained), normalize=normalize,
-                     dtype=dtype)
+                     dtype=dtype, quantize=quantize)
+    if quantize and getattr(model, "quantization", None) != quantize:
+        from .quantize import QuantizeError, quantize as quantize_model
+
+        try:
+            model = quantize_model(model, quantize)
+        except QuantizeError as e:
+            raise EmbedError(f"--quantize: {e}") from None
     _check_plan(out, plan, write=state.is_main_process)
     state.wait_for_everyone()  # plan.json and the directory exist before any rank lists it
     model.eval()
@@ -398,7 +422,7 @@ def run_embed(model: torch.nn.Module, chunks: list[Chunk], out_dir: str | Path, 
                   normalize=normalize, precision=precision, dtype=dtype, show=state.is_main_process)
     state.wait_for_everyone()
     if state.is_main_process:
-        _write_index(out, plan, model.config.embed_dim)
+        _write_index(out, {**plan, "sources": image_sources(chunks)}, model.config.embed_dim)
     state.wait_for_everyone()  # every rank returns the finished index
     return read_index(out)
 
@@ -460,12 +484,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
         normalize = not args.no_normalize
         # fail on a mismatched output directory before the model is loaded
         _check_plan(Path(args.out), make_plan(kind, chunks, model=_recorded(args.model), normalize=normalize,
-                                              pretrained=_recorded(args.pretrained), dtype=args.dtype), write=False)
+                                              pretrained=_recorded(args.pretrained), dtype=args.dtype,
+                                              quantize=args.quantize), write=False)
         device = args.device or str(dist_state().device)
+        if args.quantize == "int8" and not device.startswith("cpu"):
+            raise EmbedError(f"--quantize int8 runs on the CPU (--device cpu); on {device} use int8-weight")
         model = load_model(args.model, args.pretrained, device)
         index = run_embed(model, chunks, args.out, model_spec=args.model, pretrained=args.pretrained,
-                          batch_size=args.batch_size,
-                          workers=args.workers, normalize=normalize, precision=args.precision, dtype=args.dtype)
+                          batch_size=args.batch_size, workers=args.workers, normalize=normalize,
+                          precision=args.precision, dtype=args.dtype, quantize=args.quantize)
     except (EmbedError, PretrainedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -489,6 +516,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "  mm embed --model open_clip:ViT-B-32:laion2b_s34b_b79k --images 'shards/{000000..000099}.tar' "
                     "--out emb/laion --dtype float16\n"
                     "  mm embed --model runs/builtin/final --texts captions.txt --out emb/captions\n"
+                    "  mm embed --model runs/builtin/final --images photos/ --out emb/photos_int8 --quantize int8\n"
                     "  accelerate launch --multi_gpu --num_processes 8 -m mm.cli embed --model M --images photos/ "
                     "--out emb/photos",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -507,5 +535,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="default: this process's accelerator device, else cpu")
     s.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     s.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored dtype")
+    s.add_argument("--quantize", choices=["int8", "int8-weight"], default=None,
+                   help="int8 Linear layers (mm.quantize): int8 = dynamic, CPU; int8-weight = weight-only, any device")
     s.set_defaults(fn=cmd_embed)
     return s

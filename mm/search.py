@@ -93,6 +93,67 @@ def _ids(out: Path, parts: list[dict[str, Any]], starts: np.ndarray, rows: np.nd
     return [[cache[int(p)][int(r - starts[p])] for p, r in zip(pp, rr)] for pp, rr in zip(part_of, rows)]
 
 
+def result_images(index_dir: str | Path, ids: list[str], max_pixels: int = 89_478_485) -> dict[str, Any]:
+    """{id: RGB PIL image, or None when it cannot be found or read} for image ids of an ``mm embed`` index.
+
+    File ids are looked up under the folders index.json records (``sources.roots``, then the current folder);
+    shard ids (sample keys) by streaming the recorded shards until every id is found (the first sample with
+    a key wins: keys repeated across shards are ambiguous)."""
+    from .data.decode import BadSample, decode_image
+    from .data.folder import load_image
+    from .data.wds import iter_shard
+
+    sources = read_index(index_dir).get("sources") or {}
+    found: dict[str, Any] = {}
+    for i in dict.fromkeys(ids):
+        for root in [*sources.get("roots", []), ""]:
+            p = Path(root + i)
+            if p.is_file():
+                try:
+                    found[i] = load_image(p, max_pixels)
+                except BadSample:
+                    found[i] = None
+                break
+    rest = {i for i in ids if i not in found}
+    for url in sources.get("shards", []):
+        if not rest:
+            break
+        for sample in iter_shard(url, warn=lambda msg: None):
+            key = sample["__key__"]
+            if key in rest:
+                data = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+                try:
+                    found[key] = decode_image(data, max_pixels) if data is not None else None
+                except BadSample:
+                    found[key] = None
+                rest.discard(key)
+                if not rest:
+                    break
+    return {i: found.get(i) for i in ids}
+
+
+def plot_results(index_dir: str | Path, queries: list[Any], scores: np.ndarray, ids: list[list[str]],
+                 path: str | Path) -> Path:
+    """A PNG sheet, one row per query (a text, or a (PIL image, label) pair): the query, then its results with
+    rank, score and id. Results of an image index are shown as images, of a text index as texts."""
+    from .plots import search_sheet
+
+    texts = read_index(index_dir).get("kind") == "texts"
+    images = {} if texts else result_images(index_dir, [i for row in ids for i in row])
+    rows = []
+    for query, s, found in zip(queries, scores, ids):
+        q = (None, f"query: {query}") if isinstance(query, str) else query
+        cells = []
+        for r, (v, i) in enumerate(zip(s, found), 1):
+            label = f"{r}. {v:.3f}  {i}"
+            if texts:
+                cells.append((None, label))
+            else:
+                cells.append((images[i], label) if images[i] is not None else (None, f"{label}\n(image not found)"))
+        rows.append((q, cells))
+    return search_sheet(rows, path)
+
+
 def _embed_queries(index: dict[str, Any], args: argparse.Namespace) -> np.ndarray:
     import torch
 
@@ -141,6 +202,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"query: {query}")
         for r, (v, i) in enumerate(zip(s, found), 1):
             print(f"{r}\t{v:.6f}\t{i}")
+    if args.plot:
+        from .data.folder import load_image
+
+        queries = [(load_image(p), f"query: {Path(p).name}") for p in args.image] if args.image else list(args.queries)
+        print(f"wrote {plot_results(args.index, queries, scores, ids, args.plot)}", file=sys.stderr)
     return 0
 
 
@@ -154,7 +220,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "rank<TAB>score<TAB>id per result.\n\nexamples:\n"
                     "  mm search --index emb/photos 'a dog on a beach' 'a red car' -k 5\n"
                     "  mm search --index emb/captions --image query.jpg\n"
-                    "  mm search --index emb/photos --model other_model/ 'a dog' --json",
+                    "  mm search --index emb/photos --model other_model/ 'a dog' --json\n"
+                    "  mm search --index emb/photos 'a red circle' 'a blue star' -k 8 --plot search.png",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("queries", nargs="*", metavar="QUERY_TEXT", help="query texts")
     s.add_argument("--image", nargs="+", metavar="PATH", help="query images instead of texts")
@@ -165,5 +232,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--faiss", action="store_true", help="score blocks with faiss (must be installed)")
     s.add_argument("--json", action="store_true", help="one JSON line per query {query, results: [{rank, score, id}]}")
+    s.add_argument("--plot", metavar="PNG", help="also draw each query and its results (images or texts) to this PNG")
     s.set_defaults(fn=cmd_search)
     return s

@@ -214,6 +214,38 @@ def _json_meta(raw: bytes | None) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+# -- shards -> files ------------------------------------------------------------------------------
+def extract(shards: str | list[str], out_dir: str | Path, limit: int | None = None,
+            verbose: bool = True) -> list[Path]:
+    """Write samples of webdataset shards back out as files: ``KEY.<image ext>`` (the stored bytes) and, when
+    present, ``KEY.txt`` (the caption), for looking at a data set or feeding the folder commands (``mm caption``,
+    ``mm embed``, ``mm zeroshot``). The first ``limit`` samples with an image, in shard order; returns the
+    image files written. Keys with ``/`` (img2dataset tars) become ``_``."""
+    from .wds import check_urls, iter_shard
+
+    urls = check_urls(shards, "shards")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for url in urls:
+        for sample in iter_shard(url, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr)):
+            if limit is not None and len(written) >= limit:
+                break
+            ext = next((e for e in sorted(sample) if e in IMAGE_EXTS), None)
+            if ext is None:
+                continue
+            stem = out / sample["__key__"].replace("/", "_")
+            (image := stem.with_name(f"{stem.name}.{ext}")).write_bytes(sample[ext])
+            if "txt" in sample:
+                stem.with_name(f"{stem.name}.txt").write_bytes(sample["txt"])
+            written.append(image)
+        if limit is not None and len(written) >= limit:
+            break
+    if verbose:
+        print(f"wrote {len(written)} images (and their captions, where present) to {out}", file=sys.stderr)
+    return written
+
+
 # -- command line --------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default="train", help="shard name prefix: PREFIX-000000.tar (default: train)")
@@ -241,6 +273,12 @@ def _run_img2dataset(args: argparse.Namespace) -> int:
     return 0 if info["num_samples"] else 1
 
 
+def _run_extract(args: argparse.Namespace) -> int:
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"-n must be >= 1, got {args.n}")
+    return 0 if extract(args.shards, args.out_dir, args.n) else 1
+
+
 def _guard(fn):
     # Bad paths and columns are user errors: one clear line and exit code 2, not a traceback.
     def run(args: argparse.Namespace) -> int:
@@ -253,7 +291,7 @@ def _guard(fn):
 
 
 def add_commands(sub: Any) -> None:
-    """Add the ``csv``, ``img2dataset`` and ``builtin`` commands to an argparse subparsers object."""
+    """Add the ``csv``, ``img2dataset``, ``extract`` and ``builtin`` commands to an argparse subparsers object."""
 
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("csv", aliases=["table"], formatter_class=fmt, help="image paths + captions table -> shards",
@@ -279,6 +317,15 @@ def add_commands(sub: Any) -> None:
     p.add_argument("out_dir", help="folder for the shards and info.json")
     _common(p)
     p.set_defaults(fn=_guard(_run_img2dataset))
+    p = sub.add_parser("extract", formatter_class=fmt, help="shards -> image files + captions (to look at, or for "
+                       "the folder commands)",
+                       description="Write samples of webdataset shards out as files: KEY.jpg (the stored bytes) and\n"
+                       "KEY.txt (the caption), the first N samples in shard order.\n\n"
+                       "example: mm shards extract data/builtin/test-000000.tar.gz examples/ -n 16")
+    p.add_argument("shards", help="shard files or URLs (brace ranges expand, :: joins sets)")
+    p.add_argument("out_dir", help="folder for the files")
+    p.add_argument("-n", type=int, default=None, help="at most this many samples (default: all)")
+    p.set_defaults(fn=_guard(_run_extract))
     p = sub.add_parser("builtin", formatter_class=fmt, help="draw the built-in synthetic captioned data set",
                        description=synthetic.DESCRIPTION)
     synthetic.add_arguments(p)
@@ -286,9 +333,10 @@ def add_commands(sub: Any) -> None:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``mm shards {csv,img2dataset,builtin}`` to the ``mm`` command's subparsers; returns its parser."""
-    p = subparsers.add_parser("shards", help="make webdataset shards (table, img2dataset, built-in set)",
+    """Add ``mm shards {csv,img2dataset,builtin,extract}`` to the ``mm`` command's subparsers; returns its parser."""
+    p = subparsers.add_parser("shards", help="make webdataset shards (table, img2dataset, built-in set); extract them",
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              description="Make webdataset shards.\n\nexample: mm shards builtin data/builtin")
-    add_commands(p.add_subparsers(dest="shards_command", required=True, metavar="{csv,img2dataset,builtin}"))
+                              description="Make webdataset shards, or write shards back out as files.\n\n"
+                              "example: mm shards builtin data/builtin")
+    add_commands(p.add_subparsers(dest="shards_command", required=True, metavar="{csv,img2dataset,builtin,extract}"))
     return p

@@ -21,14 +21,14 @@ class DataConfig:
     workers: int = 2  # DataLoader worker processes per process (0 = load in the main process)
     shuffle_buffer: int = 1000  # sample shuffle buffer per worker (0 = only shard shuffling)
     resampled: bool = False  # draw shards with replacement (infinite stream) instead of epoch passes
-    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
-    text_key: str = "txt"
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])  # first one present
+    text_key: str = "txt"  # the member holding the caption
     # train on a random one of the sample's json "captions" (re-drawn every epoch, reproducibly) instead
     # of text_key; samples without them fall back to text_key (Flickr/COCO-style multi-caption shards)
     random_caption: bool = False
     max_pixels: int = 89_478_485  # larger images are skipped as decompression bombs (PIL's default)
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range
-    prefetch_factor: int = 4
+    prefetch_factor: int = 4  # batches loaded ahead per worker
     # where training JPEGs are decoded and augmented: "workers" (PIL in the DataLoader workers) or
     # "device" (torchvision.io.decode_jpeg on the training device, batched: nvJPEG on CUDA; workers only
     # read headers and draw crops). Other formats are always decoded in the workers.
@@ -50,31 +50,44 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000  # optimizer steps
-    lr: float = 5e-4
-    warmup_steps: int = 100
+    lr: float = 5e-4  # peak learning rate (AdamW), reached after warmup_steps
+    warmup_steps: int = 100  # linear warmup from 0, then cosine decay to min_lr at steps
     min_lr: float = 0.0  # cosine floor
-    weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
+    weight_decay: float = 0.2  # AdamW; not applied to biases, norms, embeddings, logit scale/bias
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW
+    eps: float = 1e-6  # AdamW
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step (effective batch: batch_size x processes x grad_accum)
     grad_clip: float | None = 1.0  # max global grad norm; null = off
-    seed: int = 0
+    seed: int = 0  # initial weights, data order, augmentation and dropout
     loss: str = "clip"  # clip | siglip
-    local_loss: bool = False
+    local_loss: bool = False  # clip loss: each process scores only its own rows against all (less memory)
     aux_weight: float = 1.0  # weight of the model's MoE aux loss
     # CoCa models (model.decoder set): loss = contrastive_weight * (clip|siglip) + caption_weight * token CE
     contrastive_weight: float = 1.0
-    caption_weight: float = 2.0
+    caption_weight: float = 2.0  # CoCa: weight of the caption token cross-entropy
     label_smoothing: float = 0.0  # of the caption cross-entropy
     checkpoint_every: int = 500  # steps; 0 = only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir) | none | a checkpoint path
     stop_after: int | None = None  # end this run (with a checkpoint) after this step; resume later
-    compile: bool = False
-    grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False  # recompute activations in backward, per block (less memory)
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
-    log_every: int = 10
+    log_every: int = 10  # steps between metrics.jsonl records (and MoE routing statistics)
+    # Adapting a pretrained model (mm/train/adapt.py). Start from these weights: an mm model directory,
+    # open_clip:NAME[:TAG], or an mm / open_clip weights file (.safetensors, .pt); the optimizer starts fresh,
+    # and a resumed run's own checkpoint takes precedence. With `model` unset, a directory's or open_clip
+    # NAME's architecture is used.
+    init_from: str | None = None
+    # towers (vision, text, decoder, logit_scale...) or parameter-name globs (vision.transformer.blocks.[0-3].*)
+    # to freeze: no gradient, not in the optimizer, kept in eval mode (LiT: [vision])
+    freeze: list[str] = field(default_factory=list)
+    # learning-rate multiplier per tower or glob, e.g. {text: 0.5}; the last entry selecting a parameter wins
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    # layer-wise lr decay (BEiT): block i of a depth-L stack gets decay^(L - i), embeddings decay^(L + 1),
+    # heads (norm, pooling, projection, logit scale) 1; null = off
+    layer_decay: float | None = None
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.steps < 1:
@@ -104,6 +117,20 @@ class TrainConfig:
             yield "resume", f"checkpoint {self.resume!r} does not exist (use auto, none or a checkpoint path)"
         if self.max_bad_steps < 1:
             yield "max_bad_steps", f"must be >= 1, got {self.max_bad_steps}"
+        if self.init_from:
+            from .adapt import check_init_from
+
+            problem = check_init_from(self.init_from)
+            if problem:
+                yield "init_from", problem
+        for i, sel in enumerate(self.freeze):
+            if not sel.strip():
+                yield f"freeze[{i}]", "must be a tower name or a glob, got an empty string"
+        for sel, mult in self.lr_mult.items():
+            if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not mult > 0:
+                yield f"lr_mult.{sel}", f"must be a number > 0, got {mult!r}"
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            yield "layer_decay", f"must be in (0, 1] or null, got {self.layer_decay}"
 
 
 @dataclass
@@ -111,14 +138,14 @@ class ZeroShotConfig:
     shards: str | None = None  # labelled shards (label in `label_key`)
     classnames: list[str] | str | None = None  # list, or a .txt / .json file; default: info.json "classes"
     templates: list[str] | str | None = None  # "{}" format strings or a file; default: info.json, else OpenAI's
-    label_key: str = "cls"
-    max_samples: int | None = None
+    label_key: str = "cls"  # the member holding the class index
+    max_samples: int | None = None  # the first N samples; null = all
 
 
 @dataclass
 class RetrievalConfig:
     shards: str | None = None  # samples whose `json` holds "captions": [...]
-    max_samples: int | None = None
+    max_samples: int | None = None  # the first N samples; null = all
 
 
 @dataclass
@@ -126,8 +153,8 @@ class CaptioningConfig:
     """Caption the images of ``shards`` (CoCa models) and score them against the references: the json
     "captions" list of each sample, else its text. Logs caption_bleu4 and caption_cider."""
 
-    shards: str | None = None
-    max_samples: int | None = None
+    shards: str | None = None  # images with reference captions; null = no captioning evaluation
+    max_samples: int | None = None  # the first N samples; null = all
     show: int = 5  # example captions printed to the log (all are written to captions.jsonl)
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(num_beams=3, max_new_tokens=30))
 
@@ -135,28 +162,66 @@ class CaptioningConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # steps between evaluations; 0 = only at the end
-    batch_size: int = 256
+    batch_size: int = 256  # images per evaluation batch
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     captioning: CaptioningConfig = field(default_factory=CaptioningConfig)
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (mm/train/distill.py, loss: mm.losses.DistillLoss).
+    The teacher runs in eval mode without gradients; it is not in the optimizer, nor in checkpoints."""
+
+    # mm model directory, open_clip:NAME[:TAG], or a preset / config file with teacher_pretrained; may be
+    # null when both image_embeddings and text_embeddings are given
+    teacher: str | None = None
+    teacher_pretrained: str | None = None  # weights file (mm or open_clip) for a preset / config-file teacher
+    # `mm embed --images` output over the training shards: the teacher's image embeddings, matched to
+    # training samples by shard key (every training key must be there); null = the teacher computes them
+    image_embeddings: str | None = None
+    # `mm embed --texts` output: the teacher's text embeddings, matched to training captions by their text
+    # (every caption must be there); null = the teacher computes them
+    text_embeddings: str | None = None
+    task_weight: float = 1.0  # weight of the run's usual loss (train.loss; CoCa's caption loss included)
+    kl_weight: float = 1.0  # KL(teacher || student) of the in-batch image-text similarity distributions
+    feature_weight: float = 0.0  # embedding matching (a learned projection when the widths differ)
+    feature_loss: str = "cosine"  # cosine (1 - cos) | mse (squared L2 distance)
+    # logits = sim / temperature for both models; null: each model's own logit scale (the teacher's is
+    # read from its weights; with precomputed embeddings only, from the model their index.json names)
+    temperature: float | None = None
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        from .distill import check_config
+
+        yield from check_config(self)
+
+
+@dataclass
 class RunConfig:
-    model: str | dict[str, Any] = "tiny-clip"
+    # preset name, config file or mapping; null: the architecture of train.init_from, else tiny-clip
+    model: str | dict[str, Any] | None = None
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    output_dir: str = "runs/default"
+    distill: DistillConfig | None = None  # distillation from a teacher model; null = off
+    output_dir: str = "runs/default"  # the run directory: config, metrics, checkpoints, final/, plots
 
     def check(self) -> Iterator[tuple[str, str]]:
         if not self.data.train:
             yield "data.train", "no training shards given (set data.train=PATH-{000000..000009}.tar)"
-        mcfg = self.model_config()
+        try:
+            mcfg = self.model_config()
+        except ConfigError as e:  # e.g. model unset and train.init_from without an architecture
+            yield "model", str(e)
+            return
         if self.train.loss == "siglip" and mcfg.init_logit_bias is None:
             yield "train.loss", "siglip needs a model with a logit bias (set model.init_logit_bias, e.g. -10)"
         if self.eval.captioning.shards and mcfg.decoder is None:
             yield "eval.captioning.shards", "captioning needs a model with a decoder (e.g. model: tiny-coca)"
+        if self.distill is not None and self.distill.text_embeddings and self.data.random_caption:
+            yield "distill.text_embeddings", ("precomputed text embeddings match the shards' text_key captions; "
+                                              "data.random_caption trains on others (give distill.teacher instead)")
         gen = self.eval.captioning.generation
         if gen.max_new_tokens is not None and gen.max_new_tokens >= mcfg.text.context_length:
             yield "eval.captioning.generation.max_new_tokens", (
@@ -166,7 +231,13 @@ class RunConfig:
     def model_config(self) -> ModelConfig:
         from ..models.clip import resolve_config
 
-        return resolve_config(self.model)
+        if self.model is not None:
+            return resolve_config(self.model)
+        if self.train.init_from:
+            from .adapt import init_model_config
+
+            return resolve_config(init_model_config(self.train.init_from))
+        return resolve_config("tiny-clip")
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | dict[str, Any] = ()) -> RunConfig:
@@ -201,6 +272,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] | dict[str, An
     except ConfigError as e:
         raise ConfigError(f"model: {e}") from e
     validate(cfg)
+    from .adapt import check_selectors
+
+    check_selectors(cfg)  # train.freeze / train.lr_mult entries must name parameters of this model
     from ..data.wds import check_urls
 
     check_urls(cfg.data.train, "data.train")
@@ -215,5 +289,5 @@ def load_run_config(path: str | Path | None, overrides: list[str] | dict[str, An
     return cfg
 
 
-__all__ = ["DataConfig", "EvalConfig", "RetrievalConfig", "RunConfig", "TrainConfig", "ZeroShotConfig",
-           "load_run_config", "parse_value"]
+__all__ = ["DataConfig", "DistillConfig", "EvalConfig", "RetrievalConfig", "RunConfig", "TrainConfig",
+           "ZeroShotConfig", "load_run_config", "parse_value"]

@@ -95,24 +95,26 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_run(output_dir: str | Path) -> list[Path]:
-    """PNG plots of loss, learning rate and evaluation metrics against step, and of MoE expert usage.
-    Returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """PNG plots against step: ``loss.png`` (the loss and its parts), ``lr.png``, ``eval.png`` (zero-shot
+    accuracy, retrieval recall), ``caption.png`` (BLEU-4, CIDEr), and ``experts.png`` (MoE expert usage); each
+    only when metrics.jsonl has its values. Returns the files written. Uses matplotlib's object API, not
+    pyplot: no backend is selected, so a notebook's inline backend is left alone."""
+    from matplotlib.figure import Figure
 
     d = Path(output_dir)
     records = read_metrics(d / "metrics.jsonl")
     written = []
-    panels = [("loss", ["loss", "contrastive_loss", "aux_loss"]), ("lr", ["lr"]),
-              ("eval", ["zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"])]
+    panels = [("loss", ["loss", "contrastive_loss", "caption_loss", "aux_loss", "task_loss", "kl_loss",
+                        "feature_loss"]), ("lr", ["lr"]),
+              ("eval", ["zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"]),
+              ("caption", ["caption_bleu4", "caption_cider"])]
     for name, keys in panels:
         series = {k: [(r["step"], r[k]) for r in records if k in r] for k in keys}
         series = {k: v for k, v in series.items() if v}
         if not series:
             continue
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        fig = Figure(figsize=(6, 3.5), dpi=100)
+        ax = fig.subplots()
         for k, pts in series.items():
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, label=k)
@@ -123,16 +125,16 @@ def plot_run(output_dir: str | Path) -> list[Path]:
         fig.tight_layout()
         path = d / f"{name}.png"
         fig.savefig(path)
-        plt.close(fig)
         written.append(path)
-    experts = _plot_experts(records, d / "experts.png", plt)
+    experts = _plot_experts(records, d / "experts.png")
     return written + ([experts] if experts is not None else [])
 
 
-def _plot_experts(records: list[dict[str, Any]], path: Path, plt: Any) -> Path | None:
+def _plot_experts(records: list[dict[str, Any]], path: Path) -> Path | None:
     """Heatmaps of each MoE layer's load per expert (``moe/<tower>/<block>/load``), averaged over the
     logged steps: one panel per tower (one-tower models: per modality), layers x experts, one colour scale."""
     import numpy as np
+    from matplotlib.figure import Figure
 
     loads: dict[str, dict[int, list[list[float]]]] = {}
     dropped: dict[tuple[str, int], list[float]] = {}
@@ -149,8 +151,8 @@ def _plot_experts(records: list[dict[str, Any]], path: Path, plt: Any) -> Path |
              for t, layers in loads.items()}
     vmax = max(g.max() for _, g in grids.values())
     rows = max(len(b) for b, _ in grids.values())
-    fig, axes = plt.subplots(1, len(grids), figsize=(5.5 * len(grids), 1.5 + 0.5 * rows), dpi=100,
-                             squeeze=False, layout="constrained")
+    fig = Figure(figsize=(5.5 * len(grids), 1.5 + 0.5 * rows), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(grids), squeeze=False)
     for ax, (tower, (blocks, grid)) in zip(axes[0], grids.items()):
         im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
         ax.set_yticks(range(len(blocks)), [f"{b}: {np.mean(dropped.get((tower, b), [0])):.0%} dropped" for b in blocks])
@@ -162,5 +164,4 @@ def _plot_experts(records: list[dict[str, Any]], path: Path, plt: Any) -> Path |
     n = len({r["step"] for r in records if any(k.startswith("moe/") for k in r)})
     fig.suptitle(f"expert load, mean over {n} logged steps")
     fig.savefig(path)
-    plt.close(fig)
     return path

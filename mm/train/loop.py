@@ -26,8 +26,10 @@ from ..losses import CocaLoss, make_loss
 from ..models.clip import CLIP, model_class
 from ..pretrained import save_pretrained
 from ..tokenizer import get_tokenizer
+from . import adapt
 from . import checkpoint as ckpt
 from .config import RunConfig, load_run_config
+from .distill import build_distiller
 from .evaluate import evaluate
 from .log import RunLogger, plot_run
 from .optim import grad_norm, make_optimizer, make_scheduler
@@ -87,7 +89,16 @@ def make_accelerator(cfg: RunConfig):
         raise ValueError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
     # cpu=True is what makes `accelerate launch --multi_gpu` on a GPU-less machine form gloo ranks
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp)
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # checkpoints, evaluation and the final save read the unwrapped model's full parameters on the main
+        # process; sharded parameters would save a shard and hang evaluation (docs/distributed.md)
+        raise ValueError(f"accelerate config uses {acc.distributed_type.value}, which mm's trainer does not support "
+                         "yet; use DDP (multi-GPU / multi-node) with train.grad_checkpointing and bf16, see "
+                         "docs/distributed.md")
+    return acc
 
 
 def build_model(cfg: RunConfig) -> CLIP:
@@ -175,13 +186,20 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     acc.wait_for_everyone()
 
     core = build_model(cfg)
-    opt = make_optimizer(core, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas), cfg.train.eps, acc.device)
+    frozen, lr_scales = adapt.prepare(core, cfg)  # train.init_from weights, train.freeze, lr_mult / layer_decay
+    opt = make_optimizer(core, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas), cfg.train.eps, acc.device,
+                         lr_scales)
+    # distill: a frozen teacher around the usual loss; a learned projection joins opt before the scheduler reads it
+    distill = build_distiller(cfg, core, build_loss(cfg, core), opt, acc.device, acc.autocast)
+    trained = [*core.parameters(), *(distill.parameters() if distill is not None else [])]
     sched = make_scheduler(opt, cfg.train.warmup_steps, cfg.train.steps, cfg.train.lr, cfg.train.min_lr)
     step, skipped_steps, data = 0, 0, DataState()
     resume_from = find_resume(cfg)
     if resume_from is not None:
         state = ckpt.load(resume_from, rank)
         core.load_state_dict(state["model"])
+        if distill is not None:
+            distill.load(resume_from)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, skipped_steps = state["state"]["step"], state["state"]["skipped_steps"]
@@ -207,9 +225,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     skip_log = open(out_dir / f"skipped_samples.rank{rank}.txt", "a", buffering=1)
     if resume_from is not None:
         log.info(f"resumed from {resume_from} at step {step}")
-    log.info(f"training {cfg.model if isinstance(cfg.model, str) else 'model'}: "
-             f"{sum(p.numel() for p in core.parameters()):,} parameters, {world} process(es) on {acc.device}, "
+    n_train = sum(p.numel() for p in core.parameters() if p.requires_grad)
+    log.info(f"training {cfg.model if isinstance(cfg.model, str) else 'model'}"
+             f"{f' from {cfg.train.init_from}' if cfg.train.init_from else ''}: "
+             f"{sum(p.numel() for p in core.parameters()):,} parameters ({n_train:,} trained"
+             f"{f', frozen: {cfg.train.freeze}' if frozen else ''}), {world} process(es) on {acc.device}, "
              f"batch {cfg.data.batch_size} x {world} x accum {cfg.train.grad_accum}, steps {step} -> {end}")
+    if distill is not None:
+        log.info(distill.describe())
     if step == 0:
         log.log({"step": 0, "world_size": world, "device": str(acc.device)}, show=False)
 
@@ -219,6 +242,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             ckpt.save_main(ckpt_root, at, core, opt.optimizer if hasattr(opt, "optimizer") else opt, sched,
                            {"step": at, "skipped_steps": skipped_steps, "world_size": world,
                             "batches": data.batches, **extra})
+            if distill is not None:
+                distill.save(ckpt.tmp_dir(ckpt_root, at))
         acc.wait_for_everyone()
         ckpt.save_rank(ckpt_root, at, rank, data.to_json(max(1, cfg.data.workers)))
         acc.wait_for_everyone()
@@ -242,6 +267,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 log.info(f"stopped by signal at step {step}; checkpoint written. Run again with train.resume=auto "
                          "to continue.")
                 return results
+            if frozen:  # frozen modules stay in eval mode (evaluation's model.train() would turn them back on)
+                adapt.set_train_mode(core, frozen)
             losses = None
             for micro in range(cfg.train.grad_accum):
                 batch = next(batches)
@@ -256,21 +283,24 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 sync = nullcontext() if micro == cfg.train.grad_accum - 1 else acc.no_sync(model)
                 with sync:
                     out = model(images, tokens)
-                    losses = loss_fn(out)
+                    losses = loss_fn(out) if distill is None else distill(out, batch, images, tokens)
                     acc.backward(losses["loss"] / cfg.train.grad_accum)
                 samples_since += images.shape[0] * world
+            if distill is not None:
+                distill.sync_grads()
             if cfg.train.grad_clip:
-                norm = acc.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
+                norm = acc.clip_grad_norm_(trained, cfg.train.grad_clip)
             else:
                 acc.unscale_gradients()  # fp16: the finite check needs the true gradients
-                norm = grad_norm(core.parameters())
+                norm = grad_norm(trained)
             finite = bool(torch.isfinite(norm))  # one host sync per step: the skip decision needs it
             if finite or cfg.train.precision == "fp16":
                 opt.step()  # under fp16 the grad scaler skips overflowing steps itself
             opt.zero_grad(set_to_none=True)
             sched.step()
-            with torch.no_grad():
-                core.logit_scale.clamp_(0, math.log(100))  # CLIP: temperature capped at 100
+            if core.logit_scale.requires_grad:  # a frozen scale stays bit-identical
+                with torch.no_grad():
+                    core.logit_scale.clamp_(0, math.log(100))  # CLIP: temperature capped at 100
             step += 1
             log.advance()
             if finite:
@@ -284,11 +314,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                                         f"(last at step {step}); lower train.lr or check the data")
             if step % cfg.train.log_every == 0 or step == end:
                 dt = time.time() - t_last
-                rec = {"step": step, "loss": losses["loss"].item(), "lr": sched.get_last_lr()[0],
+                # the base rate: group 0 may be scaled (train.lr_mult / layer_decay)
+                lr_now = sched.get_last_lr()[0] / opt.param_groups[0].get("lr_scale", 1.0)
+                rec = {"step": step, "loss": losses["loss"].item(), "lr": lr_now,
                        "samples_per_s": samples_since / max(dt, 1e-9), "skipped_samples": sum(data.skipped.values()),
                        "skipped_steps": skipped_steps, "logit_scale": core.logit_scale.exp().item(),
                        "eta_s": (end - step) * dt / cfg.train.log_every}
-                for k in ("contrastive_loss", "caption_loss", "aux_loss"):
+                for k in ("contrastive_loss", "caption_loss", "aux_loss", "task_loss", "kl_loss", "feature_loss"):
                     if k in losses and k != "loss":
                         rec[k] = losses[k].item()
                 log.log(rec)
