@@ -55,8 +55,8 @@ class MoEConfig:
     dense_twin: bool = False
     # How the experts run: "grouped" sorts the kept assignments by expert and runs each FFN matmul as one
     # grouped GEMM over exactly those rows (torch's F.grouped_mm; no capacity padding, so unlimited
-    # capacity costs k x tokens rows, not experts x tokens); "padded" scatters into an (experts, capacity,
-    # dim) buffer and runs batched matmuls; "auto" = grouped where torch has a fast kernel for it (fp32 on
+    # capacity costs k x tokens rows); "padded" scatters into an (experts, capacity, dim) buffer and runs
+    # batched matmuls (unlimited capacity: as deep as the busiest expert's load); "auto" = grouped where torch has a fast kernel for it (fp32 on
     # CPU, bf16 on CUDA sm80+), else padded. Same routing and outputs either way (tested).
     dispatch: str = "auto"
 

@@ -204,12 +204,17 @@ class MoE(nn.Module):
         else:
             pos = (onehot.cumsum(0) * onehot).sum(-1) - 1
         factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
+        dtype = _compute_dtype(xs)
+        grouped = self._grouped(dtype, x.device)
         cap = expert_capacity(n, e, k, factor)
+        if factor is None and not grouped and n > 0:
+            # unlimited capacity on the padded path: buffers as deep as the busiest expert's load, not as the
+            # token count (experts x tokens rows); one host sync, which this path's boolean indexing has anyway
+            cap = int(onehot.sum(0).max())
         keep = pos < cap
         tok = torch.arange(n, device=x.device).repeat(k)[keep]
         w = gate.t().reshape(-1)[keep]
-        dtype = _compute_dtype(xs)
-        if self._grouped(dtype, x.device):
+        if grouped:
             kept_e = flat_e[keep]
             order = kept_e.argsort(stable=True)  # expert-major; the rows of one expert are contiguous
             tok, kept_e, w = tok[order], kept_e[order], w[order]
