@@ -39,7 +39,7 @@ TRAIN="$PY benchmarks/bench_train.py --precision bf16 --peak-tflops 793"
 step train_b16 60 $TRAIN --model ViT-B-16 --batch 256 --steps 8
 step train_b16_compiled 150 $TRAIN --model ViT-B-16 --batch 256 --steps 8 --compile
 step train_b32 45 $TRAIN --model ViT-B-32 --batch 512 --steps 10
-step train_coca 60 $TRAIN --model coca_ViT-B-32 --batch 256 --steps 8
+step train_coca 50 $TRAIN --model coca_ViT-B-32 --batch 256 --steps 8
 
 # Issue 7, acceptance 3: training from JPEG shards vs the synthetic-data step rate (ViT-B-32, b512).
 step data 90 $PY benchmarks/bench_data.py --make-shards /tmp/jpegs --n 8192 \
@@ -50,7 +50,7 @@ step infer 45 $PY benchmarks/bench_infer.py --model ViT-B-32 --n 4096 --batch-si
 
 # Issue 8, acceptance 3 (and issue 7's MoE dispatch): MoE vs dense twin; sparse vs dense attention at 4k.
 step moe 50 $PY benchmarks/bench_moe.py --model ViT-B-16-moe --batch 256 --precision bf16 --steps 10
-step sparse 40 $PY benchmarks/bench_sparse.py --depth 12
+step sparse 65 $PY benchmarks/bench_sparse.py --depth 12
 
 # The CUDA-only tests (compiled flex_attention) and the device paths of the rest.
-step tests 60 $PY -m pytest -x tests/test_sparse_attention.py tests/test_layers.py tests/test_device_decode.py
+step tests 45 $PY -m pytest -x tests/test_sparse_attention.py tests/test_layers.py tests/test_device_decode.py
