@@ -260,15 +260,13 @@ def generate(model, images: torch.Tensor, cfg: GenerationConfig | None = None, *
     if max_new > room:
         raise ValueError(f"max_new_tokens {max_new} does not fit: the model's context is {t.context_length} "
                          f"tokens and the prompt has {prompt.shape[1]}")
-    was_training = model.training
-    model.eval()
-    try:
+    from .eval.zeroshot import eval_mode
+
+    with eval_mode(model):  # restores every module's mode afterwards
         stepper = _Stepper(model, model.image_tokens(images), cfg.use_cache, prompt.shape[1] + max_new)
         if cfg.method == "beam":
             return _beam_search(stepper, prompt, max_new, cfg, ids)
         return _greedy_or_sample(stepper, prompt, max_new, cfg, ids, generator)
-    finally:
-        model.train(was_training)
 
 
 def _load_images(images, transform, device) -> torch.Tensor:

@@ -101,8 +101,14 @@ def test_frozen_modules_stay_in_eval_mode():
     model.eval()
     with torch.no_grad():
         ref_img, ref_txt = model.encode_image(images), model.encode_text(tokens)
-    model.train()  # what evaluation's restore does; set_train_mode undoes it for the frozen part
-    adapt.set_train_mode(model, frozen)
+    model.train()
+    adapt.set_train_mode(model, frozen)  # once, at the start of a run
+    assert not any(m.training for m in model.vision.modules()) and all(m.training for m in model.text.modules())
+    # evaluation and generation switch everything to eval and back: each module gets its own mode back
+    from mm.eval.zeroshot import eval_mode
+
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
     assert not any(m.training for m in model.vision.modules()) and all(m.training for m in model.text.modules())
     with torch.no_grad():
         assert torch.equal(model.encode_image(images), ref_img)  # no patch dropout / drop-path

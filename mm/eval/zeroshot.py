@@ -90,16 +90,18 @@ def _model_device(model: Any) -> torch.device:
 
 @contextlib.contextmanager
 def eval_mode(model: Any) -> Iterator[None]:
-    """``no_grad`` with the model in eval mode (dropout, patch dropout off); its previous mode is restored."""
-    was_training = getattr(model, "training", None)
+    """``no_grad`` with the model in eval mode (dropout, patch dropout off). Every submodule's previous mode
+    is restored, not the root's flag pushed down: a frozen tower kept in eval mode while the rest trains
+    (``train.freeze``) stays so after a mid-run evaluation."""
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
     if isinstance(model, torch.nn.Module):
         model.eval()
     try:
         with torch.no_grad():
             yield
     finally:
-        if isinstance(model, torch.nn.Module) and was_training is not None:
-            model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

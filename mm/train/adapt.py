@@ -146,8 +146,8 @@ def frozen_modules(model: nn.Module) -> list[str]:
 
 
 def set_train_mode(model: nn.Module, frozen: list[str]) -> None:
-    """Training mode, except the frozen modules. The trainer calls it before every step, because
-    evaluation's ``model.train()`` afterwards would switch them back on."""
+    """Training mode, except the frozen modules. Set once at the start of a run: evaluation and generation
+    (``eval_mode``) restore every module's own mode afterwards, so the frozen ones stay in eval mode."""
     model.train()
     for name in frozen:
         model.get_submodule(name).eval()

@@ -12,7 +12,7 @@ from ..data.transforms import image_transform
 from ..data.wds import Collate, ShardStream, check_urls, is_local, make_loader
 from ..eval.captioning import caption_eval
 from ..eval.retrieval import retrieval_eval
-from ..eval.zeroshot import load_names, zero_shot_classifier, zero_shot_eval
+from ..eval.zeroshot import eval_mode, load_names, zero_shot_classifier, zero_shot_eval
 from ..tokenizer import get_tokenizer
 from .config import RunConfig
 
@@ -47,12 +47,10 @@ def evaluate(cfg: RunConfig, model, device: torch.device) -> dict[str, Any]:
     """Zero-shot top-1/top-5, retrieval recall@1/5/10 and caption BLEU-4 / CIDEr, for the shard sets
     configured in ``cfg.eval``. Captions are written to ``output_dir/captions.jsonl``; the first
     ``eval.captioning.show`` are returned under ``caption_examples``."""
-    was_training = model.training
-    model.eval()
     tok = get_tokenizer(model)
     results: dict[str, Any] = {}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
-    try:
+    with eval_mode(model):  # restores every module's mode (frozen towers stay in eval mode)
         zs = cfg.eval.zeroshot
         if zs.shards:
             urls = check_urls(zs.shards, "eval.zeroshot.shards")
@@ -84,6 +82,4 @@ def evaluate(cfg: RunConfig, model, device: torch.device) -> dict[str, Any]:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
             results.update(caption_bleu4=r["caption_bleu4"], caption_cider=r["caption_cider"], caption_n=r["caption_n"])
             results["caption_examples"] = rows[: cp.show]
-    finally:
-        model.train(was_training)
     return results

@@ -187,6 +187,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     core = build_model(cfg)
     frozen, lr_scales = adapt.prepare(core, cfg)  # train.init_from weights, train.freeze, lr_mult / layer_decay
+    adapt.set_train_mode(core, frozen)  # frozen modules in eval mode for the whole run (evaluation restores modes)
     opt = make_optimizer(core, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas), cfg.train.eps, acc.device,
                          lr_scales)
     # distill: a frozen teacher around the usual loss; a learned projection joins opt before the scheduler reads it
@@ -267,8 +268,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 log.info(f"stopped by signal at step {step}; checkpoint written. Run again with train.resume=auto "
                          "to continue.")
                 return results
-            if frozen:  # frozen modules stay in eval mode (evaluation's model.train() would turn them back on)
-                adapt.set_train_mode(core, frozen)
             losses = None
             for micro in range(cfg.train.grad_accum):
                 batch = next(batches)
