@@ -379,16 +379,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    from .cli import MODEL_HELP
-    from .eval.commands import _guard
+    from .eval.commands import _guard, add_model_and_labelled_shards
 
     d = FinetuneConfig()
     p = sub.add_parser("finetune", help="fine-tune the image tower for classification, with WiSE-FT interpolation",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--pretrained", help="weights file for a preset --model (mm or open_clip checkpoint)")
-    p.add_argument("--train", required=True, metavar="SHARDS", help="labelled training shards (brace ranges, :: joins)")
-    p.add_argument("--test", required=True, metavar="SHARDS", help="labelled test shards")
+    add_model_and_labelled_shards(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--classes", help="class names: a .txt / .json file or a,b,c (default: the shards' info.json)")
     p.add_argument("--templates", help="zero-shot head prompts: a .txt / .json file or one template with {} "

@@ -410,6 +410,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_model_and_labelled_shards(p: argparse.ArgumentParser) -> None:
+    """The options ``mm probe`` and ``mm finetune`` share: the model and the labelled train / test shards."""
+    from ..cli import MODEL_HELP
+
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--pretrained", help="weights file for a preset --model (mm or open_clip checkpoint)")
+    p.add_argument("--train", required=True, metavar="SHARDS", help="labelled training shards (brace ranges, :: joins)")
+    p.add_argument("--test", required=True, metavar="SHARDS", help="labelled test shards")
+
+
 def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     # Bad inputs are user errors: one line naming the problem and exit code 2, not a traceback.
     def run(args: argparse.Namespace) -> int:

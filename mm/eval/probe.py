@@ -204,15 +204,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    from ..cli import MODEL_HELP
-    from .commands import _guard
+    from .commands import _guard, add_model_and_labelled_shards
 
     p = sub.add_parser("probe", help="linear-probe accuracy of a model's image embeddings on labelled shards",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--pretrained", help="weights file for a preset --model (mm or open_clip checkpoint)")
-    p.add_argument("--train", required=True, metavar="SHARDS", help="labelled training shards (brace ranges, :: joins)")
-    p.add_argument("--test", required=True, metavar="SHARDS", help="labelled test shards")
+    add_model_and_labelled_shards(p)
     p.add_argument("--max-train", type=int, default=None, help="use the first N training samples")
     p.add_argument("--max-test", type=int, default=None, help="use the first N test samples")
     p.add_argument("--classes", help="class names (a .txt / .json file or a,b,c; default: the shards' info.json); "

@@ -129,7 +129,7 @@ class MoE(nn.Module):
             return mode == "grouped"
         if _GROUPED_MM is None:
             return False
-        size = torch.empty((), dtype=dtype).element_size()
+        size = dtype.itemsize
         aligned = all(d * size % 16 == 0 for d in (self.w1.shape[1], self.w1.shape[2], self.w2.shape[1]))
         if device.type == "cpu":
             # fp32 only: torch's CPU grouped GEMM has no fast bf16 path, while bmm uses AMX / oneDNN
