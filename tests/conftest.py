@@ -1,6 +1,7 @@
 """Shared fixtures: small webdataset shards made on the fly (the suite never reads ../shared)."""
 from __future__ import annotations
 
+import json
 import io
 import tarfile
 from pathlib import Path
@@ -52,17 +53,23 @@ def colour_samples(n: int, start: int = 0, size: int = 40) -> list[tuple[str, di
     return out
 
 
+def make_colour_shards(d: Path, shards: int = 3, per_shard: int = 16,
+                       templates: tuple[str, ...] = ("a {} square", "a photo of something {}")) -> Path:
+    """``shards`` training shards of ``per_shard`` noisy colour squares (captions, labels), a test shard of
+    ``per_shard`` more, and info.json with the 4 classes and ``templates``, in directory ``d``."""
+    d.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        write_tar(d / f"train-{s:04d}.tar", colour_samples(per_shard, start=per_shard * s))
+    write_tar(d / "test-0000.tar", colour_samples(per_shard, start=1000))
+    (d / "info.json").write_text(json.dumps({"classes": ["red", "green", "blue", "yellow"],
+                                             "templates": list(templates)}))
+    return d
+
+
 @pytest.fixture
 def colour_shards(tmp_path):
     """3 shards x 16 samples of noisy colour squares with captions and labels, plus info.json."""
-    d = tmp_path / "shards"
-    d.mkdir()
-    for s in range(3):
-        write_tar(d / f"train-{s:04d}.tar", colour_samples(16, start=16 * s))
-    write_tar(d / "test-0000.tar", colour_samples(16, start=1000))
-    (d / "info.json").write_text('{"classes": ["red", "green", "blue", "yellow"], '
-                                 '"templates": ["a {} square", "a photo of something {}"]}')
-    return d
+    return make_colour_shards(tmp_path / "shards")
 
 
 @pytest.fixture(scope="module")

@@ -91,15 +91,10 @@ def test_image_adapter_renormalises_and_resizes_for_the_teacher():
 @pytest.fixture(scope="module")
 def teacher_files(tmp_path_factory, model_dir):
     """Shards, the teacher's precomputed image embeddings (by key) and caption embeddings (by text)."""
-    from conftest import colour_samples, write_tar
+    from conftest import make_colour_shards
 
     tmp = tmp_path_factory.mktemp("distill")
-    shards = tmp / "shards"
-    shards.mkdir()
-    for s in range(2):
-        write_tar(shards / f"train-{s:04d}.tar", colour_samples(8, start=8 * s))
-    write_tar(shards / "test-0000.tar", colour_samples(8, start=1000))
-    (shards / "info.json").write_text('{"classes": ["red", "green", "blue", "yellow"], "templates": ["a {} square"]}')
+    shards = make_colour_shards(tmp / "shards", shards=2, per_shard=8, templates=("a {} square",))
     teacher = mm.load_model(model_dir)
     embed_images(teacher, [f"{shards}/train-{{0000..0001}}.tar"], tmp / "img", workers=0, model_spec=str(model_dir))
     captions = [f"a {c} square number {i}" for i, c in enumerate(["red", "green", "blue", "yellow"] * 4)]

@@ -18,7 +18,7 @@ from PIL import Image
 
 import mm
 
-from conftest import colour_samples, jpeg_bytes, png_bytes, write_tar
+from conftest import colour_samples, jpeg_bytes, make_colour_shards, png_bytes, write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,12 +66,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 def reference_run(tmp_path_factory):
     """An uninterrupted 8-step run (with a final zero-shot evaluation) that other tests compare against."""
     tmp = tmp_path_factory.mktemp("ref")
-    shards = tmp / "shards"
-    shards.mkdir()
-    for s in range(3):
-        write_tar(shards / f"train-{s:04d}.tar", colour_samples(16, start=16 * s))
-    write_tar(shards / "test-0000.tar", colour_samples(16, start=1000))
-    (shards / "info.json").write_text('{"classes": ["red", "green", "blue", "yellow"], "templates": ["a {} square"]}')
+    shards = make_colour_shards(tmp / "shards", templates=("a {} square",))
     cfg = write_config(tmp, shards, "full", eval={"batch_size": 8, "zeroshot": {"shards": f"{shards}/test-0000.tar"}})
     proc = train(cfg)
     return tmp, shards, tmp / "full", proc
