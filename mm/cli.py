@@ -281,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .host import tune_malloc
+
     args = build_parser().parse_args(argv)
+    tune_malloc()  # a command owns its process: reuse freed activations' pages (mm/host.py says why)
     return args.fn(args)
 
 

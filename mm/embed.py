@@ -490,6 +490,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         if args.quantize == "int8" and not device.startswith("cpu"):
             raise EmbedError(f"--quantize int8 runs on the CPU (--device cpu); on {device} use int8-weight")
         model = load_model(args.model, args.pretrained, device)
+        t0 = time.perf_counter()
         index = run_embed(model, chunks, args.out, model_spec=args.model, pretrained=args.pretrained,
                           batch_size=args.batch_size, workers=args.workers, normalize=normalize,
                           precision=args.precision, dtype=args.dtype, quantize=args.quantize)
@@ -498,8 +499,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         return 2
     if dist_state().is_main_process:
         skipped = f", {index['skipped']} skipped (see {Path(args.out) / SKIPPED_NAME})" if index["skipped"] else ""
-        print(f"{index['count']} {kind} embedded (dim {index['embed_dim']}) in {len(index['parts'])} parts; "
-              f"index: {Path(args.out) / INDEX_NAME}{skipped}", file=sys.stderr)
+        print(f"{index['count']} {kind} embedded (dim {index['embed_dim']}) in {len(index['parts'])} parts, "
+              f"{time.perf_counter() - t0:.2f} s; index: {Path(args.out) / INDEX_NAME}{skipped}", file=sys.stderr)
     return 0
 
 

@@ -389,7 +389,10 @@ def _finish(cfg: RunConfig, core: CLIP, acc, log: RunLogger, step: int, data: Da
 
 
 def main(config: str | None, overrides: list[str] = ()) -> int:
+    from ..host import tune_malloc
+
     cfg = load_run_config(config, list(overrides))  # every config error surfaces here, before any work
+    tune_malloc()  # train.py / mm train own their process (mm/host.py)
     results = run(cfg)
     if results:
         summary = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float))
