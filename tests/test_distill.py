@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -180,7 +182,8 @@ def test_temperature_is_needed_when_the_teachers_scale_is_unknown(teacher_files)
     assert load_run_config(None, {**ov, "distill.temperature": 0.05}).distill.temperature == 0.05
 
 
-def distill_run(tmp_path: Path, name: str, shards: Path, model_dir: Path, txt: Path, *overrides: str):
+def distill_run(tmp_path: Path, name: str, shards: Path, model_dir: Path, txt: Path, *overrides: str,
+                launch: list[str] = ()):
     cfg = {"model": "micro-clip",
            "data": {"train": f"{shards}/train-{{0000..0001}}.tar", "batch_size": 4, "workers": 0, "shuffle_buffer": 4},
            "train": {"steps": 4, "warmup_steps": 1, "lr": 1e-3, "checkpoint_every": 2, "log_every": 1},
@@ -188,8 +191,9 @@ def distill_run(tmp_path: Path, name: str, shards: Path, model_dir: Path, txt: P
            "output_dir": str(tmp_path / name)}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), str(path), *overrides], cwd=ROOT, check=False,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, *launch, str(ROOT / "train.py"), str(path), *overrides], cwd=ROOT,
+                          check=False, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -223,3 +227,22 @@ def test_distilled_run_keeps_the_teacher_frozen_and_out_of_the_student(teacher_f
     a, b = load_file(str(ck / "model.safetensors")), load_file(str(ck2 / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(proj["weight"], load_file(str(ck2 / "distill.safetensors"))["weight"])
+
+
+def test_two_process_distillation_keeps_student_and_projection_identical(teacher_files, model_dir, tmp_path):
+    """Under `accelerate launch` with 2 gloo ranks, DDP averages the student's gradients and the distiller
+    averages its projection's (it is outside DDP): after the run both are bit-identical on the two ranks. Without
+    that sync each rank's projection would follow its own half of the data and the hashes would differ."""
+    tmp, shards = teacher_files
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    distill_run(tmp_path, "ddp", shards, model_dir, tmp / "txt", launch=launch)
+    recs = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["world_size"] == 2  # really two ranks
+    assert [r["step"] for r in recs if "kl_loss" in r] == [1, 2, 3, 4]
+    final = [r for r in recs if r.get("final")][0]
+    for key in ("param_sha256", "distill_sha256"):
+        assert len(final[key]) == 2 and len(set(final[key])) == 1, (key, final[key])

@@ -332,7 +332,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 results = _evaluate(cfg, core, acc, log, step)
         save(step)
         if step >= cfg.train.steps:
-            results = _finish(cfg, core, acc, log, step, data)
+            results = _finish(cfg, core, acc, log, step, data, distill)
         else:
             log.info(f"stopped after step {step} (train.stop_after); resume with train.resume=auto")
         return results
@@ -370,16 +370,21 @@ def _evaluate(cfg: RunConfig, core: CLIP, acc, log: RunLogger, step: int) -> dic
     return results
 
 
-def _finish(cfg: RunConfig, core: CLIP, acc, log: RunLogger, step: int, data: DataState) -> dict[str, Any]:
+def _finish(cfg: RunConfig, core: CLIP, acc, log: RunLogger, step: int, data: DataState,
+            distill=None) -> dict[str, Any]:
     from accelerate.utils import gather_object
 
-    shas = gather_object([params_sha256(core)])
+    shas = {"param_sha256": gather_object([params_sha256(core)])}
+    proj = distill.loss.proj if distill is not None else None
+    if proj is not None:  # trained outside DDP: its gradient sync is ours to get right
+        shas["distill_sha256"] = gather_object([params_sha256(proj)])
     results = _evaluate(cfg, core, acc, log, step)
     if acc.is_main_process:
-        if len(set(shas)) != 1:
-            log.info(f"WARNING: parameters differ between processes: {shas}")
+        for what, values in shas.items():
+            if len(set(values)) != 1:
+                log.info(f"WARNING: {what}: parameters differ between processes: {values}")
         save_pretrained(core, Path(cfg.output_dir) / "final")
-        log.log({"step": step, "final": True, "param_sha256": shas, "skipped_by_reason": data.skipped}, show=False)
+        log.log({"step": step, "final": True, **shas, "skipped_by_reason": data.skipped}, show=False)
         plots = plot_run(cfg.output_dir)
         log.info(f"final model: {Path(cfg.output_dir) / 'final'}; plots: {', '.join(p.name for p in plots)}")
         if data.skipped:
