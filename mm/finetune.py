@@ -13,7 +13,11 @@ endpoints exactly at alpha 0 and 1; the test accuracy is reported for each alpha
 model directories (the whole CLIP with the image encoder replaced: ``mm zeroshot`` / ``mm embed`` work on
 them) plus ``classifier.safetensors`` (the head) and ``classes.json``; :func:`load_classifier` reads them.
 
-One process on one device: data as in training (``mm.data.wds``: shuffled shards, train augmentation).
+Data as in training (``mm.data.wds``: shuffled shards, train augmentation). Under ``accelerate launch`` each
+process reads its own share of the shards (``--batch-size`` is per process), the classifier trains inside
+DistributedDataParallel (so the processes keep identical weights), and the main process evaluates and saves
+while the others wait; ``results.json`` records the world size and each process's hash of the fine-tuned
+weights.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -163,8 +168,10 @@ def classifier_eval(classifier: Classifier, batches: Iterable[dict[str, Any]], *
 
 
 # -- training ------------------------------------------------------------------------------------
-def train_batches(model: nn.Module, urls: list[str], cfg: FinetuneConfig, label_key: str = "cls") -> Iterator[dict]:
-    """An endless stream of shuffled, augmented ``{"images", "labels"}`` batches (training's reader)."""
+def train_batches(model: nn.Module, urls: list[str], cfg: FinetuneConfig, label_key: str = "cls", *,
+                  rank: int = 0, world: int = 1) -> Iterator[dict]:
+    """An endless stream of shuffled, augmented ``{"images", "labels"}`` batches (training's reader); process
+    ``rank`` of ``world`` reads its own share of the shards."""
     from .data.decode import SampleDecoder
     from .data.transforms import image_transform
     from .data.wds import Collate, ShardStream, make_loader
@@ -172,14 +179,19 @@ def train_batches(model: nn.Module, urls: list[str], cfg: FinetuneConfig, label_
 
     decoder = SampleDecoder(image_transform(model, train=True, scale=tuple(cfg.crop_scale)),
                             image_keys=DataConfig().image_keys, label_key=label_key, need=("label",))
-    stream = ShardStream(urls, decoder, Collate(), cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
+    stream = ShardStream(urls, decoder, Collate(), cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+                         rank=rank, world=world)
     return iter(make_loader(stream, cfg.workers))
 
 
 def finetune(classifier: Classifier, batches: Iterator[dict[str, Any]], cfg: FinetuneConfig, *,
-             device: torch.device, log: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+             device: torch.device, log: Callable[[dict[str, Any]], None] | None = None,
+             wrap: Callable[[nn.Module], nn.Module] | None = None) -> list[dict[str, Any]]:
     """Train the image encoder and head of ``classifier`` (the rest frozen) for ``cfg.steps`` steps on
-    ``batches``; returns the logged records (step, loss, lr, batch accuracy, samples/s)."""
+    ``batches``; returns the logged records (step, loss, lr, batch accuracy, samples/s). ``wrap``: applied to
+    the classifier once its trained parameters are chosen, e.g. DistributedDataParallel (which registers its
+    gradient hooks on the parameters that require gradients when it is built); the logged loss, accuracy and
+    samples/s are then averaged / summed over the processes."""
     from .train.adapt import lr_scales
     from .train.optim import grad_norm, make_optimizer, make_scheduler
 
@@ -196,6 +208,8 @@ def finetune(classifier: Classifier, batches: Iterator[dict[str, Any]], cfg: Fin
     n_classes, dtype = classifier.head.out_features, _AUTOCAST[cfg.precision]
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     params = [p for p in classifier.parameters() if p.requires_grad]
+    forward = wrap(classifier) if wrap is not None else classifier
+    world = _world()
     classifier.train()
     records, t_last, seen = [], time.time(), 0
     for step in range(1, cfg.steps + 1):
@@ -205,7 +219,7 @@ def finetune(classifier: Classifier, batches: Iterator[dict[str, Any]], cfg: Fin
                              "classes); do the class names belong to these shards?")
         images, labels = b["images"].to(device, non_blocking=True), b["labels"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = classifier(images)
+            logits = forward(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         (scaler.scale(loss) if scaler else loss).backward()
@@ -221,9 +235,14 @@ def finetune(classifier: Classifier, batches: Iterator[dict[str, Any]], cfg: Fin
         seen += len(labels)
         if step % cfg.log_every == 0 or step == cfg.steps:
             dt = time.time() - t_last
-            rec = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0] / opt.param_groups[0]["lr_scale"],
-                   "batch_top1": (logits.argmax(1) == labels).float().mean().item(), "grad_norm": float(norm),
-                   "samples_per_s": seen / max(dt, 1e-9)}
+            # loss and hits summed over processes (one all-reduce per logged step), so the record is the global batch's
+            stats = torch.stack([loss.detach().float() * len(labels), (logits.argmax(1) == labels).sum().float(),
+                                 torch.tensor(float(len(labels)), device=device)])
+            if world > 1:
+                torch.distributed.all_reduce(stats)
+            total, hits, n = stats.tolist()
+            rec = {"step": step, "loss": total / n, "lr": sched.get_last_lr()[0] / opt.param_groups[0]["lr_scale"],
+                   "batch_top1": hits / n, "grad_norm": float(norm), "samples_per_s": seen * world / max(dt, 1e-9)}
             if not math.isfinite(rec["loss"]):
                 raise RuntimeError(f"step {step}: non-finite loss; lower --lr")
             records.append(rec)
@@ -232,6 +251,19 @@ def finetune(classifier: Classifier, batches: Iterator[dict[str, Any]], cfg: Fin
             t_last, seen = time.time(), 0
     classifier.eval()
     return records
+
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _ddp(device: torch.device) -> Callable[[nn.Module], nn.Module]:
+    def wrap(module: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return wrap
 
 
 # -- saving --------------------------------------------------------------------------------------
@@ -270,30 +302,51 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
 def run(model: nn.Module, train_urls: list[str], test_urls: list[str], classnames: Sequence[str],
         templates: Sequence[Any] | None, cfg: FinetuneConfig, alphas: Sequence[float], out: str | Path, *,
         label_key: str = "cls", max_test: int | None = None, save_alpha: float | None = None,
-        eval_batch_size: int = 128, log: Callable[[str], None] = print) -> dict[str, Any]:
+        eval_batch_size: int = 128, log: Callable[[str], None] = print) -> dict[str, Any] | None:
     """Zero-shot head -> fine-tune -> WiSE-FT test accuracy per alpha; writes ``out/finetuned/``,
-    ``out/wise-ALPHA/`` (``save_alpha``), ``out/metrics.jsonl`` and ``out/results.json``."""
+    ``out/wise-ALPHA/`` (``save_alpha``), ``out/metrics.jsonl`` and ``out/results.json``. In a process group
+    (``accelerate launch``) every process trains on its share of the data; the main process evaluates, writes
+    and returns the results, the others return None."""
     from .eval.probe import labelled_batches
+    from .train.loop import params_sha256
 
+    dist = torch.distributed
+    world = _world()
+    rank = dist.get_rank() if world > 1 else 0
+    main = rank == 0
     device = next(model.parameters()).device
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     classifier = Classifier(model, zero_shot_head(model, classnames, templates, device=device)).to(device)
     names = trainable_names(classifier)
     zeroshot = snapshot(classifier, names)
     n_train = sum(classifier.get_parameter(n).numel() for n in names)
-    log(f"fine-tuning {n_train:,} parameters (image encoder + head over {len(classnames)} classes) for {cfg.steps} "
-        f"steps of {cfg.batch_size} on {device}")
+    if main:
+        procs = f" x {world} processes" if world > 1 else ""
+        log(f"fine-tuning {n_train:,} parameters (image encoder + head over {len(classnames)} classes) for "
+            f"{cfg.steps} steps of {cfg.batch_size}{procs} on {device}")
     t0 = time.time()
-    with open(out / "metrics.jsonl", "w", buffering=1) as f:
+    with open(out / "metrics.jsonl", "w", buffering=1) if main else nullcontext() as f:
         def log_rec(rec: dict[str, Any]) -> None:
             f.write(json.dumps(rec) + "\n")
             log(f"step {rec['step']}/{cfg.steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  batch top-1 "
                 f"{100 * rec['batch_top1']:.1f}%  {rec['samples_per_s']:.1f} samples/s")
 
-        finetune(classifier, train_batches(model, train_urls, cfg, label_key), cfg, device=device, log=log_rec)
+        finetune(classifier, train_batches(model, train_urls, cfg, label_key, rank=rank, world=world), cfg,
+                 device=device, log=log_rec if main else None, wrap=_ddp(device) if world > 1 else None)
     train_s = time.time() - t0
     finetuned = snapshot(classifier, names)
+    shas = [params_sha256(classifier)]
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, shas[0])
+        shas = gathered
+    if not main:
+        dist.barrier()  # the main process evaluates and saves
+        return None
+    if len(set(shas)) != 1:
+        log(f"WARNING: the fine-tuned weights differ between processes: {shas}")
     dtype = _AUTOCAST[cfg.precision]
     rows = []
     for alpha in alphas:
@@ -310,9 +363,11 @@ def run(model: nn.Module, train_urls: list[str], test_urls: list[str], classname
         load_into(classifier, wise_interpolate(zeroshot, finetuned, save_alpha))
         save_classifier(classifier, classnames, out / f"wise-{save_alpha:g}", {**meta, "wise_alpha": save_alpha})
         load_into(classifier, finetuned)
-    result = {"wise": rows, "train_s": round(train_s, 1), "steps": cfg.steps, "classes": list(classnames),
-              **meta}
+    result = {"wise": rows, "train_s": round(train_s, 1), "steps": cfg.steps, "world_size": world,
+              "param_sha256": shas, "classes": list(classnames), **meta}
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    if world > 1:
+        dist.barrier()
     return result
 
 
@@ -328,6 +383,7 @@ classifier.safetensors and classes.json), OUT/wise-A/ with --save-alpha A, OUT/m
 examples:
   mm finetune --model runs/builtin/final --train 'data/builtin/train-{000000..000003}.tar.gz' \\
       --test data/builtin/test-000000.tar.gz --steps 300 --out runs/builtin_ft
+  accelerate launch --multi_gpu --num_processes 8 -m mm.cli finetune --model M --train T --test E --out O
   mm finetune --model runs/flickr8k_coca/final --train ../shared/datasets/cifar10/train-0000.tar.gz \\
       --test ../shared/datasets/cifar10/test-0000.tar.gz --max-test 2000 --steps 300 --batch-size 32 \\
       --lr 1e-4 --templates benchmarks/cifar10_zeroshot_templates.txt --wise-alpha 0,0.25,0.5,0.75,1 \\
@@ -362,13 +418,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     train_urls, classnames, templates = resolve_shards(args.train, parse_classes(args.classes),
                                                        parse_templates(args.templates), "--train")
     test_urls = check_urls(args.test, "--test")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .embed import dist_state
+
+    device = args.device or str(dist_state().device)  # forms the process group under `accelerate launch`
     model = load_model(args.model, args.pretrained, device)
     result = run(model, train_urls, test_urls, classnames, templates, cfg, args.wise_alpha, args.out,
                  label_key=args.label_key, max_test=args.max_test, save_alpha=args.save_alpha,
                  log=lambda s: print(s, file=sys.stderr if args.json else sys.stdout, flush=True))
+    if result is None:  # not the main process
+        return 0
     if args.json:
-        print(json.dumps({k: result[k] for k in ("wise", "train_s", "steps")}))
+        print(json.dumps({k: result[k] for k in ("wise", "train_s", "steps", "world_size")}))
     else:
         print("alpha  top-1    top-5")
         for r in result["wise"]:
@@ -408,7 +468,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--workers", type=int, default=d.workers, help="image loading processes (0: load in this one)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None, help="default: this process's accelerator device, else cpu")
     p.add_argument("--precision", default="fp32", choices=list(_AUTOCAST), help="autocast (default: fp32, none)")
     p.add_argument("--json", action="store_true", help="print the WiSE-FT results as one JSON object (log to stderr)")
     p.set_defaults(fn=_guard(cmd_finetune))

@@ -313,3 +313,95 @@ def test_finetune_command_rejects_bad_options_before_loading(model_dir, colour_s
     rc = main(["finetune", "--model", str(model_dir), "--train", f"{colour_shards}/train-0000.tar", "--test",
                f"{colour_shards}/test-0000.tar", "--lr", "0", "--out", str(tmp_path / "ft")])
     assert rc == 2 and "lr: must be > 0" in capsys.readouterr().err and not (tmp_path / "ft").exists()
+
+
+# -- fine-tuning in several processes ------------------------------------------------------------------------
+FT_STEPS, FT_BATCH = 3, 8
+
+
+def _ft_batches(n_classes: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [{"images": torch.randn(FT_BATCH, 3, 32, 32, generator=g),
+             "labels": torch.randint(0, n_classes, (FT_BATCH,), generator=g)} for _ in range(FT_STEPS)]
+
+
+def _ft_classifier(model_dir: str) -> Classifier:
+    model = mm.load_pretrained(model_dir)
+    return Classifier(model, zero_shot_head(model, CLASSES, TEMPLATES))
+
+
+FT_CFG = {"steps": FT_STEPS, "batch_size": FT_BATCH, "lr": 1e-3, "warmup_steps": 1, "workers": 0, "log_every": 1}
+
+
+def _ft_worker(rank: int, init: str, model_dir: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from mm.finetune import _ddp
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        clf = _ft_classifier(model_dir)
+        half = FT_BATCH // 2
+        mine = ({k: v[rank * half:(rank + 1) * half] for k, v in b.items()} for b in _ft_batches(len(CLASSES)))
+        records = finetune(clf, mine, FinetuneConfig(**FT_CFG), device=torch.device("cpu"),
+                           wrap=_ddp(torch.device("cpu")))
+        torch.save({"state": snapshot(clf, trainable_names(clf)), "records": records}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_finetune_equals_one_process_on_the_whole_batch(model_dir, tmp_path):
+    """DDP over 2 gloo processes, each given half of every batch, trains the same weights as one process given
+    the whole batches (mean cross-entropy: the ranks' average gradient is the whole batch's), and the logged loss
+    and accuracy are the whole batch's."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ft_worker, args=(str(tmp_path / "pg"), str(model_dir), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    clf = _ft_classifier(str(model_dir))
+    before = snapshot(clf, trainable_names(clf))
+    records = finetune(clf, iter(_ft_batches(len(CLASSES))), FinetuneConfig(**FT_CFG), device=torch.device("cpu"))
+    one = snapshot(clf, trainable_names(clf))
+    for n in one:
+        assert torch.equal(ranks[0]["state"][n], ranks[1]["state"][n]), n  # DDP keeps the ranks identical
+        # Adam divides by sqrt(v): where a gradient is ~0 the two reduction orders' rounding can move a weight by
+        # a fraction of one step (lr = 1e-3), so the tolerance is a tenth of a step; training moved far more
+        torch.testing.assert_close(ranks[0]["state"][n], one[n], rtol=0, atol=1e-4)
+    assert max((one[n] - before[n]).abs().max().item() for n in one) > 2e-3  # it trained: ~lr per step
+    for r2, r1 in zip(ranks[0]["records"], records):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-4) and r2["batch_top1"] == r1["batch_top1"]
+
+
+def test_finetune_command_under_accelerate_launch(model_dir, colour_shards, tmp_path):
+    """`accelerate launch` with 2 CPU processes: 2 ranks really form, their fine-tuned weights are identical,
+    the main process alone writes, and the accuracy it reports is that of the model it saved."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from mm.eval.probe import labelled_batches
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ft2"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "mm.cli", "finetune", "--model", str(model_dir),
+           "--train", f"{colour_shards}/train-{{0000..0002}}.tar",
+           "--test", f"{colour_shards}/test-0000.tar", "--templates", TEMPLATES[0], "--steps", "3", "--batch-size", "4",
+           "--lr", "1e-3", "--warmup-steps", "1", "--workers", "0", "--log-every", "1", "--wise-alpha", "0,1",
+           "--out", str(out), "--json"]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=300, check=False, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1 and printed[0]["world_size"] == 2  # one process printed; two ranks trained
+    result = json.loads((out / "results.json").read_text())
+    assert len(result["param_sha256"]) == 2 and len(set(result["param_sha256"])) == 1
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    ft, _ = load_classifier(out / "finetuned")
+    batches = labelled_batches(ft.model, [f"{colour_shards}/test-0000.tar"])
+    assert classifier_eval(ft, batches, device=torch.device("cpu"))["top1"] == result["wise"][1]["top1"]
