@@ -152,5 +152,5 @@ def test_trainer_refuses_sharded_strategies(monkeypatch):
                 self.distributed_type = kind
 
         monkeypatch.setattr("accelerate.Accelerator", FakeAccelerator)
-        with pytest.raises(ValueError, match=f"{kind.value}, which mm's trainer does not support.*docs/distributed.md"):
+        with pytest.raises(ValueError, match=f"{kind.value}, which mm's trainer does not take from accelerate.*train.fsdp=true.*docs/distributed.md"):
             loop.make_accelerator(RunConfig())

@@ -65,19 +65,22 @@ def tmp_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step_{step}.tmp"
 
 
-def save_main(root: str | Path, step: int, model: torch.nn.Module, optimizer, scheduler, state: dict) -> Path:
-    """Main process: model, optimizer, scheduler and trainer state into ``step_N.tmp``."""
+def save_main(root: str | Path, step: int, model: torch.nn.Module, optimizer, scheduler, state: dict, *,
+              model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """Main process: model, optimizer, scheduler and trainer state into ``step_N.tmp``. ``model_state`` /
+    ``optimizer_state``: already gathered state dicts (a sharded model's), used instead of the modules'."""
     from safetensors.torch import save_file
 
     d = tmp_dir(root, step)
     if d.exists():
         shutil.rmtree(d)  # left over from a crash
     d.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    model_state = model.state_dict() if model_state is None else model_state
+    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(d / "model.safetensors"))
     if os.environ.get("MM_FAULT_KILL_IN_CHECKPOINT") == str(step):
         # fault injection for the crash-safety test: die like kill -9 half-way through this checkpoint
         os.kill(os.getpid(), signal.SIGKILL)
-    torch.save(optimizer.state_dict(), d / "optimizer.pt")
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, d / "optimizer.pt")
     torch.save(scheduler.state_dict(), d / "scheduler.pt")
     (d / "trainer_state.json").write_text(json.dumps(state, indent=1))
     return d

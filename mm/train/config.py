@@ -73,6 +73,9 @@ class TrainConfig:
     stop_after: int | None = None  # end this run (with a checkpoint) after this step; resume later
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # recompute activations in backward, per block (less memory)
+    # shard parameters, gradients and optimizer state over the processes (FSDP2, one unit per block, under a
+    # multi-GPU / multi-CPU launch; mm/train/fsdp.py); evaluation and saving gather the weights to the main process
+    fsdp: bool = False
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     log_every: int = 10  # steps between metrics.jsonl records (and MoE routing statistics)
     # Adapting a pretrained model (mm/train/adapt.py). Start from these weights: an mm model directory,
@@ -117,6 +120,10 @@ class TrainConfig:
             yield "resume", f"checkpoint {self.resume!r} does not exist (use auto, none or a checkpoint path)"
         if self.max_bad_steps < 1:
             yield "max_bad_steps", f"must be >= 1, got {self.max_bad_steps}"
+        if self.fsdp and self.compile:
+            yield "fsdp", "train.fsdp with train.compile is not supported yet; set one of them to false"
+        if self.fsdp and self.precision == "fp16":
+            yield "fsdp", "train.fsdp needs fp32 or bf16 (fp16's gradient scaler does not handle sharded gradients)"
         if self.init_from:
             from .adapt import check_init_from
 
@@ -222,6 +229,8 @@ class RunConfig:
         if self.distill is not None and self.distill.text_embeddings and self.data.random_caption:
             yield "distill.text_embeddings", ("precomputed text embeddings match the shards' text_key captions; "
                                               "data.random_caption trains on others (give distill.teacher instead)")
+        if self.distill is not None and self.train.fsdp:
+            yield "train.fsdp", "distillation with train.fsdp is not supported yet (its projection trains outside FSDP)"
         gen = self.eval.captioning.generation
         if gen.max_new_tokens is not None and gen.max_new_tokens >= mcfg.text.context_length:
             yield "eval.captioning.generation.max_new_tokens", (

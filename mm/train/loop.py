@@ -28,6 +28,7 @@ from ..pretrained import save_pretrained
 from ..tokenizer import get_tokenizer
 from . import adapt
 from . import checkpoint as ckpt
+from . import fsdp as sharding
 from .config import RunConfig, load_run_config
 from .distill import build_distiller
 from .evaluate import evaluate
@@ -95,9 +96,9 @@ def make_accelerator(cfg: RunConfig):
     if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         # checkpoints, evaluation and the final save read the unwrapped model's full parameters on the main
         # process; sharded parameters would save a shard and hang evaluation (docs/distributed.md)
-        raise ValueError(f"accelerate config uses {acc.distributed_type.value}, which mm's trainer does not support "
-                         "yet; use DDP (multi-GPU / multi-node) with train.grad_checkpointing and bf16, see "
-                         "docs/distributed.md")
+        raise ValueError(f"accelerate config uses {acc.distributed_type.value}, which mm's trainer does not take "
+                         "from accelerate; launch with a multi-GPU (DDP) config and set train.fsdp=true to shard "
+                         "the model (mm applies FSDP2 itself), see docs/distributed.md")
     return acc
 
 
@@ -188,6 +189,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     core = build_model(cfg)
     frozen, lr_scales = adapt.prepare(core, cfg)  # train.init_from weights, train.freeze, lr_mult / layer_decay
     adapt.set_train_mode(core, frozen)  # frozen modules in eval mode for the whole run (evaluation restores modes)
+    sharded, replicated, eval_copy = cfg.train.fsdp and world > 1, [], None  # one process: nothing to shard
+    if sharded:  # before the optimizer exists: it must hold the sharded parameters
+        core.to(acc.device)
+        replicated = sharding.shard_model(core)
+        eval_copy = sharding.EvalCopy(core, acc.device)
     opt = make_optimizer(core, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas), cfg.train.eps, acc.device,
                          lr_scales)
     # distill: a frozen teacher around the usual loss; a learned projection joins opt before the scheduler reads it
@@ -198,10 +204,17 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     resume_from = find_resume(cfg)
     if resume_from is not None:
         state = ckpt.load(resume_from, rank)
-        core.load_state_dict(state["model"])
+        if bool(state["state"].get("fsdp", False)) != sharded:
+            raise TrainingError(f"{resume_from} was written {'without' if sharded else 'with'} a sharded model "
+                                f"(train.fsdp={not sharded} over several processes); resume it the same way (the "
+                                "optimizer state is stored differently)")
+        if sharded:
+            sharding.load_full_state(core, opt, state["model"], state["optimizer"])
+        else:
+            core.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
         if distill is not None:
             distill.load(resume_from)
-        opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, skipped_steps = state["state"]["step"], state["state"]["skipped_steps"]
         if state["data"] and state["data"]["workers_per_process"] == max(1, cfg.data.workers) \
@@ -211,8 +224,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             acc.print(f"warning: resuming with a different number of processes x workers than {resume_from} "
                       "was written with; the data stream restarts its shuffle order (not bit-exact)")
             data.batches = state["state"].get("batches", 0)
-    model = torch.compile(core) if cfg.train.compile else core
-    model, opt = acc.prepare(model, opt)
+    if sharded:  # FSDP already synchronises the gradients: accelerate must not wrap the model in DDP
+        model, opt = core, acc.prepare(opt)
+    else:
+        model = torch.compile(core) if cfg.train.compile else core
+        model, opt = acc.prepare(model, opt)
     if resume_from is not None and acc.scaler is not None and "scaler" in state["state"]:
         acc.scaler.load_state_dict(state["state"]["scaler"])
     loss_fn = build_loss(cfg, core)
@@ -230,7 +246,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     log.info(f"training {cfg.model if isinstance(cfg.model, str) else 'model'}"
              f"{f' from {cfg.train.init_from}' if cfg.train.init_from else ''}: "
              f"{sum(p.numel() for p in core.parameters()):,} parameters ({n_train:,} trained"
-             f"{f', frozen: {cfg.train.freeze}' if frozen else ''}), {world} process(es) on {acc.device}, "
+             f"{f', frozen: {cfg.train.freeze}' if frozen else ''}), {world} process(es){' (FSDP)' if sharded else ''} "
+             f"on {acc.device}, "
              f"batch {cfg.data.batch_size} x {world} x accum {cfg.train.grad_accum}, steps {step} -> {end}")
     if distill is not None:
         log.info(distill.describe())
@@ -238,11 +255,16 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         log.log({"step": 0, "world_size": world, "device": str(acc.device)}, show=False)
 
     def save(at: int) -> None:
+        optimizer = opt.optimizer if hasattr(opt, "optimizer") else opt
+        gathered = {}
+        if sharded:  # collective: every process takes part, the main one receives the whole state
+            gathered = {"model_state": sharding.full_state_dict(core),
+                        "optimizer_state": sharding.full_optimizer_state(core, optimizer)}
         if main:
             extra = {"scaler": acc.scaler.state_dict()} if acc.scaler is not None else {}
-            ckpt.save_main(ckpt_root, at, core, opt.optimizer if hasattr(opt, "optimizer") else opt, sched,
-                           {"step": at, "skipped_steps": skipped_steps, "world_size": world,
-                            "batches": data.batches, **extra})
+            ckpt.save_main(ckpt_root, at, core, optimizer, sched,
+                           {"step": at, "skipped_steps": skipped_steps, "world_size": world, "fsdp": sharded,
+                            "batches": data.batches, **extra}, **gathered)
             if distill is not None:
                 distill.save(ckpt.tmp_dir(ckpt_root, at))
         acc.wait_for_everyone()
@@ -281,18 +303,21 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 tokens = batch["tokens"].to(acc.device, non_blocking=True)
                 sync = nullcontext() if micro == cfg.train.grad_accum - 1 else acc.no_sync(model)
                 with sync:
-                    out = model(images, tokens)
+                    with acc.autocast() if sharded else nullcontext():  # prepare() adds it to unsharded models
+                        out = model(images, tokens)
                     losses = loss_fn(out) if distill is None else distill(out, batch, images, tokens)
                     acc.backward(losses["loss"] / cfg.train.grad_accum)
                 samples_since += images.shape[0] * world
             if distill is not None:
                 distill.sync_grads()
+            if sharded:
+                sharding.sync_replicated_grads(replicated)
             if cfg.train.grad_clip:
                 norm = acc.clip_grad_norm_(trained, cfg.train.grad_clip)
             else:
                 acc.unscale_gradients()  # fp16: the finite check needs the true gradients
                 norm = grad_norm(trained)
-            finite = bool(torch.isfinite(norm))  # one host sync per step: the skip decision needs it
+            finite = bool(torch.isfinite(sharding.plain(norm)))  # one host sync per step: the skip decision needs it
             if finite or cfg.train.precision == "fp16":
                 opt.step()  # under fp16 the grad scaler skips overflowing steps itself
             opt.zero_grad(set_to_none=True)
@@ -329,10 +354,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < end:
                 save(step)
             if cfg.eval.every and step % cfg.eval.every == 0 and step < end:
-                results = _evaluate(cfg, core, acc, log, step)
+                results = _evaluate(cfg, core, acc, log, step, eval_copy)
         save(step)
         if step >= cfg.train.steps:
-            results = _finish(cfg, core, acc, log, step, data, distill)
+            results = _finish(cfg, core, acc, log, step, data, distill, eval_copy)
         else:
             log.info(f"stopped after step {step} (train.stop_after); resume with train.resume=auto")
         return results
@@ -358,10 +383,19 @@ def _report_bad(meta: dict[str, Any], skip_log, log: RunLogger, rank: int) -> No
         log.info(f"warning: {w}") if rank == 0 else print(f"[rank {rank}] warning: {w}")
 
 
-def _evaluate(cfg: RunConfig, core: CLIP, acc, log: RunLogger, step: int) -> dict[str, Any]:
+def _evaluate(cfg: RunConfig, core: CLIP, acc, log: RunLogger, step: int,
+              eval_copy: sharding.EvalCopy | None = None, gathered: bool = False,
+              whole: CLIP | None = None) -> dict[str, Any]:
+    """Evaluation on the main process while the others wait. A sharded model (``eval_copy``) is first gathered
+    into an unsharded copy, a collective step every process takes; ``gathered``: the caller already did
+    (``whole``: the copy on the main process, None on the others)."""
     results: dict[str, Any] = {}
-    if acc.is_main_process and (cfg.eval.zeroshot.shards or cfg.eval.retrieval.shards or cfg.eval.captioning.shards):
-        results = evaluate(cfg, core, acc.device)
+    if not (cfg.eval.zeroshot.shards or cfg.eval.retrieval.shards or cfg.eval.captioning.shards):
+        return results
+    if eval_copy is not None and not gathered:
+        whole = eval_copy.refresh(acc.is_main_process)
+    if acc.is_main_process:
+        results = evaluate(cfg, whole if whole is not None else core, acc.device)
         for ex in results.pop("caption_examples", []):
             log.info(f"caption {ex['key']}: {ex['caption']!r}   (reference: {ex['references'][0]!r})")
         if results:
@@ -371,19 +405,24 @@ def _evaluate(cfg: RunConfig, core: CLIP, acc, log: RunLogger, step: int) -> dic
 
 
 def _finish(cfg: RunConfig, core: CLIP, acc, log: RunLogger, step: int, data: DataState,
-            distill=None) -> dict[str, Any]:
+            distill=None, eval_copy: sharding.EvalCopy | None = None) -> dict[str, Any]:
     from accelerate.utils import gather_object
 
-    shas = {"param_sha256": gather_object([params_sha256(core)])}
+    whole = None
+    if eval_copy is not None:  # sharded: the main process holds the one whole copy, so one hash
+        whole = eval_copy.refresh(acc.is_main_process)
+        shas = {"param_sha256": [params_sha256(whole)] if acc.is_main_process else []}
+    else:
+        shas = {"param_sha256": gather_object([params_sha256(core)])}
     proj = distill.loss.proj if distill is not None else None
     if proj is not None:  # trained outside DDP: its gradient sync is ours to get right
         shas["distill_sha256"] = gather_object([params_sha256(proj)])
-    results = _evaluate(cfg, core, acc, log, step)
+    results = _evaluate(cfg, core, acc, log, step, eval_copy, gathered=True, whole=whole)
     if acc.is_main_process:
         for what, values in shas.items():
             if len(set(values)) != 1:
                 log.info(f"WARNING: {what}: parameters differ between processes: {values}")
-        save_pretrained(core, Path(cfg.output_dir) / "final")
+        save_pretrained(whole if whole is not None else core, Path(cfg.output_dir) / "final")
         log.log({"step": step, "final": True, **shas, "skipped_by_reason": data.skipped}, show=False)
         plots = plot_run(cfg.output_dir)
         log.info(f"final model: {Path(cfg.output_dir) / 'final'}; plots: {', '.join(p.name for p in plots)}")

@@ -1,0 +1,76 @@
+"""train.fsdp under `accelerate launch` with 2 gloo CPU processes: the sharded run trains what the DDP run trains,
+evaluates and saves the whole model, and a stopped-and-resumed sharded run ends where an uninterrupted one does."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_train import _free_port, final_weights, metrics, write_config
+
+import mm
+from mm.config import ConfigError
+from mm.train.config import load_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(config: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(ROOT / "train.py"), str(config), *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_fsdp_trains_like_ddp_evaluates_and_resumes(colour_shards, tmp_path):
+    sections = {"train": {"steps": 4, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1},
+                "eval": {"batch_size": 8, "zeroshot": {"shards": f"{colour_shards}/test-0000.tar"}}}
+    ddp = write_config(tmp_path, colour_shards, "ddp", **sections)
+    fsdp_sections = {**sections, "train": {**sections["train"], "fsdp": True}}
+    sharded = write_config(tmp_path, colour_shards, "fsdp", **fsdp_sections)
+    launch(ddp)
+    proc = launch(sharded)
+    assert "2 process(es) (FSDP)" in proc.stdout + proc.stderr
+    a, b = metrics(tmp_path / "ddp"), metrics(tmp_path / "fsdp")
+    assert a[0]["world_size"] == b[0]["world_size"] == 2  # really two ranks
+    # same data, same initial weights, gradients averaged either way (all-reduce vs reduce-scatter: the sums'
+    # rounding differs, Adam amplifies it where a gradient is ~0, so a tenth of an lr = 1e-3 step is allowed)
+    loss_a, loss_b = [r["loss"] for r in a if "loss" in r], [r["loss"] for r in b if "loss" in r]
+    assert len(loss_a) == len(loss_b) == 4 and loss_b == pytest.approx(loss_a, rel=1e-4)
+    wa, wb = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "fsdp")
+    assert wa.keys() == wb.keys()  # the whole model, gathered: not a shard
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    eval_a, eval_b = ([r for r in recs if "zeroshot_top1" in r][-1] for recs in (a, b))
+    assert eval_b["zeroshot_n"] == 16 and eval_b["zeroshot_top1"] == eval_a["zeroshot_top1"]
+    final = next(r for r in b if r.get("final"))
+    assert len(final["param_sha256"]) == 1  # one whole copy, on the main process
+    assert isinstance(mm.load_pretrained(tmp_path / "fsdp" / "final"), mm.CLIP)
+
+    # stopped after step 2 (checkpoint gathered from the shards) and resumed into a fresh sharded model
+    resumed = write_config(tmp_path, colour_shards, "fsdp_resumed", **fsdp_sections)
+    launch(resumed, "train.stop_after=2")
+    proc = launch(resumed)
+    assert "resumed from" in proc.stdout + proc.stderr
+    wr = final_weights(tmp_path / "fsdp_resumed")
+    assert max((wr[k] - wb[k]).abs().max().item() for k in wb) == 0.0
+
+    # a checkpoint written by the sharded run cannot be resumed unsharded (its optimizer state is keyed by name)
+    mixed = write_config(tmp_path, colour_shards, "fsdp_resumed", **sections)
+    cmd = [sys.executable, str(ROOT / "train.py"), str(mixed), "train.steps=6"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0 and "written with a sharded model" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.fsdp": True, "train.compile": True}, "train.fsdp with train.compile"),
+    ({"train.fsdp": True, "train.precision": "fp16"}, "fp32 or bf16"),
+])
+def test_fsdp_config_errors(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(None, {"data.train": "x-{0000..0001}.tar", **overrides})
+    assert message in str(e.value)
