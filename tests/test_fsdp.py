@@ -28,7 +28,7 @@ def launch(config: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def test_fsdp_trains_like_ddp_evaluates_and_resumes(colour_shards, tmp_path):
-    sections = {"train": {"steps": 4, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1},
+    sections = {"train": {"steps": 4, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1, "grad_accum": 2},
                 "eval": {"batch_size": 8, "zeroshot": {"shards": f"{colour_shards}/test-0000.tar"}}}
     ddp = write_config(tmp_path, colour_shards, "ddp", **sections)
     fsdp_sections = {**sections, "train": {**sections["train"], "fsdp": True}}
@@ -38,7 +38,7 @@ def test_fsdp_trains_like_ddp_evaluates_and_resumes(colour_shards, tmp_path):
     assert "2 process(es) (FSDP)" in proc.stdout + proc.stderr
     a, b = metrics(tmp_path / "ddp"), metrics(tmp_path / "fsdp")
     assert a[0]["world_size"] == b[0]["world_size"] == 2  # really two ranks
-    # same data, same initial weights, gradients averaged either way (all-reduce vs reduce-scatter: the sums'
+    # same data, same initial weights, 2 micro-batches per step, gradients averaged either way (all-reduce vs reduce-scatter: the sums'
     # rounding differs, Adam amplifies it where a gradient is ~0, so a tenth of an lr = 1e-3 step is allowed)
     loss_a, loss_b = [r["loss"] for r in a if "loss" in r], [r["loss"] for r in b if "loss" in r]
     assert len(loss_a) == len(loss_b) == 4 and loss_b == pytest.approx(loss_a, rel=1e-4)
