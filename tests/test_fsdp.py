@@ -38,8 +38,9 @@ def test_fsdp_trains_like_ddp_evaluates_and_resumes(colour_shards, tmp_path):
     assert "2 process(es) (FSDP)" in proc.stdout + proc.stderr
     a, b = metrics(tmp_path / "ddp"), metrics(tmp_path / "fsdp")
     assert a[0]["world_size"] == b[0]["world_size"] == 2  # really two ranks
-    # same data, same initial weights, 2 micro-batches per step, gradients averaged either way (all-reduce vs reduce-scatter: the sums'
-    # rounding differs, Adam amplifies it where a gradient is ~0, so a tenth of an lr = 1e-3 step is allowed)
+    # same data, same initial weights, 2 micro-batches per step, gradients averaged either way (all-reduce vs
+    # reduce-scatter: the sums' rounding differs, Adam amplifies it where a gradient is ~0, so a tenth of an
+    # lr = 1e-3 step is allowed)
     loss_a, loss_b = [r["loss"] for r in a if "loss" in r], [r["loss"] for r in b if "loss" in r]
     assert len(loss_a) == len(loss_b) == 4 and loss_b == pytest.approx(loss_a, rel=1e-4)
     wa, wb = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "fsdp")
@@ -74,3 +75,20 @@ def test_fsdp_config_errors(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_run_config(None, {"data.train": "x-{0000..0001}.tar", **overrides})
     assert message in str(e.value)
+
+
+def test_fsdp_coca_trains_like_ddp_and_captions(colour_shards, tmp_path):
+    """The captioning decoder's blocks shard too; the captioning evaluation runs on the gathered copy."""
+    sections = {"model": "tiny-coca", "train": {"steps": 2, "warmup_steps": 1, "log_every": 1},
+                "eval": {"batch_size": 8, "captioning": {"shards": f"{colour_shards}/test-0000.tar", "show": 1,
+                                                         "generation": {"method": "greedy", "max_new_tokens": 5}}}}
+    launch(write_config(tmp_path, colour_shards, "coca_ddp", **sections))
+    sharded = {**sections, "train": {**sections["train"], "fsdp": True}}
+    launch(write_config(tmp_path, colour_shards, "coca_fsdp", **sharded))
+    a, b = metrics(tmp_path / "coca_ddp"), metrics(tmp_path / "coca_fsdp")
+    for key in ("loss", "caption_loss"):
+        assert [r[key] for r in b if key in r] == pytest.approx([r[key] for r in a if key in r], rel=1e-4)
+    cap_a, cap_b = ([r for r in recs if "caption_bleu4" in r][-1] for recs in (a, b))
+    assert cap_b["caption_n"] == 16 and cap_b["caption_bleu4"] == pytest.approx(cap_a["caption_bleu4"], abs=1e-6)
+    wa, wb = final_weights(tmp_path / "coca_ddp"), final_weights(tmp_path / "coca_fsdp")
+    assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
