@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dist import rank, world_size
+
 HEAD_NAME, CLASSES_NAME = "classifier.safetensors", "classes.json"
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -209,7 +211,7 @@ def finetune(classifier: Classifier, batches: Iterator[dict[str, Any]], cfg: Fin
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     params = [p for p in classifier.parameters() if p.requires_grad]
     forward = wrap(classifier) if wrap is not None else classifier
-    world = _world()
+    world = world_size()
     classifier.train()
     records, t_last, seen = [], time.time(), 0
     for step in range(1, cfg.steps + 1):
@@ -251,11 +253,6 @@ def finetune(classifier: Classifier, batches: Iterator[dict[str, Any]], cfg: Fin
             t_last, seen = time.time(), 0
     classifier.eval()
     return records
-
-
-def _world() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _ddp(device: torch.device) -> Callable[[nn.Module], nn.Module]:
@@ -311,9 +308,7 @@ def run(model: nn.Module, train_urls: list[str], test_urls: list[str], classname
     from .train.loop import params_sha256
 
     dist = torch.distributed
-    world = _world()
-    rank = dist.get_rank() if world > 1 else 0
-    main = rank == 0
+    world, main = world_size(), rank() == 0
     device = next(model.parameters()).device
     out = Path(out)
     if main:
@@ -333,7 +328,7 @@ def run(model: nn.Module, train_urls: list[str], test_urls: list[str], classname
             log(f"step {rec['step']}/{cfg.steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  batch top-1 "
                 f"{100 * rec['batch_top1']:.1f}%  {rec['samples_per_s']:.1f} samples/s")
 
-        finetune(classifier, train_batches(model, train_urls, cfg, label_key, rank=rank, world=world), cfg,
+        finetune(classifier, train_batches(model, train_urls, cfg, label_key, rank=rank(), world=world), cfg,
                  device=device, log=log_rec if main else None, wrap=_ddp(device) if world > 1 else None)
     train_s = time.time() - t0
     finetuned = snapshot(classifier, names)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..dist import world_size
 from ..layers.block import Block
 
 
@@ -40,10 +41,10 @@ def sync_replicated_grads(params: list[nn.Parameter]) -> None:
     import torch.distributed as dist
 
     grads = [p.grad for p in params if p.grad is not None]
-    if grads and dist.is_initialized() and dist.get_world_size() > 1:
+    if grads and world_size() > 1:
         flat = torch.stack([g.reshape(()) for g in grads])
         dist.all_reduce(flat)
-        flat /= dist.get_world_size()
+        flat /= world_size()
         for g, v in zip(grads, flat):
             g.copy_(v.reshape(g.shape))
 
