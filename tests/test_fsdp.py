@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_train import _free_port, final_weights, metrics, write_config
 
 import mm
 from mm.config import ConfigError
 from mm.train.config import load_run_config
+from mm.train.loop import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,3 +94,17 @@ def test_fsdp_coca_trains_like_ddp_and_captions(colour_shards, tmp_path):
     assert cap_b["caption_n"] == 16 and cap_b["caption_bleu4"] == pytest.approx(cap_a["caption_bleu4"], abs=1e-6)
     wa, wb = final_weights(tmp_path / "coca_ddp"), final_weights(tmp_path / "coca_fsdp")
     assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+def test_fsdp_with_a_frozen_tower_equals_ddp(colour_shards, tmp_path):
+    """LiT (train.freeze: [vision]) sharded: frozen units hold no gradients, and the frozen weights stay exact."""
+    sections = {"train": {"steps": 2, "warmup_steps": 1, "log_every": 1, "freeze": ["vision"]}}
+    ddp = write_config(tmp_path, colour_shards, "lit_ddp", **sections)
+    launch(ddp)
+    launch(write_config(tmp_path, colour_shards, "lit_fsdp", train={**sections["train"], "fsdp": True}))
+    wa, wb = final_weights(tmp_path / "lit_ddp"), final_weights(tmp_path / "lit_fsdp")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    start = build_model(load_run_config(str(ddp))).state_dict()  # the initial weights, as every rank built them
+    frozen = [k for k in wa if k.startswith("vision.")]
+    assert frozen and all(torch.equal(wb[k], start[k]) for k in frozen)  # the frozen tower is untouched
+    assert all(not torch.equal(wb[k], start[k]) for k in wb if k.startswith("text.") and wb[k].ndim == 2)
