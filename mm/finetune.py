@@ -404,8 +404,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = validate(FinetuneConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip or None, label_smoothing=args.label_smoothing,
-        layer_decay=args.layer_decay, head_lr_mult=args.head_lr_mult, workers=args.workers, precision=args.precision, seed=args.seed,
-        log_every=args.log_every))
+        layer_decay=args.layer_decay, head_lr_mult=args.head_lr_mult, workers=args.workers, precision=args.precision,
+        seed=args.seed, log_every=args.log_every))
     if args.max_test is not None and args.max_test < 1:
         raise ValueError(f"--max-test must be >= 1, got {args.max_test}")
     if args.save_alpha is not None and not 0 <= args.save_alpha <= 1:

@@ -94,8 +94,8 @@ def make_accelerator(cfg: RunConfig):
     from accelerate.utils import DistributedType
 
     if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        # checkpoints, evaluation and the final save read the unwrapped model's full parameters on the main
-        # process; sharded parameters would save a shard and hang evaluation (docs/distributed.md)
+        # accelerate's FSDP would wrap the model its own way (mm shards it itself: train.fsdp, mm/train/fsdp.py
+        # says why); DeepSpeed's engine would own the optimizer, precision and checkpoints the loop manages
         raise ValueError(f"accelerate config uses {acc.distributed_type.value}, which mm's trainer does not take "
                          "from accelerate; launch with a multi-GPU (DDP) config and set train.fsdp=true to shard "
                          "the model (mm applies FSDP2 itself), see docs/distributed.md")
