@@ -67,7 +67,8 @@ class PeakResident:
 
 def worker(rank: int, args: argparse.Namespace, mode: str, init: str, out_dir: str) -> None:
     import mm
-    from mm.train.fsdp import shard_model, sync_replicated_grads
+    from mm.dist import average_gradients
+    from mm.train.fsdp import shard_model
     from mm.train.optim import make_optimizer
 
     cuda = args.device == "cuda"
@@ -105,7 +106,7 @@ def worker(rank: int, args: argparse.Namespace, mode: str, init: str, out_dir: s
                 out = forward(images, tokens)
             loss = loss_fn(out)["loss"]
             loss.backward()
-            sync_replicated_grads(replicated)
+            average_gradients(replicated)
             opt.step()
             held = state_bytes(model, opt)  # gradients still present
             opt.zero_grad(set_to_none=True)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "average_gradients",
     "is_dist",
     "rank",
     "world_size",
@@ -37,6 +38,18 @@ def rank() -> int:
 def world_size() -> int:
     """Number of processes in the default group; 1 when not distributed."""
     return dist.get_world_size() if is_dist() else 1
+
+
+def average_gradients(params) -> None:
+    """Average the gradients of ``params`` over the processes, in place: for parameters that train outside
+    DDP / FSDP (distillation's projection, FSDP's replicated scalars), which would otherwise drift apart."""
+    n = world_size()
+    if n == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= n
 
 
 def _gather_list(x: torch.Tensor) -> list[torch.Tensor]:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
+from ..dist import average_gradients
 from ..losses import DistillLoss
 
 if TYPE_CHECKING:
@@ -253,13 +254,7 @@ class Distiller:
 
     def sync_grads(self) -> None:
         """Average the projection's gradient over processes (DDP only syncs the student)."""
-        import torch.distributed as dist
-
-        params = [p for p in self.parameters() if p.grad is not None]
-        if params and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for p in params:
-                dist.all_reduce(p.grad)
-                p.grad /= dist.get_world_size()
+        average_gradients(self.parameters())
 
     def save(self, directory: str | Path) -> None:
         """The projection into a checkpoint directory (nothing without one)."""
@@ -286,16 +281,18 @@ def _image_adapter(student: ModelConfig, teacher: ModelConfig):
     if sv.image_size == tv.image_size and tuple(sv.image_mean) == tuple(tv.image_mean) \
             and tuple(sv.image_std) == tuple(tv.image_std):
         return lambda x: x
-    s_mean, s_std = torch.tensor(sv.image_mean).view(3, 1, 1), torch.tensor(sv.image_std).view(3, 1, 1)
-    t_mean, t_std = torch.tensor(tv.image_mean).view(3, 1, 1), torch.tensor(tv.image_std).view(3, 1, 1)
+    stats = [torch.tensor(v).view(3, 1, 1) for v in (sv.image_mean, sv.image_std, tv.image_mean, tv.image_std)]
+    on_device: dict[torch.device, list[torch.Tensor]] = {}  # moved once per device, not every step
 
     def adapt(x: torch.Tensor) -> torch.Tensor:
-        dev = x.device
-        x = x.float() * s_std.to(dev) + s_mean.to(dev)  # back to [0, 1] pixels
+        if x.device not in on_device:
+            on_device[x.device] = [t.to(x.device) for t in stats]
+        s_mean, s_std, t_mean, t_std = on_device[x.device]
+        x = x.float() * s_std + s_mean  # back to [0, 1] pixels
         if x.shape[-1] != tv.image_size:
             x = F.interpolate(x, size=(tv.image_size, tv.image_size), mode="bicubic", antialias=True,
                               align_corners=False).clamp_(0, 1)
-        return (x - t_mean.to(dev)) / t_std.to(dev)
+        return (x - t_mean) / t_std
 
     return adapt
 

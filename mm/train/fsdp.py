@@ -8,7 +8,7 @@ on NCCL GPUs. Each ``Block`` of every tower is one unit (its parameters are all-
 freed after), the model root a last unit for the embeddings, norms and heads.
 
 FSDP2 cannot shard 0-dim parameters (the logit scale and bias), so they stay whole on every rank outside FSDP
-and their gradients are averaged by :func:`sync_replicated_grads` (what DDP would have done). Reading the model
+and their gradients are averaged by ``mm.dist.average_gradients`` (what DDP would have done). Reading the model
 whole (checkpoints, evaluation, the final save) is collective: :func:`full_state_dict` gathers it to the main
 process on every rank's call. Evaluation runs on the main process on an unsharded copy built from that state
 (:class:`EvalCopy`), so it needs one extra copy of the weights there.
@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..dist import world_size
 from ..layers.block import Block
 
 
@@ -34,19 +33,6 @@ def shard_model(model: nn.Module) -> list[nn.Parameter]:
             fully_shard(module)
     fully_shard(model, ignored_params=set(replicated))
     return replicated
-
-
-def sync_replicated_grads(params: list[nn.Parameter]) -> None:
-    """Average the gradients of the parameters FSDP does not manage over the processes."""
-    import torch.distributed as dist
-
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads and world_size() > 1:
-        flat = torch.stack([g.reshape(()) for g in grads])
-        dist.all_reduce(flat)
-        flat /= world_size()
-        for g, v in zip(grads, flat):
-            g.copy_(v.reshape(g.shape))
 
 
 def plain(t: torch.Tensor) -> torch.Tensor:

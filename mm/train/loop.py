@@ -18,6 +18,7 @@ import torch
 
 from ..config import to_dict
 from ..data.decode import SampleDecoder
+from ..dist import average_gradients
 from ..data.gpu import DeferredTrainTransform, GpuImageDecoder, PendingImages
 from ..data.transforms import image_transform
 from ..data.wds import Collate, ShardStream, check_urls, make_loader
@@ -311,7 +312,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             if distill is not None:
                 distill.sync_grads()
             if sharded:
-                sharding.sync_replicated_grads(replicated)
+                average_gradients(replicated)  # the scalars FSDP2 cannot shard
             if cfg.train.grad_clip:
                 norm = acc.clip_grad_norm_(trained, cfg.train.grad_clip)
             else:
