@@ -198,7 +198,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     opt = make_optimizer(core, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas), cfg.train.eps, acc.device,
                          lr_scales)
     # distill: a frozen teacher around the usual loss; a learned projection joins opt before the scheduler reads it
-    distill = build_distiller(cfg, core, build_loss(cfg, core), opt, acc.device, acc.autocast)
+    loss_fn = build_loss(cfg, core)
+    distill = build_distiller(cfg, core, loss_fn, opt, acc.device, acc.autocast)  # the run's loss is its task loss
     trained = [*core.parameters(), *(distill.parameters() if distill is not None else [])]
     sched = make_scheduler(opt, cfg.train.warmup_steps, cfg.train.steps, cfg.train.lr, cfg.train.min_lr)
     step, skipped_steps, data = 0, 0, DataState()
@@ -232,7 +233,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         model, opt = acc.prepare(model, opt)
     if resume_from is not None and acc.scaler is not None and "scaler" in state["state"]:
         acc.scaler.load_state_dict(state["state"]["scaler"])
-    loss_fn = build_loss(cfg, core)
 
     loader = make_loader(build_train_stream(cfg, core, rank, world, data), cfg.data.workers,
                          cfg.data.prefetch_factor, pin_memory=acc.device.type == "cuda")
