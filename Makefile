@@ -25,8 +25,8 @@ test: setup
 	$(PY) -m pytest
 
 docs: setup
-	$(PY) -m mm._docs config > docs/config.md
-	$(PY) -m mm._docs cli > docs/cli.md
+	$(PY) -m mm.cli.docs config > docs/config.md
+	$(PY) -m mm.cli.docs cli > docs/cli.md
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

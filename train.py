@@ -2,7 +2,7 @@
 or `mm train ...`). See README.md and mm/train/config.py for the keys."""
 import sys
 
-from mm.train.loop import main
+from mm.train.trainer import main
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):

@@ -67,9 +67,9 @@ class PeakResident:
 
 def worker(rank: int, args: argparse.Namespace, mode: str, init: str, out_dir: str) -> None:
     import mm
-    from mm.dist import average_gradients
     from mm.train.fsdp import shard_model
     from mm.train.optim import make_optimizer
+    from mm.utils.dist import average_gradients
 
     cuda = args.device == "cuda"
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")

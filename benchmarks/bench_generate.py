@@ -29,7 +29,7 @@ if (HERE / ".peer" / "hf").is_dir():
     sys.path.insert(0, str(HERE / ".peer" / "hf"))
 
 import mm  # noqa: E402
-from mm.generate import generate  # noqa: E402
+from mm.inference.generate import generate  # noqa: E402
 from mm.layers import text_valid_mask  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def open_clip_coca(model: mm.CoCa):
     import open_clip
     from open_clip.coca_model import CoCa
 
-    from mm.interop.open_clip import open_clip_config, to_open_clip
+    from mm.hub.open_clip import open_clip_config, to_open_clip
 
     oc = CoCa(**open_clip_config(model.config))
     # open_clip has no config key for the class token's mask; its attribute selects the corrected one

@@ -7,19 +7,19 @@ batch size, DataLoader workers and precision.
     python benchmarks/bench_infer.py --model ViT-B-32 --n 256 --workers 2 --batch-size 32 --processes
 
 Images: ``--n`` JPEGs of ``--size`` x ``--size`` generated into a temporary folder, or every image under
-``--images DIR``. mm: :func:`mm.embed.embed_images` end to end (workers decode and preprocess, bf16 autocast
+``--images DIR``. mm: :func:`mm.inference.embed.embed_images` end to end (workers decode and preprocess, bf16 autocast
 on CUDA, fp32 on CPU, L2-normalised rows written as .npy chunks plus the index) into a fresh directory per
 repeat. open_clip: ``open_clip.create_model(NAME)`` for open_clip-named presets (``open_clip.CLIP(
 **open_clip_config(cfg))`` for tiny ones) holding mm's weights (``mm.to_open_clip``), open_clip's own eval
 preprocess, a DataLoader with the same workers and batch size, ``encode_image(normalize=True)`` under the
 same autocast, rows gathered into one array. Both timings include DataLoader start-up. Reports the
 median images/s of ``--repeats`` interleaved runs, the ratio mm / open_clip, the main process's minor page
-faults per image (host allocator behaviour, see mm/host.py) and the largest absolute difference between the
+faults per image (host allocator behaviour, see mm/utils/host.py) and the largest absolute difference between the
 two sets of embeddings.
 
 Default: both in this one process, with the allocator as it is (``--tune-malloc``: both with mm's allocator
 settings), so the two differ only in their pipeline and model code. ``--processes``: each repeat runs the
-two as users run them, each in a fresh process: the ``mm embed`` command (which applies mm/host.py's
+two as users run them, each in a fresh process: the ``mm embed`` command (which applies mm/utils/host.py's
 allocator settings to its process) and a plain open_clip loop (this file with ``--open-clip-loop``, allocator
 untouched); each process times its own embedding run, from DataLoader start-up to the last row, so interpreter
 start-up and model loading are not counted.
@@ -43,10 +43,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import mm
-import mm.host
+import mm.utils.host
 from mm.data.folder import list_images
-from mm.embed import embed_images, load_index
-from mm.interop.open_clip import open_clip_config
+from mm.hub.open_clip import open_clip_config
+from mm.inference.embed import embed_images, load_index
 
 
 def make_images(folder: Path, n: int, size: int) -> None:
@@ -155,7 +155,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--tune-malloc", action="store_true", help="in-process: apply mm/host.py's settings to both")
+    ap.add_argument("--tune-malloc", action="store_true", help="in-process: apply mm/utils/host.py's settings to both")
     ap.add_argument("--processes", action="store_true",
                     help="each side in its own fresh process: the mm embed command vs a plain open_clip loop")
     ap.add_argument("--open-clip-loop", type=Path, help=argparse.SUPPRESS)  # internal: the --processes peer
@@ -163,8 +163,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.open_clip_loop:
         return open_clip_loop(args)
-    if args.tune_malloc and not mm.host.tune_malloc():
-        raise SystemExit("--tune-malloc: mm.host.tune_malloc() does not apply here (not glibc, or MM_TUNE_MALLOC=0)")
+    if args.tune_malloc and not mm.utils.host.tune_malloc():
+        raise SystemExit("--tune-malloc: mm.utils.host.tune_malloc() does not apply here "
+                         "(not glibc, or MM_TUNE_MALLOC=0)")
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -181,7 +182,7 @@ def main() -> None:
         paths = sorted(list_images([folder]), key=lambda p: p.relative_to(folder).as_posix())  # mm's id order
         n = len(paths)
         how = ("each in its own process (mm embed command / plain open_clip loop)" if args.processes else
-               f"in one process, allocator {'tuned (mm/host.py)' if args.tune_malloc else 'as is'}")
+               f"in one process, allocator {'tuned (mm/utils/host.py)' if args.tune_malloc else 'as is'}")
         print(f"model {args.model}, {n} images from {folder}, batch {args.batch_size}, workers {args.workers}, "
               f"device {device}, precision {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, {how}")
         speeds: dict[str, list[float]] = {"mm": [], "open_clip": []}

@@ -29,7 +29,7 @@ from mm.layers import MoE
 def dense_twin(spec: str) -> mm.ModelConfig:
     """The preset with ``moe.dense_twin`` set in every stack: each MoE FFN becomes one dense FFN of top_k x
     its expert width (same active parameters and FLOPs per token), e.g. tiny-moe -> tiny-moe-dense."""
-    from mm.models.clip import resolve_config
+    from mm.models.build import resolve_config
 
     cfg = resolve_config(spec)
     for stack in (cfg.vision.transformer, cfg.text.transformer, cfg.one_tower,

@@ -33,8 +33,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from mm.config import SparseAttentionConfig, TransformerConfig
-from mm.layers import Attention, Transformer
+from mm.layers import Attention, SparseAttentionConfig, Transformer, TransformerConfig
 from mm.layers.sparse import SparsePattern, computed_fraction
 
 

@@ -28,7 +28,7 @@ def open_clip_model(name: str):
     names, else the equivalent config)."""
     import open_clip
 
-    from mm.interop.open_clip import ConversionError, open_clip_config
+    from mm.hub.open_clip import ConversionError, open_clip_config
 
     cfg = mm.get_preset(name)
     if name in open_clip.list_models():

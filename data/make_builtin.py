@@ -11,15 +11,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from mm.cli.shards import add_builtin_arguments, run_builtin
 from mm.data import synthetic
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make_builtin.py", description=synthetic.DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    synthetic.add_arguments(parser)
+    add_builtin_arguments(parser)
     parser.set_defaults(out_dir=str(Path(__file__).resolve().parent / "builtin"))  # data/builtin from any cwd
-    return synthetic.run_cli(parser.parse_args(argv))
+    return run_builtin(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

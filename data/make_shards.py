@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mm.data.sources import add_commands
+from mm.cli.shards import add_commands
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,26 +10,60 @@ Public API (see README.md and ARCHITECTURE.md)::
     captions = mm.caption(mm.create_model("tiny-coca"), tok, images)   # CoCa models
     fast = mm.quantize(model, "int8")                                  # int8 Linear layers, CPU inference
     mm.export_model(model, "exported/", to="onnx")                     # image + text encoders
+
+The names below are imported on first use, so ``import mm`` stays light (no torch until a name needs it).
 """
-from .config import ConfigError, DecoderConfig, ModelConfig, MoEConfig, TextConfig, TransformerConfig, VisionConfig
-from .data.transforms import image_transform
-from .eval import zero_shot_classifier
-from .generate import GenerationConfig, caption
-from .losses import ClipLoss, CocaLoss, SigLipLoss, make_loss
-from .models import CLIP, CoCa, LIMoE, ModelOutput, create_model
-from .presets import get_preset, list_models
-from .interop.hf import from_hf_clip
-from .interop.open_clip import from_open_clip, to_open_clip
-from .pretrained import PretrainedError, load_model, load_pretrained, save_pretrained
-from .quantize import quantize
-from .export import export_model
-from .tokenizer import Tokenizer, get_tokenizer
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "CLIP", "ClipLoss", "CoCa", "CocaLoss", "ConfigError", "DecoderConfig", "GenerationConfig", "LIMoE", "ModelConfig", "ModelOutput", "MoEConfig", "PretrainedError",
-    "SigLipLoss", "TextConfig", "Tokenizer", "TransformerConfig", "VisionConfig", "caption", "create_model", "from_hf_clip", "from_open_clip", "load_model", "to_open_clip",
-    "get_preset", "get_tokenizer", "image_transform", "list_models", "load_pretrained", "make_loss",
-    "save_pretrained", "zero_shot_classifier", "quantize", "export_model",
-]
+from ._version import __version__ as __version__
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "ConfigError": "mm.config",
+    "DecoderConfig": "mm.models", "ModelConfig": "mm.models", "TextConfig": "mm.models", "VisionConfig": "mm.models",
+    "MoEConfig": "mm.layers", "TransformerConfig": "mm.layers",
+    "CLIP": "mm.models", "CoCa": "mm.models", "ImageTextModel": "mm.models", "LIMoE": "mm.models",
+    "ModelOutput": "mm.models", "get_preset": "mm.models", "list_models": "mm.models",
+    "create_model": "mm.hub", "load_model": "mm.hub", "load_pretrained": "mm.hub", "save_pretrained": "mm.hub",
+    "PretrainedError": "mm.hub", "from_open_clip": "mm.hub", "to_open_clip": "mm.hub", "from_hf_clip": "mm.hub",
+    "Tokenizer": "mm.tokenizer", "get_tokenizer": "mm.tokenizer",
+    "ClipLoss": "mm.losses", "CocaLoss": "mm.losses", "SigLipLoss": "mm.losses", "make_loss": "mm.losses",
+    "image_transform": "mm.data.transforms",
+    "GenerationConfig": "mm.inference.generate", "caption": "mm.inference.generate",
+    "quantize": "mm.inference.quantize", "export_model": "mm.inference.export",
+    "zero_shot_classifier": "mm.eval.zeroshot",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
+    from .config import ConfigError  # noqa: F401
+    from .data.transforms import image_transform  # noqa: F401
+    from .eval.zeroshot import zero_shot_classifier  # noqa: F401
+    from .hub import PretrainedError, create_model, from_hf_clip, from_open_clip  # noqa: F401
+    from .hub import load_model, load_pretrained, save_pretrained, to_open_clip  # noqa: F401
+    from .inference.export import export_model  # noqa: F401
+    from .inference.generate import GenerationConfig, caption  # noqa: F401
+    from .inference.quantize import quantize  # noqa: F401
+    from .layers import MoEConfig, TransformerConfig  # noqa: F401
+    from .losses import ClipLoss, CocaLoss, SigLipLoss, make_loss  # noqa: F401
+    from .models import CLIP, CoCa, DecoderConfig, ImageTextModel, LIMoE, ModelOutput  # noqa: F401
+    from .models import TextConfig, VisionConfig, get_preset, list_models  # noqa: F401
+    from .tokenizer import Tokenizer, get_tokenizer  # noqa: F401

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mm import dist as mmdist
+from .utils import dist as mmdist
 
 __all__ = ["ClipLoss", "SigLipLoss", "CocaLoss", "DistillLoss", "caption_loss", "make_loss", "LOSSES"]
 

@@ -245,7 +245,7 @@ def get_tokenizer(model_or_name: Any = None, context_length: int | None = None) 
 
     Precedence: explicit ``context_length``; else ``model_or_name.config.text.context_length``
     for a model; else the preset's ``text.context_length`` for a preset name (77 when
-    ``mm.presets`` is unavailable; an unknown name raises whatever ``get_preset`` raises); else 77.
+    ``mm.models.presets`` is unavailable; an unknown name raises whatever ``get_preset`` raises); else 77.
     """
     if context_length is None:
         context_length = _DEFAULT_CONTEXT_LENGTH
@@ -253,8 +253,8 @@ def get_tokenizer(model_or_name: Any = None, context_length: int | None = None) 
         if config is not None and hasattr(getattr(config, "text", None), "context_length"):
             context_length = config.text.context_length
         elif isinstance(model_or_name, str):
-            try:  # Lazy: keeps this module free of imports from the rest of mm.
-                from mm.presets import get_preset
+            try:  # Lazy: keeps this module free of imports from the rest of mm (and usable without it).
+                from .models.presets import get_preset
             except ImportError:
                 pass
             else:

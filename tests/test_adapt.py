@@ -16,12 +16,12 @@ from mm.cli import main
 from mm.config import ConfigError
 from mm.eval.probe import accuracy, fit_logistic, linear_probe
 from mm.eval.zeroshot import predict, zero_shot_classifier
-from mm.finetune import (Classifier, FinetuneConfig, classifier_eval, finetune, load_classifier, snapshot,
+from mm.train.finetune import (Classifier, FinetuneConfig, classifier_eval, finetune, load_classifier, snapshot,
                          trainable_names, train_batches, wise_interpolate, zero_shot_head)
-from mm.pretrained import load_config
+from mm.hub import load_config
 from mm.train import adapt
-from mm.train.config import load_run_config
-from mm.train.loop import build_model, run
+from mm.train.preflight import load_run_config
+from mm.train.trainer import build_model, run
 from mm.train.optim import lr_factor, make_optimizer, make_scheduler
 
 from conftest import colour_samples
@@ -105,7 +105,7 @@ def test_frozen_modules_stay_in_eval_mode():
     adapt.set_train_mode(model, frozen)  # once, at the start of a run
     assert not any(m.training for m in model.vision.modules()) and all(m.training for m in model.text.modules())
     # evaluation and generation switch everything to eval and back: each module gets its own mode back
-    from mm.eval.zeroshot import eval_mode
+    from mm.utils.nn import eval_mode
 
     with eval_mode(model):
         assert not any(m.training for m in model.modules())
@@ -336,7 +336,7 @@ FT_CFG = {"steps": FT_STEPS, "batch_size": FT_BATCH, "lr": 1e-3, "warmup_steps":
 def _ft_worker(rank: int, init: str, model_dir: str, out: str) -> None:
     import torch.distributed as dist
 
-    from mm.finetune import _ddp
+    from mm.train.finetune import _ddp
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)

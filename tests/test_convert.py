@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mm
-from mm.interop.open_clip import open_clip_config
+from mm.hub.open_clip import open_clip_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

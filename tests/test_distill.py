@@ -17,10 +17,10 @@ import yaml
 
 import mm
 from mm.config import ConfigError
-from mm.embed import embed_images, embed_texts
+from mm.inference.embed import embed_images, embed_texts
 from mm.losses import ClipLoss, DistillLoss, similarity_kl
 from mm.models import ModelOutput
-from mm.train.config import load_run_config
+from mm.train.preflight import load_run_config
 from mm.train.distill import Distiller, DistillError, EmbeddingStore, _image_adapter
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mm import _docs
+from mm.cli import docs as _docs
 
 ROOT = Path(__file__).resolve().parents[1]
-STALE = "is stale: regenerate it with `make docs` (python -m mm._docs {page} > docs/{page}.md)"
+STALE = "is stale: regenerate it with `make docs` (python -m mm.cli.docs {page} > docs/{page}.md)"
 
 
 def test_config_reference_is_current():
@@ -22,7 +22,7 @@ def test_config_reference_is_current():
 
 
 def test_config_reference_covers_every_key_with_its_comment():
-    from mm.config import MoEConfig
+    from mm.layers import MoEConfig
     from mm.train.config import RunConfig, TrainConfig
 
     text = _docs.config_markdown()
@@ -143,7 +143,7 @@ def test_documentation_links_and_example_files_exist():
 def test_trainer_refuses_sharded_strategies(monkeypatch):
     from accelerate.utils import DistributedType
 
-    from mm.train import loop
+    from mm.train import trainer as loop
     from mm.train.config import RunConfig
 
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):

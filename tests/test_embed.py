@@ -18,8 +18,8 @@ from PIL import Image
 
 import mm
 from mm.cli import main as mm_main
-from mm.embed import embed_images, load_index, read_texts
-from mm.search import search
+from mm.inference.embed import embed_images, load_index, read_texts
+from mm.inference.search import search
 
 from conftest import colour_image, colour_samples, write_tar
 

@@ -9,7 +9,7 @@ import torch
 
 import mm
 from mm.cli import main
-from mm.export import ExportError, example_inputs, export_model, load_exported, run_exported
+from mm.inference.export import ExportError, example_inputs, export_model, load_exported, run_exported
 
 
 def eager(model, tower: str, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ def test_cli_exports_a_model_directory_and_checks_its_arguments(model_dir, model
 
 
 def test_a_failed_verification_and_a_quantized_model_are_errors(models, tmp_path, monkeypatch):
-    import mm.export as ex
+    import mm.inference.export as ex
 
     model = models["tiny-clip"]
     real = ex.run_exported

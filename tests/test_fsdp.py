@@ -13,8 +13,8 @@ from test_train import _free_port, final_weights, metrics, write_config
 
 import mm
 from mm.config import ConfigError
-from mm.train.config import load_run_config
-from mm.train.loop import build_model
+from mm.train.preflight import load_run_config
+from mm.train.trainer import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

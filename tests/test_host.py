@@ -1,4 +1,4 @@
-"""mm.host.tune_malloc: after it, CPU inference reuses freed activation pages instead of faulting in fresh ones.
+"""mm.utils.host.tune_malloc: after it, CPU inference reuses freed activation pages instead of faulting in fresh ones.
 
 Each measurement runs in a fresh interpreter, because allocator settings are process-wide and one-way.
 """
@@ -9,15 +9,15 @@ import sys
 
 import pytest
 
-import mm.host
+import mm.utils.host
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # minor page faults per tiny-clip forward at batch 128 (activations of 6-25 MiB, made and freed every layer),
 # counted after two warm-up forwards
 FAULTS = """
-import resource, sys, torch, mm, mm.host
-applied = mm.host.tune_malloc()
+import resource, sys, torch, mm, mm.utils.host
+applied = mm.utils.host.tune_malloc()
 torch.manual_seed(0)
 model = mm.create_model("tiny-clip").eval()
 x = torch.randn(128, 3, 32, 32)
@@ -31,7 +31,7 @@ print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 3)
 
 
 def faults_per_forward(tune: bool) -> tuple[bool, float]:
-    env = {**os.environ, mm.host.ENV: "1" if tune else "0", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, mm.utils.host.ENV: "1" if tune else "0", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True)
     applied, faults = out.stdout.split()
     return applied == "True", float(faults)
@@ -48,18 +48,18 @@ def test_tuned_allocator_reuses_pages():
 
 
 def test_opt_out_and_platform(monkeypatch):
-    monkeypatch.setattr(mm.host, "_tuned", False)
-    monkeypatch.setenv(mm.host.ENV, "0")
-    assert mm.host.tune_malloc() is False
-    monkeypatch.setenv(mm.host.ENV, "1")
-    assert mm.host.tune_malloc() is GLIBC
+    monkeypatch.setattr(mm.utils.host, "_tuned", False)
+    monkeypatch.setenv(mm.utils.host.ENV, "0")
+    assert mm.utils.host.tune_malloc() is False
+    monkeypatch.setenv(mm.utils.host.ENV, "1")
+    assert mm.utils.host.tune_malloc() is GLIBC
 
 
 def test_mm_command_tunes_its_process(monkeypatch, capsys):
     from mm.cli import main
 
-    monkeypatch.setattr(mm.host, "_tuned", False)
-    monkeypatch.delenv(mm.host.ENV, raising=False)
+    monkeypatch.setattr(mm.utils.host, "_tuned", False)
+    monkeypatch.delenv(mm.utils.host.ENV, raising=False)
     assert main(["models"]) == 0
     assert "tiny-clip" in capsys.readouterr().out
-    assert mm.host._tuned is GLIBC
+    assert mm.utils.host._tuned is GLIBC

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mm
-from mm.interop import (ConversionError, convert_state_dict, export_state_dict, from_open_clip, open_clip_config,
+from mm.hub import (ConversionError, convert_state_dict, export_state_dict, from_open_clip, open_clip_config,
                         to_open_clip)
 from mm.layers import text_valid_mask
 from mm.models import resolve_config
@@ -227,7 +227,7 @@ def test_every_open_clip_named_preset_maps_every_key(name):
     converts to exactly the mm model's keys and shapes, and back to open_clip's."""
     import open_clip
 
-    from mm.interop.open_clip import convert_state_dict, export_state_dict
+    from mm.hub.open_clip import convert_state_dict, export_state_dict
 
     with torch.device("meta"):
         oc_sd = open_clip.create_model(name, device="meta").state_dict()

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 import torch
 
-from mm.config import MoEConfig, TransformerConfig
+from mm.layers import MoEConfig, TransformerConfig
 from mm.layers import (
     Attention,
     Block,

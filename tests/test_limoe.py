@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import yaml
 
 import mm
-from mm.config import ConfigError, MoEConfig
+from mm.config import ConfigError
+from mm.layers import MoEConfig
 from mm.layers import MoE, text_valid_mask
 from mm.layers.moe import expert_capacity
 

@@ -18,7 +18,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-import mm.dist as mmdist
+import mm.utils.dist as mmdist
 from mm.losses import ClipLoss, CocaLoss, SigLipLoss, make_loss
 
 WORLD = 2

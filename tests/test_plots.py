@@ -42,7 +42,7 @@ def gallery(colour_shards, tmp_path):
 
 def test_search_plot_finds_the_indexed_images_in_folders_and_shards(model_dir, colour_shards, gallery, tmp_path,
                                                                     capsys):
-    from mm.search import result_images
+    from mm.inference.search import result_images
 
     emb_files, emb_shards = tmp_path / "emb_files", tmp_path / "emb_shards"
     shard = colour_shards / "train-0001.tar"
@@ -79,7 +79,7 @@ def test_search_plot_survives_moved_images(model_dir, gallery, tmp_path):
     assert main(["embed", "--model", str(model_dir), "--images", str(gallery), "--out", str(emb), "--workers", "0"]) == 0
     for p in gallery.iterdir():
         p.unlink()
-    from mm.search import result_images
+    from mm.inference.search import result_images
 
     assert set(result_images(emb, ["s01000.jpg"]).values()) == {None}
     assert main(["search", "--index", str(emb), "a red square", "-k", "2", "--plot", str(tmp_path / "s.png")]) == 0

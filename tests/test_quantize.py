@@ -12,7 +12,7 @@ from torch import nn
 
 import mm
 from mm.cli import main
-from mm.quantize import DynamicInt8Linear, Int8WeightLinear, QuantizeError, quantize, quantize_per_channel
+from mm.inference.quantize import DynamicInt8Linear, Int8WeightLinear, QuantizeError, quantize, quantize_per_channel
 
 from conftest import colour_image
 
@@ -93,7 +93,7 @@ def test_embed_quantize_int8(model_dir, model, tmp_path, capsys):
     args = ["embed", "--model", str(model_dir), "--images", str(folder), "--workers", "0", "--device", "cpu"]
     assert main(args + ["--out", str(tmp_path / "fp32")]) == 0
     assert main(args + ["--out", str(tmp_path / "int8"), "--quantize", "int8"]) == 0
-    from mm.embed import load_index
+    from mm.inference.embed import load_index
 
     ref, ids = load_index(tmp_path / "fp32")
     got, ids8 = load_index(tmp_path / "int8")

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from mm.data import sources, synthetic
+from mm.cli import shards as sources
+from mm.data import synthetic
 from mm.data.shards import ShardWriter
 from mm.data.sources import from_img2dataset, from_table
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.attention.flex_attention as fa
 
 import mm
-from mm.config import ConfigError, SparseAttentionConfig, TransformerConfig
+from mm.config import ConfigError
+from mm.layers import SparseAttentionConfig, TransformerConfig
 from mm.layers import Attention, Transformer
 from mm.layers.sparse import (
     SparsePattern,

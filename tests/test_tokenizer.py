@@ -12,6 +12,7 @@ import torch
 
 open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
 
+import mm.models  # noqa: E402,F401  (the package of mm.models.presets)
 import mm.tokenizer as mm_tokenizer  # noqa: E402
 from mm.tokenizer import Tokenizer, default_bpe_path, get_tokenizer  # noqa: E402
 
@@ -219,7 +220,7 @@ def test_get_tokenizer_defaults_and_override() -> None:
 
 
 def test_get_tokenizer_uses_preset(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = types.ModuleType("mm.presets")
+    fake = types.ModuleType("mm.models.presets")
     seen: list[str] = []
 
     def get_preset(name: str):
@@ -227,14 +228,14 @@ def test_get_tokenizer_uses_preset(monkeypatch: pytest.MonkeyPatch) -> None:
         return types.SimpleNamespace(text=types.SimpleNamespace(context_length=52))
 
     fake.get_preset = get_preset
-    monkeypatch.setitem(sys.modules, "mm.presets", fake)
+    monkeypatch.setitem(sys.modules, "mm.models.presets", fake)
     assert get_tokenizer("some-preset").context_length == 52
     assert seen == ["some-preset"]
     assert get_tokenizer("some-preset", context_length=20).context_length == 20
 
 
 def test_get_tokenizer_without_presets_module(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "mm.presets", None)  # makes the import raise ImportError
+    monkeypatch.setitem(sys.modules, "mm.models.presets", None)  # makes the import raise ImportError
     assert get_tokenizer("ViT-B-32").context_length == 77
 
 
@@ -250,7 +251,7 @@ def test_module_imports_nothing_from_mm() -> None:
 
 
 def test_get_tokenizer_with_real_presets() -> None:
-    presets = pytest.importorskip("mm.presets")
+    presets = pytest.importorskip("mm.models.presets")
     for name in presets.list_models():
         expected = presets.get_preset(name).text.context_length
         assert get_tokenizer(name).context_length == expected

@@ -15,6 +15,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # the sample members holding an image, first present wins
+MAX_PIXELS = 89_478_485  # larger images are refused as decompression bombs (PIL's default threshold)
+
+
 class BadSample(Exception):
     """A sample that cannot be used; ``reason`` is a short, countable phrase."""
 
@@ -98,7 +102,7 @@ class SampleDecoder:
         text_key: str = "txt",
         label_key: str = "cls",
         need: tuple[str, ...] = ("text",),
-        max_pixels: int = 89_478_485,
+        max_pixels: int = MAX_PIXELS,
         random_caption: bool = False,
         raw_image: bool = False,
     ):

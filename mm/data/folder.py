@@ -6,7 +6,7 @@ from typing import Iterable
 
 from PIL import Image
 
-from .decode import BadSample, to_rgb
+from .decode import MAX_PIXELS, BadSample, to_rgb
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -26,7 +26,7 @@ def list_images(inputs: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def load_image(path: str | Path, max_pixels: int = 89_478_485) -> Image.Image:
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """An RGB PIL image, fully read; BadSample (naming the reason) if it cannot be decoded."""
     try:
         with Image.open(path) as f:

@@ -21,6 +21,8 @@ from typing import Any
 
 from PIL import Image, ImageFile
 
+from ..utils.io import tmp_path, write_json_atomic
+
 DEFAULT_MAX_PIXELS: int | None = Image.MAX_IMAGE_PIXELS  # PIL's decompression-bomb threshold
 KEEP_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # MPO: camera JPEG + extra frames
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
@@ -151,7 +153,7 @@ class ShardWriter:
 
     def _open_shard(self) -> None:
         name = self._name(len(self.shards))
-        self._file = open(self.out_dir / (name + ".tmp"), "wb")
+        self._file = open(tmp_path(self.out_dir / name), "wb")
         # filename="" and mtime=0 keep the temporary name and the clock out of the gzip header.
         self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._file, mtime=0, compresslevel=6) \
             if self.compress else None
@@ -166,7 +168,7 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())  # the rename must not outrun the data on a crash
         self._file.close()
-        os.replace(self.out_dir / (name + ".tmp"), self.out_dir / name)
+        os.replace(tmp_path(self.out_dir / name), self.out_dir / name)
         self.shards.append({"name": name, "num_samples": self._count})
         self._file = self._gz = self._tar = None
 
@@ -209,13 +211,8 @@ class ShardWriter:
             self.close()
         elif self._file is not None:  # discard the unfinished shard; finished ones stay, no info.json
             self._file.close()
-            (self.out_dir / (self._name(len(self.shards)) + ".tmp")).unlink(missing_ok=True)
+            tmp_path(self.out_dir / self._name(len(self.shards))).unlink(missing_ok=True)
 
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def print_summary(info: dict[str, Any], out_dir: Path) -> None:

@@ -1,8 +1,8 @@
-"""Shard sources: CSV / TSV / JSONL tables of (image, caption[, label]), img2dataset output, and the
-``mm shards`` command. Validation and writing live in :mod:`mm.data.shards`."""
+"""Shard sources: CSV / TSV / JSONL tables of (image, caption[, label]) and img2dataset output into shards, and
+shards back out as files. Validation and writing live in :mod:`mm.data.shards`; ``mm shards`` in
+:mod:`mm.cli.shards`."""
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import synthetic
 from .shards import DEFAULT_MAX_PIXELS, IMAGE_EXTS, ShardWriter, SkipSample, check_image
+from .wds import SHARD_SUFFIXES, check_urls, iter_shard
+
 
 def read_table(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a CSV / TSV (header row; delimiter by extension, else sniffed) or JSONL / JSON-array file."""
@@ -170,7 +171,7 @@ def from_img2dataset(in_dir: str | Path, out_dir: str | Path, prefix: str = "tra
     root = Path(in_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"input folder not found: {root}")
-    tars = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith((".tar", ".tar.gz", ".tgz")))
+    tars = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(SHARD_SUFFIXES))
     bad_tars: list[tuple[str, str]] = []
     samples = _iter_tar_layout(tars, root, bad_tars) if tars else _iter_files_layout(root)
     classes = None
@@ -221,8 +222,6 @@ def extract(shards: str | list[str], out_dir: str | Path, limit: int | None = No
     present, ``KEY.txt`` (the caption), for looking at a data set or feeding the folder commands (``mm caption``,
     ``mm embed``, ``mm zeroshot``). The first ``limit`` samples with an image, in shard order; returns the
     image files written. Keys with ``/`` (img2dataset tars) become ``_``."""
-    from .wds import check_urls, iter_shard
-
     urls = check_urls(shards, "shards")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,99 +243,3 @@ def extract(shards: str | list[str], out_dir: str | Path, limit: int | None = No
     if verbose:
         print(f"wrote {len(written)} images (and their captions, where present) to {out}", file=sys.stderr)
     return written
-
-
-# -- command line --------------------------------------------------------------------------------
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prefix", default="train", help="shard name prefix: PREFIX-000000.tar (default: train)")
-    p.add_argument("--samples-per-shard", type=int, default=1000, help="at most this many samples per shard")
-    p.add_argument("--gzip", action="store_true", help="write .tar.gz (worth it for small images)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"skip images with more pixels; 0: no limit (default: PIL's, {DEFAULT_MAX_PIXELS})")
-
-
-def _run_table(args: argparse.Namespace) -> int:
-    classes = None
-    if args.classes:
-        p = Path(args.classes)
-        classes = [c for c in p.read_text(encoding="utf-8").splitlines() if c.strip()] if p.is_file() \
-            else [c.strip() for c in args.classes.split(",")]
-    info = from_table(args.table, args.image_root, args.out_dir, prefix=args.prefix, image_col=args.image_col,
-                      caption_col=args.caption_col, label_col=args.label_col, classes=classes,
-                      samples_per_shard=args.samples_per_shard, compress=args.gzip, max_pixels=args.max_pixels or None)
-    return 0 if info["num_samples"] else 1
-
-
-def _run_img2dataset(args: argparse.Namespace) -> int:
-    info = from_img2dataset(args.in_dir, args.out_dir, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
-                            compress=args.gzip, max_pixels=args.max_pixels or None)
-    return 0 if info["num_samples"] else 1
-
-
-def _run_extract(args: argparse.Namespace) -> int:
-    if args.n is not None and args.n < 1:
-        raise ValueError(f"-n must be >= 1, got {args.n}")
-    return 0 if extract(args.shards, args.out_dir, args.n) else 1
-
-
-def _guard(fn):
-    # Bad paths and columns are user errors: one clear line and exit code 2, not a traceback.
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    return run
-
-
-def add_commands(sub: Any) -> None:
-    """Add the ``csv``, ``img2dataset``, ``extract`` and ``builtin`` commands to an argparse subparsers object."""
-
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser("csv", aliases=["table"], formatter_class=fmt, help="image paths + captions table -> shards",
-                       description="Shard a CSV, TSV or JSONL table of image paths and captions (and labels).\n"
-                       "Rows naming the same image become one sample with all its captions.\n\n"
-                       "example: mm shards csv pairs.csv shards/ --image-root images/ --label-col label\n"
-                       "example: mm shards csv captions.jsonl shards/ --caption-col text --gzip")
-    p.add_argument("table", help="CSV / TSV (header row) or JSONL file")
-    p.add_argument("out_dir", help="folder for the shards and info.json")
-    p.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the table's)")
-    p.add_argument("--image-col", default="image", help="image path column (default: image)")
-    p.add_argument("--caption-col", default="caption", help="caption column (default: caption)")
-    p.add_argument("--label-col", default=None, help="optional label column: integer indices or class names")
-    p.add_argument("--classes", default=None,
-                   help="class names in index order: a file with one per line, or a comma-separated list")
-    _common(p)
-    p.set_defaults(fn=_guard(_run_table))
-    p = sub.add_parser("img2dataset", formatter_class=fmt, help="img2dataset output -> validated shards",
-                       description="Re-shard img2dataset output, validating every image and caption.\n"
-                       "Accepts its 'files' layout (00000/000000000.jpg, .txt, .json) or tar shards.\n\n"
-                       "example: mm shards img2dataset downloaded/ shards/ --samples-per-shard 5000")
-    p.add_argument("in_dir", help="img2dataset output folder")
-    p.add_argument("out_dir", help="folder for the shards and info.json")
-    _common(p)
-    p.set_defaults(fn=_guard(_run_img2dataset))
-    p = sub.add_parser("extract", formatter_class=fmt, help="shards -> image files + captions (to look at, or for "
-                       "the folder commands)",
-                       description="Write samples of webdataset shards out as files: KEY.jpg (the stored bytes) and\n"
-                       "KEY.txt (the caption), the first N samples in shard order.\n\n"
-                       "example: mm shards extract data/builtin/test-000000.tar.gz examples/ -n 16")
-    p.add_argument("shards", help="shard files or URLs (brace ranges expand, :: joins sets)")
-    p.add_argument("out_dir", help="folder for the files")
-    p.add_argument("-n", type=int, default=None, help="at most this many samples (default: all)")
-    p.set_defaults(fn=_guard(_run_extract))
-    p = sub.add_parser("builtin", formatter_class=fmt, help="draw the built-in synthetic captioned data set",
-                       description=synthetic.DESCRIPTION)
-    synthetic.add_arguments(p)
-    p.set_defaults(fn=_guard(synthetic.run_cli))
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``mm shards {csv,img2dataset,builtin,extract}`` to the ``mm`` command's subparsers; returns its parser."""
-    p = subparsers.add_parser("shards", help="make webdataset shards (table, img2dataset, built-in set); extract them",
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              description="Make webdataset shards, or write shards back out as files.\n\n"
-                              "example: mm shards builtin data/builtin")
-    add_commands(p.add_subparsers(dest="shards_command", required=True, metavar="{csv,img2dataset,builtin,extract}"))
-    return p

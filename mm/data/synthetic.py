@@ -17,7 +17,6 @@ where SPLIT is the per-split info of :class:`~mm.data.shards.ShardWriter` (``num
 """
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import time
@@ -27,7 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .shards import ShardWriter, write_json_atomic
+from ..utils.io import write_json_atomic
+from .shards import ShardWriter
 
 # Six hues 60 degrees apart, saturated; backgrounds are desaturated so colour is always the object's.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -164,19 +164,3 @@ def generate(out_dir: str | Path, n_train: int = 20000, n_test: int = 2000, imag
         dt = time.perf_counter() - t0
         print(f"wrote {n_train} train + {n_test} test images ({len(CLASSES)} classes) to {out} in {dt:.1f} s")
     return info
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out_dir", nargs="?", default="data/builtin", help="output folder (default: data/builtin)")
-    p.add_argument("--n-train", type=int, default=20000, help="training images (default: 20000)")
-    p.add_argument("--n-test", type=int, default=2000, help="held-out images (default: 2000)")
-    p.add_argument("--image-size", type=int, default=32, help="image side in pixels (default: 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed; train and test use disjoint streams of it")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--gzip", action=argparse.BooleanOptionalAction, default=True,
-                   help="write .tar.gz shards (default; --no-gzip: plain .tar)")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    generate(args.out_dir, args.n_train, args.n_test, args.image_size, args.seed, args.samples_per_shard, args.gzip)
-    return 0

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import ModelConfig, VisionConfig
+from ..models import ModelConfig, VisionConfig
 
 
 def _vision_cfg(model_or_cfg: Any) -> VisionConfig:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import ConfigError
 from .decode import BadSample, SampleDecoder
+from .gpu import PendingImages
 
 
 def expand_urls(spec: str | list[str]) -> list[str]:
@@ -41,6 +42,15 @@ def expand_urls(spec: str | list[str]) -> list[str]:
 
 def is_local(url: str) -> bool:
     return not (url.startswith("pipe:") or "://" in url) or url.startswith("file://")
+
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def is_shard_spec(spec: str) -> bool:
+    """Whether a command-line input names webdataset shards (brace ranges, ``::`` lists, ``pipe:`` and URLs
+    included) rather than an image file or a folder: every URL it expands to is remote or a tar file."""
+    return all(not is_local(u) or u.lower().endswith(SHARD_SUFFIXES) for u in expand_urls(spec))
 
 
 def check_urls(spec: str | list[str] | None, key: str) -> list[str]:
@@ -242,8 +252,6 @@ class Collate:
         if all(isinstance(x, torch.Tensor) for x in images):
             stacked: Any = torch.stack(images)
         else:  # data.decode: device -- some images are still compressed
-            from .gpu import PendingImages
-
             stacked = PendingImages.collate(images)
         out: dict[str, Any] = {"images": stacked, "keys": [it["__key__"] for it in items]}
         if "text" in items[0]:

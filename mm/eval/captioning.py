@@ -2,12 +2,12 @@
 (BLEU-4 and CIDEr-D as the COCO caption toolkit defines them)."""
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Iterable
 
 import torch
 
-from ..generate import GenerationConfig, generate
+from ..inference.generate import GenerationConfig, generate
+from ..utils.precision import autocast
 from .caption_metrics import caption_scores
 
 
@@ -26,9 +26,7 @@ def caption_eval(
     device = torch.device(device)
     rows: list[dict[str, Any]] = []
     for images, refs, keys in batches:
-        amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-               else contextlib.nullcontext())
-        with amp:
+        with autocast(device, autocast_dtype):
             ids = generate(model, images.to(device), generation)
         for row, r, key in zip(ids.tolist(), refs, keys):
             row = row[: row.index(eot)] if eot in row else row

@@ -14,22 +14,19 @@ problem that torch solves in a few lines.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..data.wds import check_urls
-from .zeroshot import autocast, eval_mode, load_names
+from ..utils.nn import eval_mode
+from ..utils.precision import autocast
+from .config import ShardReading
+from .runner import eval_batches, shard_info
+from .zeroshot import load_names
 
 DEFAULT_WEIGHT_DECAYS = tuple(10.0 ** -k for k in range(8, -1, -1))  # 1e-8 ... 1
-_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -37,19 +34,14 @@ def labelled_batches(model: Any, urls: list[str], *, label_key: str = "cls", bat
                      max_samples: int | None = None, skipped: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """Eval-preprocessed ``{"images", "labels", "keys"}`` batches of labelled shards, in shard order (the first
     ``max_samples`` of them); unreadable samples are appended to ``skipped`` as ``shard:key: reason``."""
-    from ..train.config import DataConfig, EvalConfig, RunConfig
-    from ..train.evaluate import eval_batches
-
-    cfg = RunConfig(data=DataConfig(workers=workers), eval=EvalConfig(batch_size=batch_size))
     notes = skipped if skipped is not None else []
-    yield from eval_batches(cfg, model, urls, ("label",), label_key, max_samples,
+    yield from eval_batches(model, urls, ("label",), batch_size=batch_size, reading=ShardReading(workers=workers),
+                            label_key=label_key, max_samples=max_samples,
                             on_meta=lambda m: notes.extend(m["bad"] + m["warnings"]))
 
 
 def shard_classes(urls: list[str], classnames: Sequence[str] | None = None) -> list[str] | None:
     """``classnames``, else the ``classes`` of the info.json beside the shards, else None."""
-    from ..train.evaluate import shard_info
-
     if classnames is not None:
         return list(classnames)
     classes = shard_info(urls).get("classes")
@@ -135,95 +127,3 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     test = accuracy(test_x, test_y, W, b)
     return {"probe_top1": test["top1"], "probe_top5": test["top5"], "weight_decay": wd,
             "C": 1.0 / (wd * n) if wd else None, "val": val, "n_train": n, "n_val": n_val, "n_test": len(test_y), "W": W, "b": b}
-
-
-# -- command line --------------------------------------------------------------------------------
-DESCRIPTION = """\
-Linear probe: a multinomial logistic regression on the model's L2-normalised image embeddings of labelled
-shards (label in --label-key, default cls). The weight decay is chosen from --weight-decays on a validation
-split of --train (--val-fraction, seeded), the probe refitted on all of --train and scored on --test.
-Prints top-1 / top-5; --json prints the result as one JSON object.
-
-examples:
-  mm probe --model runs/builtin/final --train 'data/builtin/train-{000000..000003}.tar.gz' \\
-      --test data/builtin/test-000000.tar.gz
-  mm probe --model runs/flickr8k_coca/final --train ../shared/datasets/cifar10/train-0000.tar.gz \\
-      --test ../shared/datasets/cifar10/test-0000.tar.gz --max-train 5000 --max-test 2000 --json"""
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def cmd_probe(args: argparse.Namespace) -> int:
-    from ..pretrained import load_model
-    from .commands import parse_classes
-
-    for flag in ("batch_size", "max_train", "max_test", "max_iter"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
-    if not 0 < args.val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-    if not args.weight_decays or any(w < 0 for w in args.weight_decays):
-        raise ValueError("--weight-decays must list values >= 0")
-    train_urls, test_urls = check_urls(args.train, "--train"), check_urls(args.test, "--test")
-    classes = shard_classes(train_urls, parse_classes(args.classes))
-    if args.out and not Path(args.out).resolve().parent.is_dir():
-        raise FileNotFoundError(f"--out {args.out}: folder {Path(args.out).parent} does not exist")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.model, args.pretrained, device)
-    t0, skipped = time.time(), []
-    feats = {}
-    for name, urls, cap in (("train", train_urls, args.max_train), ("test", test_urls, args.max_test)):
-        batches = labelled_batches(model, urls, label_key=args.label_key, batch_size=args.batch_size,
-                                   workers=args.workers, max_samples=cap, skipped=skipped)
-        feats[name] = image_features(model, batches, device=device, autocast_dtype=_AUTOCAST[args.precision])
-    t1 = time.time()
-    r = linear_probe(*feats["train"], *feats["test"], len(classes) if classes else None,
-                     weight_decays=args.weight_decays, val_fraction=args.val_fraction, seed=args.seed,
-                     max_iter=args.max_iter)
-    for s in skipped:
-        print(f"skipped {s}", file=sys.stderr)
-    result = {k: v for k, v in r.items() if k not in ("W", "b")}
-    result.update(model=args.model, train=args.train, test=args.test, classes=classes, skipped=len(skipped),
-                  encode_s=round(t1 - t0, 2), fit_s=round(time.time() - t1, 2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for v in result["val"]:
-            print(f"weight decay {v['weight_decay']:.0e}: validation top-1 {100 * v['top1']:.2f}%")
-        print(f"linear probe: top-1 {100 * result['probe_top1']:.2f}%  top-5 {100 * result['probe_top5']:.2f}%  "
-              f"(weight decay {result['weight_decay']:.0e}; {result['n_train']} train, {result['n_test']} test)")
-    return 0
-
-
-def add_parser(sub: Any) -> None:
-    from .commands import _guard, add_model_and_labelled_shards
-
-    p = sub.add_parser("probe", help="linear-probe accuracy of a model's image embeddings on labelled shards",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_and_labelled_shards(p)
-    p.add_argument("--max-train", type=int, default=None, help="use the first N training samples")
-    p.add_argument("--max-test", type=int, default=None, help="use the first N test samples")
-    p.add_argument("--classes", help="class names (a .txt / .json file or a,b,c; default: the shards' info.json); "
-                                     "their number fixes the number of outputs")
-    p.add_argument("--label-key", default="cls", help="the member holding the class index (default: cls)")
-    p.add_argument("--weight-decays", type=_floats, default=list(DEFAULT_WEIGHT_DECAYS),
-                   help="comma-separated L2 strengths to choose from (default: 1e-8,1e-7,...,1)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of --train held out to choose the weight "
-                                                                    "decay (default: 0.2)")
-    p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (default: 1000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=2, help="image loading processes (0: load in this one)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--precision", default="fp32", choices=list(_AUTOCAST), help="autocast while encoding")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.add_argument("--out", help="also write the result to FILE.json")
-    p.set_defaults(fn=_guard(cmd_probe))

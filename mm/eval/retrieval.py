@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from .zeroshot import _model_device, autocast, eval_mode
+from ..utils.nn import eval_mode, model_device
+from ..utils.precision import autocast
 
 
 def _caption_lists(captions: Sequence[Any], n_images: int, offset: int) -> list[list[str]]:
@@ -116,7 +117,7 @@ def retrieval_eval(
     ``chunk_size`` images are scored against all captions at a time; ``text_batch_size`` captions are
     encoded per forward.
     """
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     img, txt, owner = embed_pairs(model, tokenizer, batches, device=device, autocast_dtype=autocast_dtype,
                                   text_batch_size=text_batch_size)
     out: dict[str, float | int] = dict(recall_at_k(img, txt, owner, ks, chunk_size=chunk_size))

@@ -6,14 +6,16 @@ averaged and the mean is normalised again. Column ``c`` of the result is class `
 """
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from ..utils.nn import eval_mode, model_device
+from ..utils.precision import autocast
 
 Template = str | Callable[[str], str]
 
@@ -81,33 +83,6 @@ def _fill(template: Template, classname: str) -> str:
     return template(classname) if callable(template) else template.format(classname)
 
 
-def _model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):  # duck-typed models, parameter-free doubles
-        return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def eval_mode(model: Any) -> Iterator[None]:
-    """``no_grad`` with the model in eval mode (dropout, patch dropout off). Every submodule's previous mode
-    is restored, not the root's flag pushed down: a frozen tower kept in eval mode while the rest trains
-    (``train.freeze``) stays so after a mid-run evaluation."""
-    modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
-    if isinstance(model, torch.nn.Module):
-        model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 def zero_shot_classifier(
     model: Any,
     tokenizer: Callable[[list[str]], torch.Tensor],
@@ -127,7 +102,7 @@ def zero_shot_classifier(
     templates = _default_templates() if templates is None else load_names(templates, "templates")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     texts = [_fill(t, c) for c in classnames for t in templates]  # class-major: row c*T + t
     with eval_mode(model):
         chunks = []
@@ -163,7 +138,7 @@ def zero_shot_eval(
     as fractions). Labels must lie in ``[0, n_classes)``. Counts stay on the device until the end, so
     the loop never waits for the accelerator.
     """
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     n_classes = classifier.shape[1]
     k = min(5, n_classes)
     count = torch.zeros(n_classes, dtype=torch.long, device=device)
@@ -191,7 +166,7 @@ def zero_shot_eval(
 def predict(model: Any, classifier: torch.Tensor, images: torch.Tensor, k: int = 5,
             *, autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``min(k, n_classes)`` class probabilities (softmax over ``100 * logits``) and indices, ``(B, k)`` each."""
-    device = _model_device(model)
+    device = model_device(model)
     with eval_mode(model):
         probs = _logits(model, classifier, images, device, autocast_dtype).softmax(dim=-1)
         top = probs.topk(min(k, classifier.shape[1]), dim=-1)

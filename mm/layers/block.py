@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import TransformerConfig
+from .config import TransformerConfig
 from .attention import Attention, KVCache, make_attn_mask
 from .mlp import Mlp, SwiGLU
 from .moe import MoE, RouterStats
@@ -155,7 +155,7 @@ class Transformer(nn.Module):
             raise ValueError(f"cross_layout must be fused or separate, got {cross_layout!r}")
         self.blocks = nn.ModuleList(blocks)
         self.sparse = SparsePattern(cfg.sparse_attention, cfg.depth) if cfg.sparse_attention is not None else None
-        self.grad_checkpointing = cfg.grad_checkpointing
+        self.grad_checkpointing = False  # a training setting (train.grad_checkpointing): set_grad_checkpointing()
         self.init_weights()
 
     def init_weights(self) -> None:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MoEConfig
+from .config import MoEConfig
 from .mlp import make_act
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..config import SparseAttentionConfig
+from .config import SparseAttentionConfig
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask

@@ -1,7 +1,14 @@
-from .clip import CLIP, CoCa, DecodeCache, ModelOutput, create_model, model_class, resolve_config
+"""Models: configs, towers, the CLIP / CoCa / LIMoE compositions, presets, and building a model from a spec."""
+from .build import build_model, model_class, resolve_config
+from .clip import CLIP, CoCa, DecodeCache, ImageTextModel, ModelOutput
+from .config import DecoderConfig, ModelConfig, TextConfig, VisionConfig
 from .decoder import CaptionDecoder
 from .limoe import LIMoE
-from .text import TextTower
-from .vision import TowerOutput, VisionTower
+from .presets import get_preset, list_models
+from .text import TextEmbedHead, TextTower
+from .vision import TowerOutput, VisionEmbedHead, VisionTower
 
-__all__ = ["CLIP", "CoCa", "CaptionDecoder", "DecodeCache", "LIMoE", "model_class", "ModelOutput", "create_model", "resolve_config", "TextTower", "TowerOutput", "VisionTower"]
+__all__ = ["CLIP", "CaptionDecoder", "CoCa", "DecodeCache", "DecoderConfig", "ImageTextModel", "LIMoE",
+           "ModelConfig", "ModelOutput", "TextConfig", "TextEmbedHead", "TextTower", "TowerOutput", "VisionConfig",
+           "VisionEmbedHead", "VisionTower", "build_model", "get_preset", "list_models", "model_class",
+           "resolve_config"]

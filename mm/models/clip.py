@@ -1,21 +1,19 @@
-"""CLIP / CoCa composition: two towers, a learnable temperature (and bias, SigLIP), a captioning decoder
-(CoCa), named outputs; ``create_model`` picks the class from the config (one-tower LIMoE: limoe.py)."""
+"""The models' composition: a learnable temperature (and bias, SigLIP), normalised embeddings and named
+outputs around towers. ``ImageTextModel`` is what every mm model is; ``CLIP`` has an image and a text tower,
+``CoCa`` adds a captioning decoder, and the one-tower ``LIMoE`` (limoe.py) runs one shared stack instead."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, apply_overrides, from_dict, load_file, validate
 from ..layers import BlockCache, RouterStats, Transformer, text_valid_mask
+from .config import ModelConfig
 from .decoder import CaptionDecoder
 from .text import TextTower
 from .vision import TowerOutput, VisionTower
-
 
 @dataclass
 class ModelOutput:
@@ -41,63 +39,93 @@ def _mean_aux(stats: dict[str, list[RouterStats]]) -> torch.Tensor | None:
     return torch.stack(flat).mean() if flat else None
 
 
+def _embeddings(v: TowerOutput | None, t: TowerOutput | None) -> dict[str, torch.Tensor]:
+    return {name: o.emb for name, o in (("vision", v), ("text", t)) if o is not None}
+
+
 def moe_blocks(stack: Transformer) -> list[int]:
     """Indices of the MoE blocks of a stack, in the order of its router statistics."""
     return [i for i, blk in enumerate(stack.blocks) if blk.is_moe]
 
 
-class CLIP(nn.Module):
+class ImageTextModel(nn.Module):
+    """What every mm model offers: ``encode_image`` / ``encode_text`` (projected embeddings, optionally
+    L2-normalised) and ``forward(images, tokens)`` -> :class:`ModelOutput`, around a learnable
+    ``logit_scale`` (and ``logit_bias``, SigLIP). A model says how it embeds (``_encode``) and which
+    Transformer stacks it has (``stacks``); gradient checkpointing and MoE bookkeeping follow from those."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        # a one-tower model's towers only embed / pool / project, around its shared stack
-        self.vision = VisionTower(cfg.vision, cfg.embed_dim, cfg.one_tower)
-        self.text = TextTower(cfg.text, cfg.embed_dim, cfg.one_tower)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = None
         if cfg.init_logit_bias is not None:
             self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        emb = self.vision(images).emb
-        return F.normalize(emb, dim=-1) if normalize else emb
-
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        emb = self.text(tokens).emb
-        return F.normalize(emb, dim=-1) if normalize else emb
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.vision.transformer.grad_checkpointing = enable
-        self.text.transformer.grad_checkpointing = enable
+    def stacks(self) -> dict[str, Transformer]:
+        """The model's Transformer stacks by name."""
+        raise NotImplementedError
 
     def moe_layers(self) -> dict[str, list[int]]:
         """Block indices of the MoE layers behind each entry of ``ModelOutput.router_stats``."""
-        return {"vision": moe_blocks(self.vision.transformer), "text": moe_blocks(self.text.transformer)}
+        return {name: moe_blocks(stack) for name, stack in self.stacks().items()}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of keeping them (every stack)."""
+        for stack in self.stacks().values():
+            stack.grad_checkpointing = enable
+
+    def _encode(self, images: torch.Tensor | None, tokens: torch.Tensor | None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, list[RouterStats]], torch.Tensor | None]:
+        """Projected, unnormalised embeddings by modality ("vision", "text"), router statistics by tower or
+        modality, and the mean weighted MoE aux loss (None without MoE layers)."""
+        raise NotImplementedError
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        emb = self._encode(images, None)[0]["vision"]
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        emb = self._encode(None, tokens)[0]["text"]
+        return F.normalize(emb, dim=-1) if normalize else emb
 
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> ModelOutput:
-        out, _, _, stats = self._towers(images, tokens)
-        return self._finish(out, stats)
+        return self._output(*self._encode(images, tokens))
 
-    def _towers(self, images, tokens) -> tuple[ModelOutput, TowerOutput | None, TowerOutput | None, dict]:
+    def _output(self, embs: dict[str, torch.Tensor], stats: dict[str, list[RouterStats]],
+                aux: torch.Tensor | None) -> ModelOutput:
         out = ModelOutput(logit_scale=self.logit_scale.exp(), logit_bias=self.logit_bias)
-        stats: dict[str, list[RouterStats]] = {}
-        v = t = None
-        if images is not None:
-            v = self.vision(images)
-            out.image_emb = F.normalize(v.emb, dim=-1)
-            stats["vision"] = v.router_stats
-        if tokens is not None:
-            t = self.text(tokens)
-            out.text_emb = F.normalize(t.emb, dim=-1)
-            stats["text"] = t.router_stats
-        return out, v, t, stats
-
-    @staticmethod
-    def _finish(out: ModelOutput, stats: dict[str, list[RouterStats]]) -> ModelOutput:
-        if any(stats.values()):
-            out.router_stats = stats
-            out.aux_loss = _mean_aux(stats)
+        if "vision" in embs:
+            out.image_emb = F.normalize(embs["vision"], dim=-1)
+        if "text" in embs:
+            out.text_emb = F.normalize(embs["text"], dim=-1)
+        if aux is not None:
+            out.router_stats, out.aux_loss = stats, aux
         return out
+
+
+class CLIP(ImageTextModel):
+    """An image tower and a text tower, each with its own stack (Radford et al. 2021; SigLIP with a logit
+    bias)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.vision = VisionTower(cfg.vision, cfg.embed_dim)
+        self.text = TextTower(cfg.text, cfg.embed_dim)
+
+    def stacks(self) -> dict[str, Transformer]:
+        return {"vision": self.vision.transformer, "text": self.text.transformer}
+
+    def _towers(self, images: torch.Tensor | None, tokens: torch.Tensor | None
+                ) -> tuple[TowerOutput | None, TowerOutput | None, dict[str, list[RouterStats]]]:
+        v = self.vision(images) if images is not None else None
+        t = self.text(tokens) if tokens is not None else None
+        stats = {name: o.router_stats for name, o in (("vision", v), ("text", t)) if o is not None}
+        return v, t, stats
+
+    def _encode(self, images, tokens):
+        v, t, stats = self._towers(images, tokens)
+        return _embeddings(v, t), stats, _mean_aux(stats)
 
 
 @dataclass
@@ -134,15 +162,12 @@ class CoCa(CLIP):
         context_dim = cfg.embed_dim if v.pool == "attn" else v.transformer.width
         self.decoder = CaptionDecoder(cfg.decoder, context_dim, cfg.text.vocab_size)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        super().set_grad_checkpointing(enable)
-        self.decoder.transformer.grad_checkpointing = enable
-
-    def moe_layers(self) -> dict[str, list[int]]:
-        return {**super().moe_layers(), "decoder": moe_blocks(self.decoder.transformer)}
+    def stacks(self) -> dict[str, Transformer]:
+        return {**super().stacks(), "decoder": self.decoder.transformer}
 
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> ModelOutput:
-        out, v, t, stats = self._towers(images, tokens)
+        v, t, stats = self._towers(images, tokens)
+        logits = labels = None
         if v is not None and t is not None:
             valid = text_valid_mask(tokens, eot_id=self.config.text.eot_id, pad_id=self.config.text.pad_id)
             # Positions after the batch's longest caption only predict padding and, the decoder being
@@ -153,9 +178,10 @@ class CoCa(CLIP):
             predicts_real = valid[:, 1:n]
             logits, stats["decoder"] = self.decoder(t.tokens[:, : n - 1], v.tokens, valid=valid[:, : n - 1],
                                                     select=predicts_real)
-            out.caption_logits = logits
-            out.caption_labels = tokens[:, 1:n][predicts_real]
-        return self._finish(out, stats)
+            labels = tokens[:, 1:n][predicts_real]
+        out = self._output(_embeddings(v, t), stats, _mean_aux(stats))
+        out.caption_logits, out.caption_labels = logits, labels
+        return out
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, S, context_dim): what the decoder cross-attends to."""
@@ -174,70 +200,3 @@ class CoCa(CLIP):
         feats = self.text.token_features(tokens, cache.text if cache is not None else None)
         logits, _ = self.decoder(feats, image_tokens, cache=cache.decoder if cache is not None else None)
         return logits
-
-
-def _flatten_overrides(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``vision={"patch_dropout": .5}`` and ``vision__patch_dropout=.5`` both become ``vision.patch_dropout``."""
-    flat = {}
-    for k, v in overrides.items():
-        key = prefix + k.replace("__", ".")
-        if isinstance(v, dict):
-            flat.update(_flatten_overrides(v, key + "."))
-        else:
-            flat[key] = v
-    return flat
-
-
-def resolve_config(spec: str | Path | dict | ModelConfig, **overrides: Any) -> ModelConfig:
-    """A preset name, a YAML/JSON file, a dict or a ModelConfig -> validated ModelConfig."""
-    from ..presets import get_preset, list_models
-
-    if isinstance(spec, ModelConfig):
-        cfg = spec
-    elif isinstance(spec, dict):
-        cfg = from_dict(ModelConfig, spec)
-    elif isinstance(spec, (str, Path)) and str(spec) in list_models():
-        cfg = get_preset(str(spec))
-    elif isinstance(spec, (str, Path)) and Path(spec).is_file():
-        data = load_file(spec)
-        cfg = from_dict(ModelConfig, data.get("model", data) if "model" in data and isinstance(data["model"], dict) else data)
-    else:
-        raise ConfigError(
-            f"unknown model {str(spec)!r}: not a preset ({', '.join(list_models())}) and not a config file"
-        )
-    if overrides:
-        return apply_overrides(cfg, _flatten_overrides(overrides))
-    return validate(cfg)
-
-
-def model_class(cfg: ModelConfig) -> type[CLIP]:
-    """LIMoE for a one-tower config, CoCa when the config has a captioning decoder, else CLIP."""
-    if cfg.one_tower is not None:
-        from .limoe import LIMoE  # limoe.py builds on this module
-
-        return LIMoE
-    return CoCa if cfg.decoder is not None else CLIP
-
-
-def create_model(spec: str | Path | dict | ModelConfig, pretrained: str | Path | None = None,
-                 **overrides: Any) -> CLIP:
-    """Build a model from a preset name, a config file, a dict or a config object: randomly initialised,
-    or with the weights of ``pretrained`` (an mm or open_clip ``.safetensors`` / ``.pt`` / ``.bin`` file;
-    open_clip state dicts are converted exactly, pickles that would run code are refused).
-
-    A directory made by :func:`mm.save_pretrained` loads that model (weights included). Overrides use
-    dotted keys with ``__`` or nested dicts: ``create_model("tiny-clip", vision__patch_dropout=0.5)``.
-    """
-    if isinstance(spec, (str, Path)) and Path(spec).is_dir():
-        from ..pretrained import load_pretrained
-
-        if overrides or pretrained is not None:
-            raise ConfigError("overrides and pretrained= cannot be applied when loading a saved model directory")
-        return load_pretrained(spec)
-    cfg = resolve_config(spec, **overrides)
-    model = model_class(cfg)(cfg)
-    if pretrained is not None:
-        from ..pretrained import load_weights
-
-        load_weights(model, pretrained)
-    return model

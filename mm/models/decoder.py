@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import DecoderConfig
+from .config import DecoderConfig
 from ..layers import BlockCache, RouterStats, Transformer
 
 

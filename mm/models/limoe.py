@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
 from ..layers import RouterStats, Transformer
-from .clip import CLIP, ModelOutput, moe_blocks
+from .clip import ImageTextModel, moe_blocks
+from .config import ModelConfig
+from .text import TextEmbedHead
+from .vision import VisionEmbedHead
 
 MODALITIES = ("vision", "text")
 
@@ -41,48 +43,33 @@ class _Part:
     causal: bool
 
 
-class LIMoE(CLIP):
-    """A CLIP whose towers share one Transformer (``self.transformer``); the towers keep their embedding,
-    pooling and projection. ``router_stats`` of the output are per modality."""
+class LIMoE(ImageTextModel):
+    """One Transformer (``self.transformer``) shared by both modalities, between each modality's embedding
+    and head (``vision`` / ``text``: :class:`VisionEmbedHead`, :class:`TextEmbedHead`, with the same
+    parameter names as a two-tower model's towers) and a learned modality embedding. ``router_stats`` of
+    the output are per modality."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
+        self.vision = VisionEmbedHead(cfg.vision, cfg.embed_dim, cfg.one_tower)
+        self.text = TextEmbedHead(cfg.text, cfg.embed_dim, cfg.one_tower)
         self.transformer = Transformer(cfg.one_tower)
         # added to every token entering the shared stack: tells its attention and routers the modality
         self.modality_embed = nn.ParameterDict(
             {m: nn.Parameter(torch.randn(cfg.one_tower.width) * 0.02) for m in MODALITIES})
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.transformer.grad_checkpointing = enable
+    def stacks(self) -> dict[str, Transformer]:
+        return {"transformer": self.transformer}
 
     def moe_layers(self) -> dict[str, list[int]]:
+        """Router statistics are per modality, over the one stack's MoE blocks."""
         blocks = moe_blocks(self.transformer)
         return {m: blocks for m in MODALITIES}
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        emb = self._encode(images, None)[0]["vision"]
-        return F.normalize(emb, dim=-1) if normalize else emb
-
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        emb = self._encode(None, tokens)[0]["text"]
-        return F.normalize(emb, dim=-1) if normalize else emb
-
-    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> ModelOutput:
-        embs, stats, aux = self._encode(images, tokens)
-        out = ModelOutput(logit_scale=self.logit_scale.exp(), logit_bias=self.logit_bias)
-        if "vision" in embs:
-            out.image_emb = F.normalize(embs["vision"], dim=-1)
-        if "text" in embs:
-            out.text_emb = F.normalize(embs["text"], dim=-1)
-        if aux:
-            out.router_stats = stats
-            out.aux_loss = torch.stack(aux).mean()
-        return out
-
     def _encode(self, images: torch.Tensor | None, tokens: torch.Tensor | None
-                ) -> tuple[dict[str, torch.Tensor], dict[str, list[RouterStats]], list[torch.Tensor]]:
-        """Projected (unnormalised) embeddings and router statistics per modality, and the weighted aux
-        loss of every MoE layer call."""
+                ) -> tuple[dict[str, torch.Tensor], dict[str, list[RouterStats]], torch.Tensor | None]:
+        """Projected (unnormalised) embeddings and router statistics per modality, and the mean of every MoE
+        layer call's weighted aux loss."""
         parts: dict[str, _Part] = {}
         if images is not None:
             x, _ = self.vision.embed(images)  # kept positions matter only to RoPE, which one-tower lacks
@@ -106,7 +93,7 @@ class LIMoE(CLIP):
             embs["vision"] = self.vision.head(feats["vision"])[0]
         if "text" in feats:
             embs["text"] = self.text.head(feats["text"], tokens, parts["text"].real)[0]
-        return embs, stats, aux
+        return embs, stats, torch.stack(aux).mean() if aux else None
 
     def _run(self, parts: list[_Part], causal: bool) -> tuple[list[torch.Tensor], list[RouterStats]]:
         """One call of the shared stack over ``parts`` stacked along the batch, padded to the longest. The

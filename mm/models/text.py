@@ -4,20 +4,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import TextConfig, TransformerConfig
-from ..layers import BlockCache, RotaryEmbedding, Transformer, pool_text, text_valid_mask
+from ..layers import BlockCache, RotaryEmbedding, Transformer, TransformerConfig, pool_text, text_valid_mask
+from .config import TextConfig
 from .vision import TowerOutput
 
 
-class TextTower(nn.Module):
-    """``embed`` -> own ``Transformer`` -> ``head``. ``shared``: the stack config of a one-tower model
-    (mm/models/limoe.py), which runs ``embed`` and ``head`` around its own stack: the tower then has none,
-    and its widths come from ``shared``."""
+class _TextParts(nn.Module):
+    """What every text tower has around a Transformer stack: ``embed`` (token + position embeddings) and
+    ``head`` (final norm, pooling, projection); ``stack`` gives the widths."""
 
-    def __init__(self, cfg: TextConfig, embed_dim: int, shared: TransformerConfig | None = None):
-        super().__init__()
+    def _init_embed(self, cfg: TextConfig, stack: TransformerConfig) -> None:
         self.cfg = cfg
-        stack = shared if shared is not None else cfg.transformer
         w = stack.width
         self.token_embedding = nn.Embedding(cfg.vocab_size, w)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
@@ -29,12 +26,58 @@ class TextTower(nn.Module):
             self.pos_embed = nn.Parameter(torch.randn(n_pos, w) * 0.01)
         else:
             self.rope = RotaryEmbedding(stack.head_dim, n_pos)
-        self.transformer = Transformer(stack) if shared is None else None
+
+    def _init_head(self, cfg: TextConfig, embed_dim: int, stack: TransformerConfig) -> None:
+        w = stack.width
         self.norm = nn.LayerNorm(w, eps=stack.norm_eps)
         self.proj = nn.Linear(w, embed_dim, bias=cfg.proj_bias)
         nn.init.normal_(self.proj.weight, std=w**-0.5)
         if cfg.proj_bias:
             nn.init.zeros_(self.proj.bias)
+
+    def _check_length(self, t: int) -> None:
+        if t > self.cfg.context_length:
+            raise ValueError(f"text has {t} tokens, more than context_length {self.cfg.context_length}")
+
+    def embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) ids -> the stack's input (B, T, width), token + learned position embeddings (RoPE
+        positions enter in attention instead), and the real-token mask (B, T)."""
+        self._check_length(tokens.shape[1])
+        x = self.token_embedding(tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[: tokens.shape[1]].to(x.dtype)
+        return x, text_valid_mask(tokens, eot_id=self.cfg.eot_id, pad_id=self.cfg.pad_id)
+
+    def head(self, x: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stack's output (B, T, width) -> projected pooled embedding (B, embed_dim) and normed tokens."""
+        x = self.norm(x)
+        pooled = pool_text(x, tokens, self.cfg.pool, eot_id=self.cfg.eot_id, valid=valid)
+        return self.proj(pooled), x
+
+
+class TextEmbedHead(_TextParts):
+    """A text tower without a stack of its own (``transformer`` is None): a one-tower model (LIMoE,
+    mm/models/limoe.py) runs its one shared stack, ``stack``, between ``embed`` and ``head``."""
+
+    transformer = None
+
+    def __init__(self, cfg: TextConfig, embed_dim: int, stack: TransformerConfig):
+        super().__init__()
+        self._init_embed(cfg, stack)
+        self._init_head(cfg, embed_dim, stack)
+
+
+class TextTower(_TextParts):
+    """The text tower of a two-tower model: ``embed`` -> its own ``Transformer`` (causal or bidirectional)
+    -> ``head``; CoCa's appended class token and the decoder's incremental token features."""
+
+    def __init__(self, cfg: TextConfig, embed_dim: int):
+        super().__init__()
+        # registered in this order (embedding, stack, head): parameters, and so the optimizer state of
+        # training checkpoints, are listed in it
+        self._init_embed(cfg, cfg.transformer)
+        self.transformer = Transformer(cfg.transformer)
+        self._init_head(cfg, embed_dim, cfg.transformer)
 
     def forward(self, tokens: torch.Tensor) -> TowerOutput:
         """tokens: (B, T) ids, T <= context_length.
@@ -55,25 +98,6 @@ class TextTower(nn.Module):
             x, stats = self.transformer(x, key_padding_mask=valid, rope=rope)
         emb, x = self.head(x, tokens, valid)
         return TowerOutput(emb, x, stats)
-
-    def _check_length(self, t: int) -> None:
-        if t > self.cfg.context_length:
-            raise ValueError(f"text has {t} tokens, more than context_length {self.cfg.context_length}")
-
-    def embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) ids -> the stack's input (B, T, width), token + learned position embeddings (RoPE
-        positions enter in attention instead), and the real-token mask (B, T)."""
-        self._check_length(tokens.shape[1])
-        x = self.token_embedding(tokens)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed[: tokens.shape[1]].to(x.dtype)
-        return x, text_valid_mask(tokens, eot_id=self.cfg.eot_id, pad_id=self.cfg.pad_id)
-
-    def head(self, x: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stack's output (B, T, width) -> projected pooled embedding (B, embed_dim) and normed tokens."""
-        x = self.norm(x)
-        pooled = pool_text(x, tokens, self.cfg.pool, eot_id=self.cfg.eot_id, valid=valid)
-        return self.proj(pooled), x
 
     def _forward_cls(self, tokens: torch.Tensor) -> TowerOutput:
         """CoCa: the class token goes last, so causally it sees the whole text while no text position

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import TransformerConfig, VisionConfig
-from ..layers import AttentionalPool, RotaryEmbedding2D, RouterStats, Transformer, sincos_2d
+from ..layers import AttentionalPool, RotaryEmbedding2D, RouterStats, Transformer, TransformerConfig, sincos_2d
+from .config import VisionConfig
 
 
 @dataclass
@@ -17,15 +17,12 @@ class TowerOutput:
     router_stats: list[RouterStats] = field(default_factory=list)
 
 
-class VisionTower(nn.Module):
-    """``embed`` -> own ``Transformer`` -> ``head``. ``shared``: the stack config of a one-tower model
-    (mm/models/limoe.py), which runs ``embed`` and ``head`` around its own stack: the tower then has none,
-    and its widths come from ``shared``."""
+class _VisionParts(nn.Module):
+    """What every image tower has around a Transformer stack: ``embed`` (patchify, class token, positions,
+    patch dropout, ln_pre) and ``head`` (final norm, pooling, projection); ``stack`` gives the widths."""
 
-    def __init__(self, cfg: VisionConfig, embed_dim: int, shared: TransformerConfig | None = None):
-        super().__init__()
+    def _init_embed(self, cfg: VisionConfig, stack: TransformerConfig) -> None:
         self.cfg = cfg
-        stack = shared if shared is not None else cfg.transformer
         w = stack.width
         scale = w**-0.5
         self.patch_embed = nn.Conv2d(3, w, cfg.patch_size, cfg.patch_size, bias=False)
@@ -41,7 +38,9 @@ class VisionTower(nn.Module):
             self.pos_embed = None
             self.rope = RotaryEmbedding2D(stack.head_dim, cfg.grid, self.prefix)
         self.norm_pre = nn.LayerNorm(w, eps=stack.norm_eps) if cfg.norm_pre else nn.Identity()
-        self.transformer = Transformer(stack) if shared is None else None
+
+    def _init_head(self, cfg: VisionConfig, embed_dim: int, stack: TransformerConfig) -> None:
+        w = stack.width
         if cfg.pool == "attn":
             self.attn_pool = AttentionalPool(embed_dim, w, cfg.attn_pool_heads, cfg.attn_pool_queries, stack.norm_eps)
             pool_dim = embed_dim
@@ -64,14 +63,6 @@ class VisionTower(nn.Module):
         if self.prefix:
             keep = torch.cat([torch.arange(self.prefix, device=x.device).expand(b, -1), keep], dim=1)
         return x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])), keep
-
-    def forward(self, images: torch.Tensor) -> TowerOutput:
-        """images: (B, 3, H, W) normalised pixels at ``cfg.image_size``."""
-        x, keep = self.embed(images)
-        rope = self.rope(keep) if self.rope is not None else None
-        x, stats = self.transformer(x, rope=rope)
-        emb, tokens = self.head(x)
-        return TowerOutput(emb, tokens, stats)
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, 3, H, W) -> the stack's input tokens (B, T, width) and, in training with patch dropout,
@@ -96,3 +87,35 @@ class VisionTower(nn.Module):
             tokens = x[:, self.prefix :]
             pooled = x[:, 0] if self.cfg.pool == "cls" else tokens.mean(1)
         return self.proj(pooled), tokens
+
+
+class VisionEmbedHead(_VisionParts):
+    """An image tower without a stack of its own (``transformer`` is None): a one-tower model (LIMoE,
+    mm/models/limoe.py) runs its one shared stack, ``stack``, between ``embed`` and ``head``."""
+
+    transformer = None
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int, stack: TransformerConfig):
+        super().__init__()
+        self._init_embed(cfg, stack)
+        self._init_head(cfg, embed_dim, stack)
+
+
+class VisionTower(_VisionParts):
+    """The image tower of a two-tower model: ``embed`` -> its own ``Transformer`` -> ``head``."""
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int):
+        super().__init__()
+        # registered in this order (embedding, stack, head): parameters, and so the optimizer state of
+        # training checkpoints, are listed in it
+        self._init_embed(cfg, cfg.transformer)
+        self.transformer = Transformer(cfg.transformer)
+        self._init_head(cfg, embed_dim, cfg.transformer)
+
+    def forward(self, images: torch.Tensor) -> TowerOutput:
+        """images: (B, 3, H, W) normalised pixels at ``cfg.image_size``."""
+        x, keep = self.embed(images)
+        rope = self.rope(keep) if self.rope is not None else None
+        x, stats = self.transformer(x, rope=rope)
+        emb, tokens = self.head(x)
+        return TowerOutput(emb, tokens, stats)

@@ -16,75 +16,25 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError
+from ..hub import load_model, load_state_dict_checked, load_weights, parse_spec
+from ..models import model_class
+from .config import RunConfig
 
-if TYPE_CHECKING:
-    from .config import RunConfig
-
-OPEN_CLIP_PREFIX = "open_clip:"
 # leaves of a tower that feed its first block: the "embeddings" of layer-wise decay
 _EMBED_LEAVES = ("patch_embed", "cls_token", "pos_embed", "norm_pre", "token_embedding", "modality_embed")
 _BLOCK = re.compile(r"^(?:(\w+)\.)?transformer\.blocks\.(\d+)\.")
 
 
 # -- init_from -----------------------------------------------------------------------------------
-def init_kind(spec: str) -> str:
-    """``"dir"`` (an mm model directory), ``"open_clip"`` (``open_clip:NAME[:TAG]``) or ``"file"``."""
-    if spec.startswith(OPEN_CLIP_PREFIX):
-        return "open_clip"
-    return "dir" if Path(spec).is_dir() else "file"
-
-
-def check_init_from(spec: str) -> str | None:
-    """Why ``train.init_from`` cannot be used, or None."""
-    kind = init_kind(spec)
-    if kind == "open_clip" and not spec[len(OPEN_CLIP_PREFIX):].partition(":")[0]:
-        return f"{spec!r}: expected open_clip:NAME or open_clip:NAME:TAG"
-    if kind == "dir" and not (Path(spec) / "config.json").is_file():
-        return f"{spec!r} is a directory without config.json (not an mm model directory)"
-    if kind == "file" and not Path(spec).is_file():
-        return f"{spec!r} does not exist (an mm model directory, a weights file or open_clip:NAME[:TAG])"
-    return None
-
-
-def init_model_config(spec: str) -> ModelConfig | str:
-    """The architecture ``train.init_from`` implies when ``model`` is not set: an mm directory's own config,
-    the preset of ``open_clip:NAME``. A bare weights file holds none: ConfigError."""
-    problem = check_init_from(spec)
-    if problem:
-        raise ConfigError(f"train.init_from: {problem}")
-    kind = init_kind(spec)
-    if kind == "dir":
-        from ..pretrained import PretrainedError, load_config
-
-        try:
-            return load_config(spec)
-        except PretrainedError as e:
-            raise ConfigError(f"train.init_from: {e}") from None
-    if kind == "open_clip":
-        from ..presets import list_models
-
-        name = spec[len(OPEN_CLIP_PREFIX):].partition(":")[0]
-        if name not in list_models():
-            raise ConfigError(f"not set, and train.init_from {spec!r} names no mm preset: set model to the "
-                              "architecture")
-        return name
-    raise ConfigError(f"not set, and train.init_from {spec!r} is a weights file, which holds no architecture: set "
-                      "model to the preset it was trained as (e.g. model=ViT-B-32)")
-
-
 def load_init_weights(model: nn.Module, spec: str) -> None:
     """Copy the weights ``spec`` names into ``model`` (strict: every tensor, same shapes; errors name the
-    first offender). Open_clip state dicts are converted exactly (``mm.pretrained.load_weights``)."""
-    from ..pretrained import load_model, load_state_dict_checked, load_weights
-
-    if init_kind(spec) == "file":
+    first offender). Open_clip state dicts are converted exactly (``mm.hub.load_weights``)."""
+    if parse_spec(spec).kind not in ("dir", "open_clip"):  # a weights file
         load_weights(model, spec)
         return
     source = load_model(spec)  # an mm directory (hash-checked) or open_clip's registry
@@ -109,8 +59,6 @@ def check_selectors(cfg: RunConfig) -> None:
     t = cfg.train
     if not (t.freeze or t.lr_mult):
         return
-    from ..models.clip import model_class
-
     mcfg = cfg.model_config()
     with torch.device("meta"):
         model = model_class(mcfg)(mcfg)

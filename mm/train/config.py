@@ -1,17 +1,19 @@
-"""The training run's config: one YAML file + ``section.key=value`` overrides -> a validated RunConfig.
+"""The training run's config: ``model``, ``data``, ``train``, ``eval``, ``distill`` and ``output_dir``.
 
-Sections: ``model`` (a preset name, a config file path or an inline mapping), ``data``, ``train``,
-``eval`` and ``output_dir``. Everything is checked (unknown keys, types, values, that shard files and
-class-name files exist) before any work starts.
+Plain dataclasses whose ``check()`` judges their own values only; what needs the file system or the model
+(shards, checkpoints, teachers, parameter selectors) is checked by :mod:`mm.train.preflight`, which also reads
+a YAML file + ``section.key=value`` overrides into a validated RunConfig (``load_run_config``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
-from ..config import ConfigError, ModelConfig, apply_overrides, from_dict, load_file, parse_value, validate
-from ..generate import GenerationConfig
+from ..config import ConfigError
+from ..data.decode import IMAGE_KEYS, MAX_PIXELS
+from ..eval.config import EvalConfig, ShardReading
+from ..hub import PretrainedError, load_config, parse_spec
+from ..models import ModelConfig, list_models, resolve_config
 
 
 @dataclass
@@ -21,12 +23,12 @@ class DataConfig:
     workers: int = 2  # DataLoader worker processes per process (0 = load in the main process)
     shuffle_buffer: int = 1000  # sample shuffle buffer per worker (0 = only shard shuffling)
     resampled: bool = False  # draw shards with replacement (infinite stream) instead of epoch passes
-    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])  # first one present
+    image_keys: list[str] = field(default_factory=lambda: list(IMAGE_KEYS))  # first one present
     text_key: str = "txt"  # the member holding the caption
     # train on a random one of the sample's json "captions" (re-drawn every epoch, reproducibly) instead
     # of text_key; samples without them fall back to text_key (Flickr/COCO-style multi-caption shards)
     random_caption: bool = False
-    max_pixels: int = 89_478_485  # larger images are skipped as decompression bombs (PIL's default)
+    max_pixels: int = MAX_PIXELS  # larger images are skipped as decompression bombs (PIL's default)
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range
     prefetch_factor: int = 4  # batches loaded ahead per worker
     # where training JPEGs are decoded and augmented: "workers" (PIL in the DataLoader workers) or
@@ -45,6 +47,11 @@ class DataConfig:
             yield "decode", f"must be workers or device, got {self.decode!r}"
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             yield "crop_scale", f"must satisfy 0 < min <= max <= 1, got {self.crop_scale}"
+
+    def reading(self) -> ShardReading:
+        """How evaluation reads shards in this run: with the training data's keys, limits and workers."""
+        return ShardReading(workers=self.workers, prefetch_factor=self.prefetch_factor,
+                            image_keys=tuple(self.image_keys), text_key=self.text_key, max_pixels=self.max_pixels)
 
 
 @dataclass
@@ -116,20 +123,12 @@ class TrainConfig:
             yield "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}"
         if self.keep_checkpoints < 1:
             yield "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}"
-        if self.resume not in ("auto", "none") and not Path(self.resume).exists():
-            yield "resume", f"checkpoint {self.resume!r} does not exist (use auto, none or a checkpoint path)"
         if self.max_bad_steps < 1:
             yield "max_bad_steps", f"must be >= 1, got {self.max_bad_steps}"
         if self.fsdp and self.compile:
             yield "fsdp", "train.fsdp with train.compile is not supported yet; set one of them to false"
         if self.fsdp and self.precision == "fp16":
             yield "fsdp", "train.fsdp needs fp32 or bf16 (fp16's gradient scaler does not handle sharded gradients)"
-        if self.init_from:
-            from .adapt import check_init_from
-
-            problem = check_init_from(self.init_from)
-            if problem:
-                yield "init_from", problem
         for i, sel in enumerate(self.freeze):
             if not sel.strip():
                 yield f"freeze[{i}]", "must be a tower name or a glob, got an empty string"
@@ -138,41 +137,6 @@ class TrainConfig:
                 yield f"lr_mult.{sel}", f"must be a number > 0, got {mult!r}"
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             yield "layer_decay", f"must be in (0, 1] or null, got {self.layer_decay}"
-
-
-@dataclass
-class ZeroShotConfig:
-    shards: str | None = None  # labelled shards (label in `label_key`)
-    classnames: list[str] | str | None = None  # list, or a .txt / .json file; default: info.json "classes"
-    templates: list[str] | str | None = None  # "{}" format strings or a file; default: info.json, else OpenAI's
-    label_key: str = "cls"  # the member holding the class index
-    max_samples: int | None = None  # the first N samples; null = all
-
-
-@dataclass
-class RetrievalConfig:
-    shards: str | None = None  # samples whose `json` holds "captions": [...]
-    max_samples: int | None = None  # the first N samples; null = all
-
-
-@dataclass
-class CaptioningConfig:
-    """Caption the images of ``shards`` (CoCa models) and score them against the references: the json
-    "captions" list of each sample, else its text. Logs caption_bleu4 and caption_cider."""
-
-    shards: str | None = None  # images with reference captions; null = no captioning evaluation
-    max_samples: int | None = None  # the first N samples; null = all
-    show: int = 5  # example captions printed to the log (all are written to captions.jsonl)
-    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(num_beams=3, max_new_tokens=30))
-
-
-@dataclass
-class EvalConfig:
-    every: int = 0  # steps between evaluations; 0 = only at the end
-    batch_size: int = 256  # images per evaluation batch
-    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
-    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
-    captioning: CaptioningConfig = field(default_factory=CaptioningConfig)
 
 
 @dataclass
@@ -199,9 +163,16 @@ class DistillConfig:
     temperature: float | None = None
 
     def check(self) -> Iterator[tuple[str, str]]:
-        from .distill import check_config
-
-        yield from check_config(self)
+        """The values alone; the teacher and the embedding directories are checked by the preflight."""
+        for k in ("task_weight", "kl_weight", "feature_weight"):
+            if getattr(self, k) < 0:
+                yield k, f"must be >= 0, got {getattr(self, k)}"
+        if self.kl_weight == 0 and self.feature_weight == 0:
+            yield "kl_weight", "kl_weight and feature_weight are both 0: nothing would be distilled"
+        if self.feature_loss not in ("cosine", "mse"):
+            yield "feature_loss", f"must be cosine or mse, got {self.feature_loss!r}"
+        if self.temperature is not None and self.temperature <= 0:
+            yield "temperature", f"must be > 0 or null (the models' logit scales), got {self.temperature}"
 
 
 @dataclass
@@ -217,86 +188,49 @@ class RunConfig:
     def check(self) -> Iterator[tuple[str, str]]:
         if not self.data.train:
             yield "data.train", "no training shards given (set data.train=PATH-{000000..000009}.tar)"
-        try:
-            mcfg = self.model_config()
-        except ConfigError as e:  # e.g. model unset and train.init_from without an architecture
-            yield "model", str(e)
-            return
-        if self.train.loss == "siglip" and mcfg.init_logit_bias is None:
-            yield "train.loss", "siglip needs a model with a logit bias (set model.init_logit_bias, e.g. -10)"
-        if self.eval.captioning.shards and mcfg.decoder is None:
-            yield "eval.captioning.shards", "captioning needs a model with a decoder (e.g. model: tiny-coca)"
         if self.distill is not None and self.distill.text_embeddings and self.data.random_caption:
             yield "distill.text_embeddings", ("precomputed text embeddings match the shards' text_key captions; "
                                               "data.random_caption trains on others (give distill.teacher instead)")
         if self.distill is not None and self.train.fsdp:
             yield "train.fsdp", "distillation with train.fsdp is not supported yet (its projection trains outside FSDP)"
-        gen = self.eval.captioning.generation
-        if gen.max_new_tokens is not None and gen.max_new_tokens >= mcfg.text.context_length:
-            yield "eval.captioning.generation.max_new_tokens", (
-                f"{gen.max_new_tokens} does not fit the model's context length {mcfg.text.context_length} "
-                "(start token included)")
 
     def model_config(self) -> ModelConfig:
-        from ..models.clip import resolve_config
-
+        """The run's architecture: ``model``; unset, the one ``train.init_from`` names; else tiny-clip."""
         if self.model is not None:
             return resolve_config(self.model)
         if self.train.init_from:
-            from .adapt import init_model_config
-
-            return resolve_config(init_model_config(self.train.init_from))
+            return resolve_config(init_from_architecture(self.train.init_from))
         return resolve_config("tiny-clip")
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] | dict[str, Any] = ()) -> RunConfig:
-    """YAML file (optional) + overrides (``["train.lr=1e-3", ...]`` or a dict) -> validated RunConfig.
-
-    Also checks what can be checked without training: the model resolves, local shard files exist,
-    class-name / template files exist.
-    """
-    data = load_file(path) if path else {}
-    cfg = from_dict(RunConfig, data)
-    if isinstance(overrides, dict):
-        items = overrides
-    else:
-        items = {}
-        for ov in overrides:
-            if "=" not in ov:
-                raise ConfigError(f"override {ov!r} is not of the form section.key=value")
-            k, v = ov.split("=", 1)
-            items[k.strip()] = v
-    if items:
-        # `model=ViT-B-32` replaces the model; `model.vision.patch_size=16` edits an inline mapping
-        model_items = {k: v for k, v in items.items() if k.startswith("model.")}
-        rest = {k: v for k, v in items.items() if not k.startswith("model.")}
-        cfg = apply_overrides(cfg, rest) if rest else cfg
-        if model_items:
-            mcfg = apply_overrides(cfg.model_config(), {k[len("model."):]: v for k, v in model_items.items()})
-            from ..config import to_dict
-
-            cfg.model = to_dict(mcfg)
-    try:
-        cfg.model_config()
-    except ConfigError as e:
-        raise ConfigError(f"model: {e}") from e
-    validate(cfg)
-    from .adapt import check_selectors
-
-    check_selectors(cfg)  # train.freeze / train.lr_mult entries must name parameters of this model
-    from ..data.wds import check_urls
-
-    check_urls(cfg.data.train, "data.train")
-    if cfg.eval.zeroshot.shards:
-        check_urls(cfg.eval.zeroshot.shards, "eval.zeroshot.shards")
-    if cfg.eval.retrieval.shards:
-        check_urls(cfg.eval.retrieval.shards, "eval.retrieval.shards")
-    for key in ("classnames", "templates"):
-        v = getattr(cfg.eval.zeroshot, key)
-        if isinstance(v, str) and not Path(v).is_file():
-            raise ConfigError(f"eval.zeroshot.{key}: file {v!r} not found")
-    return cfg
+def init_from_problem(spec: str) -> str | None:
+    """Why ``train.init_from`` cannot be used, or None (only the file system is looked at)."""
+    s = parse_spec(spec)
+    if s.kind == "open_clip" and not s.name:
+        return f"{spec!r}: expected open_clip:NAME or open_clip:NAME:TAG"
+    if s.kind == "dir" and not (s.path / "config.json").is_file():
+        return f"{spec!r} is a directory without config.json (not an mm model directory)"
+    if s.kind not in ("dir", "open_clip") and not s.path.is_file():
+        return f"{spec!r} does not exist (an mm model directory, a weights file or open_clip:NAME[:TAG])"
+    return None
 
 
-__all__ = ["DataConfig", "DistillConfig", "EvalConfig", "RetrievalConfig", "RunConfig", "TrainConfig",
-           "ZeroShotConfig", "load_run_config", "parse_value"]
+def init_from_architecture(spec: str) -> ModelConfig | str:
+    """The architecture ``train.init_from`` implies when ``model`` is not set: an mm directory's own config,
+    the preset of ``open_clip:NAME``. A bare weights file holds none: ConfigError."""
+    problem = init_from_problem(spec)
+    if problem:
+        raise ConfigError(f"train.init_from: {problem}")
+    s = parse_spec(spec)
+    if s.kind == "dir":
+        try:
+            return load_config(spec)
+        except PretrainedError as e:
+            raise ConfigError(f"train.init_from: {e}") from None
+    if s.kind == "open_clip":
+        if s.name not in list_models():
+            raise ConfigError(f"not set, and train.init_from {spec!r} names no mm preset: set model to the "
+                              "architecture")
+        return s.name
+    raise ConfigError(f"not set, and train.init_from {spec!r} is a weights file, which holds no architecture: set "
+                      "model to the preset it was trained as (e.g. model=ViT-B-32)")

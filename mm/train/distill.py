@@ -20,22 +20,22 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, ModelConfig
-from ..dist import average_gradients
+from ..config import ConfigError
+from ..hub import PretrainedError, load_config, load_model, parse_spec
 from ..losses import DistillLoss
-
-if TYPE_CHECKING:
-    from .config import DistillConfig, RunConfig
+from ..models import ModelConfig, list_models, resolve_config
+from ..tokenizer import get_tokenizer
+from ..utils.dist import average_gradients
+from .config import DistillConfig, RunConfig
 
 STATE_NAME = "distill.safetensors"
-OPEN_CLIP = "open_clip:"
 
 
 class DistillError(RuntimeError):
@@ -46,23 +46,19 @@ class DistillError(RuntimeError):
 def teacher_config(spec: str) -> ModelConfig | None:
     """The teacher's architecture (None for an open_clip name mm has no preset of); ConfigError if ``spec``
     names nothing loadable."""
-    from ..models.clip import resolve_config
-    from ..presets import list_models
-    from ..pretrained import PretrainedError, load_config
-
-    if Path(spec).is_dir():
+    s = parse_spec(spec)
+    if s.kind == "dir":
         try:
             return load_config(spec)
         except PretrainedError as e:
             raise ConfigError(str(e)) from None
-    if spec.startswith(OPEN_CLIP):
-        name = spec[len(OPEN_CLIP):].partition(":")[0]
-        if name in list_models():
-            return resolve_config(name)
+    if s.kind == "open_clip":
+        if s.name in list_models():
+            return resolve_config(s.name)
         import open_clip
 
-        if name not in open_clip.list_models():
-            raise ConfigError(f"{spec!r}: open_clip has no model {name!r}")
+        if s.name not in open_clip.list_models():
+            raise ConfigError(f"{spec!r}: open_clip has no model {s.name!r}")
         return None
     return resolve_config(spec)
 
@@ -73,7 +69,7 @@ def _teacher_dim(spec: str) -> int:
         return cfg.embed_dim
     import open_clip
 
-    return int(open_clip.get_model_config(spec[len(OPEN_CLIP):].partition(":")[0])["embed_dim"])
+    return int(open_clip.get_model_config(parse_spec(spec).name)["embed_dim"])
 
 
 def read_embed_index(directory: str | Path, kind: str) -> dict[str, Any]:
@@ -98,17 +94,9 @@ def logit_scale_of(spec: str | None) -> float | None:
         return float(f.get_tensor("logit_scale").exp()) if "logit_scale" in f.keys() else None
 
 
-def check_config(d: DistillConfig) -> Iterator[tuple[str, str]]:
-    """(key, problem) pairs for a ``distill`` section; file contents are read, no model is built."""
-    for k in ("task_weight", "kl_weight", "feature_weight"):
-        if getattr(d, k) < 0:
-            yield k, f"must be >= 0, got {getattr(d, k)}"
-    if d.kl_weight == 0 and d.feature_weight == 0:
-        yield "kl_weight", "kl_weight and feature_weight are both 0: nothing would be distilled"
-    if d.feature_loss not in ("cosine", "mse"):
-        yield "feature_loss", f"must be cosine or mse, got {d.feature_loss!r}"
-    if d.temperature is not None and d.temperature <= 0:
-        yield "temperature", f"must be > 0 or null (the models' logit scales), got {d.temperature}"
+def check_sources(d: DistillConfig) -> Iterator[tuple[str, str]]:
+    """(key, problem) pairs for a ``distill`` section's teacher and embedding directories (its values are
+    ``DistillConfig.check``'s); file contents are read, no model is built."""
     dims: dict[str, int] = {}
     indexes: dict[str, dict] = {}
     for key, kind in (("image_embeddings", "images"), ("text_embeddings", "texts")):
@@ -135,7 +123,7 @@ def check_config(d: DistillConfig) -> Iterator[tuple[str, str]]:
             yield "teacher_pretrained", f"file {d.teacher_pretrained!r} not found"
         elif d.teacher_pretrained and Path(d.teacher).is_dir():
             yield "teacher_pretrained", f"{d.teacher} is a model directory and holds its weights; drop it"
-        elif not d.teacher_pretrained and not Path(d.teacher).is_dir() and not d.teacher.startswith(OPEN_CLIP):
+        elif not d.teacher_pretrained and parse_spec(d.teacher).kind not in ("dir", "open_clip"):
             yield "teacher_pretrained", (f"teacher {d.teacher!r} is a preset or config file: give its weights file "
                                          "(random weights teach nothing)")
     if len(set(dims.values())) > 1:
@@ -192,9 +180,6 @@ class Distiller:
 
     def __init__(self, d: DistillConfig, student: nn.Module, task: nn.Module, device: torch.device,
                  autocast=nullcontext):
-        from ..pretrained import load_model
-        from ..tokenizer import get_tokenizer
-
         self.cfg, self.device, self.autocast = d, torch.device(device), autocast
         self.teacher = None
         if d.teacher is not None:

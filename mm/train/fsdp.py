@@ -8,7 +8,7 @@ on NCCL GPUs. Each ``Block`` of every tower is one unit (its parameters are all-
 freed after), the model root a last unit for the embeddings, norms and heads.
 
 FSDP2 cannot shard 0-dim parameters (the logit scale and bias), so they stay whole on every rank outside FSDP
-and their gradients are averaged by ``mm.dist.average_gradients`` (what DDP would have done). Reading the model
+and their gradients are averaged by ``mm.utils.dist.average_gradients`` (what DDP would have done). Reading the model
 whole (checkpoints, evaluation, the final save) is collective: :func:`full_state_dict` gathers it to the main
 process on every rank's call. Evaluation runs on the main process on an unsharded copy built from that state
 (:class:`EvalCopy`), so it needs one extra copy of the weights there.
@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers.block import Block
+from ..layers import Block
+from ..models import model_class
 
 
 def shard_model(model: nn.Module) -> list[nn.Parameter]:
@@ -88,8 +89,6 @@ class EvalCopy:
         if not is_main:
             return None
         if self.copy is None:
-            from ..models.clip import model_class
-
             cfg = self.sharded.config
             self.copy = model_class(cfg)(cfg)
         self.copy.load_state_dict(state)

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from ..utils.progress import Progress
 
 
 class RunLogger:
@@ -18,18 +19,14 @@ class RunLogger:
         self.dir = Path(output_dir)
         self.enabled = enabled
         self.total = total_steps
-        self.tty = sys.stderr.isatty()
-        self.bar = None
         self.tb = None
         self.t_start = time.time()
+        # a bar on a terminal; elsewhere each logged record is a line of its own (format_record)
+        self.progress = Progress(total_steps, "step", enabled=enabled, initial=start_step)
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
-        if self.tty:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -39,16 +36,10 @@ class RunLogger:
                 self.info("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
 
     def info(self, msg: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(msg)
-        else:
-            print(msg, flush=True)
+        self.progress.write(msg)
 
     def advance(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
+        self.progress.update(n)
 
     def log(self, record: dict[str, Any], show: bool = True) -> None:
         """Append a record (must hold ``step``) to metrics.jsonl and TensorBoard; show it."""
@@ -63,17 +54,16 @@ class RunLogger:
                     self.tb.add_scalar(k, v, step)
         if not show:
             return
-        if self.bar is not None and "loss" in record:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                 sps=f"{record.get('samples_per_s', 0):.0f}")
+        if self.progress.is_bar and "loss" in record:
+            self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                      sps=f"{record.get('samples_per_s', 0):.0f}")
         else:
             self.info(format_record(record, self.total))
 
     def close(self) -> None:
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.close()
+        self.progress.close()
         if self.tb is not None:
             self.tb.close()
         self.metrics.close()

@@ -56,6 +56,28 @@ def grad_norm(params) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Scale the gradients so that their global L2 norm is at most ``max_norm``; returns the norm before.
+    Sharded (DTensor) gradients and whole ones may be mixed (FSDP2 with replicated scalars): each group's norm
+    is taken on its own, then combined, as accelerate's ``clip_grad_norm_`` does (mm's numbers before it
+    clipped here were accelerate's, and stay bit-identical)."""
+    if not torch.distributed.is_available():  # no DTensors either (some macOS / Windows builds)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    from torch.distributed.tensor import DTensor
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    groups: dict[object, list[nn.Parameter]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    norms = [get_total_norm([p.grad for p in group], 2.0) for group in groups.values()]
+    norms = torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]) if norms else torch.zeros(1)
+    total = torch.linalg.vector_norm(norms, 2.0)
+    for group in groups.values():
+        clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
     """Linear warmup from lr/warmup to lr over ``warmup`` steps, then cosine decay to ``min_ratio * lr``."""
     if step < warmup:

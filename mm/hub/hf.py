@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig, TextConfig, TransformerConfig, VisionConfig
-from ..models.clip import CLIP
+from ..layers import TransformerConfig
+from ..models import CLIP, ModelConfig, TextConfig, VisionConfig
 from .open_clip import ConversionError
 
 _ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}

@@ -1,9 +1,10 @@
-"""Small helpers over plain ``torch.distributed``.
+"""Processes: the one place mm reads its rank and world size from, and the collectives it needs.
 
-Kept free of Accelerate (and of the rest of ``mm``) so the losses can gather
-features under any launcher (torchrun, Accelerate, a test's own process group)
-and so that every helper is an identity when no process group is initialised:
-the same code then runs unchanged on one device.
+Everything reads the default ``torch.distributed`` process group, whichever launcher formed it (``accelerate
+launch``, torchrun, a test's own group): every helper is an identity when no group exists, so the same code
+runs unchanged in one process. :func:`start` forms the group the launcher asks for (through accelerate's
+``PartialState``, which reads ``accelerate launch``'s environment) and is what a command calls first; the
+trainer's ``Accelerator`` forms it the same way.
 
 All gathers assume every rank contributes a tensor of the same shape (equal
 local batch sizes, e.g. ``drop_last=True``); ``torch.distributed.all_gather``
@@ -16,13 +17,33 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "average_gradients",
-    "is_dist",
-    "rank",
-    "world_size",
-    "all_gather_with_grad",
     "all_gather_no_grad",
+    "all_gather_with_grad",
+    "any_process",
+    "average_gradients",
+    "barrier",
+    "gather_object",
+    "is_dist",
+    "is_main",
+    "rank",
+    "start",
+    "use_cpu",
+    "world_size",
 ]
+
+
+def use_cpu() -> bool:
+    """Whether processes run on the CPU. Passing it as accelerate's ``cpu=True`` is what makes ``accelerate
+    launch --multi_gpu`` on a GPU-less machine form gloo ranks (without it, one process starts)."""
+    return not torch.cuda.is_available()
+
+
+def start() -> torch.device:
+    """Join the process group ``accelerate launch`` (or torchrun) set up, if any, and return this process's
+    device (its GPU, else the CPU). One process when not launched."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=use_cpu()).device
 
 
 def is_dist() -> bool:
@@ -38,6 +59,35 @@ def rank() -> int:
 def world_size() -> int:
     """Number of processes in the default group; 1 when not distributed."""
     return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and when not distributed): the process that writes shared files and logs."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait until every process gets here (nothing to wait for in one process)."""
+    if is_dist():
+        dist.barrier()
+
+
+def gather_object(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every process (picklable objects); ``[obj]`` in one."""
+    if not is_dist():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_process(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every process if ``flag`` is true on any (e.g. a stop signal that reached only some ranks)."""
+    if not is_dist():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 def average_gradients(params) -> None:

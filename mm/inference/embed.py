@@ -22,13 +22,11 @@ of its batches are in. Unreadable images are skipped and listed, never fatal.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import re
 import sys
-import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,13 +37,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .config import ConfigError
-from .data.decode import BadSample, SampleDecoder
-from .data.folder import list_images, load_image
-from .data.wds import check_urls, iter_shard
+from ..config import ConfigError
+from ..data.decode import IMAGE_KEYS, BadSample, SampleDecoder
+from ..data.folder import list_images, load_image
+from ..data.transforms import image_transform
+from ..data.wds import check_urls, is_shard_spec, iter_shard
+from ..tokenizer import get_tokenizer
+from ..utils import dist
+from ..utils.io import atomic_write, write_json_atomic
+from ..utils.precision import autocast
+from ..utils.progress import Progress
+from .quantize import QuantizeError, quantize as quantize_model
 
 INDEX_NAME, PLAN_NAME, SKIPPED_NAME = "index.json", "plan.json", "skipped.txt"
-IMAGE_KEYS = ["jpg", "jpeg", "png", "webp"]
 _PART_RE = re.compile(r"^part-(\d{3,})-(\d{6,})\.npy$")
 
 
@@ -64,17 +68,13 @@ class Chunk:
 
 
 # -- planning: inputs -> chunks ----------------------------------------------------------------------
-def is_shard(spec: str) -> bool:
-    return spec.startswith("pipe:") or "://" in spec or spec.endswith((".tar", ".tar.gz", ".tgz"))
-
-
 def plan_images(inputs: Sequence[str | Path], chunk_size: int) -> list[Chunk]:
     """Chunks over image files, folders and webdataset shards (brace-expanded). Raises EmbedError naming a
     missing input, two inputs with the same id, or an input list with no image."""
     files: dict[str, str] = {}
     urls: set[str] = set()
     for item in map(str, inputs):
-        if is_shard(item):
+        if is_shard_spec(item):
             try:
                 urls.update(check_urls(item, "--images"))
             except ConfigError as e:
@@ -228,19 +228,7 @@ class _BatchStream(IterableDataset):
 
 
 # -- output files ------------------------------------------------------------------------------------
-def _write_atomic(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    # one writer per file (parts carry their rank, the rest is the main process's), so a fixed temporary
-    # name is safe, and a crash's leftover is simply overwritten by the rerun
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, mode) as f:
-        write(f)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any, indent: int | None = 1) -> None:
-    _write_atomic(path, lambda f: json.dump(obj, f, indent=indent))
-
-
+# Every file is written atomically by its one writer (parts carry their rank, the rest is the main process's).
 def _part_name(rank: int, chunk: int) -> str:
     return f"part-{rank:03d}-{chunk:06d}"
 
@@ -258,8 +246,8 @@ def finished_parts(out: Path) -> dict[int, str]:
 def _write_chunk(out: Path, rank: int, chunk: int, ids: list[str], emb: np.ndarray,
                  skipped: list[tuple[str, str]], dtype: str) -> None:
     stem = _part_name(rank, chunk)
-    _write_json(out / f"{stem}.ids.json", {"ids": ids, "skipped": skipped}, indent=None)
-    _write_atomic(out / f"{stem}.npy", lambda f: np.save(f, emb.astype(dtype)), mode="wb")
+    write_json_atomic(out / f"{stem}.ids.json", {"ids": ids, "skipped": skipped}, indent=None)
+    atomic_write(out / f"{stem}.npy", lambda f: np.save(f, emb.astype(dtype)), mode="wb")
 
 
 def _check_plan(out: Path, plan: dict[str, Any], write: bool) -> None:
@@ -274,7 +262,7 @@ def _check_plan(out: Path, plan: dict[str, Any], write: bool) -> None:
                              "the same inputs and options to resume")
     elif write:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(path, plan)
+        write_json_atomic(path, plan)
 
 
 def image_sources(chunks: list[Chunk]) -> dict[str, list[str]]:
@@ -326,56 +314,17 @@ def _write_index(out: Path, plan: dict[str, Any], embed_dim: int) -> None:
         side = json.loads((out / f"{done[c]}.ids.json").read_text())
         parts.append({"file": f"{done[c]}.npy", "ids": f"{done[c]}.ids.json", "rows": len(side["ids"])})
         skipped += side["skipped"]
-    _write_atomic(out / SKIPPED_NAME, lambda f: f.writelines(f"{name}\t{why}\n" for name, why in skipped))
+    atomic_write(out / SKIPPED_NAME, lambda f: f.writelines(f"{name}\t{why}\n" for name, why in skipped))
     index = {"format": "mm-embed", "version": 1, **plan, "embed_dim": embed_dim,
              "count": sum(p["rows"] for p in parts), "skipped": len(skipped), "parts": parts}
-    _write_json(out / INDEX_NAME, index)
+    write_json_atomic(out / INDEX_NAME, index)
 
 
 # -- the run -----------------------------------------------------------------------------------------
-class _Progress:
-    """A tqdm bar on a terminal (when tqdm is installed), else a line every ``every`` seconds."""
-
-    def __init__(self, total: int | None, unit: str, enabled: bool, every: float = 10.0):
-        self.unit, self.enabled, self.every, self.total = unit, enabled, every, total
-        self.n, self.t0 = 0, time.perf_counter()
-        self.last, self.bar = self.t0, None
-        if enabled and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, unit=unit, dynamic_ncols=True, smoothing=0.1)
-            except ImportError:
-                pass
-
-    def update(self, n: int) -> None:
-        self.n += n
-        now = time.perf_counter()
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and now - self.last >= self.every:
-            self.last = now
-            of = f" of {self.total}" if self.total else ""
-            print(f"{self.n}{of} {self.unit}s, {self.n / (now - self.t0):.1f} {self.unit}s/s", file=sys.stderr,
-                  flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def dist_state():
-    """accelerate's process state (one process when not launched)."""
-    from accelerate import PartialState
-
-    # cpu=True is what makes `accelerate launch --multi_gpu` on a GPU-less machine form gloo ranks
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
 def _encode(model: torch.nn.Module, x: torch.Tensor, kind: str, normalize: bool, precision: str) -> np.ndarray:
     dev = next(model.parameters()).device
     x = x.to(dev, non_blocking=True)
-    with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16"):
+    with torch.inference_mode(), autocast(dev, precision):
         emb = model.encode_text(x) if kind == "texts" else model.encode_image(x)
     emb = emb.float()  # normalised in fp32: bf16 rows would not have unit norm
     return (F.normalize(emb, dim=-1) if normalize else emb).cpu().numpy()
@@ -384,6 +333,16 @@ def _encode(model: torch.nn.Module, x: torch.Tensor, kind: str, normalize: bool,
 def _recorded(spec: str | None) -> str | None:
     """A model / weights path as index.json records it: absolute, so `mm search` works from anywhere."""
     return str(Path(spec).resolve()) if spec and Path(spec).exists() else spec
+
+
+def check_out_dir(out_dir: str | Path, chunks: list[Chunk], *, model_spec: str | None = None,
+                  pretrained: str | None = None, normalize: bool = True, dtype: str = "float32",
+                  quantize: str | None = None) -> None:
+    """EmbedError if ``out_dir`` holds another embed run (other inputs or options); nothing is written. A
+    command calls it before loading the model, so a mismatch costs a second, not a model load."""
+    kind = "texts" if chunks and chunks[0].kind == "texts" else "images"
+    _check_plan(Path(out_dir), make_plan(kind, chunks, model=_recorded(model_spec), pretrained=_recorded(pretrained),
+                                         normalize=normalize, dtype=dtype, quantize=quantize), write=False)
 
 
 def run_embed(model: torch.nn.Module, chunks: list[Chunk], out_dir: str | Path, *, model_spec: str | None = None,
@@ -399,38 +358,35 @@ def run_embed(model: torch.nn.Module, chunks: list[Chunk], out_dir: str | Path, 
         raise EmbedError(f"--batch-size must be >= 1, got {batch_size}")
     if dtype not in ("float32", "float16"):
         raise EmbedError(f"--dtype must be float32 or float16, got {dtype!r}")
-    state, out = dist_state(), Path(out_dir)
+    dist.start()  # joins the launcher's process group: chunk c is rank c % world's
+    out = Path(out_dir)
     kind = "texts" if chunks and chunks[0].kind == "texts" else "images"
     plan = make_plan(kind, chunks, model=_recorded(model_spec), pretrained=_recorded(pretrained), normalize=normalize,
                      dtype=dtype, quantize=quantize)
     if quantize and getattr(model, "quantization", None) != quantize:
-        from .quantize import QuantizeError, quantize as quantize_model
-
         try:
             model = quantize_model(model, quantize)
         except QuantizeError as e:
             raise EmbedError(f"--quantize: {e}") from None
-    _check_plan(out, plan, write=state.is_main_process)
-    state.wait_for_everyone()  # plan.json and the directory exist before any rank lists it
+    _check_plan(out, plan, write=dist.is_main())
+    dist.barrier()  # plan.json and the directory exist before any rank lists it
     model.eval()
     precision = precision or ("bf16" if next(model.parameters()).is_cuda else "fp32")
     done = finished_parts(out)
-    todo = [c for c in chunks if c.index % state.num_processes == state.process_index and c.index not in done]
-    if state.is_main_process and done:
+    todo = [c for c in chunks if c.index % dist.world_size() == dist.rank() and c.index not in done]
+    if dist.is_main() and done:
         print(f"resuming: {len(done)} of {len(chunks)} chunks already in {out}", file=sys.stderr)
-    _embed_chunks(model, todo, out, state.process_index, batch_size=batch_size, workers=workers,
-                  normalize=normalize, precision=precision, dtype=dtype, show=state.is_main_process)
-    state.wait_for_everyone()
-    if state.is_main_process:
+    _embed_chunks(model, todo, out, dist.rank(), batch_size=batch_size, workers=workers,
+                  normalize=normalize, precision=precision, dtype=dtype, show=dist.is_main())
+    dist.barrier()
+    if dist.is_main():
         _write_index(out, {**plan, "sources": image_sources(chunks)}, model.config.embed_dim)
-    state.wait_for_everyone()  # every rank returns the finished index
+    dist.barrier()  # every rank returns the finished index
     return read_index(out)
 
 
 def _embed_chunks(model: torch.nn.Module, chunks: list[Chunk], out: Path, rank: int, *, batch_size: int,
                   workers: int, normalize: bool, precision: str, dtype: str, show: bool) -> None:
-    from . import get_tokenizer, image_transform
-
     if not chunks:  # all of this rank's chunks were done by an earlier run
         return
     texts = chunks[0].kind == "texts"
@@ -440,7 +396,7 @@ def _embed_chunks(model: torch.nn.Module, chunks: list[Chunk], out: Path, rank: 
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=cuda,
                         prefetch_factor=4 if workers else None)
     known = None if any(c.kind == "shard" for c in chunks) else sum(len(c.items) for c in chunks)
-    progress = _Progress(known, "text" if texts else "image", show)
+    progress = Progress(known, "text" if texts else "image", enabled=show, every=10.0)
     got: dict[int, dict[int, tuple]] = defaultdict(dict)
     n_batches: dict[int, int] = {}
     empty = np.zeros((0, model.config.embed_dim), np.float32)
@@ -470,73 +426,3 @@ def embed_texts(model: torch.nn.Module, texts: str | Path | Sequence[str], out_d
                 chunk_size: int = 4096, **kw: Any) -> dict[str, Any]:
     """Embed a texts file (one a line, ``.json`` list or ``.jsonl`` with "text") or a list of strings."""
     return run_embed(model, plan_texts(texts, chunk_size), out_dir, **kw)
-
-
-# -- command line ------------------------------------------------------------------------------------
-def cmd_embed(args: argparse.Namespace) -> int:
-    from .pretrained import PretrainedError, load_model
-
-    try:
-        if args.chunk_size < 1 or args.batch_size < 1:
-            raise EmbedError("--chunk-size and --batch-size must be >= 1")
-        chunks = plan_texts(args.texts, args.chunk_size) if args.texts else plan_images(args.images, args.chunk_size)
-        kind = "texts" if args.texts else "images"
-        normalize = not args.no_normalize
-        # fail on a mismatched output directory before the model is loaded
-        _check_plan(Path(args.out), make_plan(kind, chunks, model=_recorded(args.model), normalize=normalize,
-                                              pretrained=_recorded(args.pretrained), dtype=args.dtype,
-                                              quantize=args.quantize), write=False)
-        device = args.device or str(dist_state().device)
-        if args.quantize == "int8" and not device.startswith("cpu"):
-            raise EmbedError(f"--quantize int8 runs on the CPU (--device cpu); on {device} use int8-weight")
-        model = load_model(args.model, args.pretrained, device)
-        t0 = time.perf_counter()
-        index = run_embed(model, chunks, args.out, model_spec=args.model, pretrained=args.pretrained,
-                          batch_size=args.batch_size, workers=args.workers, normalize=normalize,
-                          precision=args.precision, dtype=args.dtype, quantize=args.quantize)
-    except (EmbedError, PretrainedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if dist_state().is_main_process:
-        skipped = f", {index['skipped']} skipped (see {Path(args.out) / SKIPPED_NAME})" if index["skipped"] else ""
-        print(f"{index['count']} {kind} embedded (dim {index['embed_dim']}) in {len(index['parts'])} parts, "
-              f"{time.perf_counter() - t0:.2f} s; index: {Path(args.out) / INDEX_NAME}{skipped}", file=sys.stderr)
-    return 0
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``mm embed`` to the ``mm`` command's subparsers; returns its parser."""
-    from .cli import MODEL_HELP
-
-    s = subparsers.add_parser(
-        "embed", help="embed images or texts into a directory of .npy chunks (resumable)",
-        description="Embed images (files, folders, webdataset shards) or texts with a model, in resumable chunks "
-                    "(rerun the same command to finish an interrupted run). Under `accelerate launch` each process "
-                    "embeds its share.\n\nexamples:\n"
-                    "  mm embed --model runs/builtin/final --images photos/ --out emb/photos\n"
-                    "  mm embed --model open_clip:ViT-B-32:laion2b_s34b_b79k --images 'shards/{000000..000099}.tar' "
-                    "--out emb/laion --dtype float16\n"
-                    "  mm embed --model runs/builtin/final --texts captions.txt --out emb/captions\n"
-                    "  mm embed --model runs/builtin/final --images photos/ --out emb/photos_int8 --quantize int8\n"
-                    "  accelerate launch --multi_gpu --num_processes 8 -m mm.cli embed --model M --images photos/ "
-                    "--out emb/photos",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", nargs="+", metavar="INPUT",
-                     help="image files, folders (recursive) or webdataset shards (.tar/.tar.gz, brace ranges)")
-    src.add_argument("--texts", metavar="FILE",
-                     help="one text a line, a .json list of strings, or .jsonl with a \"text\" field")
-    s.add_argument("--model", required=True, help=MODEL_HELP)
-    s.add_argument("--pretrained", help="weights file for a preset --model (mm or open_clip checkpoint)")
-    s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--workers", type=int, default=4, help="DataLoader workers decoding images (0: in-process)")
-    s.add_argument("--chunk-size", type=int, default=4096, help="rows per output part (a shard is one part)")
-    s.add_argument("--no-normalize", action="store_true", help="keep raw embeddings (default: L2-normalised)")
-    s.add_argument("--device", default=None, help="default: this process's accelerator device, else cpu")
-    s.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    s.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored dtype")
-    s.add_argument("--quantize", choices=["int8", "int8-weight"], default=None,
-                   help="int8 Linear layers (mm.quantize): int8 = dynamic, CPU; int8-weight = weight-only, any device")
-    s.set_defaults(fn=cmd_embed)
-    return s

@@ -1,14 +1,17 @@
-"""save_pretrained / load_pretrained: ``config.json`` + ``model.safetensors``; loading never unpickles."""
+"""save_pretrained / load_pretrained: ``config.json`` + ``model.safetensors``; weights files; loading never
+unpickles."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import pickle
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError, ModelConfig, from_dict, to_dict, validate
+from ..config import ConfigError, from_dict, to_dict, validate
+from ..models import ModelConfig, model_class
+from ..utils.io import atomic_path, sha256_file
+from .open_clip import ConversionError, convert_state_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -17,14 +20,6 @@ FORMAT_VERSION = 1
 
 class PretrainedError(RuntimeError):
     """A saved model directory is missing a file, or a file does not match what was saved."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_pretrained(model: torch.nn.Module, directory: str | Path) -> Path:
@@ -39,17 +34,15 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp_w = d / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp_w), metadata={"format": "mm", "format_version": str(FORMAT_VERSION)})
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "model": to_dict(model.config),
-        "weights": {"file": WEIGHTS_NAME, "sha256": _sha256(tmp_w)},
-    }
-    tmp_c = d / (CONFIG_NAME + ".tmp")
-    tmp_c.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp_w, d / WEIGHTS_NAME)
-    os.replace(tmp_c, d / CONFIG_NAME)
+    # the weights are renamed into place first, then the config that records their hash
+    with atomic_path(d / CONFIG_NAME) as tmp_c, atomic_path(d / WEIGHTS_NAME) as tmp_w:
+        save_file(state, str(tmp_w), metadata={"format": "mm", "format_version": str(FORMAT_VERSION)})
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "model": to_dict(model.config),
+            "weights": {"file": WEIGHTS_NAME, "sha256": sha256_file(tmp_w)},
+        }
+        tmp_c.write_text(json.dumps(meta, indent=2))
     return d
 
 
@@ -72,8 +65,6 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu", v
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .models.clip import model_class
-
     d = Path(directory)
     cfg = load_config(d)
     meta = json.loads((d / CONFIG_NAME).read_text())
@@ -81,7 +72,7 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu", v
     if not wpath.is_file():
         raise PretrainedError(f"{wpath}: missing weights file")
     expected = meta.get("weights", {}).get("sha256")
-    if verify and expected and _sha256(wpath) != expected:
+    if verify and expected and sha256_file(wpath) != expected:
         raise PretrainedError(
             f"{wpath}: SHA-256 differs from the one recorded in {d / CONFIG_NAME}; the file was changed or "
             "truncated after saving (pass verify=False to load it anyway)"
@@ -127,8 +118,6 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise PretrainedError(f"{path}: not a readable safetensors file ({e})") from e
-    import pickle
-
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -151,50 +140,9 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     keys) converted exactly; errors name the file and the first offending tensor."""
     sd = read_weights_file(path)
     if set(sd) != set(model.state_dict()):
-        from .interop.open_clip import ConversionError, convert_state_dict
-
         try:
             sd = convert_state_dict(sd, model.config)
         except ConversionError as e:
             raise PretrainedError(f"{path}: neither an mm nor a matching open_clip state dict: {e}") from None
     load_state_dict_checked(model, sd, source=str(path))
     return model
-
-
-def load_model(spec: str | Path, pretrained: str | Path | None = None, device: str | torch.device = "cpu",
-               warn_random: bool = True) -> torch.nn.Module:
-    """The model a command's ``--model`` names, in eval mode on ``device``:
-
-    * an mm model directory (``save_pretrained`` / a run's ``final/``);
-    * ``open_clip:NAME`` or ``open_clip:NAME:TAG``: built with open_clip's own registry (TAG: one of its
-      pretrained tags, downloaded into its cache when the network allows) and converted exactly;
-    * a preset name or config file, with ``pretrained`` an mm or open_clip weights file; without one
-      the weights are random (a warning says so).
-    """
-    import sys
-
-    from .models.clip import create_model
-
-    spec = str(spec)
-    if Path(spec).is_dir():
-        if pretrained is not None:
-            raise PretrainedError(f"{spec} is a model directory and holds its weights; drop --pretrained")
-        model = load_pretrained(spec)
-    elif spec.startswith("open_clip:"):
-        import open_clip
-
-        from .interop.open_clip import from_open_clip
-
-        name, _, tag = spec[len("open_clip:"):].partition(":")
-        oc = open_clip.create_model(name, pretrained=tag or None, device="cpu")
-        if pretrained is not None:
-            oc.load_state_dict(read_weights_file(pretrained), strict=True)
-        model = from_open_clip(oc, name)
-    else:
-        model = create_model(spec)
-        if pretrained is not None:
-            load_weights(model, pretrained)
-        elif warn_random:
-            print(f"warning: {spec!r} is not a model directory and no --pretrained file was given: random weights",
-                  file=sys.stderr)
-    return model.to(device).eval()

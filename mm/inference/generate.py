@@ -21,6 +21,11 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..config import from_dict, to_dict, validate
+from ..data.folder import load_image
+from ..data.transforms import image_transform
+from ..utils.nn import eval_mode
+
 METHODS = ("greedy", "beam", "sample")
 
 
@@ -247,8 +252,6 @@ def generate(model, images: torch.Tensor, cfg: GenerationConfig | None = None, *
     keyword arguments (``method="sample", top_p=0.9``)."""
     if not hasattr(model, "next_token_logits"):
         raise TypeError(f"{type(model).__name__} has no captioning decoder; use a CoCa model (e.g. tiny-coca)")
-    from .config import from_dict, to_dict, validate
-
     cfg = validate(from_dict(GenerationConfig, {**(to_dict(cfg) if cfg is not None else {}), **kwargs}))
     t = model.config.text
     ids = {"sot": t.sot_id, "eot": t.eot_id, "pad": t.pad_id}
@@ -260,8 +263,6 @@ def generate(model, images: torch.Tensor, cfg: GenerationConfig | None = None, *
     if max_new > room:
         raise ValueError(f"max_new_tokens {max_new} does not fit: the model's context is {t.context_length} "
                          f"tokens and the prompt has {prompt.shape[1]}")
-    from .eval.zeroshot import eval_mode
-
     with eval_mode(model):  # restores every module's mode afterwards
         stepper = _Stepper(model, model.image_tokens(images), cfg.use_cache, prompt.shape[1] + max_new)
         if cfg.method == "beam":
@@ -272,8 +273,6 @@ def generate(model, images: torch.Tensor, cfg: GenerationConfig | None = None, *
 def _load_images(images, transform, device) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         return images.to(device)
-    from .data.folder import load_image
-
     return torch.stack([transform(load_image(im) if isinstance(im, (str, Path)) else im) for im in images]).to(device)
 
 
@@ -282,8 +281,6 @@ def caption(model, tok, images: torch.Tensor | Sequence[Any], *, batch_size: int
     """Captions for ``images``: a preprocessed (B, 3, H, W) tensor, or PIL images / file paths (then the
     model's eval transform is applied). Generation settings as in :func:`generate` (``method="beam"``
     by default)."""
-    from .data.transforms import image_transform
-
     device = device or next(model.parameters()).device
     transform = None if isinstance(images, torch.Tensor) else image_transform(model, train=False)
     eot = model.config.text.eot_id

@@ -21,10 +21,7 @@ weights.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
@@ -36,10 +33,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dist import rank, world_size
+from ..data.decode import IMAGE_KEYS, SampleDecoder
+from ..data.transforms import image_transform
+from ..data.wds import Collate, ShardStream, make_loader
+from ..eval.probe import labelled_batches
+from ..eval.zeroshot import zero_shot_classifier
+from ..hub import PretrainedError, load_pretrained, save_pretrained
+from ..tokenizer import get_tokenizer
+from ..utils.dist import rank, world_size
+from ..utils.nn import eval_mode, params_sha256
+from ..utils.precision import PRECISIONS, autocast, autocast_dtype
+from .adapt import lr_scales
+from .optim import make_optimizer, make_scheduler
+from .step import Stepper
 
 HEAD_NAME, CLASSES_NAME = "classifier.safetensors", "classes.json"
-_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -62,9 +70,10 @@ class FinetuneConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
     seed: int = 0
     log_every: int = 10
+    max_bad_steps: int = 5  # consecutive non-finite steps before fine-tuning stops (the trainer's policy)
 
     def check(self) -> Iterator[tuple[str, str]]:
-        for k in ("steps", "batch_size", "log_every"):
+        for k in ("steps", "batch_size", "log_every", "max_bad_steps"):
             if getattr(self, k) < 1:
                 yield k, f"must be >= 1, got {getattr(self, k)}"
         if self.lr <= 0:
@@ -82,8 +91,8 @@ class FinetuneConfig:
             yield "head_lr_mult", f"must be > 0, got {self.head_lr_mult}"
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             yield "crop_scale", f"must satisfy 0 < min <= max <= 1, got {self.crop_scale}"
-        if self.precision not in _AUTOCAST:
-            yield "precision", f"must be one of {', '.join(_AUTOCAST)}, got {self.precision!r}"
+        if self.precision not in PRECISIONS:
+            yield "precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
 
 
 class Classifier(nn.Module):
@@ -101,9 +110,6 @@ def zero_shot_head(model: nn.Module, classnames: Sequence[str], templates: Seque
                    *, device: str | torch.device | None = None) -> nn.Linear:
     """The zero-shot classifier as a Linear layer: weight ``logit_scale.exp() * W.T`` (``W``: normalised class
     text embeddings, ``[embed_dim, n_classes]``), bias 0. Its argmax is zero-shot classification's."""
-    from .eval.zeroshot import zero_shot_classifier
-    from .tokenizer import get_tokenizer
-
     W = zero_shot_classifier(model, get_tokenizer(model), list(classnames), templates, device=device)
     head = nn.Linear(W.shape[0], W.shape[1]).to(W.device)
     with torch.no_grad():
@@ -151,8 +157,6 @@ def load_into(classifier: Classifier, state: dict[str, torch.Tensor]) -> None:
 def classifier_eval(classifier: Classifier, batches: Iterable[dict[str, Any]], *, device: torch.device,
                     autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Top-1 / top-``min(5, C)`` accuracy of ``classifier`` on ``{"images", "labels"}`` batches (one sync)."""
-    from .eval.zeroshot import autocast, eval_mode
-
     n_classes = classifier.head.out_features
     k = min(5, n_classes)
     hits = torch.zeros(3, dtype=torch.long, device=device)  # n, top-1, top-k
@@ -174,13 +178,8 @@ def train_batches(model: nn.Module, urls: list[str], cfg: FinetuneConfig, label_
                   rank: int = 0, world: int = 1) -> Iterator[dict]:
     """An endless stream of shuffled, augmented ``{"images", "labels"}`` batches (training's reader); process
     ``rank`` of ``world`` reads its own share of the shards."""
-    from .data.decode import SampleDecoder
-    from .data.transforms import image_transform
-    from .data.wds import Collate, ShardStream, make_loader
-    from .train.config import DataConfig
-
     decoder = SampleDecoder(image_transform(model, train=True, scale=tuple(cfg.crop_scale)),
-                            image_keys=DataConfig().image_keys, label_key=label_key, need=("label",))
+                            image_keys=IMAGE_KEYS, label_key=label_key, need=("label",))
     stream = ShardStream(urls, decoder, Collate(), cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                          rank=rank, world=world)
     return iter(make_loader(stream, cfg.workers))
@@ -193,10 +192,9 @@ def finetune(classifier: Classifier, batches: Iterator[dict[str, Any]], cfg: Fin
     ``batches``; returns the logged records (step, loss, lr, batch accuracy, samples/s). ``wrap``: applied to
     the classifier once its trained parameters are chosen, e.g. DistributedDataParallel (which registers its
     gradient hooks on the parameters that require gradients when it is built); the logged loss, accuracy and
-    samples/s are then averaged / summed over the processes."""
-    from .train.adapt import lr_scales
-    from .train.optim import grad_norm, make_optimizer, make_scheduler
-
+    samples/s are then averaged / summed over the processes. Each step is :class:`mm.train.step.Stepper`'s,
+    as in the trainer: autocast at ``cfg.precision``, fp16's scaler, clipping, and the non-finite policy (a bad
+    step is skipped; ``cfg.max_bad_steps`` in a row stop fine-tuning)."""
     torch.manual_seed(cfg.seed)
     trained = set(trainable_names(classifier))
     for n, p in classifier.named_parameters():
@@ -207,9 +205,10 @@ def finetune(classifier: Classifier, batches: Iterator[dict[str, Any]], cfg: Fin
         scales.update({n: cfg.head_lr_mult for n, _ in classifier.head.named_parameters(prefix="head")})
     opt = make_optimizer(classifier, cfg.lr, cfg.weight_decay, (0.9, 0.999), 1e-8, device, scales)
     sched = make_scheduler(opt, cfg.warmup_steps, cfg.steps, cfg.lr, cfg.min_lr)
-    n_classes, dtype = classifier.head.out_features, _AUTOCAST[cfg.precision]
-    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-    params = [p for p in classifier.parameters() if p.requires_grad]
+    n_classes = classifier.head.out_features
+    stepper = Stepper(opt, [p for p in classifier.parameters() if p.requires_grad], device=device,
+                      precision=cfg.precision, grad_clip=cfg.grad_clip, max_bad_steps=cfg.max_bad_steps,
+                      lr_hint="--lr", log=lambda msg: print(msg, flush=True) if rank() == 0 else None)
     forward = wrap(classifier) if wrap is not None else classifier
     world = world_size()
     classifier.train()
@@ -220,39 +219,33 @@ def finetune(classifier: Classifier, batches: Iterator[dict[str, Any]], cfg: Fin
             raise ValueError(f"training label {int(b['labels'].max())} is not a class index (there are {n_classes} "
                              "classes); do the class names belong to these shards?")
         images, labels = b["images"].to(device, non_blocking=True), b["labels"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with stepper.autocast():
             logits = forward(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(opt)
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else grad_norm(params)
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        elif torch.isfinite(norm):
-            opt.step()
+        stepper.backward(loss)
+        stepper.step(step)
         sched.step()
         seen += len(labels)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            dt = time.time() - t_last
-            # loss and hits summed over processes (one all-reduce per logged step), so the record is the global batch's
-            stats = torch.stack([loss.detach().float() * len(labels), (logits.argmax(1) == labels).sum().float(),
-                                 torch.tensor(float(len(labels)), device=device)])
-            if world > 1:
-                torch.distributed.all_reduce(stats)
-            total, hits, n = stats.tolist()
-            rec = {"step": step, "loss": total / n, "lr": sched.get_last_lr()[0] / opt.param_groups[0]["lr_scale"],
-                   "batch_top1": hits / n, "grad_norm": float(norm), "samples_per_s": seen * world / max(dt, 1e-9)}
-            if not math.isfinite(rec["loss"]):
-                raise RuntimeError(f"step {step}: non-finite loss; lower --lr")
-            records.append(rec)
+            records.append(_record(step, loss, logits, labels, stepper.norm, sched, opt, seen * world / max(
+                time.time() - t_last, 1e-9)))
             if log:
-                log(rec)
+                log(records[-1])
             t_last, seen = time.time(), 0
     classifier.eval()
     return records
+
+
+def _record(step: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, norm: torch.Tensor,
+            sched, opt, samples_per_s: float) -> dict[str, Any]:
+    """A logged step: loss and batch accuracy of the global batch (one all-reduce over the processes)."""
+    stats = torch.stack([loss.detach().float() * len(labels), (logits.argmax(1) == labels).sum().float(),
+                         torch.tensor(float(len(labels)), device=labels.device)])
+    if world_size() > 1:
+        torch.distributed.all_reduce(stats)
+    total, hits, n = stats.tolist()
+    return {"step": step, "loss": total / n, "lr": sched.get_last_lr()[0] / opt.param_groups[0]["lr_scale"],
+            "batch_top1": hits / n, "grad_norm": float(norm), "samples_per_s": samples_per_s}
 
 
 def _ddp(device: torch.device) -> Callable[[nn.Module], nn.Module]:
@@ -269,8 +262,6 @@ def save_classifier(classifier: Classifier, classnames: Sequence[str], directory
     """An mm model directory (``save_pretrained``) plus the head and the class names."""
     from safetensors.torch import save_file
 
-    from .pretrained import save_pretrained
-
     d = save_pretrained(classifier.model, directory)
     head = {k: v.detach().contiguous().cpu() for k, v in classifier.head.state_dict().items()}
     save_file(head, str(d / HEAD_NAME))
@@ -281,8 +272,6 @@ def save_classifier(classifier: Classifier, classnames: Sequence[str], directory
 def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, list[str]]:
     """The classifier and class names :func:`save_classifier` wrote, in eval mode."""
     from safetensors.torch import load_file
-
-    from .pretrained import PretrainedError, load_pretrained
 
     d = Path(directory)
     if not (d / HEAD_NAME).is_file():
@@ -304,9 +293,6 @@ def run(model: nn.Module, train_urls: list[str], test_urls: list[str], classname
     ``out/wise-ALPHA/`` (``save_alpha``), ``out/metrics.jsonl`` and ``out/results.json``. In a process group
     (``accelerate launch``) every process trains on its share of the data; the main process evaluates, writes
     and returns the results, the others return None."""
-    from .eval.probe import labelled_batches
-    from .train.loop import params_sha256
-
     dist = torch.distributed
     world, main = world_size(), rank() == 0
     device = next(model.parameters()).device
@@ -342,13 +328,12 @@ def run(model: nn.Module, train_urls: list[str], test_urls: list[str], classname
         return None
     if len(set(shas)) != 1:
         log(f"WARNING: the fine-tuned weights differ between processes: {shas}")
-    dtype = _AUTOCAST[cfg.precision]
     rows = []
     for alpha in alphas:
         load_into(classifier, wise_interpolate(zeroshot, finetuned, alpha))
         batches = labelled_batches(model, test_urls, label_key=label_key, batch_size=eval_batch_size,
                                    workers=cfg.workers, max_samples=max_test)
-        r = classifier_eval(classifier, batches, device=device, autocast_dtype=dtype)
+        r = classifier_eval(classifier, batches, device=device, autocast_dtype=autocast_dtype(cfg.precision))
         rows.append({"alpha": float(alpha), **r})
         log(f"alpha {alpha:.2f}: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  ({r['n']} test images)")
     meta = {"config": asdict(cfg), "templates": None if templates is None else [str(t) for t in templates]}
@@ -364,106 +349,3 @@ def run(model: nn.Module, train_urls: list[str], test_urls: list[str], classname
     if world > 1:
         dist.barrier()
     return result
-
-
-DESCRIPTION = """\
-Fine-tune a model's image tower for classification on labelled shards (label in --label-key, classes from
---classes or the shards' info.json). The linear head starts as the zero-shot classifier (class names x
-templates; --templates, default: info.json, else OpenAI's ImageNet prompts), so step 0 predicts exactly what
-zero-shot classification does. After training, WiSE-FT: every trained tensor is interpolated,
-(1 - alpha) * zero-shot + alpha * fine-tuned, and the test accuracy is printed for each --wise-alpha (0 = the
-zero-shot model, 1 = the fine-tuned one). Writes OUT/finetuned/ (an mm model directory plus
-classifier.safetensors and classes.json), OUT/wise-A/ with --save-alpha A, OUT/metrics.jsonl, OUT/results.json.
-
-examples:
-  mm finetune --model runs/builtin/final --train 'data/builtin/train-{000000..000003}.tar.gz' \\
-      --test data/builtin/test-000000.tar.gz --steps 300 --out runs/builtin_ft
-  accelerate launch --multi_gpu --num_processes 8 -m mm.cli finetune --model M --train T --test E --out O
-  mm finetune --model runs/flickr8k_coca/final --train ../shared/datasets/cifar10/train-0000.tar.gz \\
-      --test ../shared/datasets/cifar10/test-0000.tar.gz --max-test 2000 --steps 300 --batch-size 32 \\
-      --lr 1e-4 --templates benchmarks/cifar10_zeroshot_templates.txt --wise-alpha 0,0.25,0.5,0.75,1 \\
-      --save-alpha 0.5 --out runs/cifar10_ft"""
-
-
-def _alphas(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(not 0 <= a <= 1 for a in values):
-        raise argparse.ArgumentTypeError(f"alphas must lie in [0, 1], got {text!r}")
-    return values
-
-
-def cmd_finetune(args: argparse.Namespace) -> int:
-    from .config import validate
-    from .data.wds import check_urls
-    from .eval.commands import parse_classes, parse_templates, resolve_shards
-    from .pretrained import load_model
-
-    cfg = validate(FinetuneConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, grad_clip=args.grad_clip or None, label_smoothing=args.label_smoothing,
-        layer_decay=args.layer_decay, head_lr_mult=args.head_lr_mult, workers=args.workers, precision=args.precision,
-        seed=args.seed, log_every=args.log_every))
-    if args.max_test is not None and args.max_test < 1:
-        raise ValueError(f"--max-test must be >= 1, got {args.max_test}")
-    if args.save_alpha is not None and not 0 <= args.save_alpha <= 1:
-        raise ValueError(f"--save-alpha must lie in [0, 1], got {args.save_alpha}")
-    train_urls, classnames, templates = resolve_shards(args.train, parse_classes(args.classes),
-                                                       parse_templates(args.templates), "--train")
-    test_urls = check_urls(args.test, "--test")
-    from .embed import dist_state
-
-    device = args.device or str(dist_state().device)  # forms the process group under `accelerate launch`
-    model = load_model(args.model, args.pretrained, device)
-    result = run(model, train_urls, test_urls, classnames, templates, cfg, args.wise_alpha, args.out,
-                 label_key=args.label_key, max_test=args.max_test, save_alpha=args.save_alpha,
-                 log=lambda s: print(s, file=sys.stderr if args.json else sys.stdout, flush=True))
-    if result is None:  # not the main process
-        return 0
-    if args.json:
-        print(json.dumps({k: result[k] for k in ("wise", "train_s", "steps", "world_size")}))
-    else:
-        print("alpha  top-1    top-5")
-        for r in result["wise"]:
-            note = "  (zero-shot)" if r["alpha"] == 0 else "  (fine-tuned)" if r["alpha"] == 1 else ""
-            print(f"{r['alpha']:.2f}  {100 * r['top1']:6.2f}%  {100 * r['top5']:6.2f}%{note}")
-        print(f"fine-tuned model: {Path(args.out) / 'finetuned'}")
-    return 0
-
-
-def add_parser(sub: Any) -> None:
-    from .eval.commands import _guard, add_model_and_labelled_shards
-
-    d = FinetuneConfig()
-    p = sub.add_parser("finetune", help="fine-tune the image tower for classification, with WiSE-FT interpolation",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_and_labelled_shards(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--classes", help="class names: a .txt / .json file or a,b,c (default: the shards' info.json)")
-    p.add_argument("--templates", help="zero-shot head prompts: a .txt / .json file or one template with {} "
-                                       "(default: the shards' info.json, else OpenAI's ImageNet prompts)")
-    p.add_argument("--label-key", default="cls", help="the member holding the class index (default: cls)")
-    p.add_argument("--wise-alpha", type=_alphas, default=[0.0, 0.25, 0.5, 0.75, 1.0],
-                   help="comma-separated interpolation weights to evaluate (default: 0,0.25,0.5,0.75,1)")
-    p.add_argument("--save-alpha", type=float, default=None, help="also save the model at this alpha (OUT/wise-A/)")
-    p.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test samples")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    p.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay of the image encoder, "
-                                                                   "e.g. 0.65 (default: off)")
-    p.add_argument("--head-lr-mult", type=float, default=d.head_lr_mult, help="the head's lr = --lr x this "
-                                                                             "(default: 1)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--workers", type=int, default=d.workers, help="image loading processes (0: load in this one)")
-    p.add_argument("--device", default=None, help="default: this process's accelerator device, else cpu")
-    p.add_argument("--precision", default="fp32", choices=list(_AUTOCAST), help="autocast (default: fp32, none)")
-    p.add_argument("--json", action="store_true", help="print the WiSE-FT results as one JSON object (log to stderr)")
-    p.set_defaults(fn=_guard(cmd_finetune))

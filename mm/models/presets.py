@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from .config import DecoderConfig, ModelConfig, MoEConfig, TextConfig, TransformerConfig, VisionConfig, validate
+from ..config import validate
+from ..layers.config import MoEConfig, TransformerConfig
+from .config import DecoderConfig, ModelConfig, TextConfig, VisionConfig
 
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {}
 

@@ -8,15 +8,17 @@ flat inner-product index (exact too, faster for many queries) and merged the sam
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..data.decode import IMAGE_KEYS, MAX_PIXELS, BadSample, decode_image
+from ..data.folder import load_image
+from ..data.wds import iter_shard
 from .embed import EmbedError, read_index
+from .plots import search_sheet
 
 BLOCK_SCORES = 1 << 24  # scores held at once (64 MB of float32), whatever the number of queries
 
@@ -93,16 +95,12 @@ def _ids(out: Path, parts: list[dict[str, Any]], starts: np.ndarray, rows: np.nd
     return [[cache[int(p)][int(r - starts[p])] for p, r in zip(pp, rr)] for pp, rr in zip(part_of, rows)]
 
 
-def result_images(index_dir: str | Path, ids: list[str], max_pixels: int = 89_478_485) -> dict[str, Any]:
+def result_images(index_dir: str | Path, ids: list[str], max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
     """{id: RGB PIL image, or None when it cannot be found or read} for image ids of an ``mm embed`` index.
 
     File ids are looked up under the folders index.json records (``sources.roots``, then the current folder);
     shard ids (sample keys) by streaming the recorded shards until every id is found (the first sample with
     a key wins: keys repeated across shards are ambiguous)."""
-    from .data.decode import BadSample, decode_image
-    from .data.folder import load_image
-    from .data.wds import iter_shard
-
     sources = read_index(index_dir).get("sources") or {}
     found: dict[str, Any] = {}
     for i in dict.fromkeys(ids):
@@ -121,7 +119,7 @@ def result_images(index_dir: str | Path, ids: list[str], max_pixels: int = 89_47
         for sample in iter_shard(url, warn=lambda msg: None):
             key = sample["__key__"]
             if key in rest:
-                data = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+                data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
                 try:
                     found[key] = decode_image(data, max_pixels) if data is not None else None
                 except BadSample:
@@ -136,8 +134,6 @@ def plot_results(index_dir: str | Path, queries: list[Any], scores: np.ndarray, 
                  path: str | Path) -> Path:
     """A PNG sheet, one row per query (a text, or a (PIL image, label) pair): the query, then its results with
     rank, score and id. Results of an image index are shown as images, of a text index as texts."""
-    from .plots import search_sheet
-
     texts = read_index(index_dir).get("kind") == "texts"
     images = {} if texts else result_images(index_dir, [i for row in ids for i in row])
     rows = []
@@ -152,86 +148,3 @@ def plot_results(index_dir: str | Path, queries: list[Any], scores: np.ndarray, 
                 cells.append((images[i], label) if images[i] is not None else (None, f"{label}\n(image not found)"))
         rows.append((q, cells))
     return search_sheet(rows, path)
-
-
-def _embed_queries(index: dict[str, Any], args: argparse.Namespace) -> np.ndarray:
-    import torch
-
-    from . import get_tokenizer, image_transform
-    from .data.folder import load_image
-    from .pretrained import load_model
-
-    spec = args.model or index.get("model")
-    if not spec:
-        raise EmbedError(f"{args.index} does not record its model; give --model")
-    pretrained = args.pretrained if args.model else index.get("pretrained")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(spec, pretrained, device)
-    with torch.inference_mode():
-        if args.image:
-            pre = image_transform(model, train=False)
-            x = torch.stack([pre(load_image(p)) for p in args.image]).to(device)
-            return model.encode_image(x, normalize=True).float().cpu().numpy()
-        return model.encode_text(get_tokenizer(model)(args.queries).to(device), normalize=True).float().cpu().numpy()
-
-
-def cmd_search(args: argparse.Namespace) -> int:
-    from .data.decode import BadSample
-    from .pretrained import PretrainedError
-
-    try:
-        if bool(args.queries) == bool(args.image):
-            raise EmbedError("give query texts or --image PATH (one of them)")
-        missing = [p for p in args.image or [] if not Path(p).is_file()]
-        if missing:
-            raise EmbedError(f"--image: no such file: {missing[0]}")
-        if args.k < 1:
-            raise EmbedError(f"-k must be >= 1, got {args.k}")
-        if args.faiss:
-            require_faiss()
-        index = read_index(args.index)
-        scores, ids = search(args.index, _embed_queries(index, args), args.k, use_faiss=args.faiss)
-    except (EmbedError, PretrainedError, BadSample) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for query, s, found in zip(args.image or args.queries, scores, ids):
-        if args.json:
-            print(json.dumps({"query": query, "results": [{"rank": r, "score": float(v), "id": i}
-                                                          for r, (v, i) in enumerate(zip(s, found), 1)]}))
-            continue
-        print(f"query: {query}")
-        for r, (v, i) in enumerate(zip(s, found), 1):
-            print(f"{r}\t{v:.6f}\t{i}")
-    if args.plot:
-        from .data.folder import load_image
-
-        queries = [(load_image(p), f"query: {Path(p).name}") for p in args.image] if args.image else list(args.queries)
-        print(f"wrote {plot_results(args.index, queries, scores, ids, args.plot)}", file=sys.stderr)
-    return 0
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``mm search`` to the ``mm`` command's subparsers; returns its parser."""
-    from .cli import MODEL_HELP
-
-    s = subparsers.add_parser(
-        "search", help="nearest neighbours of texts or images in an `mm embed` output",
-        description="Exact cosine top-k over an `mm embed` output directory, streamed part by part. Prints "
-                    "rank<TAB>score<TAB>id per result.\n\nexamples:\n"
-                    "  mm search --index emb/photos 'a dog on a beach' 'a red car' -k 5\n"
-                    "  mm search --index emb/captions --image query.jpg\n"
-                    "  mm search --index emb/photos --model other_model/ 'a dog' --json\n"
-                    "  mm search --index emb/photos 'a red circle' 'a blue star' -k 8 --plot search.png",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("queries", nargs="*", metavar="QUERY_TEXT", help="query texts")
-    s.add_argument("--image", nargs="+", metavar="PATH", help="query images instead of texts")
-    s.add_argument("--index", required=True, help="an `mm embed` output directory")
-    s.add_argument("-k", type=int, default=10, help="results per query")
-    s.add_argument("--model", help=f"default: the model recorded in the index. {MODEL_HELP}")
-    s.add_argument("--pretrained", help="weights file for a preset --model")
-    s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    s.add_argument("--faiss", action="store_true", help="score blocks with faiss (must be installed)")
-    s.add_argument("--json", action="store_true", help="one JSON line per query {query, results: [{rank, score, id}]}")
-    s.add_argument("--plot", metavar="PNG", help="also draw each query and its results (images or texts) to this PNG")
-    s.set_defaults(fn=cmd_search)
-    return s

@@ -17,15 +17,16 @@ batch other than the one it was traced with and compared with the eager model (`
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .._version import __version__
+from ..tokenizer import get_tokenizer
 
 FORMATS = ("onnx", "torch-export")
 TOWERS = ("image", "text")
@@ -61,8 +62,6 @@ class TextEncoder(nn.Module):
 
 def example_inputs(model: nn.Module, tower: str, batch: int, seed: int = 0) -> torch.Tensor:
     """A batch for ``tower``: standard-normal images (preprocessed pixels are about that), or real token ids."""
-    from .tokenizer import get_tokenizer
-
     if tower == "image":
         s = model.config.vision.image_size
         return torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(seed))
@@ -70,7 +69,7 @@ def example_inputs(model: nn.Module, tower: str, batch: int, seed: int = 0) -> t
     return get_tokenizer(model)(texts)
 
 
-def _need(*modules: str, what: str) -> None:
+def require_packages(*modules: str, what: str) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise ExportError(f"{what} needs {' and '.join(missing)}: pip install {' '.join(missing)} "
@@ -115,8 +114,6 @@ def run_exported(path: str | Path, x: torch.Tensor) -> torch.Tensor:
 
 
 def _manifest(model: nn.Module, to: str, files: dict[str, str], normalize: bool, spec: str | None) -> dict[str, Any]:
-    from . import __version__
-
     cfg, d = model.config, model.config.embed_dim
     v, t = cfg.vision, cfg.text
     out: dict[str, Any] = {"format": "mm-export", "version": 1, "to": to, "model": spec, "mm_version": __version__,
@@ -191,7 +188,7 @@ def export_model(model: nn.Module, out_dir: str | Path, to: str = "onnx", *, tow
     if bad or not towers:
         raise ExportError(f"towers must be some of {', '.join(TOWERS)}, got {list(towers)}")
     if to == "onnx":
-        _need("onnx", "onnxscript", what="ONNX export")
+        require_packages("onnx", "onnxscript", what="ONNX export")
     if getattr(model, "quantization", None):
         raise ExportError(f"the model is quantized ({model.quantization}); export the float model and quantize "
                           "with the target runtime's tools")
@@ -232,55 +229,3 @@ def _verify(wrapper: nn.Module, path: Path, tower: str, model: nn.Module, to: st
         raise ExportError(f"{path.name}: outputs differ from the eager model by {diff:.3g} (> {atol})")
     runtime = "onnxruntime" if to == "onnx" else "torch.export"
     return f"max abs difference {diff:.2e} to the eager model on a batch of 3 ({runtime})"
-
-
-# -- command line ------------------------------------------------------------------------------------
-def cmd_export(args: argparse.Namespace) -> int:
-    from .pretrained import PretrainedError, load_model
-
-    towers = tuple(t.strip() for t in args.towers.split(",") if t.strip())
-    try:
-        if any(t not in TOWERS for t in towers) or not towers:
-            raise ExportError(f"--towers must be some of {','.join(TOWERS)}, got {args.towers!r}")
-        if args.to == "onnx":
-            _need("onnx", "onnxscript", what="--to onnx")  # before the model loads
-        model = load_model(args.model, args.pretrained, "cpu")
-        manifest = export_model(model, args.out, args.to, towers=towers, normalize=not args.no_normalize,
-                                verify=not args.no_verify, atol=args.atol, opset=args.opset, model_spec=args.model)
-    except (ExportError, PretrainedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for key in ("image_encoder", "text_encoder"):
-        if key in manifest:
-            check = manifest["verification"].get(key, "not verified (--no-verify)")
-            print(f"{Path(args.out) / manifest[key]['file']}: {check}", file=sys.stderr)
-    print(f"inputs, shapes and tokenizer: {Path(args.out) / 'export.json'}, {Path(args.out) / 'README.md'}",
-          file=sys.stderr)
-    return 0
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``mm export`` to the ``mm`` command's subparsers; returns its parser."""
-    from .cli import MODEL_HELP
-
-    s = subparsers.add_parser(
-        "export", help="export the image and text encoders to ONNX or torch.export",
-        description="Export a model's image encoder (preprocessed images -> embeddings) and text encoder (CLIP BPE\n"
-                    "token ids -> embeddings) with a dynamic batch dimension, verify them against the eager model,\n"
-                    "and write export.json + README.md (inputs, shapes, preprocessing, tokenizer, context length)."
-                    "\n\nexamples:\n"
-                    "  mm export --model runs/builtin/final --to onnx --out exported/builtin\n"
-                    "  mm export --model open_clip:ViT-B-32:laion2b_s34b_b79k --to torch-export --out exported/b32\n"
-                    "  mm export --model runs/coca/final --to onnx --towers image --out exported/coca_image",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--model", required=True, help=MODEL_HELP)
-    s.add_argument("--pretrained", help="weights file for a preset --model (mm or open_clip checkpoint)")
-    s.add_argument("--to", required=True, choices=FORMATS, help="onnx (needs onnx + onnxscript) or torch-export (.pt2)")
-    s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--towers", default="image,text", help="comma-separated: image, text (default: both)")
-    s.add_argument("--no-normalize", action="store_true", help="export raw embeddings (default: L2-normalised)")
-    s.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    s.add_argument("--atol", type=float, default=1e-4, help="largest accepted difference to the eager model")
-    s.add_argument("--no-verify", action="store_true", help="skip running the exported files")
-    s.set_defaults(fn=cmd_export)
-    return s

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ModelConfig, TransformerConfig
-from ..models.clip import CLIP, model_class, resolve_config
+from ..layers import TransformerConfig
+from ..models import CLIP, ModelConfig, model_class, resolve_config
 
 Tensors = list[torch.Tensor]
 

@@ -1,0 +1,6 @@
+"""``python -m mm``: the ``mm`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,6 @@
+"""``python -m mm.cli`` (what ``accelerate launch -m mm.cli ...`` runs)."""
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""What the ``mm`` commands share: the ``--model`` options and help, the one error guard (a user's mistake is
+one line naming it and exit code 2, not a traceback), the default device, and the ``--classes`` /
+``--templates`` / ``--out`` readers."""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from ..eval.zeroshot import load_names
+
+MODEL_HELP = ("an mm model directory (a run's final/ or save_pretrained), open_clip:NAME[:TAG] (open_clip's "
+              "registry), or a preset name with --pretrained FILE")
+PRETRAINED_HELP = "weights file for a preset --model (mm or open_clip checkpoint)"
+EXAMPLES = argparse.RawDescriptionHelpFormatter  # descriptions end with examples, laid out as written
+
+Command = Callable[[argparse.Namespace], int]
+
+
+class UsageError(ValueError):
+    """Options that do not fit together (``--to-open-clip`` without ``--model DIR``, ...)."""
+
+
+def guard(*errors: type[BaseException]) -> Callable[[Command], Command]:
+    """A command whose ``errors`` (bad input the user can fix) print ``error: MESSAGE`` and exit with 2. Each
+    command names the errors that are its user's to fix; anything else is a bug and keeps its traceback."""
+    def wrap(fn: Command) -> Command:
+        @functools.wraps(fn)
+        def run(args: argparse.Namespace) -> int:
+            try:
+                return fn(args)
+            except errors as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+        return run
+    return wrap
+
+
+def add_model_options(p: argparse.ArgumentParser, *, required: bool = True, model_help: str = MODEL_HELP,
+                      pretrained_help: str = PRETRAINED_HELP) -> None:
+    """``--model`` and ``--pretrained``, as every command that loads a model takes them."""
+    p.add_argument("--model", required=required, help=model_help)
+    p.add_argument("--pretrained", help=pretrained_help)
+
+
+def add_model_and_labelled_shards(p: argparse.ArgumentParser) -> None:
+    """The options ``mm probe`` and ``mm finetune`` share: the model and the labelled train / test shards."""
+    add_model_options(p)
+    p.add_argument("--train", required=True, metavar="SHARDS", help="labelled training shards (brace ranges, :: joins)")
+    p.add_argument("--test", required=True, metavar="SHARDS", help="labelled test shards")
+
+
+def default_device(device: str | None) -> str:
+    """``--device``, else cuda when there is one, else cpu."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_classes(spec: str | None) -> list[str] | None:
+    """``--classes``: a .txt / .json file, or names separated by commas."""
+    if spec is None:
+        return None
+    if Path(spec).is_file():
+        return load_names(spec, "classnames")
+    if "," not in spec:
+        raise FileNotFoundError(f"--classes {spec!r}: no such file (a list of names is comma-separated: a,b,c)")
+    return load_names([c.strip() for c in spec.split(",")], "classnames")
+
+
+def parse_templates(spec: str | None) -> list[str] | None:
+    """``--templates``: a .txt / .json file, or one template with ``{}`` for the class name."""
+    if spec is None:
+        return None
+    if Path(spec).is_file():
+        return load_names(spec, "templates")
+    if "{}" not in spec:
+        raise FileNotFoundError(f"--templates {spec!r}: no such file (or give one template, with {{}} where the "
+                                "class name goes)")
+    return [spec]
+
+
+def check_out(out: str | None, suffixes: tuple[str, ...]) -> Path | None:
+    """``--out FILE``: one of ``suffixes``, in an existing folder (checked before any work)."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"--out {out}: must end in {' or '.join(suffixes)}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: folder {path.parent} does not exist")
+    return path

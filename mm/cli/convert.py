@@ -1,0 +1,107 @@
+"""``mm convert`` (open_clip / Hugging Face checkpoints to mm and back, exactly) and ``mm export`` (the towers
+to ONNX or torch.export), over :mod:`mm.hub` and :mod:`mm.inference.export`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..hub import (OPEN_CLIP_PREFIX, ConversionError, PretrainedError, from_hf_clip, load_model, load_pretrained,
+                   save_pretrained, to_open_clip)
+from ..inference.export import FORMATS, TOWERS, ExportError, export_model, require_packages
+from .common import EXAMPLES, UsageError, add_model_options, guard
+
+
+@guard(ConversionError, PretrainedError, FileNotFoundError, UsageError)
+def cmd_convert(args: argparse.Namespace) -> int:
+    """open_clip / Hugging Face -> mm directory, or mm directory -> open_clip weights file."""
+    if args.to_open_clip:
+        if not args.model or not Path(args.model).is_dir():
+            raise UsageError("--to-open-clip needs --model DIR (an mm model directory)")
+        sd = {k: v.detach().contiguous().cpu() for k, v in to_open_clip(load_pretrained(args.model)).items()}
+        out = Path(args.to_open_clip)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(sd, str(out))
+        else:
+            torch.save(sd, out)
+        print(f"wrote {out} ({len(sd)} tensors); load it with open_clip.create_model_and_transforms(NAME, "
+              f"pretrained={str(out)!r})")
+        return 0
+    if not args.source or not args.to:
+        raise UsageError("give --from SOURCE --to DIR, or --model DIR --to-open-clip FILE")
+    if args.source.startswith("hf:"):
+        model = from_hf_clip(args.source[3:])
+    elif args.source.startswith(OPEN_CLIP_PREFIX):
+        model = load_model(args.source)
+    else:  # a weights file: the architecture comes from --model (a preset name or config file)
+        if not args.model:
+            raise UsageError("converting a weights file needs --model PRESET (e.g. ViT-B-32)")
+        model = load_model(args.model, pretrained=args.source)
+    save_pretrained(model, args.to)
+    print(f"wrote {args.to} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+    return 0
+
+
+def add_convert_parser(sub: Any) -> None:
+    s = sub.add_parser(
+        "convert", help="convert open_clip / Hugging Face checkpoints to mm and back",
+        description="Convert weights exactly (tensor for tensor).\n\nexamples:\n"
+                    "  mm convert --from open_clip:ViT-B-32:laion2b_s34b_b79k --to models/b32\n"
+                    "  mm convert --from open_clip_b32.safetensors --model ViT-B-32 --to models/b32\n"
+                    "  mm convert --from hf:/path/to/clip-vit-base-patch32 --to models/hf_b32\n"
+                    "  mm convert --model runs/b32/final --to-open-clip b32_open_clip.safetensors",
+        formatter_class=EXAMPLES)
+    s.add_argument("--from", dest="source", help="open_clip:NAME[:TAG], hf:DIR, or an open_clip/mm weights file")
+    s.add_argument("--to", help="output mm model directory")
+    s.add_argument("--model", help="architecture (preset) for a weights file; the mm directory for --to-open-clip")
+    s.add_argument("--to-open-clip", help="write the open_clip state dict of --model DIR to this file "
+                                          "(.safetensors, else torch.save)")
+    s.set_defaults(fn=cmd_convert)
+
+
+@guard(ExportError, PretrainedError)
+def cmd_export(args: argparse.Namespace) -> int:
+    towers = tuple(t.strip() for t in args.towers.split(",") if t.strip())
+    if any(t not in TOWERS for t in towers) or not towers:
+        raise ExportError(f"--towers must be some of {','.join(TOWERS)}, got {args.towers!r}")
+    if args.to == "onnx":
+        require_packages("onnx", "onnxscript", what="--to onnx")  # before the model loads
+    model = load_model(args.model, args.pretrained, "cpu")
+    manifest = export_model(model, args.out, args.to, towers=towers, normalize=not args.no_normalize,
+                            verify=not args.no_verify, atol=args.atol, opset=args.opset, model_spec=args.model)
+    for key in ("image_encoder", "text_encoder"):
+        if key in manifest:
+            check = manifest["verification"].get(key, "not verified (--no-verify)")
+            print(f"{Path(args.out) / manifest[key]['file']}: {check}", file=sys.stderr)
+    print(f"inputs, shapes and tokenizer: {Path(args.out) / 'export.json'}, {Path(args.out) / 'README.md'}",
+          file=sys.stderr)
+    return 0
+
+
+def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
+    s = subparsers.add_parser(
+        "export", help="export the image and text encoders to ONNX or torch.export",
+        description="Export a model's image encoder (preprocessed images -> embeddings) and text encoder (CLIP BPE\n"
+                    "token ids -> embeddings) with a dynamic batch dimension, verify them against the eager model,\n"
+                    "and write export.json + README.md (inputs, shapes, preprocessing, tokenizer, context length)."
+                    "\n\nexamples:\n"
+                    "  mm export --model runs/builtin/final --to onnx --out exported/builtin\n"
+                    "  mm export --model open_clip:ViT-B-32:laion2b_s34b_b79k --to torch-export --out exported/b32\n"
+                    "  mm export --model runs/coca/final --to onnx --towers image --out exported/coca_image",
+        formatter_class=EXAMPLES)
+    add_model_options(s)
+    s.add_argument("--to", required=True, choices=FORMATS, help="onnx (needs onnx + onnxscript) or torch-export (.pt2)")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--towers", default="image,text", help="comma-separated: image, text (default: both)")
+    s.add_argument("--no-normalize", action="store_true", help="export raw embeddings (default: L2-normalised)")
+    s.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    s.add_argument("--atol", type=float, default=1e-4, help="largest accepted difference to the eager model")
+    s.add_argument("--no-verify", action="store_true", help="skip running the exported files")
+    s.set_defaults(fn=cmd_export)
+    return s

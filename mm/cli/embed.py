@@ -1,0 +1,149 @@
+"""``mm embed`` (embeddings of many images or texts on disk, resumable) and ``mm search`` (exact top-k over
+them), over :mod:`mm.inference.embed` and :mod:`mm.inference.search`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.decode import BadSample
+from ..data.folder import load_image
+from ..data.transforms import image_transform
+from ..hub import PretrainedError, load_model
+from ..inference.embed import (INDEX_NAME, SKIPPED_NAME, EmbedError, check_out_dir, plan_images, plan_texts,
+                               read_index, run_embed)
+from ..inference.search import plot_results, require_faiss, search
+from ..tokenizer import get_tokenizer
+from ..utils import dist
+from .common import EXAMPLES, MODEL_HELP, add_model_options, default_device, guard
+
+
+@guard(EmbedError, PretrainedError)
+def cmd_embed(args: argparse.Namespace) -> int:
+    if args.chunk_size < 1 or args.batch_size < 1:
+        raise EmbedError("--chunk-size and --batch-size must be >= 1")
+    chunks = plan_texts(args.texts, args.chunk_size) if args.texts else plan_images(args.images, args.chunk_size)
+    kind = "texts" if args.texts else "images"
+    normalize = not args.no_normalize
+    # fail on a mismatched output directory before the model is loaded
+    check_out_dir(args.out, chunks, model_spec=args.model, pretrained=args.pretrained, normalize=normalize,
+                  dtype=args.dtype, quantize=args.quantize)
+    device = args.device or str(dist.start())  # forms the process group under `accelerate launch`
+    if args.quantize == "int8" and not device.startswith("cpu"):
+        raise EmbedError(f"--quantize int8 runs on the CPU (--device cpu); on {device} use int8-weight")
+    model = load_model(args.model, args.pretrained, device)
+    t0 = time.perf_counter()
+    index = run_embed(model, chunks, args.out, model_spec=args.model, pretrained=args.pretrained,
+                      batch_size=args.batch_size, workers=args.workers, normalize=normalize,
+                      precision=args.precision, dtype=args.dtype, quantize=args.quantize)
+    if dist.is_main():
+        skipped = f", {index['skipped']} skipped (see {Path(args.out) / SKIPPED_NAME})" if index["skipped"] else ""
+        print(f"{index['count']} {kind} embedded (dim {index['embed_dim']}) in {len(index['parts'])} parts, "
+              f"{time.perf_counter() - t0:.2f} s; index: {Path(args.out) / INDEX_NAME}{skipped}", file=sys.stderr)
+    return 0
+
+
+def add_embed_parser(subparsers: Any) -> argparse.ArgumentParser:
+    s = subparsers.add_parser(
+        "embed", help="embed images or texts into a directory of .npy chunks (resumable)",
+        description="Embed images (files, folders, webdataset shards) or texts with a model, in resumable chunks "
+                    "(rerun the same command to finish an interrupted run). Under `accelerate launch` each process "
+                    "embeds its share.\n\nexamples:\n"
+                    "  mm embed --model runs/builtin/final --images photos/ --out emb/photos\n"
+                    "  mm embed --model open_clip:ViT-B-32:laion2b_s34b_b79k --images 'shards/{000000..000099}.tar' "
+                    "--out emb/laion --dtype float16\n"
+                    "  mm embed --model runs/builtin/final --texts captions.txt --out emb/captions\n"
+                    "  mm embed --model runs/builtin/final --images photos/ --out emb/photos_int8 --quantize int8\n"
+                    "  accelerate launch --multi_gpu --num_processes 8 -m mm.cli embed --model M --images photos/ "
+                    "--out emb/photos",
+        formatter_class=EXAMPLES)
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", metavar="INPUT",
+                     help="image files, folders (recursive) or webdataset shards (.tar/.tar.gz, brace ranges)")
+    src.add_argument("--texts", metavar="FILE",
+                     help="one text a line, a .json list of strings, or .jsonl with a \"text\" field")
+    add_model_options(s)
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=4, help="DataLoader workers decoding images (0: in-process)")
+    s.add_argument("--chunk-size", type=int, default=4096, help="rows per output part (a shard is one part)")
+    s.add_argument("--no-normalize", action="store_true", help="keep raw embeddings (default: L2-normalised)")
+    s.add_argument("--device", default=None, help="default: this process's accelerator device, else cpu")
+    s.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    s.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored dtype")
+    s.add_argument("--quantize", choices=["int8", "int8-weight"], default=None,
+                   help="int8 Linear layers (mm.quantize): int8 = dynamic, CPU; int8-weight = weight-only, any device")
+    s.set_defaults(fn=cmd_embed)
+    return s
+
+
+def _embed_queries(index: dict[str, Any], args: argparse.Namespace) -> np.ndarray:
+    spec = args.model or index.get("model")
+    if not spec:
+        raise EmbedError(f"{args.index} does not record its model; give --model")
+    pretrained = args.pretrained if args.model else index.get("pretrained")
+    device = default_device(args.device)
+    model = load_model(spec, pretrained, device)
+    with torch.inference_mode():
+        if args.image:
+            pre = image_transform(model, train=False)
+            x = torch.stack([pre(load_image(p)) for p in args.image]).to(device)
+            return model.encode_image(x, normalize=True).float().cpu().numpy()
+        return model.encode_text(get_tokenizer(model)(args.queries).to(device), normalize=True).float().cpu().numpy()
+
+
+@guard(EmbedError, PretrainedError, BadSample)
+def cmd_search(args: argparse.Namespace) -> int:
+    if bool(args.queries) == bool(args.image):
+        raise EmbedError("give query texts or --image PATH (one of them)")
+    missing = [p for p in args.image or [] if not Path(p).is_file()]
+    if missing:
+        raise EmbedError(f"--image: no such file: {missing[0]}")
+    if args.k < 1:
+        raise EmbedError(f"-k must be >= 1, got {args.k}")
+    if args.faiss:
+        require_faiss()
+    index = read_index(args.index)
+    scores, ids = search(args.index, _embed_queries(index, args), args.k, use_faiss=args.faiss)
+    for query, s, found in zip(args.image or args.queries, scores, ids):
+        if args.json:
+            print(json.dumps({"query": query, "results": [{"rank": r, "score": float(v), "id": i}
+                                                          for r, (v, i) in enumerate(zip(s, found), 1)]}))
+            continue
+        print(f"query: {query}")
+        for r, (v, i) in enumerate(zip(s, found), 1):
+            print(f"{r}\t{v:.6f}\t{i}")
+    if args.plot:
+        queries = [(load_image(p), f"query: {Path(p).name}") for p in args.image] if args.image else list(args.queries)
+        print(f"wrote {plot_results(args.index, queries, scores, ids, args.plot)}", file=sys.stderr)
+    return 0
+
+
+def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
+    s = subparsers.add_parser(
+        "search", help="nearest neighbours of texts or images in an `mm embed` output",
+        description="Exact cosine top-k over an `mm embed` output directory, streamed part by part. Prints "
+                    "rank<TAB>score<TAB>id per result.\n\nexamples:\n"
+                    "  mm search --index emb/photos 'a dog on a beach' 'a red car' -k 5\n"
+                    "  mm search --index emb/captions --image query.jpg\n"
+                    "  mm search --index emb/photos --model other_model/ 'a dog' --json\n"
+                    "  mm search --index emb/photos 'a red circle' 'a blue star' -k 8 --plot search.png",
+        formatter_class=EXAMPLES)
+    s.add_argument("queries", nargs="*", metavar="QUERY_TEXT", help="query texts")
+    s.add_argument("--image", nargs="+", metavar="PATH", help="query images instead of texts")
+    s.add_argument("--index", required=True, help="an `mm embed` output directory")
+    s.add_argument("-k", type=int, default=10, help="results per query")
+    add_model_options(s, required=False, model_help=f"default: the model recorded in the index. {MODEL_HELP}",
+                      pretrained_help="weights file for a preset --model")
+    s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    s.add_argument("--faiss", action="store_true", help="score blocks with faiss (must be installed)")
+    s.add_argument("--json", action="store_true", help="one JSON line per query {query, results: [{rank, score, id}]}")
+    s.add_argument("--plot", metavar="PNG", help="also draw each query and its results (images or texts) to this PNG")
+    s.set_defaults(fn=cmd_search)
+    return s

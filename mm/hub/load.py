@@ -1,0 +1,66 @@
+"""Models with their weights: ``create_model`` (the public constructor) and ``load_model`` (what every command's
+``--model`` names)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError
+from ..models import ImageTextModel, ModelConfig, build_model
+from .open_clip import from_open_clip
+from .pretrained import PretrainedError, load_pretrained, load_weights, read_weights_file
+from .spec import parse_spec
+
+
+def create_model(spec: str | Path | dict | ModelConfig, pretrained: str | Path | None = None,
+                 **overrides: Any) -> ImageTextModel:
+    """Build a model from a preset name, a config file, a dict or a config object: randomly initialised,
+    or with the weights of ``pretrained`` (an mm or open_clip ``.safetensors`` / ``.pt`` / ``.bin`` file;
+    open_clip state dicts are converted exactly, pickles that would run code are refused).
+
+    A directory made by :func:`mm.save_pretrained` loads that model (weights included). Overrides use
+    dotted keys with ``__`` or nested dicts: ``create_model("tiny-clip", vision__patch_dropout=0.5)``.
+    """
+    if isinstance(spec, (str, Path)) and Path(spec).is_dir():
+        if overrides or pretrained is not None:
+            raise ConfigError("overrides and pretrained= cannot be applied when loading a saved model directory")
+        return load_pretrained(spec)
+    model = build_model(spec, **overrides)
+    if pretrained is not None:
+        load_weights(model, pretrained)
+    return model
+
+
+def load_model(spec: str | Path, pretrained: str | Path | None = None, device: str | torch.device = "cpu",
+               warn_random: bool = True) -> ImageTextModel:
+    """The model a command's ``--model`` names, in eval mode on ``device``:
+
+    * an mm model directory (``save_pretrained`` / a run's ``final/``);
+    * ``open_clip:NAME`` or ``open_clip:NAME:TAG``: built with open_clip's own registry (TAG: one of its
+      pretrained tags, downloaded into its cache when the network allows) and converted exactly;
+    * a preset name or config file, with ``pretrained`` an mm or open_clip weights file; without one
+      the weights are random (a warning says so).
+    """
+    s = parse_spec(spec)
+    if s.kind == "dir":
+        if pretrained is not None:
+            raise PretrainedError(f"{s.text} is a model directory and holds its weights; drop --pretrained")
+        model = load_pretrained(s.text)
+    elif s.kind == "open_clip":
+        import open_clip
+
+        oc = open_clip.create_model(s.name, pretrained=s.tag, device="cpu")
+        if pretrained is not None:
+            oc.load_state_dict(read_weights_file(pretrained), strict=True)
+        model = from_open_clip(oc, s.name)
+    else:
+        model = create_model(s.text)
+        if pretrained is not None:
+            load_weights(model, pretrained)
+        elif warn_random:
+            print(f"warning: {s.text!r} is not a model directory and no --pretrained file was given: random weights",
+                  file=sys.stderr)
+    return model.to(device).eval()

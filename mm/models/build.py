@@ -1,0 +1,60 @@
+"""From a name, a file, a dict or a config object to a model: ``resolve_config`` and ``build_model``.
+
+Weights are not this layer's business: ``mm.create_model`` (``mm.hub``) also loads saved directories and
+weights files, through this module.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, apply_overrides, from_dict, load_file, validate
+from .clip import CLIP, CoCa, ImageTextModel
+from .config import ModelConfig
+from .limoe import LIMoE
+from .presets import get_preset, list_models
+
+
+def _flatten_overrides(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``vision={"patch_dropout": .5}`` and ``vision__patch_dropout=.5`` both become ``vision.patch_dropout``."""
+    flat = {}
+    for k, v in overrides.items():
+        key = prefix + k.replace("__", ".")
+        if isinstance(v, dict):
+            flat.update(_flatten_overrides(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def resolve_config(spec: str | Path | dict | ModelConfig, **overrides: Any) -> ModelConfig:
+    """A preset name, a YAML/JSON file, a dict or a ModelConfig -> validated ModelConfig."""
+    if isinstance(spec, ModelConfig):
+        cfg = spec
+    elif isinstance(spec, dict):
+        cfg = from_dict(ModelConfig, spec)
+    elif isinstance(spec, (str, Path)) and str(spec) in list_models():
+        cfg = get_preset(str(spec))
+    elif isinstance(spec, (str, Path)) and Path(spec).is_file():
+        data = load_file(spec)
+        cfg = from_dict(ModelConfig, data.get("model", data) if "model" in data and isinstance(data["model"], dict) else data)
+    else:
+        raise ConfigError(
+            f"unknown model {str(spec)!r}: not a preset ({', '.join(list_models())}) and not a config file"
+        )
+    if overrides:
+        return apply_overrides(cfg, _flatten_overrides(overrides))
+    return validate(cfg)
+
+
+def model_class(cfg: ModelConfig) -> type[ImageTextModel]:
+    """LIMoE for a one-tower config, CoCa when the config has a captioning decoder, else CLIP."""
+    if cfg.one_tower is not None:
+        return LIMoE
+    return CoCa if cfg.decoder is not None else CLIP
+
+
+def build_model(spec: str | Path | dict | ModelConfig, **overrides: Any) -> ImageTextModel:
+    """A randomly initialised model of the architecture ``spec`` names (see :func:`resolve_config`)."""
+    cfg = resolve_config(spec, **overrides)
+    return model_class(cfg)(cfg)

@@ -1,0 +1,160 @@
+"""Model configs: the image tower, the text tower, CoCa's captioning decoder and the model that holds them.
+Each tower names its own Transformer stack (``mm.layers.config.TransformerConfig``), or, in a one-tower
+model, none: both then share ``ModelConfig.one_tower``."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from ..layers.config import TransformerConfig
+
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224  # input side in pixels (square)
+    patch_size: int = 32  # patch side; image_size must be a multiple
+    # the tower's own stack; null in a one-tower model, whose stack (ModelConfig.one_tower) it shares
+    transformer: TransformerConfig | None = field(default_factory=lambda: TransformerConfig(768, 12, 12))
+    pos_embed: str = "learned"  # learned | sincos2d | rope2d
+    class_token: bool = True  # prepend a learned class token
+    pool: str = "cls"  # cls | mean | attn (attentional pooling, CoCa)
+    attn_pool_queries: int = 256  # attn pool: tokens handed to a captioning decoder
+    attn_pool_heads: int = 8  # attn pool: heads of the pooler
+    norm_pre: bool = True  # LayerNorm before the stack (CLIP's ln_pre)
+    patch_dropout: float = 0.0  # FLIP: fraction of patch tokens dropped in training
+    image_mean: tuple[float, float, float] = OPENAI_MEAN  # per-channel normalisation (OpenAI CLIP's)
+    image_std: tuple[float, float, float] = OPENAI_STD  # per-channel standard deviation
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.patch_size < 1 or self.image_size % self.patch_size:
+            yield "patch_size", f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+        if self.pos_embed not in ("learned", "sincos2d", "rope2d"):
+            yield "pos_embed", f"must be learned, sincos2d or rope2d, got {self.pos_embed!r}"
+        if self.pool not in ("cls", "mean", "attn"):
+            yield "pool", f"must be cls, mean or attn, got {self.pool!r}"
+        if self.pool == "cls" and not self.class_token:
+            yield "pool", "cls pooling needs class_token: true"
+        if not 0.0 <= self.patch_dropout < 1.0:
+            yield "patch_dropout", f"must be in [0, 1), got {self.patch_dropout}"
+        if self.pos_embed == "rope2d" and self.transformer is not None and self.transformer.head_dim % 4:
+            yield "pos_embed", f"rope2d needs head_dim divisible by 4, got {self.transformer.head_dim}"
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408  # CLIP BPE
+    context_length: int = 77  # tokens per text, start and end tokens included
+    # the tower's own stack; null in a one-tower model, whose stack (ModelConfig.one_tower) it shares
+    transformer: TransformerConfig | None = field(default_factory=lambda: TransformerConfig(512, 12, 8))
+    causal: bool = True  # CLIP: causal; SigLIP-style encoders: bidirectional with a padding mask
+    pool: str = "eot"  # eot | first | last | mean
+    pos_embed: str = "learned"  # learned | rope
+    proj_bias: bool = False  # bias on the output projection
+    pad_id: int = 0  # padding token id
+    sot_id: int = 49406  # start of text: the first token of every caption a decoder generates
+    eot_id: int = 49407  # end of text
+    # CoCa: a learned class token appended after the text; its output (normed after pooling) is the
+    # contrastive embedding, and the other positions feed the captioning decoder. Overrides ``pool``.
+    embed_cls: bool = False
+    # Which keys the appended class token may attend to. "correct": the real tokens and itself.
+    # "open_clip": open_clip's CoCa mask (the default there, and what its pretrained CoCa weights were
+    # trained with): padding is found by id and the mask is shifted one position to the right.
+    cls_mask: str = "correct"
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.vocab_size < 1:
+            yield "vocab_size", f"must be >= 1, got {self.vocab_size}"
+        if self.context_length < 2:
+            yield "context_length", f"must be >= 2 (start + end token), got {self.context_length}"
+        if self.pool not in ("eot", "first", "last", "mean"):
+            yield "pool", f"must be eot, first, last or mean, got {self.pool!r}"
+        if self.pos_embed not in ("learned", "rope"):
+            yield "pos_embed", f"must be learned or rope, got {self.pos_embed!r}"
+        if self.pos_embed == "rope" and self.transformer is not None and self.transformer.head_dim % 2:
+            yield "pos_embed", f"rope needs an even head_dim, got {self.transformer.head_dim}"
+        for k in ("eot_id", "sot_id", "pad_id"):
+            if not 0 <= getattr(self, k) < self.vocab_size:
+                yield k, f"{getattr(self, k)} is outside vocab_size {self.vocab_size}"
+        if self.cls_mask not in ("correct", "open_clip"):
+            yield "cls_mask", f"must be correct or open_clip, got {self.cls_mask!r}"
+        if self.embed_cls and not self.causal:
+            yield "embed_cls", "the appended class token is for causal text towers (CoCa)"
+
+
+DECODER_LAYOUTS = ("separate", "fused")
+
+
+@dataclass
+class DecoderConfig:
+    """CoCa's multimodal captioning decoder. It continues from the text tower's (unimodal, causal) token
+    features, cross-attends to the image tower's tokens and predicts the next token over the text
+    vocabulary; it has no embedding of its own, so the token embedding is shared with the text tower."""
+
+    transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(512, 12, 8))
+    # "separate": each layer is a self-attention block then a cross-attention block, each with its own
+    # FFN (open_clip's MultimodalTransformer, needed for its weights). "fused": one block per layer with
+    # self-attention, cross-attention and one FFN (the Transformer decoder of Vaswani et al.).
+    layout: str = "separate"
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.layout not in DECODER_LAYOUTS:
+            yield "layout", f"must be one of {DECODER_LAYOUTS}, got {self.layout!r}"
+
+
+@dataclass
+class ModelConfig:
+    """A CLIP-style model: image tower + text tower projected into a shared ``embed_dim`` space.
+
+    With ``one_tower`` set (LIMoE, Mustafa et al. 2022) that one Transformer encodes both modalities; the
+    ``vision`` and ``text`` sections then describe only embedding, pooling and projection, and their own
+    ``transformer`` must be null, so the shared stack is written in one place."""
+
+    embed_dim: int = 512  # width of the shared image-text embedding space
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    init_logit_scale: float = math.log(1 / 0.07)  # log of the initial inverse temperature (learned)
+    init_logit_bias: float | None = None  # set (e.g. -10) for SigLIP: adds a learnable logit bias
+    decoder: DecoderConfig | None = None  # set for CoCa: a captioning decoder trained jointly
+    one_tower: TransformerConfig | None = None  # set for a one-tower model: the stack both modalities share
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.embed_dim < 1:
+            yield "embed_dim", f"must be >= 1, got {self.embed_dim}"
+        yield from self._check_stacks()
+        if self.decoder is not None and not self.text.causal:
+            yield "decoder", "a captioning decoder needs a causal text tower (text.causal: true)"
+        if self.decoder is not None and self.text.transformer is not None \
+                and self.decoder.transformer.width != self.text.transformer.width:
+            yield "decoder.transformer.width", (
+                f"must equal text.transformer.width ({self.text.transformer.width}): the decoder continues "
+                f"from the text tower's features, got {self.decoder.transformer.width}")
+
+    def _check_stacks(self) -> Iterator[tuple[str, str]]:
+        """Each tower has its own stack, or (one-tower) neither has and both use ``one_tower``."""
+        towers = (("vision", self.vision), ("text", self.text))
+        if self.one_tower is None:
+            for name, tower in towers:
+                if tower.transformer is None:
+                    yield f"{name}.transformer", "required (it may be null only in a one-tower model, with one_tower set)"
+            return
+        for name, tower in towers:
+            if tower.transformer is not None:
+                yield f"{name}.transformer", "must be null in a one-tower model: both modalities run through one_tower"
+        # one stack call carries both modalities: positions are added to the tokens, not rotated in attention
+        if self.vision.pos_embed == "rope2d":
+            yield "vision.pos_embed", "a one-tower model needs learned or sincos2d positions, got 'rope2d'"
+        if self.text.pos_embed == "rope":
+            yield "text.pos_embed", "a one-tower model needs learned positions, got 'rope'"
+        if self.text.embed_cls:
+            yield "text.embed_cls", "the appended class token is CoCa's; a one-tower model has none"
+        if self.decoder is not None:
+            yield "decoder", "a one-tower model has no captioning decoder"

@@ -1,0 +1,81 @@
+"""Everything about a run that can be checked before any work: ``load_run_config`` reads a YAML file and
+``section.key=value`` overrides into a RunConfig, validates every value, then checks what needs the file system
+or the model's names (the architecture resolves, ``train.init_from`` / ``train.resume`` exist, the teacher and
+precomputed embeddings fit, ``train.freeze`` / ``train.lr_mult`` select parameters, shards and class-name files
+exist). Every error names its key and is raised here, never mid-run."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, apply_overrides, from_dict, load_file, parse_overrides, to_dict, validate
+from ..data.wds import check_urls
+from .adapt import check_selectors
+from .config import RunConfig, init_from_problem
+from .distill import check_sources
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | dict[str, Any] = ()) -> RunConfig:
+    """YAML file (optional) + overrides (``["train.lr=1e-3", ...]`` or a dict) -> validated RunConfig."""
+    data = load_file(path) if path else {}
+    cfg = from_dict(RunConfig, data)
+    items = parse_overrides(overrides)
+    if items:
+        # `model=ViT-B-32` replaces the model; `model.vision.patch_size=16` edits an inline mapping
+        model_items = {k: v for k, v in items.items() if k.startswith("model.")}
+        rest = {k: v for k, v in items.items() if not k.startswith("model.")}
+        cfg = apply_overrides(cfg, rest) if rest else cfg
+        if model_items:
+            mcfg = apply_overrides(cfg.model_config(), {k[len("model."):]: v for k, v in model_items.items()})
+            cfg.model = to_dict(mcfg)
+    try:
+        cfg.model_config()
+    except ConfigError as e:
+        raise ConfigError(f"model: {e}") from e
+    validate(cfg)
+    preflight(cfg)
+    return cfg
+
+
+def _raise_first(problems, prefix: str) -> None:
+    for key, msg in problems:
+        raise ConfigError(f"{prefix}{key}: {msg}")
+
+
+def preflight(cfg: RunConfig) -> None:
+    """The checks beyond the values themselves (see the module docstring); ConfigError naming the key."""
+    t = cfg.train
+    if t.init_from:
+        problem = init_from_problem(t.init_from)
+        if problem:
+            raise ConfigError(f"train.init_from: {problem}")
+    if t.resume not in ("auto", "none") and not Path(t.resume).exists():
+        raise ConfigError(f"train.resume: checkpoint {t.resume!r} does not exist (use auto, none or a checkpoint "
+                          "path)")
+    if cfg.distill is not None:
+        _raise_first(check_sources(cfg.distill), "distill.")
+    _raise_first(_model_problems(cfg), "")
+    check_selectors(cfg)  # train.freeze / train.lr_mult entries must name parameters of this model
+    check_urls(cfg.data.train, "data.train")
+    if cfg.eval.zeroshot.shards:
+        check_urls(cfg.eval.zeroshot.shards, "eval.zeroshot.shards")
+    if cfg.eval.retrieval.shards:
+        check_urls(cfg.eval.retrieval.shards, "eval.retrieval.shards")
+    for key in ("classnames", "templates"):
+        v = getattr(cfg.eval.zeroshot, key)
+        if isinstance(v, str) and not Path(v).is_file():
+            raise ConfigError(f"eval.zeroshot.{key}: file {v!r} not found")
+
+
+def _model_problems(cfg: RunConfig):
+    """What the run asks of its model: a logit bias for SigLIP, a decoder for captioning, room for captions."""
+    mcfg = cfg.model_config()
+    if cfg.train.loss == "siglip" and mcfg.init_logit_bias is None:
+        yield "train.loss", "siglip needs a model with a logit bias (set model.init_logit_bias, e.g. -10)"
+    if cfg.eval.captioning.shards and mcfg.decoder is None:
+        yield "eval.captioning.shards", "captioning needs a model with a decoder (e.g. model: tiny-coca)"
+    gen = cfg.eval.captioning.generation
+    if gen.max_new_tokens is not None and gen.max_new_tokens >= mcfg.text.context_length:
+        yield "eval.captioning.generation.max_new_tokens", (
+            f"{gen.max_new_tokens} does not fit the model's context length {mcfg.text.context_length} "
+            "(start token included)")

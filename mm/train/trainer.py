@@ -1,0 +1,476 @@
+"""The training run: one CPU, one GPU, many GPUs or nodes (``accelerate launch``).
+
+``run(cfg)`` reads as what a run does: set up (processes, model, optimizer, loss: :class:`Trainer`'s
+constructor), ``resume`` from the newest checkpoint, ``train`` (the step loop with its periodic logs,
+checkpoints and evaluations), ``finish`` (final evaluation, ``final/``, plots). Each stage is a method a test
+can call; the numerics of one optimizer step are :class:`mm.train.step.Stepper`'s, shared with ``mm finetune``.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import to_dict
+from ..data.decode import SampleDecoder
+from ..data.gpu import DeferredTrainTransform, GpuImageDecoder, PendingImages
+from ..data.transforms import image_transform
+from ..data.wds import Collate, ShardStream, check_urls, make_loader
+from ..eval import evaluate
+from ..hub import save_pretrained
+from ..layers import RouterStats
+from ..losses import CocaLoss, make_loss
+from ..models import ImageTextModel, ModelOutput, model_class
+from ..tokenizer import get_tokenizer
+from ..utils import dist
+from ..utils.host import tune_malloc
+from ..utils.nn import params_sha256
+from . import adapt
+from . import checkpoint as ckpt
+from . import fsdp as sharding
+from .config import RunConfig
+from .distill import build_distiller
+from .log import RunLogger, plot_run
+from .optim import make_optimizer, make_scheduler
+from .preflight import load_run_config
+from .step import Stepper, TrainingError
+
+__all__ = ["DataState", "StopFlag", "Trainer", "TrainingError", "build_loss", "build_model", "main", "run"]
+
+
+@dataclass
+class DataState:
+    """What this process has consumed: batches, each worker's stream position, skipped samples."""
+
+    batches: int = 0
+    workers: dict[int, tuple[int, int]] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def consume(self, meta: dict[str, Any]) -> None:
+        self.batches += 1
+        self.workers[meta["worker"]] = (meta["epoch"], meta["pos"])
+        for reason, n in meta["skipped"].items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+    def to_json(self, workers_per_process: int) -> dict[str, Any]:
+        return {"batches": self.batches, "workers_per_process": workers_per_process,
+                "positions": {str(k): list(v) for k, v in self.workers.items()}, "skipped": self.skipped}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DataState:
+        return cls(d["batches"], {int(k): tuple(v) for k, v in d["positions"].items()}, dict(d["skipped"]))
+
+
+class StopFlag:
+    """SIGTERM / SIGINT ask for a checkpoint at the next step boundary (cluster preemption)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))  # a second signal acts as usual
+
+    def uninstall(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def make_accelerator(cfg: RunConfig):
+    """accelerate's view of the launch: it forms the process group and wraps the model in DDP. Precision is not
+    its business here (``Stepper`` owns autocast and the fp16 scaler, for the trainer and finetuning alike)."""
+    from accelerate import Accelerator
+
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    acc = Accelerator(cpu=dist.use_cpu(), mixed_precision="no")
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # accelerate's FSDP would wrap the model its own way (mm shards it itself: train.fsdp, mm/train/fsdp.py
+        # says why); DeepSpeed's engine would own the optimizer, precision and checkpoints the loop manages
+        raise ValueError(f"accelerate config uses {acc.distributed_type.value}, which mm's trainer does not take "
+                         "from accelerate; launch with a multi-GPU (DDP) config and set train.fsdp=true to shard "
+                         "the model (mm applies FSDP2 itself), see docs/distributed.md")
+    return acc
+
+
+def build_model(cfg: RunConfig) -> ImageTextModel:
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every process
+    mcfg = cfg.model_config()
+    model = model_class(mcfg)(mcfg)
+    if cfg.train.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def build_train_stream(cfg: RunConfig, model: ImageTextModel, rank: int, world: int, data: DataState) -> ShardStream:
+    mcfg = model.config
+    transform = image_transform(mcfg, train=True, scale=tuple(cfg.data.crop_scale))
+    on_device = cfg.data.decode == "device"
+    if on_device:
+        transform = DeferredTrainTransform(transform, cfg.data.max_pixels)
+    decoder = SampleDecoder(transform, image_keys=cfg.data.image_keys, text_key=cfg.data.text_key,
+                            need=("text",), max_pixels=cfg.data.max_pixels,
+                            random_caption=cfg.data.random_caption, raw_image=on_device)
+    nw = max(1, cfg.data.workers)
+    return ShardStream(check_urls(cfg.data.train, "data.train"), decoder, Collate(get_tokenizer(model)),
+                       cfg.data.batch_size, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                       train=True, resampled=cfg.data.resampled, rank=rank, world=world,
+                       start=data.workers, rotation=data.batches % nw)
+
+
+def build_loss(cfg: RunConfig, model: ImageTextModel) -> torch.nn.Module:
+    """The configured contrastive loss; wrapped in the CoCa loss when the model has a decoder."""
+    t = cfg.train
+    loss_kw = {"local_loss": t.local_loss} if t.loss == "clip" else {}
+    loss = make_loss(t.loss, aux_weight=t.aux_weight, **loss_kw)
+    if model.config.decoder is not None:
+        loss = CocaLoss(loss, contrastive_weight=t.contrastive_weight, caption_weight=t.caption_weight,
+                        label_smoothing=t.label_smoothing, aux_weight=t.aux_weight)
+    return loss
+
+
+def routing_metrics(stats: dict[str, list[RouterStats]], layers: dict[str, list[int]]) -> dict[str, Any]:
+    """``moe/<tower or modality>/<block>/load|dropped|entropy``: each MoE layer's fraction of assignments per
+    expert (before capacity), fraction of assignments dropped over capacity and mean per-token router
+    entropy (nats), in this process's last micro-batch. One device-to-host copy for all of them."""
+    keys, rows = [], []
+    for tower, per_layer in stats.items():
+        for block, s in zip(layers[tower], per_layer):
+            keys.append(f"moe/{tower}/{block}")
+            rows.append(torch.cat([s.load, s.dropped_fraction[None], s.entropy[None]]).float())
+    if not rows:
+        return {}
+    values, rec, start = torch.cat(rows).cpu().tolist(), {}, 0
+    for key, row in zip(keys, rows):
+        v, start = values[start : start + len(row)], start + len(row)
+        rec[f"{key}/load"] = [round(x, 5) for x in v[:-2]]
+        rec[f"{key}/dropped"], rec[f"{key}/entropy"] = v[-2], v[-1]
+    return rec
+
+
+def find_resume(cfg: RunConfig) -> Path | None:
+    if cfg.train.resume == "none":
+        return None
+    if cfg.train.resume == "auto":
+        found = ckpt.complete_checkpoints(Path(cfg.output_dir) / "checkpoints")
+        return found[-1] if found else None
+    return Path(cfg.train.resume)
+
+
+LOSS_PARTS = ("contrastive_loss", "caption_loss", "aux_loss", "task_loss", "kl_loss", "feature_loss")
+
+
+class Trainer:
+    """One training run. The constructor sets it up (process group, output directory, model with
+    ``train.init_from`` / ``train.freeze`` / FSDP applied, optimizer, loss, distiller, scheduler); then
+    :meth:`resume`, :meth:`train`."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg, t = cfg, cfg.train
+        self.acc = make_accelerator(cfg)
+        self.device = self.acc.device
+        self.rank, self.world, self.main = dist.rank(), dist.world_size(), dist.is_main()
+        self.out_dir = Path(cfg.output_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        if self.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            import yaml
+
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        dist.barrier()
+        self.core = build_model(cfg)
+        # train.init_from weights, train.freeze, lr_mult / layer_decay; frozen modules stay in eval mode for the
+        # whole run (evaluation restores every module's mode)
+        self.frozen, lr_scales = adapt.prepare(self.core, cfg)
+        adapt.set_train_mode(self.core, self.frozen)
+        self.sharded = t.fsdp and self.world > 1  # one process: nothing to shard
+        self.replicated, self.eval_copy = [], None
+        if self.sharded:  # before the optimizer exists: it must hold the sharded parameters
+            self.core.to(self.device)
+            self.replicated = sharding.shard_model(self.core)
+            self.eval_copy = sharding.EvalCopy(self.core, self.device)
+        self.opt = make_optimizer(self.core, t.lr, t.weight_decay, tuple(t.betas), t.eps, self.device, lr_scales)
+        self.log: RunLogger | None = None
+        self.stepper = Stepper(self.opt, [], device=self.device, precision=t.precision, grad_clip=t.grad_clip,
+                               max_bad_steps=t.max_bad_steps, log=self._info)
+        # distill: a frozen teacher around the usual loss (its task loss); a learned projection joins the
+        # optimizer before the scheduler reads its groups
+        self.loss_fn = build_loss(cfg, self.core)
+        self.distill = build_distiller(cfg, self.core, self.loss_fn, self.opt, self.device, self.stepper.autocast)
+        self.stepper.params = [*self.core.parameters(), *(self.distill.parameters() if self.distill else [])]
+        self.sched = make_scheduler(self.opt, t.warmup_steps, t.steps, t.lr, t.min_lr)
+        self.step, self.data = 0, DataState()
+        self.resumed_from: Path | None = None
+        self.rng_state = None
+        self.results: dict[str, Any] = {}
+
+    def _info(self, msg: str) -> None:
+        if self.log is not None:
+            self.log.info(msg)
+
+    # -- resume --------------------------------------------------------------------------------------------
+    def resume(self, path: Path | None = None) -> None:
+        """Continue from ``path`` (default: ``train.resume``'s choice, e.g. the newest complete checkpoint):
+        weights, optimizer, scheduler, scaler, step counters, this process's data position and RNG states."""
+        path = path if path is not None else find_resume(self.cfg)
+        if path is None:
+            return
+        state = ckpt.load(path, self.rank)
+        if bool(state["state"].get("fsdp", False)) != self.sharded:
+            raise TrainingError(f"{path} was written {'without' if self.sharded else 'with'} a sharded model "
+                                f"(train.fsdp={not self.sharded} over several processes); resume it the same way "
+                                "(the optimizer state is stored differently)")
+        if self.sharded:
+            sharding.load_full_state(self.core, self.opt, state["model"], state["optimizer"])
+        else:
+            self.core.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+        if self.distill is not None:
+            self.distill.load(path)
+        self.sched.load_state_dict(state["scheduler"])
+        self.stepper.load_state_dict(state["state"])
+        self.step, self.stepper.skipped = state["state"]["step"], state["state"]["skipped_steps"]
+        if state["data"] and state["data"]["workers_per_process"] == max(1, self.cfg.data.workers) \
+                and state["state"]["world_size"] == self.world:
+            self.data = DataState.from_json(state["data"])
+        else:
+            if self.main:
+                print(f"warning: resuming with a different number of processes x workers than {path} was "
+                      "written with; the data stream restarts its shuffle order (not bit-exact)")
+            self.data.batches = state["state"].get("batches", 0)
+        self.resumed_from, self.rng_state = path, state["rng"]
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Steps until ``train.steps`` (or ``train.stop_after``, or a stop signal: then a checkpoint and an
+        early return); then the final checkpoint and, at the last step, :meth:`finish`. Returns the last
+        evaluation's results."""
+        cfg = self.cfg
+        end = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
+        self._open_logs(end)
+        stop = StopFlag()
+        stop.install()  # before the data workers start: they inherit it, so a signal to the group spares them
+        try:
+            batches = self._start()
+            while self.step < end:
+                if dist.any_process(stop.requested, self.device):  # the signal may reach only some processes
+                    self.save(self.step)
+                    self.log.info(f"stopped by signal at step {self.step}; checkpoint written. Run again with "
+                                  "train.resume=auto to continue.")
+                    return self.results
+                losses, out = self.train_step(batches)
+                self._periodic(end, losses, out)
+            self.save(self.step)
+            if self.step >= cfg.train.steps:
+                return self.finish()
+            self.log.info(f"stopped after step {self.step} (train.stop_after); resume with train.resume=auto")
+            return self.results
+        finally:
+            stop.uninstall()
+            self.log.close()
+            self.skip_log.close()
+
+    def _open_logs(self, end: int) -> None:
+        self.log = RunLogger(self.out_dir, self.cfg.train.steps, self.step, enabled=self.main)
+        self.skip_log = open(self.out_dir / f"skipped_samples.rank{self.rank}.txt", "a", buffering=1)
+        self._describe(end)
+
+    def _start(self):
+        """Wrap the model for the processes and open the data stream; returns the batch iterator."""
+        cfg = self.cfg
+        if self.sharded:  # FSDP already synchronises the gradients: no DDP wrapper
+            self.model = self.core
+        else:
+            self.model = self.acc.prepare(torch.compile(self.core) if cfg.train.compile else self.core)
+        loader = make_loader(build_train_stream(cfg, self.core, self.rank, self.world, self.data), cfg.data.workers,
+                             cfg.data.prefetch_factor, pin_memory=self.device.type == "cuda")
+        v = self.core.config.vision
+        self.gpu_decoder = GpuImageDecoder(v.image_size, v.image_mean, v.image_std) \
+            if cfg.data.decode == "device" else None
+        batches = iter(loader)  # draws the workers' base seed from the global RNG: before restoring it
+        torch.manual_seed(cfg.train.seed * 1000 + self.rank + self.step)  # dropout / patch dropout streams per rank
+        if self.rng_state is not None:
+            ckpt.set_rng_state(self.rng_state)
+        self.t_last, self.samples_since = time.time(), 0
+        return batches
+
+    def _describe(self, end: int) -> None:
+        cfg, core = self.cfg, self.core
+        if self.resumed_from is not None:
+            self.log.info(f"resumed from {self.resumed_from} at step {self.step}")
+        n_train = sum(p.numel() for p in core.parameters() if p.requires_grad)
+        self.log.info(
+            f"training {cfg.model if isinstance(cfg.model, str) else 'model'}"
+            f"{f' from {cfg.train.init_from}' if cfg.train.init_from else ''}: "
+            f"{sum(p.numel() for p in core.parameters()):,} parameters ({n_train:,} trained"
+            f"{f', frozen: {cfg.train.freeze}' if self.frozen else ''}), {self.world} process(es)"
+            f"{' (FSDP)' if self.sharded else ''} on {self.device}, "
+            f"batch {cfg.data.batch_size} x {self.world} x accum {cfg.train.grad_accum}, steps {self.step} -> {end}")
+        if self.distill is not None:
+            self.log.info(self.distill.describe())
+        if self.step == 0:
+            self.log.log({"step": 0, "world_size": self.world, "device": str(self.device)}, show=False)
+
+    def train_step(self, batches) -> tuple[dict[str, torch.Tensor], ModelOutput]:
+        """One optimizer step over ``train.grad_accum`` micro-batches; returns the last micro-batch's losses
+        and model output."""
+        accum = self.cfg.train.grad_accum
+        losses = out = None
+        for micro in range(accum):
+            batch = next(batches)
+            self.data.consume(batch["meta"])
+            self._report_bad(batch["meta"])
+            images = batch["images"]
+            if isinstance(images, PendingImages):
+                images = self.gpu_decoder(images, self.device)
+            else:
+                images = images.to(self.device, non_blocking=True)
+            tokens = batch["tokens"].to(self.device, non_blocking=True)
+            with nullcontext() if micro == accum - 1 else self.acc.no_sync(self.model):
+                with self.stepper.autocast():
+                    out = self.model(images, tokens)
+                losses = self.loss_fn(out) if self.distill is None else self.distill(out, batch, images, tokens)
+                self.stepper.backward(losses["loss"] / accum)
+            self.samples_since += images.shape[0] * self.world
+        if self.distill is not None:
+            self.distill.sync_grads()
+        if self.sharded:
+            dist.average_gradients(self.replicated)  # the scalars FSDP2 cannot shard
+        self.stepper.step(self.step + 1)
+        self.sched.step()
+        if self.core.logit_scale.requires_grad:  # a frozen scale stays bit-identical
+            with torch.no_grad():
+                self.core.logit_scale.clamp_(0, math.log(100))  # CLIP: temperature capped at 100
+        self.step += 1
+        self.log.advance()
+        return losses, out
+
+    def _periodic(self, end: int, losses: dict[str, torch.Tensor], out: ModelOutput) -> None:
+        """What happens every ``train.log_every`` / ``checkpoint_every`` / ``eval.every`` steps."""
+        cfg, step = self.cfg, self.step
+        if step % cfg.train.log_every == 0 or step == end:
+            self._log_step(end, losses, out)
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < end:
+            self.save(step)
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < end:
+            self.results = self.evaluate()
+
+    def _log_step(self, end: int, losses: dict[str, torch.Tensor], out: ModelOutput) -> None:
+        dt = time.time() - self.t_last
+        # the base rate: group 0 may be scaled (train.lr_mult / layer_decay)
+        lr_now = self.sched.get_last_lr()[0] / self.opt.param_groups[0].get("lr_scale", 1.0)
+        rec = {"step": self.step, "loss": losses["loss"].item(), "lr": lr_now,
+               "samples_per_s": self.samples_since / max(dt, 1e-9), "skipped_samples": sum(self.data.skipped.values()),
+               "skipped_steps": self.stepper.skipped, "logit_scale": self.core.logit_scale.exp().item(),
+               "eta_s": (end - self.step) * dt / self.cfg.train.log_every}
+        rec.update({k: losses[k].item() for k in LOSS_PARTS if k in losses})
+        self.log.log(rec)
+        if self.main and out.router_stats:  # own record: per-layer lists would crowd the console line
+            self.log.log({"step": self.step, **routing_metrics(out.router_stats, self.core.moe_layers())}, show=False)
+        self.t_last, self.samples_since = time.time(), 0
+
+    def _report_bad(self, meta: dict[str, Any]) -> None:
+        for line in meta["bad"]:
+            self.skip_log.write(line + "\n")
+            self._note(f"skipped sample {line}")
+        for w in meta["warnings"]:
+            self._note(f"warning: {w}")
+
+    def _note(self, msg: str) -> None:
+        self.log.info(msg) if self.rank == 0 else print(f"[rank {self.rank}] {msg}")
+
+    # -- checkpoints, evaluation, the end --------------------------------------------------------------------
+    def save(self, at: int) -> None:
+        """Checkpoint ``step_{at}``: written under a temporary name by every process, then published."""
+        gathered = {}
+        if self.sharded:  # collective: every process takes part, the main one receives the whole state
+            gathered = {"model_state": sharding.full_state_dict(self.core),
+                        "optimizer_state": sharding.full_optimizer_state(self.core, self.opt)}
+        if self.main:
+            ckpt.save_main(self.ckpt_root, at, self.core, self.opt, self.sched,
+                           {"step": at, "skipped_steps": self.stepper.skipped, "world_size": self.world,
+                            "fsdp": self.sharded, "batches": self.data.batches, **self.stepper.state_dict()},
+                           **gathered)
+            if self.distill is not None:
+                self.distill.save(ckpt.tmp_dir(self.ckpt_root, at))
+        dist.barrier()
+        ckpt.save_rank(self.ckpt_root, at, self.rank, self.data.to_json(max(1, self.cfg.data.workers)))
+        dist.barrier()
+        if self.main:
+            ckpt.publish(self.ckpt_root, at, self.cfg.train.keep_checkpoints)
+        dist.barrier()
+
+    def evaluate(self, whole: ImageTextModel | None = None, gathered: bool = False) -> dict[str, Any]:
+        """Evaluation on the main process while the others wait. A sharded model is first gathered into an
+        unsharded copy, a collective step every process takes; ``gathered``: the caller already did (``whole``:
+        the copy on the main process, None on the others)."""
+        cfg, results = self.cfg, {}
+        if not (cfg.eval.zeroshot.shards or cfg.eval.retrieval.shards or cfg.eval.captioning.shards):
+            return results
+        if self.eval_copy is not None and not gathered:
+            whole = self.eval_copy.refresh(self.main)
+        if self.main:
+            results = evaluate(cfg.eval, whole if whole is not None else self.core, self.device,
+                               precision=cfg.train.precision, reading=cfg.data.reading(), output_dir=self.out_dir)
+            for ex in results.pop("caption_examples", []):
+                self.log.info(f"caption {ex['key']}: {ex['caption']!r}   (reference: {ex['references'][0]!r})")
+            if results:
+                self.log.log({"step": self.step, **results})
+        dist.barrier()
+        return results
+
+    def finish(self) -> dict[str, Any]:
+        """The last evaluation, ``final/`` (the trained model), every process's weight hash, plots."""
+        whole = None
+        if self.eval_copy is not None:  # sharded: the main process holds the one whole copy, so one hash
+            whole = self.eval_copy.refresh(self.main)
+            shas = {"param_sha256": [params_sha256(whole)] if self.main else []}
+        else:
+            shas = {"param_sha256": dist.gather_object(params_sha256(self.core))}
+        proj = self.distill.loss.proj if self.distill is not None else None
+        if proj is not None:  # trained outside DDP: its gradient sync is ours to get right
+            shas["distill_sha256"] = dist.gather_object(params_sha256(proj))
+        results = self.evaluate(whole, gathered=True)
+        if self.main:
+            for what, values in shas.items():
+                if len(set(values)) != 1:
+                    self.log.info(f"WARNING: {what}: parameters differ between processes: {values}")
+            save_pretrained(whole if whole is not None else self.core, self.out_dir / "final")
+            self.log.log({"step": self.step, "final": True, **shas, "skipped_by_reason": self.data.skipped},
+                         show=False)
+            plots = plot_run(self.out_dir)
+            self.log.info(f"final model: {self.out_dir / 'final'}; plots: {', '.join(p.name for p in plots)}")
+            if self.data.skipped:
+                self.log.info(f"skipped samples by reason: {self.data.skipped} (names in skipped_samples.rank*.txt)")
+        dist.barrier()
+        return results
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Train according to ``cfg``; returns the final evaluation (empty if none configured)."""
+    trainer = Trainer(cfg)
+    trainer.resume()
+    return trainer.train()
+
+
+def main(config: str | None, overrides: list[str] = ()) -> int:
+    cfg = load_run_config(config, list(overrides))  # every config error surfaces here, before any work
+    tune_malloc()  # train.py / mm train own their process (mm/utils/host.py)
+    results = run(cfg)
+    if results:
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float))
+        print(f"evaluation: {summary}")
+    return 0

@@ -1,0 +1,27 @@
+"""Precision names (``fp32`` / ``bf16`` / ``fp16``, as configs and commands spell them) -> autocast dtypes,
+and the one autocast context every forward pass of mm runs under."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: str | torch.dtype | None) -> torch.dtype | None:
+    """The autocast dtype of a precision name (None: fp32, no autocast); a dtype or None passes through."""
+    if precision is None or isinstance(precision, torch.dtype):
+        return precision
+    if precision not in _DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return _DTYPES[precision]
+
+
+def autocast(device: torch.device | str, precision: str | torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on ``device``'s type at ``precision`` (a name or a dtype); a no-op for fp32 / None."""
+    dtype = autocast_dtype(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)

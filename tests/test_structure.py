@@ -1,0 +1,191 @@
+"""The package's structure stays as ARCHITECTURE.md draws it: layers with one direction of imports.
+
+Every module of ``mm`` belongs to a unit (the longest prefix in :data:`LAYERS`); a unit imports only units of
+earlier layers, and its own modules. Imports are read with ``ast`` from the source, wherever they stand (top of
+the file, inside a function, under ``TYPE_CHECKING``), so a deferred import cannot hide a wrong direction. The
+checker itself is tested: it must catch a deliberate upward import and a cycle planted in a copy of the package.
+"""
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Earlier layers first. Units of one layer may not import each other. The root package (mm/__init__.py: public
+# re-exports, mm/__main__.py) sits above everything.
+LAYERS: list[tuple[str, ...]] = [
+    ("mm._version", "mm.utils"),
+    ("mm.config",),
+    ("mm.layers",),
+    ("mm.models",),
+    ("mm.hub",),
+    ("mm.tokenizer", "mm.losses", "mm.data"),
+    ("mm.inference",),
+    ("mm.eval",),
+    ("mm.train",),
+    ("mm.serve",),
+    ("mm.cli",),
+]
+RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+TOP = len(LAYERS)
+MAX_FUNCTION_LINES = 80
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def unit_of(module: str) -> tuple[str, int]:
+    """(unit, layer rank) of a module: the longest listed prefix; the root package is above all layers."""
+    parts = module.split(".")
+    for n in range(len(parts), 1, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in RANK:
+            return prefix, RANK[prefix]
+    if module in ("mm", "mm.__main__"):
+        return "mm", TOP
+    raise AssertionError(f"{module}: in no layer of tests/test_structure.py (add its unit to LAYERS)")
+
+
+def imports(path: Path, module: str, modules: set[str]) -> list[tuple[int, str]]:
+    """(line, imported mm module) for every import in ``path``; ``from PKG import NAME`` counts as PKG.NAME
+    when that is a module, else as PKG."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "mm"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "mm":
+                continue
+            for a in node.names:
+                sub = f"{target}.{a.name}"
+                found.append((node.lineno, sub if sub in modules else target))
+    return found
+
+
+def scan(root: Path) -> tuple[dict[str, Path], dict[str, list[tuple[int, str]]]]:
+    """Every module under ``root/mm`` and its imports of other mm modules."""
+    files = {module_name(p, root): p for p in sorted((root / "mm").rglob("*.py"))}
+    modules = set(files)
+    return files, {m: [(n, t) for n, t in imports(p, m, modules) if t != m] for m, p in files.items()}
+
+
+def layer_violations(root: Path) -> list[str]:
+    files, graph = scan(root)
+    out = []
+    for module, targets in graph.items():
+        unit, rank = unit_of(module)
+        for line, target in targets:
+            t_unit, t_rank = unit_of(target)
+            if t_unit != unit and t_rank >= rank:
+                out.append(f"{files[module].relative_to(root)}:{line}: {module} (layer {rank}) imports {target} "
+                           f"(layer {t_rank}): imports must point to earlier layers")
+    return out
+
+
+def cycles(root: Path) -> list[list[str]]:
+    """Import cycles among mm modules (strongly connected components of more than one module)."""
+    _, graph = scan(root)
+    edges = {m: sorted({t for _, t in ts if t in graph}) for m, ts in graph.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_every_import_points_to_an_earlier_layer():
+    assert layer_violations(ROOT) == []
+
+
+def test_no_import_cycles():
+    assert cycles(ROOT) == []
+
+
+def _copy_package(tmp_path: Path) -> Path:
+    shutil.copytree(ROOT / "mm", tmp_path / "mm", ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+def test_the_checker_catches_an_upward_import(tmp_path):
+    root = _copy_package(tmp_path)
+    mlp = root / "mm" / "layers" / "mlp.py"
+    mlp.write_text(mlp.read_text() + "\n\ndef _planted():\n    from ..cli import main  # noqa: F401\n")
+    found = layer_violations(root)
+    assert len(found) == 1 and "mm.layers.mlp (layer 2) imports mm.cli (layer 10)" in found[0], found
+
+
+def test_the_checker_catches_a_cycle(tmp_path):
+    root = _copy_package(tmp_path)
+    mlp = root / "mm" / "layers" / "mlp.py"
+    mlp.write_text(mlp.read_text() + "\n\nfrom . import block  # noqa: E402,F401\n")  # block imports mlp
+    assert any({"mm.layers.block", "mm.layers.mlp"} <= set(c) for c in cycles(root)), cycles(root)
+
+
+def test_long_functions_say_why():
+    """No function over ~80 lines without a comment saying why (``# long: ...`` in its body)."""
+    long = []
+    for path in sorted((ROOT / "mm").rglob("*.py")):
+        source = path.read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = lines[node.lineno - 1: node.end_lineno]
+                if len(body) > MAX_FUNCTION_LINES and not any("# long:" in line for line in body):
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({len(body)} lines)")
+    assert long == []
+
+
+def test_import_mm_is_light():
+    """``import mm`` loads no torch: the public names are imported when first used."""
+    code = ("import sys, mm; heavy = [m for m in ('torch', 'numpy', 'accelerate', 'open_clip') if m in sys.modules]; "
+            "print(heavy); assert not heavy, heavy; assert callable(mm.create_model) and 'torch' in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_python_dash_m_mm_runs_the_command():
+    proc = subprocess.run([sys.executable, "-m", "mm", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: mm ") and "zeroshot" in proc.stdout
