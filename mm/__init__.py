@@ -57,13 +57,31 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from .config import ConfigError  # noqa: F401
     from .data.transforms import image_transform  # noqa: F401
     from .eval.zeroshot import zero_shot_classifier  # noqa: F401
-    from .hub import PretrainedError, create_model, from_hf_clip, from_open_clip  # noqa: F401
-    from .hub import load_model, load_pretrained, save_pretrained, to_open_clip  # noqa: F401
+    from .hub import (  # noqa: F401  # noqa: F401
+        PretrainedError,
+        create_model,
+        from_hf_clip,
+        from_open_clip,
+        load_model,
+        load_pretrained,
+        save_pretrained,
+        to_open_clip,
+    )
     from .inference.export import export_model  # noqa: F401
     from .inference.generate import GenerationConfig, caption  # noqa: F401
     from .inference.quantize import quantize  # noqa: F401
     from .layers import MoEConfig, TransformerConfig  # noqa: F401
     from .losses import ClipLoss, CocaLoss, SigLipLoss, make_loss  # noqa: F401
-    from .models import CLIP, CoCa, DecoderConfig, ImageTextModel, LIMoE, ModelOutput  # noqa: F401
-    from .models import TextConfig, VisionConfig, get_preset, list_models  # noqa: F401
+    from .models import (  # noqa: F401  # noqa: F401
+        CLIP,
+        CoCa,
+        DecoderConfig,
+        ImageTextModel,
+        LIMoE,
+        ModelOutput,
+        TextConfig,
+        VisionConfig,
+        get_preset,
+        list_models,
+    )
     from .tokenizer import Tokenizer, get_tokenizer  # noqa: F401

@@ -189,3 +189,31 @@ def test_python_dash_m_mm_runs_the_command():
                           check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: mm ") and "zeroshot" in proc.stdout
+
+
+def test_a_model_directory_saved_before_the_restructure_still_loads(tmp_path):
+    """Earlier versions wrote ``grad_checkpointing`` into every stack of config.json (an architecture field
+    then, a training setting now): such a directory loads, with the same weights and outputs."""
+    import json
+
+    import torch
+
+    import mm
+
+    torch.manual_seed(0)
+    model = mm.create_model("tiny-coca").eval()
+    mm.save_pretrained(model, tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    meta = json.loads(path.read_text())
+    stacks = [meta["model"]["vision"]["transformer"], meta["model"]["text"]["transformer"],
+              meta["model"]["decoder"]["transformer"]]
+    for stack in stacks:
+        assert "grad_checkpointing" not in stack
+        stack["grad_checkpointing"] = False  # as every config.json of earlier versions holds it
+    path.write_text(json.dumps(meta, indent=2))
+    loaded = mm.load_pretrained(tmp_path / "m")
+    assert loaded.config == model.config
+    images, tokens = torch.randn(2, 3, 32, 32), mm.get_tokenizer(model)(["a red circle", "a blue star"])
+    with torch.no_grad():
+        want, got = model(images, tokens), loaded(images, tokens)
+    assert torch.equal(want.image_emb, got.image_emb) and torch.equal(want.caption_logits, got.caption_logits)

@@ -9,9 +9,23 @@ from typing import Any
 
 import torch
 
-from ..hub import (OPEN_CLIP_PREFIX, ConversionError, PretrainedError, from_hf_clip, load_model, load_pretrained,
-                   save_pretrained, to_open_clip)
-from ..inference.export import FORMATS, TOWERS, ExportError, export_model, require_packages
+from ..hub import (
+    OPEN_CLIP_PREFIX,
+    ConversionError,
+    PretrainedError,
+    from_hf_clip,
+    load_model,
+    load_pretrained,
+    save_pretrained,
+    to_open_clip,
+)
+from ..inference.export import (
+    FORMATS,
+    TOWERS,
+    ExportError,
+    export_model,
+    require_packages,
+)
 from .common import EXAMPLES, UsageError, add_model_options, guard
 
 

@@ -16,8 +16,16 @@ from ..data.decode import BadSample
 from ..data.folder import load_image
 from ..data.transforms import image_transform
 from ..hub import PretrainedError, load_model
-from ..inference.embed import (INDEX_NAME, SKIPPED_NAME, EmbedError, check_out_dir, plan_images, plan_texts,
-                               read_index, run_embed)
+from ..inference.embed import (
+    INDEX_NAME,
+    SKIPPED_NAME,
+    EmbedError,
+    check_out_dir,
+    plan_images,
+    plan_texts,
+    read_index,
+    run_embed,
+)
 from ..inference.search import plot_results, require_faiss, search
 from ..tokenizer import get_tokenizer
 from ..utils import dist

@@ -15,15 +15,37 @@ from pathlib import Path
 from typing import Any
 
 from ..data.wds import check_urls, is_shard_spec
-from ..eval.classify import (accuracy_table, folder_batches, label_images, prediction_line, resolve_shards,
-                             shard_batches, write_predictions, zeroshot)
+from ..eval.classify import (
+    accuracy_table,
+    folder_batches,
+    label_images,
+    prediction_line,
+    resolve_shards,
+    shard_batches,
+    write_predictions,
+    zeroshot,
+)
 from ..eval.config import EvalConfig, RetrievalConfig, ShardReading, ZeroShotConfig
-from ..eval.probe import DEFAULT_WEIGHT_DECAYS, image_features, labelled_batches, linear_probe, shard_classes
+from ..eval.probe import (
+    DEFAULT_WEIGHT_DECAYS,
+    image_features,
+    labelled_batches,
+    linear_probe,
+    shard_classes,
+)
 from ..eval.runner import evaluate
 from ..hub import PretrainedError, load_model
 from ..utils.precision import PRECISIONS, autocast_dtype
-from .common import (EXAMPLES, add_model_and_labelled_shards, add_model_options, check_out, default_device, guard,
-                     parse_classes, parse_templates)
+from .common import (
+    EXAMPLES,
+    add_model_and_labelled_shards,
+    add_model_options,
+    check_out,
+    default_device,
+    guard,
+    parse_classes,
+    parse_templates,
+)
 
 
 def _check_counts(args: argparse.Namespace) -> None:

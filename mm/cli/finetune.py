@@ -15,7 +15,13 @@ from ..hub import PretrainedError, load_model
 from ..train.finetune import FinetuneConfig, run
 from ..utils import dist
 from ..utils.precision import PRECISIONS
-from .common import EXAMPLES, add_model_and_labelled_shards, guard, parse_classes, parse_templates
+from .common import (
+    EXAMPLES,
+    add_model_and_labelled_shards,
+    guard,
+    parse_classes,
+    parse_templates,
+)
 
 DESCRIPTION = """\
 Fine-tune a model's image tower for classification on labelled shards (label in --label-key, classes from

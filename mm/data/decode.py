@@ -14,7 +14,6 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageOps
 
-
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # the sample members holding an image, first present wins
 MAX_PIXELS = 89_478_485  # larger images are refused as decompression bombs (PIL's default threshold)
 

@@ -2,9 +2,23 @@
 conversion from and to open_clip and Hugging Face CLIP, ``create_model`` and ``load_model``."""
 from .hf import from_hf_clip
 from .load import create_model, load_model
-from .open_clip import ConversionError, convert_state_dict, export_state_dict, from_open_clip, open_clip_config, to_open_clip
-from .pretrained import (PretrainedError, load_config, load_pretrained, load_state_dict_checked, load_weights,
-                         read_weights_file, save_pretrained)
+from .open_clip import (
+                         ConversionError,
+                         convert_state_dict,
+                         export_state_dict,
+                         from_open_clip,
+                         open_clip_config,
+                         to_open_clip,
+)
+from .pretrained import (
+                         PretrainedError,
+                         load_config,
+                         load_pretrained,
+                         load_state_dict_checked,
+                         load_weights,
+                         read_weights_file,
+                         save_pretrained,
+)
 from .spec import OPEN_CLIP_PREFIX, ModelSpec, parse_spec
 
 __all__ = ["ConversionError", "ModelSpec", "OPEN_CLIP_PREFIX", "PretrainedError", "convert_state_dict",

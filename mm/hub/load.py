@@ -11,7 +11,12 @@ import torch
 from ..config import ConfigError
 from ..models import ImageTextModel, ModelConfig, build_model
 from .open_clip import from_open_clip
-from .pretrained import PretrainedError, load_pretrained, load_weights, read_weights_file
+from .pretrained import (
+    PretrainedError,
+    load_pretrained,
+    load_weights,
+    read_weights_file,
+)
 from .spec import parse_spec
 
 

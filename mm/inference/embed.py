@@ -47,7 +47,8 @@ from ..utils import dist
 from ..utils.io import atomic_write, write_json_atomic
 from ..utils.precision import autocast
 from ..utils.progress import Progress
-from .quantize import QuantizeError, quantize as quantize_model
+from .quantize import QuantizeError
+from .quantize import quantize as quantize_model
 
 INDEX_NAME, PLAN_NAME, SKIPPED_NAME = "index.json", "plan.json", "skipped.txt"
 _PART_RE = re.compile(r"^part-(\d{3,})-(\d{6,})\.npy$")

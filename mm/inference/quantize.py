@@ -97,7 +97,10 @@ def _ao_dynamic(model: nn.Module, names: list[str]) -> bool:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the deprecation notice, once per call of these APIs
-            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+            from torch.ao.quantization import (
+                per_channel_dynamic_qconfig,
+                quantize_dynamic,
+            )
 
             if not torch.backends.quantized.supported_engines or torch.backends.quantized.engine == "none":
                 return False

@@ -1,7 +1,7 @@
 """Shared building blocks: every tower of every mm model is made of these."""
 from .attention import Attention, KVCache, make_attn_mask
-from .config import MoEConfig, SparseAttentionConfig, TransformerConfig
 from .block import Block, BlockCache, DropPath, LayerScale, Transformer, make_ffn
+from .config import MoEConfig, SparseAttentionConfig, TransformerConfig
 from .mlp import Mlp, QuickGELU, SwiGLU
 from .moe import MoE, RouterStats
 from .pool import AttentionalPool, pool_text, text_valid_mask

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import TransformerConfig
 from .attention import Attention, KVCache, make_attn_mask
+from .config import TransformerConfig
 from .mlp import Mlp, SwiGLU
 from .moe import MoE, RouterStats
 from .sparse import SparsePattern

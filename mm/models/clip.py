@@ -15,6 +15,7 @@ from .decoder import CaptionDecoder
 from .text import TextTower
 from .vision import TowerOutput, VisionTower
 
+
 @dataclass
 class ModelOutput:
     """What ``model(images, tokens)`` returns; losses consume it (``loss(out)``)."""

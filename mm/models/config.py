@@ -9,7 +9,6 @@ from typing import Iterator
 
 from ..layers.config import TransformerConfig
 
-
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 

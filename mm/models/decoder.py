@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import DecoderConfig
 from ..layers import BlockCache, RouterStats, Transformer
+from .config import DecoderConfig
 
 
 class CaptionDecoder(nn.Module):

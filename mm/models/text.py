@@ -4,7 +4,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import BlockCache, RotaryEmbedding, Transformer, TransformerConfig, pool_text, text_valid_mask
+from ..layers import (
+    BlockCache,
+    RotaryEmbedding,
+    Transformer,
+    TransformerConfig,
+    pool_text,
+    text_valid_mask,
+)
 from .config import TextConfig
 from .vision import TowerOutput
 

@@ -6,7 +6,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..layers import AttentionalPool, RotaryEmbedding2D, RouterStats, Transformer, TransformerConfig, sincos_2d
+from ..layers import (
+    AttentionalPool,
+    RotaryEmbedding2D,
+    RouterStats,
+    Transformer,
+    TransformerConfig,
+    sincos_2d,
+)
 from .config import VisionConfig
 
 

@@ -8,7 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, apply_overrides, from_dict, load_file, parse_overrides, to_dict, validate
+from ..config import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_file,
+    parse_overrides,
+    to_dict,
+    validate,
+)
 from ..data.wds import check_urls
 from .adapt import check_selectors
 from .config import RunConfig, init_from_problem

@@ -12,6 +12,7 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from ..tokenizer import get_tokenizer
 from ..utils import dist
 from ..utils.host import tune_malloc
 from ..utils.nn import params_sha256
+from ..utils.precision import autocast
 from . import adapt
 from . import checkpoint as ckpt
 from . import fsdp as sharding
@@ -203,14 +205,15 @@ class Trainer:
             self.replicated = sharding.shard_model(self.core)
             self.eval_copy = sharding.EvalCopy(self.core, self.device)
         self.opt = make_optimizer(self.core, t.lr, t.weight_decay, tuple(t.betas), t.eps, self.device, lr_scales)
-        self.log: RunLogger | None = None
-        self.stepper = Stepper(self.opt, [], device=self.device, precision=t.precision, grad_clip=t.grad_clip,
-                               max_bad_steps=t.max_bad_steps, log=self._info)
         # distill: a frozen teacher around the usual loss (its task loss); a learned projection joins the
         # optimizer before the scheduler reads its groups
         self.loss_fn = build_loss(cfg, self.core)
-        self.distill = build_distiller(cfg, self.core, self.loss_fn, self.opt, self.device, self.stepper.autocast)
-        self.stepper.params = [*self.core.parameters(), *(self.distill.parameters() if self.distill else [])]
+        self.distill = build_distiller(cfg, self.core, self.loss_fn, self.opt, self.device,
+                                       partial(autocast, self.device, t.precision))
+        trained = [*self.core.parameters(), *(self.distill.parameters() if self.distill is not None else [])]
+        self.log: RunLogger | None = None
+        self.stepper = Stepper(self.opt, trained, device=self.device, precision=t.precision, grad_clip=t.grad_clip,
+                               max_bad_steps=t.max_bad_steps, log=self._info)
         self.sched = make_scheduler(self.opt, t.warmup_steps, t.steps, t.lr, t.min_lr)
         self.step, self.data = 0, DataState()
         self.resumed_from: Path | None = None
