@@ -5,7 +5,8 @@ machine's cores), so a 16-core machine cannot feed a ViT-B/32 step. On this path
 workers do not decode: for a JPEG they read only the header, draw the crop box from the sample's own
 RNG (the same rule as :class:`~mm.data.transforms.TrainTransform`, so exact resume still holds) and pass
 the compressed bytes on. The main process decodes the whole batch with ``torchvision.io.decode_jpeg``
-on the device (nvJPEG on CUDA), crops, resizes (bicubic, antialiased, as PIL's) and normalises there.
+on the device (nvJPEG on CUDA), crops, resizes (the worker transform's ``interpolation``: bicubic or
+bilinear, antialiased, as PIL's) and normalises there.
 
 Images the GPU decoder should not see (PNG, WebP, CMYK or 16-bit JPEGs, EXIF-rotated photos) are decoded
 in the worker by the CPU transform as before and travel as finished tensors; a batch may mix both.
@@ -34,6 +35,7 @@ class DeferredImage:
 
     data: torch.Tensor  # uint8 bytes of the file
     box: tuple[int, int, int, int]
+    interpolation: str = "bicubic"  # the worker transform's resampling (TrainTransform.interpolation)
 
 
 class DeferredTrainTransform:
@@ -63,7 +65,8 @@ class DeferredTrainTransform:
             raise
         except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
             raise BadSample("undecodable image", f"{type(e).__name__}: {e}") from None
-        return DeferredImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), self.cpu.crop_params(w, h, rng))
+        return DeferredImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), self.cpu.crop_params(w, h, rng),
+                             self.cpu.interpolation)
 
 
 @dataclass
@@ -98,8 +101,16 @@ def _decode_jpeg(data, device: torch.device):
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
+# PIL's antialiased filters (the worker path) -> torch's interpolate modes with antialias=True, their match
+_MODES = {"bicubic": "bicubic", "bilinear": "bilinear"}
+
+
 class GpuImageDecoder:
-    """Main-process side: :class:`PendingImages` -> normalised (B, 3, S, S) float images on ``device``."""
+    """Main-process side: :class:`PendingImages` -> normalised (B, 3, S, S) float images on ``device``.
+
+    Each JPEG is resized with the interpolation its worker transform was configured with (carried by the
+    :class:`DeferredImage`), so the decoder needs no setting of its own.
+    """
 
     def __init__(self, size: int, mean, std):
         self.size = size
@@ -130,8 +141,9 @@ class GpuImageDecoder:
         for pos, img, jpeg in zip(pending.jpeg_pos, decoded, pending.jpegs):
             i, j, h, w = jpeg.box
             crop = img[:, i:i + h, j:j + w].unsqueeze(0).float()
-            # bicubic with antialiasing is torch's match for PIL's BICUBIC resize (the CPU path)
-            x = F.interpolate(crop, size=(s, s), mode="bicubic", antialias=True, align_corners=False)
+            # bicubic / bilinear with antialiasing is torch's match for PIL's BICUBIC / BILINEAR (the CPU path)
+            x = F.interpolate(crop, size=(s, s), mode=_MODES[jpeg.interpolation], antialias=True,
+                              align_corners=False)
             out[pos] = ((x.clamp_(0, 255) - mean) / std)[0]
         if pending.ready is not None:
             out[pending.ready_pos] = pending.ready.to(device, non_blocking=True)

@@ -1,7 +1,10 @@
 """Image transforms, written on PIL + torch directly.
 
-Evaluation reproduces open_clip's preprocessing pixel for pixel (bicubic shortest-side resize, center
-crop, CLIP mean/std; tested against open_clip's torchvision pipeline), so an imported model sees exactly
+Evaluation reproduces open_clip's eval preprocessing pixel for pixel for every ``VisionConfig.resize_mode``
+(open_clip's ``resize_mode``: ``shortest`` = shortest side to the size then center crop, ``longest`` =
+longest side to the size then pad to a square with black, ``squash`` = both sides to the size) and
+``interpolation`` (``bicubic`` / ``bilinear``, PIL's antialiased filters, as torchvision uses on PIL images),
+with the CLIP mean/std; tested against open_clip's torchvision pipeline, so an imported model sees exactly
 the pixels it was trained on. Not importing torchvision here keeps ``import mm`` ~3 s faster (torchvision
 pulls in torch._dynamo), which every DataLoader worker and CLI call pays.
 """
@@ -17,6 +20,9 @@ from PIL import Image
 
 from ..models import ModelConfig, VisionConfig
 
+# torchvision's InterpolationMode -> PIL mapping for the two modes open_clip offers
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
 
 def _vision_cfg(model_or_cfg: Any) -> VisionConfig:
     cfg = getattr(model_or_cfg, "config", model_or_cfg)
@@ -25,6 +31,29 @@ def _vision_cfg(model_or_cfg: Any) -> VisionConfig:
     if isinstance(cfg, VisionConfig):
         return cfg
     raise TypeError(f"expected an mm model or config, got {type(model_or_cfg).__name__}")
+
+
+def _resample(interpolation: str) -> int:
+    if interpolation not in _RESAMPLE:
+        raise ValueError(f"interpolation must be one of {', '.join(_RESAMPLE)}, got {interpolation!r}")
+    return _RESAMPLE[interpolation]
+
+
+def _center_crop_or_pad(img: Image.Image, s: int) -> Image.Image:
+    """torchvision's CenterCrop / open_clip's CenterCropOrPad (fill 0) to ``s`` x ``s``.
+
+    A side shorter than ``s`` is padded with black, the extra pixel of an odd padding going right / bottom;
+    then the center is cropped, its offset rounded as torchvision does.
+    """
+    w, h = img.size
+    if w < s or h < s:
+        canvas = Image.new(img.mode, (max(w, s), max(h, s)))
+        canvas.paste(img, ((max(w, s) - w) // 2, (max(h, s) - h) // 2))
+        img, (w, h) = canvas, canvas.size
+    if (w, h) == (s, s):
+        return img
+    top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+    return img.crop((left, top, left + s, top + s))
 
 
 class _ToNormalizedTensor:
@@ -40,43 +69,59 @@ class _ToNormalizedTensor:
 
 
 class EvalTransform(_ToNormalizedTensor):
-    """Shortest side to ``size`` (bicubic), center crop ``size`` x ``size``, normalise."""
+    """Resize to ``size`` x ``size`` by ``resize_mode``, resampling with ``interpolation``, then normalise.
 
-    def __init__(self, size: int, mean, std):
+    ``shortest``: shortest side to ``size`` (torchvision's ``Resize(size)``), center crop. ``longest``:
+    longest side to ``size`` keeping the aspect ratio (open_clip's ``ResizeKeepRatio(longest=1)``), pad
+    to a centered square with black (``CenterCropOrPad``, fill 0). ``squash``: both sides to ``size``.
+    A resize to the image's own size is skipped, as torchvision skips it.
+    """
+
+    def __init__(self, size: int, mean, std, resize_mode: str = "shortest", interpolation: str = "bicubic"):
         super().__init__(mean, std)
-        self.size = size
+        if resize_mode not in ("shortest", "longest", "squash"):
+            raise ValueError(f"resize_mode must be shortest, longest or squash, got {resize_mode!r}")
+        self.size, self.resize_mode, self.interpolation = size, resize_mode, interpolation
+        self.resample = _resample(interpolation)
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) the image is resized to before the crop or pad."""
+        s = self.size
+        if self.resize_mode == "squash":
+            return s, s
+        if self.resize_mode == "longest":
+            ratio = max(height / s, width / s)  # ResizeKeepRatio with longest=1: its other terms are exact 0 / 1
+            # Python's round, as open_clip; a side that would round to 0 (aspect beyond 2 * size : 1, where
+            # open_clip's PIL call raises) keeps 1 pixel
+            return max(1, round(width / ratio)), max(1, round(height / ratio))
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = s, int(s * long / short)  # torchvision's rule for Resize(int)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         """``rng`` is accepted and unused (deterministic), so both transforms share one signature."""
-        w, h = img.size
-        short, long = (w, h) if w <= h else (h, w)
-        if short != self.size:
-            new_short, new_long = self.size, int(self.size * long / short)
-            img = img.resize((new_short, new_long) if w <= h else (new_long, new_short), Image.BICUBIC)
-        w, h = img.size
-        s = self.size
-        if w < s or h < s:  # pad like torchvision's CenterCrop, then crop
-            canvas = Image.new(img.mode, (max(w, s), max(h, s)))
-            canvas.paste(img, ((max(w, s) - w) // 2, (max(h, s) - h) // 2))
-            img, (w, h) = canvas, canvas.size
-        top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
-        if (w, h) != (s, s):
-            img = img.crop((left, top, left + s, top + s))
+        size = self.resized_size(*img.size)
+        if size != img.size:
+            img = img.resize(size, self.resample)
+        if self.resize_mode != "squash":
+            img = _center_crop_or_pad(img, self.size)
         return super().__call__(img)
 
 
 class TrainTransform(_ToNormalizedTensor):
-    """RandomResizedCrop (area ``scale``, aspect 3/4–4/3, bicubic) -> tensor -> normalise.
+    """RandomResizedCrop (area ``scale``, aspect 3/4–4/3, ``interpolation``) -> tensor -> normalise.
 
     The crop is drawn from an explicit ``random.Random`` when one is passed, so the data pipeline can
     make augmentation a pure function of the sample's position (exact resume) without touching the
-    global RNG that dropout uses. The sampling rule is torchvision's.
+    global RNG that dropout uses. The sampling rule is torchvision's. ``resize_mode`` does not apply
+    here (open_clip's training transform is a RandomResizedCrop whatever its resize_mode).
     """
 
     def __init__(self, size: int, mean, std, scale: tuple[float, float] = (0.9, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), interpolation: str = "bicubic"):
         super().__init__(mean, std)
         self.size, self.scale, self.ratio = size, scale, ratio
+        self.interpolation, self.resample = interpolation, _resample(interpolation)
 
     def crop_params(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
         area = width * height
@@ -101,17 +146,19 @@ class TrainTransform(_ToNormalizedTensor):
         if img.mode != "RGB":
             img = img.convert("RGB")
         i, j, h, w = self.crop_params(img.width, img.height, rng or random)
-        img = img.crop((j, i, j + w, i + h)).resize((self.size, self.size), Image.BICUBIC)
+        img = img.crop((j, i, j + w, i + h)).resize((self.size, self.size), self.resample)
         return super().__call__(img)
 
 
 def image_transform(model_or_cfg: Any, train: bool = False, scale: tuple[float, float] = (0.9, 1.0)):
     """PIL image -> normalised (3, S, S) float tensor at the model's ``image_size``.
 
+    Evaluation follows the vision config's ``resize_mode`` and ``interpolation`` (:class:`EvalTransform`).
     ``train=True``: :class:`TrainTransform` (RandomResizedCrop over ``scale`` of the area, open_clip's
-    default range; no flips: captions may say "left" or "right").
+    default range, resampled with ``interpolation``; no flips: captions may say "left" or "right").
     """
     v = _vision_cfg(model_or_cfg)
     if train:
-        return TrainTransform(v.image_size, v.image_mean, v.image_std, scale)
-    return EvalTransform(v.image_size, v.image_mean, v.image_std)
+        return TrainTransform(v.image_size, v.image_mean, v.image_std, scale, interpolation=v.interpolation)
+    return EvalTransform(v.image_size, v.image_mean, v.image_std, resize_mode=v.resize_mode,
+                         interpolation=v.interpolation)

@@ -113,6 +113,26 @@ def run_exported(path: str | Path, x: torch.Tensor) -> torch.Tensor:
     return load_exported(path)(x)
 
 
+# VisionConfig.resize_mode (open_clip's) -> (resize, crop) as the manifest states them
+_RESIZE_MODES = {
+    "shortest": ("shortest side to image_size, keeping the aspect ratio", "center, image_size x image_size"),
+    "longest": ("longest side to image_size, keeping the aspect ratio",
+                "pad to image_size x image_size with black (0), image centered (odd padding: the extra pixel right / "
+                "bottom)"),
+    "squash": ("both sides to image_size (aspect ratio not kept)", "none"),
+}
+
+
+def _preprocess(v: Any) -> dict[str, Any]:
+    """The image encoder's preprocessing (``v``: the model's VisionConfig), as export.json states it."""
+    resize, crop = _RESIZE_MODES[v.resize_mode]
+    return {"image_size": v.image_size, "resize_mode": v.resize_mode, "interpolation": v.interpolation,
+            "resize": f"{resize}, {v.interpolation}, antialiased", "crop": crop, "pixels": "RGB scaled to [0, 1]",
+            "mean": list(v.image_mean), "std": list(v.image_std),
+            "python": f"mm.image_transform(model, train=False), or open_clip's eval preprocess with "
+                      f"resize_mode={v.resize_mode!r}, interpolation={v.interpolation!r}, fill_color=0"}
+
+
 def _manifest(model: nn.Module, to: str, files: dict[str, str], normalize: bool, spec: str | None) -> dict[str, Any]:
     cfg, d = model.config, model.config.embed_dim
     v, t = cfg.vision, cfg.text
@@ -123,10 +143,7 @@ def _manifest(model: nn.Module, to: str, files: dict[str, str], normalize: bool,
             "file": files["image"],
             "inputs": [{"name": "images", "dtype": "float32", "shape": ["batch", 3, v.image_size, v.image_size]}],
             "outputs": [{"name": "image_embedding", "dtype": "float32", "shape": ["batch", d]}],
-            "preprocess": {"image_size": v.image_size, "resize": "shortest side to image_size, bicubic, antialiased",
-                           "crop": "center, image_size x image_size", "pixels": "RGB scaled to [0, 1]",
-                           "mean": list(v.image_mean), "std": list(v.image_std),
-                           "python": "mm.image_transform(model, train=False), or open_clip's eval preprocess"},
+            "preprocess": _preprocess(v),
         }
     if "text" in files:
         out["text_encoder"] = {
@@ -141,6 +158,18 @@ def _manifest(model: nn.Module, to: str, files: dict[str, str], normalize: bool,
                                     f"open_clip.tokenize(texts, context_length={t.context_length})"},
         }
     return out
+
+
+def _readme_resize(p: dict[str, Any]) -> str:
+    """The resize (and crop or pad) of a manifest's ``preprocess``, in words; manifests written before
+    ``resize_mode`` / ``interpolation`` existed were shortest-side bicubic."""
+    s, mode, interp = p["image_size"], p.get("resize_mode", "shortest"), p.get("interpolation", "bicubic")
+    if mode == "longest":
+        return (f"resize the longest side to {s} keeping the aspect ratio ({interp}, antialiased), pad to {s}x{s} "
+                f"with black, image centered")
+    if mode == "squash":
+        return f"resize to {s}x{s} ignoring the aspect ratio ({interp}, antialiased)"
+    return f"resize the shortest side to {s} ({interp}, antialiased), center crop {s}x{s}"
 
 
 def _readme(m: dict[str, Any]) -> str:
@@ -161,8 +190,7 @@ def _readme(m: dict[str, Any]) -> str:
                   f"- run: `{load.format(name=i['name'])}`"]
         if "preprocess" in e:
             p = e["preprocess"]
-            lines.append(f"- preprocessing: resize the shortest side to {p['image_size']} (bicubic, antialiased), "
-                         f"center crop {p['image_size']}x{p['image_size']}, RGB in [0, 1], subtract mean {p['mean']}, "
+            lines.append(f"- preprocessing: {_readme_resize(p)}, RGB in [0, 1], subtract mean {p['mean']}, "
                          f"divide by std {p['std']} (`{p['python']}`)")
         if "tokenizer" in e:
             tk = e["tokenizer"]

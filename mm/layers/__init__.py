@@ -4,12 +4,12 @@ from .block import Block, BlockCache, DropPath, LayerScale, Transformer, make_ff
 from .config import MoEConfig, SparseAttentionConfig, TransformerConfig
 from .mlp import Mlp, QuickGELU, SwiGLU
 from .moe import MoE, RouterStats
-from .pool import AttentionalPool, pool_text, text_valid_mask
+from .pool import AttentionalPool, LatentAttentionPool, pool_text, text_valid_mask
 from .position import RotaryEmbedding, RotaryEmbedding2D, apply_rope, sincos_2d
 
 __all__ = [
     "MoEConfig", "SparseAttentionConfig", "TransformerConfig",
     "Attention", "KVCache", "make_attn_mask", "Block", "BlockCache", "DropPath", "LayerScale", "Transformer", "make_ffn",
-    "Mlp", "QuickGELU", "SwiGLU", "MoE", "RouterStats", "AttentionalPool", "pool_text", "text_valid_mask",
+    "Mlp", "QuickGELU", "SwiGLU", "MoE", "RouterStats", "AttentionalPool", "LatentAttentionPool", "pool_text", "text_valid_mask",
     "RotaryEmbedding", "RotaryEmbedding2D", "apply_rope", "sincos_2d",
 ]

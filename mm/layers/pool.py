@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .attention import Attention
+from .mlp import Mlp
 
 
 def text_valid_mask(tokens: torch.Tensor, *, eot_id: int, pad_id: int) -> torch.Tensor:
@@ -25,13 +26,21 @@ def pool_text(x: torch.Tensor, tokens: torch.Tensor, kind: str, *, eot_id: int, 
     """x: (B, T, W) encoder output for token ids (B, T) -> (B, W); ``valid`` from :func:`text_valid_mask`.
 
     ``eot``: the first end-of-text token (CLIP; if a sequence has none, its last real token),
-    ``first``, ``last`` (last real token), ``mean`` (over real tokens).
+    ``first``, ``last`` (last real token), ``mean`` (over real tokens); as open_clip pools: ``argmax`` (the
+    position of the largest token id), ``eos`` (the first ``eot_id``, else position 0), ``end`` (the last
+    position, padding or not).
     """
     b = torch.arange(x.shape[0], device=x.device)
     real = valid
     last = real.long().cumsum(1).argmax(1)  # first position reaching the final count = last real token
     if kind == "first":
         return x[:, 0]
+    if kind == "end":
+        return x[:, -1]
+    if kind == "argmax":
+        return x[b, tokens.argmax(dim=-1)]
+    if kind == "eos":
+        return x[b, (tokens == eot_id).int().argmax(dim=-1)]
     if kind == "last":
         return x[b, last]
     if kind == "mean":
@@ -58,3 +67,21 @@ class AttentionalPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.norm_q(self.query).unsqueeze(0).expand(x.shape[0], -1, -1)
         return self.attn(q, self.norm_k(x))
+
+
+class LatentAttentionPool(nn.Module):
+    """Multihead attention pooling with one learned query (timm's ``AttentionPoolLatent``, SigLIP's and the
+    Perception Encoder's "MAP" head): the latent query cross-attends to the tokens, then a pre-norm residual
+    MLP; (B, T, dim) -> (B, dim)."""
+
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, act: str = "gelu", norm_eps: float = 1e-6):
+        super().__init__()
+        self.latent = nn.Parameter(torch.randn(1, dim) * dim**-0.5)
+        self.attn = Attention(dim, heads, cross=True)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, mlp_hidden, act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.attn(self.latent.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype), x)  # (B, 1, dim)
+        y = y + self.mlp(self.norm(y))
+        return y[:, 0]

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 from ..layers.config import TransformerConfig
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+RESIZE_MODES = ("shortest", "longest", "squash")
+TEXT_POOLS = ("eot", "first", "last", "mean", "argmax", "eos", "end")
+INTERPOLATIONS = ("bicubic", "bilinear")
 
 
 @dataclass
@@ -21,13 +26,23 @@ class VisionConfig:
     transformer: TransformerConfig | None = field(default_factory=lambda: TransformerConfig(768, 12, 12))
     pos_embed: str = "learned"  # learned | sincos2d | rope2d
     class_token: bool = True  # prepend a learned class token
-    pool: str = "cls"  # cls | mean | attn (attentional pooling, CoCa)
+    # cls | mean | attn (attentional pooling, CoCa) | map (one learned query + MLP: SigLIP's and PE's head)
+    pool: str = "cls"
     attn_pool_queries: int = 256  # attn pool: tokens handed to a captioning decoder
-    attn_pool_heads: int = 8  # attn pool: heads of the pooler
+    attn_pool_heads: int = 8  # attn / map pool: heads of the pooler
+    attn_pool_mlp_ratio: float | None = None  # map pool: its MLP's hidden width / width; null = the stack's mlp_ratio
     norm_pre: bool = True  # LayerNorm before the stack (CLIP's ln_pre)
+    final_ln_after_pool: bool = False  # the final LayerNorm after pooling (open_clip's CLIPA) instead of before
+    patch_bias: bool = False  # bias on the patch embedding (timm ViTs without a pre-norm: SigLIP)
+    proj: str = "linear"  # linear | none (the pooled features are the embedding: SigLIP's map head)
+    proj_bias: bool = False  # bias on the output projection (timm heads)
     patch_dropout: float = 0.0  # FLIP: fraction of patch tokens dropped in training
     image_mean: tuple[float, float, float] = OPENAI_MEAN  # per-channel normalisation (OpenAI CLIP's)
     image_std: tuple[float, float, float] = OPENAI_STD  # per-channel standard deviation
+    # evaluation resize (open_clip's resize_mode): shortest (shortest side to image_size, then center crop) |
+    # longest (longest side to image_size, then pad to a square) | squash (both sides to image_size)
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"  # bicubic | bilinear (resampling of the resize, evaluation and training)
 
     @property
     def grid(self) -> int:
@@ -38,14 +53,22 @@ class VisionConfig:
             yield "patch_size", f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
         if self.pos_embed not in ("learned", "sincos2d", "rope2d"):
             yield "pos_embed", f"must be learned, sincos2d or rope2d, got {self.pos_embed!r}"
-        if self.pool not in ("cls", "mean", "attn"):
-            yield "pool", f"must be cls, mean or attn, got {self.pool!r}"
+        if self.pool not in ("cls", "mean", "attn", "map"):
+            yield "pool", f"must be cls, mean, attn or map, got {self.pool!r}"
         if self.pool == "cls" and not self.class_token:
             yield "pool", "cls pooling needs class_token: true"
         if not 0.0 <= self.patch_dropout < 1.0:
             yield "patch_dropout", f"must be in [0, 1), got {self.patch_dropout}"
+        if self.proj not in ("linear", "none"):
+            yield "proj", f"must be linear or none, got {self.proj!r}"
+        if self.final_ln_after_pool and self.pool not in ("cls", "mean"):
+            yield "final_ln_after_pool", f"applies to cls or mean pooling, got pool {self.pool!r}"
         if self.pos_embed == "rope2d" and self.transformer is not None and self.transformer.head_dim % 4:
             yield "pos_embed", f"rope2d needs head_dim divisible by 4, got {self.transformer.head_dim}"
+        if self.resize_mode not in RESIZE_MODES:
+            yield "resize_mode", f"must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}"
+        if self.interpolation not in INTERPOLATIONS:
+            yield "interpolation", f"must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}"
 
 
 @dataclass
@@ -55,9 +78,13 @@ class TextConfig:
     # the tower's own stack; null in a one-tower model, whose stack (ModelConfig.one_tower) it shares
     transformer: TransformerConfig | None = field(default_factory=lambda: TransformerConfig(512, 12, 8))
     causal: bool = True  # CLIP: causal; SigLIP-style encoders: bidirectional with a padding mask
-    pool: str = "eot"  # eot | first | last | mean
+    # eot | first | last | mean; as open_clip pools: argmax (largest token id) | eos (first eot_id) | end (last
+    # position, padding or not)
+    pool: str = "eot"
     pos_embed: str = "learned"  # learned | rope
+    proj: str = "linear"  # linear | none (width == embed_dim: the pooled features are the embedding)
     proj_bias: bool = False  # bias on the output projection
+    pad_mask: bool = True  # bidirectional text: hide padding from attention (open_clip's towers do not)
     pad_id: int = 0  # padding token id
     sot_id: int = 49406  # start of text: the first token of every caption a decoder generates
     eot_id: int = 49407  # end of text
@@ -68,14 +95,21 @@ class TextConfig:
     # "open_clip": open_clip's CoCa mask (the default there, and what its pretrained CoCa weights were
     # trained with): padding is found by id and the mask is shifted one position to the right.
     cls_mask: str = "correct"
+    # "clip": mm's CLIP BPE (token-exact with open_clip's). "hf:NAME": a Hugging Face tokenizer, run through
+    # open_clip's HFTokenizer (SigLIP's SentencePiece / Gemma vocabularies, BERT, XLM-V); its files come from
+    # the Hugging Face cache (or the network)
+    tokenizer: str = "clip"
+    tokenizer_kwargs: dict[str, Any] = field(default_factory=dict)  # for an hf: tokenizer, e.g. {clean: canonicalize}
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.vocab_size < 1:
             yield "vocab_size", f"must be >= 1, got {self.vocab_size}"
         if self.context_length < 2:
             yield "context_length", f"must be >= 2 (start + end token), got {self.context_length}"
-        if self.pool not in ("eot", "first", "last", "mean"):
-            yield "pool", f"must be eot, first, last or mean, got {self.pool!r}"
+        if self.pool not in TEXT_POOLS:
+            yield "pool", f"must be one of {', '.join(TEXT_POOLS)}, got {self.pool!r}"
+        if self.proj not in ("linear", "none"):
+            yield "proj", f"must be linear or none, got {self.proj!r}"
         if self.pos_embed not in ("learned", "rope"):
             yield "pos_embed", f"must be learned or rope, got {self.pos_embed!r}"
         if self.pos_embed == "rope" and self.transformer is not None and self.transformer.head_dim % 2:
@@ -87,6 +121,10 @@ class TextConfig:
             yield "cls_mask", f"must be correct or open_clip, got {self.cls_mask!r}"
         if self.embed_cls and not self.causal:
             yield "embed_cls", "the appended class token is for causal text towers (CoCa)"
+        if self.tokenizer != "clip" and not (self.tokenizer.startswith("hf:") and len(self.tokenizer) > 3):
+            yield "tokenizer", f"must be clip or hf:NAME (a Hugging Face tokenizer), got {self.tokenizer!r}"
+        if self.tokenizer_kwargs and self.tokenizer == "clip":
+            yield "tokenizer_kwargs", "only an hf: tokenizer takes keyword arguments"
 
 
 DECODER_LAYOUTS = ("separate", "fused")
@@ -129,6 +167,11 @@ class ModelConfig:
         if self.embed_dim < 1:
             yield "embed_dim", f"must be >= 1, got {self.embed_dim}"
         yield from self._check_stacks()
+        for name, tower in (("vision", self.vision), ("text", self.text)):
+            stack = tower.transformer or self.one_tower
+            width = self.embed_dim if getattr(tower, "pool", None) == "attn" else stack.width if stack else None
+            if tower.proj == "none" and width is not None and width != self.embed_dim:
+                yield f"{name}.proj", f"none needs the pooled width ({width}) to equal embed_dim ({self.embed_dim})"
         if self.decoder is not None and not self.text.causal:
             yield "decoder", "a captioning decoder needs a causal text tower (text.causal: true)"
         if self.decoder is not None and self.text.transformer is not None \

@@ -37,10 +37,13 @@ class _TextParts(nn.Module):
     def _init_head(self, cfg: TextConfig, embed_dim: int, stack: TransformerConfig) -> None:
         w = stack.width
         self.norm = nn.LayerNorm(w, eps=stack.norm_eps)
-        self.proj = nn.Linear(w, embed_dim, bias=cfg.proj_bias)
-        nn.init.normal_(self.proj.weight, std=w**-0.5)
-        if cfg.proj_bias:
-            nn.init.zeros_(self.proj.bias)
+        if cfg.proj == "linear":
+            self.proj = nn.Linear(w, embed_dim, bias=cfg.proj_bias)
+            nn.init.normal_(self.proj.weight, std=w**-0.5)
+            if cfg.proj_bias:
+                nn.init.zeros_(self.proj.bias)
+        else:  # the pooled features are the embedding (their width is embed_dim)
+            self.proj = nn.Identity()
 
     def _check_length(self, t: int) -> None:
         if t > self.cfg.context_length:
@@ -101,8 +104,9 @@ class TextTower(_TextParts):
             # No padding mask needed: padding follows the end token, and causal attention never lets an
             # earlier position see it. Keeping the mask out lets SDPA use its causal kernels.
             x, stats = self.transformer(x, causal=True, rope=rope, valid=valid)
-        else:
-            x, stats = self.transformer(x, key_padding_mask=valid, rope=rope)
+        else:  # bidirectional: padding hidden from attention unless the weights were trained seeing it
+            x, stats = self.transformer(x, key_padding_mask=valid if self.cfg.pad_mask else None, rope=rope,
+                                        valid=valid)
         emb, x = self.head(x, tokens, valid)
         return TowerOutput(emb, x, stats)
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..layers import (
     AttentionalPool,
+    LatentAttentionPool,
     RotaryEmbedding2D,
     RouterStats,
     Transformer,
@@ -32,7 +33,7 @@ class _VisionParts(nn.Module):
         self.cfg = cfg
         w = stack.width
         scale = w**-0.5
-        self.patch_embed = nn.Conv2d(3, w, cfg.patch_size, cfg.patch_size, bias=False)
+        self.patch_embed = nn.Conv2d(3, w, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
         self.prefix = 1 if cfg.class_token else 0
         self.cls_token = nn.Parameter(scale * torch.randn(w)) if cfg.class_token else None
         n_pos = cfg.grid**2 + self.prefix
@@ -51,12 +52,21 @@ class _VisionParts(nn.Module):
         if cfg.pool == "attn":
             self.attn_pool = AttentionalPool(embed_dim, w, cfg.attn_pool_heads, cfg.attn_pool_queries, stack.norm_eps)
             pool_dim = embed_dim
+        elif cfg.pool == "map":
+            hidden = int(w * (cfg.attn_pool_mlp_ratio or stack.mlp_ratio))
+            self.attn_pool = LatentAttentionPool(w, cfg.attn_pool_heads, hidden, stack.act, stack.norm_eps)
+            pool_dim = w
         else:
             self.attn_pool = None
             pool_dim = w
         self.norm = nn.LayerNorm(pool_dim, eps=stack.norm_eps)
-        self.proj = nn.Linear(pool_dim, embed_dim, bias=False)
-        nn.init.normal_(self.proj.weight, std=pool_dim**-0.5)
+        if cfg.proj == "linear":
+            self.proj = nn.Linear(pool_dim, embed_dim, bias=cfg.proj_bias)
+            nn.init.normal_(self.proj.weight, std=pool_dim**-0.5)
+            if cfg.proj_bias:
+                nn.init.zeros_(self.proj.bias)
+        else:  # the pooled features are the embedding (their width is embed_dim)
+            self.proj = nn.Identity()
 
     def _patch_dropout(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """FLIP (Li et al. 2023): keep a random subset of patch tokens per image; prefix tokens stay.
@@ -84,11 +94,17 @@ class _VisionParts(nn.Module):
 
     def head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The stack's output (B, T, width) -> projected embedding (B, embed_dim) and normed tokens."""
-        if self.attn_pool is not None:
+        if self.cfg.pool == "attn":
             # open_clip's CoCa layout (kept for weight compatibility): the first pooled query is the
             # contrastive embedding, the other queries are the decoder's image tokens.
             x = self.norm(self.attn_pool(x))
             pooled, tokens = x[:, 0], x[:, 1:]
+        elif self.cfg.pool == "map":  # timm: the final norm, then the learned query attends to every token
+            x = self.norm(x)
+            pooled, tokens = self.attn_pool(x), x[:, self.prefix :]
+        elif self.cfg.final_ln_after_pool:  # open_clip's CLIPA: pool, then norm (the tokens stay un-normed)
+            tokens = x[:, self.prefix :]
+            pooled = self.norm(x[:, 0] if self.cfg.pool == "cls" else tokens.mean(1))
         else:
             x = self.norm(x)
             tokens = x[:, self.prefix :]
