@@ -1,7 +1,9 @@
-"""CLIP byte-level BPE tokenizer, producing ids bit-identical to ``open_clip.tokenize``.
+"""Tokenizers: mm's CLIP byte-level BPE (ids bit-identical to ``open_clip.tokenize``) and, for a text config
+with ``tokenizer: hf:NAME``, a Hugging Face tokenizer run through open_clip's ``HFTokenizer``.
 
-Only the vocabulary file is borrowed from the ``open_clip`` package; the package itself is
-never imported, because importing it is slow and pulls in unrelated dependencies.
+The CLIP tokenizer borrows only the vocabulary file from the ``open_clip`` package; the package itself is
+never imported for it, because importing it is slow and pulls in unrelated dependencies. The Hugging Face
+one imports ``transformers`` and ``open_clip`` on its first call, never at import time or construction.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numpy as np
 import regex
 import torch
 
-__all__ = ["Tokenizer", "get_tokenizer", "default_bpe_path"]
+__all__ = ["Tokenizer", "HFTokenizer", "TokenizerUnavailable", "get_tokenizer", "default_bpe_path"]
 
 _VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 _NUM_MERGES = 49152 - 256 - 2  # CLIP keeps only the first 48894 merges of the file.
@@ -240,23 +242,219 @@ class Tokenizer:
         return result
 
 
-def get_tokenizer(model_or_name: Any = None, context_length: int | None = None) -> Tokenizer:
-    """Tokenizer whose context length matches a model or preset.
+class TokenizerUnavailable(RuntimeError):
+    """A configured tokenizer cannot be loaded: a package it needs is missing, or its files are neither in the
+    local Hugging Face cache nor fetchable. The message is one line naming the tokenizer and what to do."""
 
-    Precedence: explicit ``context_length``; else ``model_or_name.config.text.context_length``
-    for a model; else the preset's ``text.context_length`` for a preset name (77 when
-    ``mm.models.presets`` is unavailable; an unknown name raises whatever ``get_preset`` raises); else 77.
+
+_HF_PREFIX = "hf:"
+_HF_EXTRA = "pip install 'mm[hf]'"  # the optional extra of pyproject.toml: transformers, tokenizers, sentencepiece
+_CLEAN_MODES = ("canonicalize", "lower", "whitespace")  # open_clip's get_clean_fn
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer (``tokenizer: hf:NAME`` in a text config) run through open_clip's
+    ``HFTokenizer``, so ids are exactly open_clip's for the same NAME, context length and keyword arguments.
+
+    Same call contract as :class:`Tokenizer`: ``tok(texts) -> LongTensor [B, context_length]``. NAME is a hub id
+    (``timm/ViT-B-16-SigLIP``, ``bert-base-uncased``) or a local tokenizer directory. Lazy: nothing is imported
+    or read until the first call (or :meth:`load`), which raises :class:`TokenizerUnavailable` when
+    ``transformers`` is missing or the files are neither cached nor reachable. Picklable: only NAME, the
+    context length and the keyword arguments are serialised; a copy loads again on its first call (from the
+    Hugging Face cache, which the first load filled).
     """
+
+    def __init__(self, name: str, context_length: int = _DEFAULT_CONTEXT_LENGTH, **kwargs: Any) -> None:
+        """``kwargs`` go to open_clip's ``HFTokenizer`` (``clean``, ``strip_sep_token``, ``language``, ...;
+        the rest to ``AutoTokenizer.from_pretrained``)."""
+        if not name:
+            raise ValueError("a Hugging Face tokenizer needs a name (hf:NAME)")
+        if context_length < 2:
+            raise ValueError(f"context_length must be >= 2, got {context_length}")
+        if "clean" in kwargs and kwargs["clean"] not in _CLEAN_MODES:
+            raise ValueError(f"tokenizer hf:{name}: clean must be one of {', '.join(_CLEAN_MODES)}, "
+                             f"got {kwargs['clean']!r}")
+        self._name = str(name)
+        self._context_length = int(context_length)
+        self._kwargs = dict(kwargs)
+        self._tok: Any = None  # open_clip's HFTokenizer, built on first use
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"name": self._name, "context_length": self._context_length, "kwargs": self._kwargs}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["name"], state["context_length"], **state["kwargs"])
+
+    def __repr__(self) -> str:
+        kwargs = "".join(f", {k}={v!r}" for k, v in self._kwargs.items())
+        return f"HFTokenizer({self._name!r}, context_length={self._context_length}{kwargs})"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def tokenizer_kwargs(self) -> dict[str, Any]:
+        return dict(self._kwargs)
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    @property
+    def loaded(self) -> bool:
+        return self._tok is not None
+
+    def load(self) -> HFTokenizer:
+        """Load now (a preflight check); raises :class:`TokenizerUnavailable`. Returns ``self``."""
+        if self._tok is None:
+            self._tok = _load_hf_tokenizer(self._name, self._context_length, self._kwargs)
+        return self
+
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The underlying ``transformers`` tokenizer (loads it)."""
+        return self.load()._tok.tokenizer
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.LongTensor:
+        """Tokenize to a LongTensor of shape [B, context_length] (B = 1 for a str), as open_clip does."""
+        if isinstance(texts, str):
+            texts = [texts]
+        length = self._context_length if context_length is None else int(context_length)
+        if length < 2:
+            raise ValueError(f"context_length must be >= 2, got {length}")
+        tok = self.load()._tok
+        if len(texts) == 0:  # Hugging Face tokenizers reject an empty batch; mm's Tokenizer returns [0, L]
+            return torch.zeros(0, length, dtype=torch.long)
+        return tok(list(texts), context_length=length).long()
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """Text for ``ids`` with special tokens and padding dropped (the Hugging Face tokenizer's decode)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()
+        hf = self.hf_tokenizer
+        decode = getattr(hf, "decode", None)
+        if not callable(decode):
+            raise NotImplementedError(f"tokenizer hf:{self._name} ({type(hf).__name__}) cannot decode")
+        return decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _load_hf_tokenizer(name: str, context_length: int, kwargs: dict[str, Any]) -> Any:
+    """open_clip's ``HFTokenizer(name, context_length=..., **kwargs)``, or :class:`TokenizerUnavailable`."""
+    try:
+        import transformers  # noqa: F401  (open_clip imports it inside HFTokenizer; fail here, clearly)
+    except ImportError as e:
+        raise TokenizerUnavailable(f"tokenizer hf:{name} needs the transformers package, which cannot be "
+                                   f"imported ({e}): {_HF_EXTRA}") from e
+    try:
+        from open_clip.tokenizer import HFTokenizer as OpenClipHFTokenizer
+    except ImportError as e:
+        raise TokenizerUnavailable(f"tokenizer hf:{name} is run through open_clip, which cannot be imported "
+                                   f"({e}): pip install open-clip-torch") from e
+    try:
+        tok = _from_cache_then_hub(OpenClipHFTokenizer, name, context_length, kwargs)
+    except ImportError as e:  # e.g. sentencepiece / protobuf for a slow tokenizer
+        raise TokenizerUnavailable(f"tokenizer hf:{name} needs a package that is not installed "
+                                   f"({_first_line(e)}): {_HF_EXTRA}") from e
+    except (OSError, ValueError) as e:
+        if (isinstance(e, ValueError) and "sentencepiece" in str(e).lower()  # how some versions report it missing
+                and importlib.util.find_spec("sentencepiece") is None):
+            raise TokenizerUnavailable(f"tokenizer hf:{name} needs sentencepiece ({_first_line(e)}): "
+                                       f"{_HF_EXTRA}") from e
+        # OSError: not cached and not fetched; HFValidationError (a ValueError): neither a directory nor a hub
+        # id; any ValueError for an existing directory: no tokenizer in it. Other ValueErrors are not ours.
+        if isinstance(e, OSError) or type(e).__name__ == "HFValidationError" or os.path.isdir(name):
+            raise TokenizerUnavailable(_unavailable_message(name, kwargs, e)) from e
+        raise
+    if kwargs.get("strip_sep_token") and tok.tokenizer.sep_token_id is None:
+        raise ValueError(f"tokenizer hf:{name}: strip_sep_token needs a tokenizer with a sep token, and "
+                         f"{type(tok.tokenizer).__name__} from {name} has none")
+    return tok
+
+
+def _from_cache_then_hub(cls: Any, name: str, context_length: int, kwargs: dict[str, Any]) -> Any:
+    """``cls(name, ...)`` from the local Hugging Face cache if it is there, else from the hub.
+
+    The cache is tried first (``local_files_only=True``), so a cached tokenizer loads without asking the hub
+    for updates: a machine without network then loads it at once, instead of after the hub client's retries
+    (about a minute), in every DataLoader worker. A caller's own ``local_files_only`` is respected."""
+    if "local_files_only" in kwargs or os.path.isdir(name):
+        return cls(name, context_length=context_length, **kwargs)
+    try:
+        return cls(name, context_length=context_length, local_files_only=True, **kwargs)
+    except OSError:  # not (completely) cached: what open_clip itself does, hub included
+        return cls(name, context_length=context_length, **kwargs)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= 200 else line[:200] + "..."
+
+
+def _looks_like_path(name: str) -> bool:
+    return (os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\", "..\\")) or os.path.exists(name)
+            or name.count("/") > 1)  # hub ids are NAME or OWNER/NAME
+
+
+def _unavailable_message(name: str, kwargs: dict[str, Any], e: BaseException) -> str:
+    """One line: what was looked for, where, and how to get it."""
+    reason = f"[{type(e).__name__}: {_first_line(e)}]"
+    if _looks_like_path(name):
+        if os.path.isdir(name):
+            return (f"tokenizer hf:{name}: the directory holds no Hugging Face tokenizer that transformers can "
+                    f"load (write one with tokenizer.save_pretrained(DIR)) {reason}")
+        return (f"tokenizer hf:{name}: no such directory, and it is not a Hugging Face hub id; pass "
+                f"hf:/path/to/dir (a tokenizer saved with save_pretrained) or hf:OWNER/NAME {reason}")
+    cache = kwargs.get("cache_dir") or _hf_hub_cache()
+    offline = [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+               if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
+    why = (f"{'/'.join(offline)} is set, so the hub was not asked" if offline
+           else "it could not be fetched from the hub (no network, or an unknown or gated repository)")
+    return (f"tokenizer hf:{name} is not in the local Hugging Face cache ({cache}; set by HF_HOME / "
+            f"HF_HUB_CACHE) and {why}. On a machine with network run `huggingface-cli download {name}` or "
+            f"`python -c \"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained('{name}')\"` "
+            f"and copy the cache here (or point HF_HOME at it), or save the tokenizer to a directory and "
+            f"configure tokenizer: hf:/path/to/dir {reason}")
+
+
+def _hf_hub_cache() -> str:
+    """The Hugging Face hub cache directory as huggingface_hub resolves it (HF_HUB_CACHE, else HF_HOME/hub)."""
+    try:
+        from huggingface_hub import constants
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:
+        home = os.environ.get("HF_HOME") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+        return os.path.expanduser(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub"))
+
+
+def get_tokenizer(model_or_name: Any = None, context_length: int | None = None) -> Tokenizer | HFTokenizer:
+    """Tokenizer of a model or preset: its kind from ``text.tokenizer``, its context length matching.
+
+    The text config is ``model_or_name.config.text`` for a model, the preset's ``text`` for a preset name (none
+    when ``mm.models.presets`` is unavailable; an unknown name raises whatever ``get_preset`` raises). Its
+    ``tokenizer`` is ``"clip"`` (the default, also without a text config): mm's CLIP BPE :class:`Tokenizer`; or
+    ``"hf:NAME"``: an :class:`HFTokenizer` (lazy) with its ``tokenizer_kwargs``. Context length: explicit
+    ``context_length``; else the text config's ``context_length``; else 77.
+    """
+    text = None
+    config = getattr(model_or_name, "config", None)
+    if config is not None and hasattr(getattr(config, "text", None), "context_length"):
+        text = config.text
+    elif isinstance(model_or_name, str):
+        try:  # Lazy: keeps this module free of imports from the rest of mm (and usable without it).
+            from .models.presets import get_preset
+        except ImportError:
+            pass
+        else:
+            text = get_preset(model_or_name).text
     if context_length is None:
-        context_length = _DEFAULT_CONTEXT_LENGTH
-        config = getattr(model_or_name, "config", None)
-        if config is not None and hasattr(getattr(config, "text", None), "context_length"):
-            context_length = config.text.context_length
-        elif isinstance(model_or_name, str):
-            try:  # Lazy: keeps this module free of imports from the rest of mm (and usable without it).
-                from .models.presets import get_preset
-            except ImportError:
-                pass
-            else:
-                context_length = get_preset(model_or_name).text.context_length
+        context_length = text.context_length if text is not None else _DEFAULT_CONTEXT_LENGTH
+    kind = getattr(text, "tokenizer", "clip")
+    if isinstance(kind, str) and kind.startswith(_HF_PREFIX):
+        kwargs = getattr(text, "tokenizer_kwargs", None) or {}
+        return HFTokenizer(kind[len(_HF_PREFIX):], context_length=context_length, **kwargs)
+    if kind != "clip":
+        raise ValueError(f"text.tokenizer must be clip or hf:NAME, got {kind!r}")
     return Tokenizer(context_length=context_length)
