@@ -26,10 +26,10 @@ _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 def _vision_cfg(model_or_cfg: Any) -> VisionConfig:
     cfg = getattr(model_or_cfg, "config", model_or_cfg)
-    if isinstance(cfg, ModelConfig):
-        return cfg.vision
     if isinstance(cfg, VisionConfig):
         return cfg
+    if isinstance(cfg, ModelConfig) or isinstance(getattr(cfg, "vision", None), VisionConfig):
+        return cfg.vision  # an mm model's config, or the config of an open_clip model mm runs through open_clip
     raise TypeError(f"expected an mm model or config, got {type(model_or_cfg).__name__}")
 
 

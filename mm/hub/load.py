@@ -9,31 +9,35 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
-from ..models import ImageTextModel, ModelConfig, build_model
+from ..models import ImageTextModel, ModelConfig, NotNative, build_model
+from ..models.open_clip_configs import open_clip_model_names, registry_config
 from .open_clip import from_open_clip
-from .pretrained import (
-    PretrainedError,
-    load_pretrained,
-    load_weights,
-    read_weights_file,
-)
+from .pretrained import PretrainedError, load_pretrained, load_weights, read_weights_file
 from .spec import parse_spec
+from .wrapped import OpenClipModel, build_open_clip, wrap_open_clip
 
 
 def create_model(spec: str | Path | dict | ModelConfig, pretrained: str | Path | None = None,
-                 **overrides: Any) -> ImageTextModel:
+                 **overrides: Any) -> ImageTextModel | OpenClipModel:
     """Build a model from a preset name, a config file, a dict or a config object: randomly initialised,
     or with the weights of ``pretrained`` (an mm or open_clip ``.safetensors`` / ``.pt`` / ``.bin`` file;
     open_clip state dicts are converted exactly, pickles that would run code are refused).
 
     A directory made by :func:`mm.save_pretrained` loads that model (weights included). Overrides use
-    dotted keys with ``__`` or nested dicts: ``create_model("tiny-clip", vision__patch_dropout=0.5)``.
+    dotted keys with ``__`` or nested dicts: ``create_model("tiny-clip", vision__patch_dropout=0.5)``. Every
+    model of open_clip's registry is a name here; one mm does not build natively comes back as open_clip's own
+    model behind mm's interface (:class:`~mm.hub.wrapped.OpenClipModel`; no overrides then).
     """
     if isinstance(spec, (str, Path)) and Path(spec).is_dir():
         if overrides or pretrained is not None:
             raise ConfigError("overrides and pretrained= cannot be applied when loading a saved model directory")
         return load_pretrained(spec)
-    model = build_model(spec, **overrides)
+    try:
+        model = build_model(spec, **overrides)
+    except NotNative:
+        if overrides or not isinstance(spec, str) or spec not in open_clip_model_names():
+            raise
+        model = wrap_open_clip(build_open_clip(registry_config(spec)), spec)
     if pretrained is not None:
         load_weights(model, pretrained)
     return model
@@ -60,7 +64,10 @@ def load_model(spec: str | Path, pretrained: str | Path | None = None, device: s
         oc = open_clip.create_model(s.name, pretrained=s.tag, device="cpu")
         if pretrained is not None:
             oc.load_state_dict(read_weights_file(pretrained), strict=True)
-        model = from_open_clip(oc, s.name)
+        try:
+            model = from_open_clip(oc, s.name)
+        except NotNative:  # mm does not build it: open_clip's own model runs behind mm's interface
+            model = wrap_open_clip(oc, s.name)
     else:
         model = create_model(s.text)
         if pretrained is not None:

@@ -32,8 +32,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config import validate
 from ..layers import TransformerConfig
-from ..models import CLIP, ModelConfig, model_class, resolve_config
+from ..models import CLIP, ModelConfig, OpenClipSource, model_class, resolve_config
+from ..models.open_clip_configs import from_open_clip_config, open_clip_model_names, registry_config
+from ..models.presets import list_models as mm_presets
 
 Tensors = list[torch.Tensor]
 
@@ -65,6 +68,9 @@ def _transpose(ts: Tensors) -> Tensors:
 
 
 COPY = Transform(lambda ts: ts, lambda ts: ts)
+# timm keeps tokens and position tables with leading singleton dims: (1, N, W) <-> mm's (N, W), (1, 1, W) <-> (W)
+SQUEEZE = Transform(lambda ts: [ts[0].squeeze(0)], lambda ts: [ts[0].unsqueeze(0)])
+FLATTEN = Transform(lambda ts: [ts[0].reshape(-1)], lambda ts: [ts[0].reshape(1, 1, -1)])
 # x @ P (open_clip) == Linear with weight P.T (mm)
 TRANSPOSE = Transform(_transpose, _transpose)
 # packed [q; k; v] (weights or biases) <-> mm cross-attention's q and packed [k; v]
@@ -149,10 +155,10 @@ def _pool_packed(cfg: ModelConfig) -> bool:
 
 _POOL_OC, _POOL_MM = "visual.attn_pool", "vision.attn_pool"
 
-RULES: list[Rule] = [
-    _rule("logit_scale", "logit_scale"),
-    _rule("logit_bias", "logit_bias"),
-    # vision tower
+COMMON_RULES: list[Rule] = [_rule("logit_scale", "logit_scale"), _rule("logit_bias", "logit_bias")]
+
+# open_clip's own VisionTransformer (open_clip.vision == "vit")
+VIT_RULES: list[Rule] = [
     _rule("visual.conv1.weight", "vision.patch_embed.weight"),
     _rule("visual.class_embedding", "vision.cls_token"),
     _rule("visual.positional_embedding", "vision.pos_embed"),
@@ -170,7 +176,45 @@ RULES: list[Rule] = [
     *_params(f"{_POOL_OC}.attn.out_proj", f"{_POOL_MM}.attn.proj"),
     *_params("visual.ln_post", "vision.norm"),
     _rule("visual.proj", "vision.proj.weight", TRANSPOSE),
-    # text tower
+]
+
+_TRUNK = "visual.trunk"
+
+
+def _timm_block(oc: str, mm: str) -> list[Rule]:
+    """timm's ViT Block (norm1, fused qkv attention, ls1, norm2, mlp fc1 / fc2, ls2) <-> mm Block."""
+    return [
+        *_params(f"{oc}.norm1", f"{mm}.norm1", layers="vision"),
+        *_params(f"{oc}.attn.qkv", f"{mm}.attn.qkv", layers="vision"),
+        *_params(f"{oc}.attn.proj", f"{mm}.attn.proj", layers="vision"),
+        _rule(f"{oc}.ls1.gamma", f"{mm}.ls1.gamma", layers="vision"),
+        *_params(f"{oc}.norm2", f"{mm}.norm2", layers="vision"),
+        *_params(f"{oc}.mlp.fc1", f"{mm}.ffn.fc1", layers="vision"),
+        *_params(f"{oc}.mlp.fc2", f"{mm}.ffn.fc2", layers="vision"),
+        _rule(f"{oc}.ls2.gamma", f"{mm}.ls2.gamma", layers="vision"),
+    ]
+
+
+# a timm VisionTransformer under open_clip's TimmModel (open_clip.vision == "timm_vit": SigLIP, timm CLIP ViTs)
+TIMM_VIT_RULES: list[Rule] = [
+    *_params(f"{_TRUNK}.patch_embed.proj", "vision.patch_embed"),
+    _rule(f"{_TRUNK}.cls_token", "vision.cls_token", FLATTEN),
+    _rule(f"{_TRUNK}.pos_embed", "vision.pos_embed", SQUEEZE),
+    *_params(f"{_TRUNK}.norm_pre", "vision.norm_pre"),
+    *_timm_block(f"{_TRUNK}.blocks.{{i}}", "vision.transformer.blocks.{i}"),
+    *_params(f"{_TRUNK}.norm", "vision.norm", when=lambda cfg: not cfg.vision.final_ln_after_pool),
+    *_params(f"{_TRUNK}.fc_norm", "vision.norm", when=lambda cfg: cfg.vision.final_ln_after_pool),
+    _rule(f"{_TRUNK}.attn_pool.latent", "vision.attn_pool.latent", SQUEEZE),
+    *_params(f"{_TRUNK}.attn_pool.q", "vision.attn_pool.attn.q"),
+    *_params(f"{_TRUNK}.attn_pool.kv", "vision.attn_pool.attn.kv"),
+    *_params(f"{_TRUNK}.attn_pool.proj", "vision.attn_pool.attn.proj"),
+    *_params(f"{_TRUNK}.attn_pool.norm", "vision.attn_pool.norm"),
+    *_params(f"{_TRUNK}.attn_pool.mlp.fc1", "vision.attn_pool.mlp.fc1"),
+    *_params(f"{_TRUNK}.attn_pool.mlp.fc2", "vision.attn_pool.mlp.fc2"),
+    *_params(f"{_TRUNK}.head", "vision.proj"),
+]
+
+TEXT_RULES: list[Rule] = [
     _rule("{text}token_embedding.weight", "text.token_embedding.weight"),
     _rule("{text}cls_emb", "text.cls_token"),
     _rule("{text}positional_embedding", "text.pos_embed"),
@@ -179,12 +223,28 @@ RULES: list[Rule] = [
     # open_clip makes the projection an nn.Linear (already mm's layout) only when it has a bias
     _rule("{text}text_projection", "text.proj.weight", TRANSPOSE, when=lambda cfg: not cfg.text.proj_bias),
     *_params("{text}text_projection", "text.proj", when=lambda cfg: cfg.text.proj_bias),
-    # CoCa decoder: layer i is open_clip's resblocks[i] then cross_attn[i], mm's blocks 2i and 2i + 1
+]
+
+# CoCa decoder: layer i is open_clip's resblocks[i] then cross_attn[i], mm's blocks 2i and 2i + 1
+DECODER_RULES: list[Rule] = [
     *_self_block("text_decoder.resblocks.{i}", "decoder.transformer.blocks.{self_block}", "decoder"),
     *_cross_block("text_decoder.cross_attn.{i}", "decoder.transformer.blocks.{cross_block}", "decoder"),
     *_params("text_decoder.ln_final", "decoder.norm"),
     _rule("text_decoder.text_projection", "decoder.head.weight", TRANSPOSE),
 ]
+
+VISION_RULES = {"vit": VIT_RULES, "timm_vit": TIMM_VIT_RULES}
+
+
+def rules(cfg: ModelConfig) -> list[Rule]:
+    """The rules of ``cfg``'s layout in open_clip: its image tower's (open_clip's ViT or a timm tower), the text
+    tower's, the decoder's."""
+    return [*COMMON_RULES, *VISION_RULES[_source(cfg).vision], *TEXT_RULES, *DECODER_RULES]
+
+
+def _source(cfg: ModelConfig) -> OpenClipSource:
+    """Where open_clip keeps the model's tensors; a config made in mm: open_clip's own ViT layout."""
+    return cfg.open_clip or OpenClipSource(custom_text=cfg.decoder is not None)
 
 
 def _stacks(cfg: ModelConfig) -> dict[str, TransformerConfig]:
@@ -195,33 +255,88 @@ def _stacks(cfg: ModelConfig) -> dict[str, TransformerConfig]:
     return stacks
 
 
-def _check_supported(cfg: ModelConfig) -> None:
-    """Reject mm configs that open_clip's ViT CLIP / CoCa cannot express, naming the dotted key."""
-    if cfg.one_tower is not None:  # checked first: the towers have no stacks of their own
-        raise ConversionError("not convertible to open_clip: one_tower: open_clip has no one-tower models")
-    problems: list[tuple[str, str]] = []
+_OPEN_CLIP_TEXT_POOLS = ("eot", "argmax", "eos", "end", "first")
+
+
+def _stack_problems(cfg: ModelConfig, layout: str) -> list[tuple[str, str]]:
+    problems = []
     for tower, t in _stacks(cfg).items():
         key = f"{tower}.transformer"
         if t.ffn != "mlp":
             problems.append((f"{key}.ffn", f"open_clip has no {t.ffn!r} FFN"))
         if t.moe is not None:
             problems.append((f"{key}.moe", "open_clip has no MoE"))
+        if t.sparse_attention is not None:
+            problems.append((f"{key}.sparse_attention", "open_clip has no block-sparse attention"))
         if t.qk_norm:
             problems.append((f"{key}.qk_norm", "open_clip's qk-norm blocks have another layout"))
-        if not t.qkv_bias:
+        if not t.qkv_bias and not (tower == "vision" and layout == "timm_vit"):
             problems.append((f"{key}.qkv_bias", "open_clip's attention always has biases"))
-        if t.act != cfg.vision.transformer.act or t.act not in ("gelu", "quick_gelu"):
-            problems.append((f"{key}.act", f"open_clip uses GELU or QuickGELU in all towers, got {t.act!r}"))
-        if t.norm_eps != 1e-5:
-            problems.append((f"{key}.norm_eps", f"open_clip's LayerNorm eps is 1e-5, got {t.norm_eps}"))
-    if cfg.vision.pos_embed != "learned":
-        problems.append(("vision.pos_embed", f"must be learned, got {cfg.vision.pos_embed!r}"))
-    if not cfg.vision.class_token:
-        problems.append(("vision.class_token", "open_clip's ViT always has a class token"))
-    if cfg.text.pos_embed != "learned":
-        problems.append(("text.pos_embed", f"must be learned, got {cfg.text.pos_embed!r}"))
-    if cfg.text.pool != "eot" and not cfg.text.embed_cls:  # a class token overrides pooling in both
-        problems.append(("text.pool", f"open_clip pools CLIP text at the end token, got {cfg.text.pool!r}"))
+    # open_clip's quick_gelu flag is one for its own towers (timm towers keep their own activation); a tower
+    # may take GELU's tanh form through act_kwargs, the CoCa decoder not
+    own = {"text": cfg.text.transformer.act}
+    if layout == "vit":
+        own["vision"] = cfg.vision.transformer.act
+    if cfg.decoder is not None:
+        own["decoder"] = cfg.decoder.transformer.act
+    quick = {t for t, a in own.items() if a == "quick_gelu"}
+    if quick and quick != set(own):
+        problems.append((f"{sorted(set(own) - quick)[0]}.transformer.act",
+                         "open_clip's QuickGELU (quick_gelu) applies to all of its towers at once"))
+    for tower, act in own.items():
+        if act not in ("gelu", "gelu_tanh", "quick_gelu") or (tower == "decoder" and act == "gelu_tanh"):
+            problems.append((f"{tower}.transformer.act", f"open_clip has no {act!r} here"))
+    if cfg.decoder is not None and cfg.decoder.transformer.norm_eps != 1e-5:
+        problems.append(("decoder.transformer.norm_eps", "open_clip's decoder LayerNorm eps is 1e-5"))
+    return problems
+
+
+def _vision_problems(cfg: ModelConfig, layout: str) -> list[tuple[str, str]]:
+    v, problems = cfg.vision, []
+    if v.pos_embed != "learned":
+        problems.append(("vision.pos_embed", f"must be learned, got {v.pos_embed!r}"))
+    if layout == "vit":
+        if not v.class_token:
+            problems.append(("vision.class_token", "open_clip's ViT always has a class token"))
+        if v.pool == "map":
+            problems.append(("vision.pool", "open_clip's ViT has no map pooling (timm's ViT has: open_clip.vision "
+                                            "timm_vit)"))
+        if v.patch_bias or v.proj != "linear" or v.proj_bias:
+            problems.append(("vision.proj", "open_clip's ViT has a bias-free patch embedding and projection"))
+    elif layout == "timm_vit":
+        if v.pool == "attn":
+            problems.append(("vision.pool", "timm's ViT has no CoCa attentional pooling"))
+        if v.proj == "linear" and not v.proj_bias:
+            problems.append(("vision.proj_bias", "timm's ViT head has a bias"))
+    return problems
+
+
+def _text_problems(cfg: ModelConfig) -> list[tuple[str, str]]:
+    t, problems = cfg.text, []
+    if t.pos_embed != "learned":
+        problems.append(("text.pos_embed", f"must be learned, got {t.pos_embed!r}"))
+    if not t.embed_cls:  # a class token overrides pooling in both
+        if t.pool not in _OPEN_CLIP_TEXT_POOLS:
+            problems.append(("text.pool", f"open_clip pools text at {', '.join(_OPEN_CLIP_TEXT_POOLS)}, got "
+                                          f"{t.pool!r}"))
+        elif t.pool == "eot" and (t.tokenizer != "clip" or t.eot_id != t.vocab_size - 1):
+            problems.append(("text.pool", "eot is open_clip's argmax only when the end token is the largest id "
+                                          "(CLIP's BPE)"))
+    if not t.causal and t.pad_mask:
+        problems.append(("text.pad_mask", "open_clip's bidirectional text towers attend to padding (pad_mask: "
+                                          "false)"))
+    return problems
+
+
+def _check_supported(cfg: ModelConfig) -> None:
+    """Reject mm configs that open_clip (its own towers, or the timm tower the layout names) cannot express,
+    naming the dotted key."""
+    if cfg.one_tower is not None:  # checked first: the towers have no stacks of their own
+        raise ConversionError("not convertible to open_clip: one_tower: open_clip has no one-tower models")
+    layout = _source(cfg).vision
+    if layout not in VISION_RULES:
+        raise ConversionError(f"not convertible to open_clip: open_clip.vision {layout!r} is not supported yet")
+    problems = _stack_problems(cfg, layout) + _vision_problems(cfg, layout) + _text_problems(cfg)
     if cfg.decoder is not None:
         if cfg.decoder.transformer.mlp_ratio != 4:  # open_clip does not pass its decoder an mlp_ratio
             problems.append(("decoder.transformer.mlp_ratio", "open_clip's decoder MLP ratio is 4"))
@@ -251,7 +366,7 @@ def _plan(cfg: ModelConfig, text_prefix: str, mm_ref: dict[str, torch.Tensor]) -
     applies, covering every mm key."""
     stacks = _stacks(cfg)
     steps: list[Step] = []
-    for rule in RULES:
+    for rule in rules(cfg):
         if (rule.when is not None and not rule.when(cfg)) or (rule.layers and rule.layers not in stacks):
             continue
         for i in range(stacks[rule.layers].depth) if rule.layers else (0,):
@@ -283,7 +398,7 @@ def _check_keys(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]
         raise ConversionError(f"{what}: " + "; ".join(problems))
 
 
-def _label(cfg: ModelConfig | str) -> str:
+def _label(cfg: ModelConfig | str | dict) -> str:
     return repr(cfg) if isinstance(cfg, str) else "the given config"
 
 
@@ -313,13 +428,13 @@ def export_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig | str, *,
                       custom_text: bool | None = None) -> dict[str, torch.Tensor]:
     """mm state dict of the model ``cfg`` -> open_clip state dict.
 
-    ``custom_text``: put the text tower under ``text.`` (open_clip's CoCa and CustomTextCLIP);
-    default: for CoCa only, as open_clip builds its CLIP presets with a top-level text tower. Tensors
-    are shared with ``sd`` as in :func:`convert_state_dict`."""
+    ``custom_text``: put the text tower under ``text.`` (open_clip's CoCa and CustomTextCLIP); default: as
+    ``cfg.open_clip.custom_text`` says (a config made in mm: for CoCa only, as open_clip builds its plain CLIPs
+    with a top-level text tower). Tensors are shared with ``sd`` as in :func:`convert_state_dict`."""
     label, cfg = _label(cfg), resolve_config(cfg)
     _check_supported(cfg)
     if custom_text is None:
-        custom_text = cfg.decoder is not None
+        custom_text = _source(cfg).custom_text
     mm_ref = _reference(cfg)
     steps = _plan(cfg, "text." if custom_text else "", mm_ref)
     _check_keys(sd, {k: tuple(v.shape) for k, v in mm_ref.items()}, f"mm state dict does not fit mm model {label}")
@@ -391,17 +506,40 @@ def open_clip_config(cfg: ModelConfig | str) -> dict:
     return out
 
 
-def from_open_clip(model_or_state_dict: nn.Module | dict[str, torch.Tensor], name: ModelConfig | str) -> CLIP:
+def open_clip_model_config(name: ModelConfig | str | dict, module: nn.Module | None = None) -> ModelConfig:
+    """The mm config of an open_clip model: ``name`` is an mm ModelConfig (kept), an mm preset or open_clip
+    registry name, or an open_clip config dict (a user's JSON). With the open_clip ``module`` itself, its timm
+    image tower is read rather than built again, and its preprocessing (what ``open_clip.create_model`` set from
+    a pretrained tag: mean / std, resize mode, interpolation) is the config's."""
+    trunk = getattr(getattr(module, "visual", None), "trunk", None)
+    if isinstance(name, dict):
+        cfg = from_open_clip_config(name, trunk=trunk)
+    elif isinstance(name, str) and name not in mm_presets() and name in open_clip_model_names():
+        cfg = from_open_clip_config(registry_config(name), name, trunk=trunk)
+    else:
+        cfg = resolve_config(name)
+    pre = getattr(getattr(module, "visual", None), "preprocess_cfg", None) or {}
+    v = cfg.vision
+    for key, field in (("mean", "image_mean"), ("std", "image_std"), ("resize_mode", "resize_mode"),
+                       ("interpolation", "interpolation")):
+        if pre.get(key) is not None:
+            setattr(v, field, tuple(pre[key]) if key in ("mean", "std") else pre[key])
+    return validate(cfg)
+
+
+def from_open_clip(model_or_state_dict: nn.Module | dict[str, torch.Tensor], name: ModelConfig | str | dict) -> CLIP:
     """An mm model with the weights of an open_clip model (or its state dict).
 
-    ``name``: the open_clip model name, which is also the mm preset name (``ViT-B-32``,
-    ``coca_ViT-B-32``...), or an mm ModelConfig for other shapes. The mm model's tensors are new
-    (never shared with the source), with the source's dtype and device."""
-    label, cfg = _label(name), resolve_config(name)
+    ``name``: the open_clip model name (``ViT-B-32``, ``coca_ViT-B-32``, ``ViT-SO400M-14-SigLIP``...: its
+    registry config is translated, :mod:`mm.models.open_clip_configs`), an open_clip config dict, or an mm
+    ModelConfig. Given the open_clip module, its preprocessing comes along (:func:`open_clip_model_config`). The
+    mm model's tensors are new (never shared with the source), with the source's dtype and device."""
+    module = model_or_state_dict if isinstance(model_or_state_dict, nn.Module) else None
+    label, cfg = _label(name), open_clip_model_config(name, module)
     _check_supported(cfg)
-    if isinstance(model_or_state_dict, nn.Module):
-        _check_module(model_or_state_dict, cfg)
-        sd = model_or_state_dict.state_dict()
+    if module is not None:
+        _check_module(module, cfg)
+        sd = module.state_dict()
     else:
         sd = model_or_state_dict
     # copies: training either model must leave the other untouched

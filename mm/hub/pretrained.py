@@ -12,6 +12,7 @@ from ..config import ConfigError, from_dict, to_dict, validate
 from ..models import ModelConfig, model_class
 from ..utils.io import atomic_path, sha256_file
 from .open_clip import ConversionError, convert_state_dict
+from .wrapped import OpenClipModel, WrappedConfig, build_open_clip
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -37,22 +38,27 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path) -> Path:
     # the weights are renamed into place first, then the config that records their hash
     with atomic_path(d / CONFIG_NAME) as tmp_c, atomic_path(d / WEIGHTS_NAME) as tmp_w:
         save_file(state, str(tmp_w), metadata={"format": "mm", "format_version": str(FORMAT_VERSION)})
+        # a model mm runs through open_clip keeps its open_clip config (to rebuild it), under its own key
+        key = "wrapped" if isinstance(model.config, WrappedConfig) else "model"
         meta = {
             "format_version": FORMAT_VERSION,
-            "model": to_dict(model.config),
+            key: to_dict(model.config),
             "weights": {"file": WEIGHTS_NAME, "sha256": sha256_file(tmp_w)},
         }
         tmp_c.write_text(json.dumps(meta, indent=2))
     return d
 
 
-def load_config(directory: str | Path) -> ModelConfig:
-    """The validated ModelConfig stored in ``directory/config.json``."""
+def load_config(directory: str | Path) -> ModelConfig | WrappedConfig:
+    """The validated config stored in ``directory/config.json``: an mm ModelConfig, or the WrappedConfig of an
+    open_clip model mm runs through open_clip."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise PretrainedError(f"{path}: missing (not an mm model directory? expected {CONFIG_NAME} + {WEIGHTS_NAME})")
     try:
         meta = json.loads(path.read_text())
+        if "wrapped" in meta:
+            return validate(from_dict(WrappedConfig, meta["wrapped"]))
         return validate(from_dict(ModelConfig, meta["model"]))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise PretrainedError(f"{path}: not a valid mm config ({type(e).__name__}: {e})") from e
@@ -81,7 +87,8 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu", v
         state = load_file(str(wpath), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise PretrainedError(f"{wpath}: not a readable safetensors file ({e})") from e
-    model = model_class(cfg)(cfg)
+    model = OpenClipModel(build_open_clip(cfg.open_clip_config), cfg) if isinstance(cfg, WrappedConfig) \
+        else model_class(cfg)(cfg)
     load_state_dict_checked(model, state, source=str(wpath))
     return model.to(device)
 

@@ -1,14 +1,15 @@
 """Models: configs, towers, the CLIP / CoCa / LIMoE compositions, presets, and building a model from a spec."""
-from .build import build_model, model_class, resolve_config
+from .build import build_model, list_models, model_class, resolve_config
 from .clip import CLIP, CoCa, DecodeCache, ImageTextModel, ModelOutput
-from .config import DecoderConfig, ModelConfig, TextConfig, VisionConfig
+from .config import DecoderConfig, ModelConfig, OpenClipSource, TextConfig, VisionConfig
 from .decoder import CaptionDecoder
 from .limoe import LIMoE
-from .presets import get_preset, list_models
+from .open_clip_configs import NotNative
+from .presets import get_preset
 from .text import TextEmbedHead, TextTower
 from .vision import TowerOutput, VisionEmbedHead, VisionTower
 
 __all__ = ["CLIP", "CaptionDecoder", "CoCa", "DecodeCache", "DecoderConfig", "ImageTextModel", "LIMoE",
-           "ModelConfig", "ModelOutput", "TextConfig", "TextEmbedHead", "TextTower", "TowerOutput", "VisionConfig",
+           "ModelConfig", "ModelOutput", "NotNative", "OpenClipSource", "TextConfig", "TextEmbedHead", "TextTower", "TowerOutput", "VisionConfig",
            "VisionEmbedHead", "VisionTower", "build_model", "get_preset", "list_models", "model_class",
            "resolve_config"]

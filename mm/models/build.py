@@ -12,7 +12,20 @@ from ..config import ConfigError, apply_overrides, from_dict, load_file, validat
 from .clip import CLIP, CoCa, ImageTextModel
 from .config import ModelConfig
 from .limoe import LIMoE
-from .presets import get_preset, list_models
+from .open_clip_configs import open_clip_model_names
+from .presets import get_preset
+from .presets import list_models as mm_presets
+
+
+def list_models() -> list[str]:
+    """Every model name mm builds from a name: mm's own presets and open_clip's registry (``ViT-B-32``,
+    ``ViT-SO400M-14-SigLIP``, ...; those mm does not build natively run through open_clip, ``mm.create_model``)."""
+    own = mm_presets()
+    return own + sorted(set(open_clip_model_names()) - set(own))
+
+
+def _is_name(spec: str) -> bool:
+    return spec in mm_presets() or spec in open_clip_model_names()
 
 
 def _flatten_overrides(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -28,20 +41,21 @@ def _flatten_overrides(overrides: dict[str, Any], prefix: str = "") -> dict[str,
 
 
 def resolve_config(spec: str | Path | dict | ModelConfig, **overrides: Any) -> ModelConfig:
-    """A preset name, a YAML/JSON file, a dict or a ModelConfig -> validated ModelConfig."""
+    """A preset name (mm's or open_clip's registry's), a YAML/JSON file, a dict or a ModelConfig -> validated
+    ModelConfig. An open_clip model mm does not build natively raises ``NotNative`` (a ConfigError)."""
     if isinstance(spec, ModelConfig):
         cfg = spec
     elif isinstance(spec, dict):
         cfg = from_dict(ModelConfig, spec)
-    elif isinstance(spec, (str, Path)) and str(spec) in list_models():
+    elif isinstance(spec, (str, Path)) and _is_name(str(spec)):
         cfg = get_preset(str(spec))
     elif isinstance(spec, (str, Path)) and Path(spec).is_file():
         data = load_file(spec)
         cfg = from_dict(ModelConfig, data.get("model", data) if "model" in data and isinstance(data["model"], dict) else data)
     else:
         raise ConfigError(
-            f"unknown model {str(spec)!r}: not a preset ({', '.join(list_models())}) and not a config file"
-        )
+            f"unknown model {str(spec)!r}: not a preset ({', '.join(mm_presets())}), not a model of open_clip's "
+            "registry (mm models --open-clip) and not a config file")
     if overrides:
         return apply_overrides(cfg, _flatten_overrides(overrides))
     return validate(cfg)

@@ -21,7 +21,7 @@ INTERPOLATIONS = ("bicubic", "bilinear")
 @dataclass
 class VisionConfig:
     image_size: int = 224  # input side in pixels (square)
-    patch_size: int = 32  # patch side; image_size must be a multiple
+    patch_size: int = 32  # patch side; image_size must be a multiple (unless patch_remainder)
     # the tower's own stack; null in a one-tower model, whose stack (ModelConfig.one_tower) it shares
     transformer: TransformerConfig | None = field(default_factory=lambda: TransformerConfig(768, 12, 12))
     pos_embed: str = "learned"  # learned | sincos2d | rope2d
@@ -32,6 +32,9 @@ class VisionConfig:
     attn_pool_heads: int = 8  # attn / map pool: heads of the pooler
     attn_pool_mlp_ratio: float | None = None  # map pool: its MLP's hidden width / width; null = the stack's mlp_ratio
     norm_pre: bool = True  # LayerNorm before the stack (CLIP's ln_pre)
+    # allow an image_size that is not a multiple of patch_size: the last rows and columns that do not fill a patch
+    # are dropped, as timm's patch embedding drops them (open_clip's ViT-SO400M-14-SigLIP-384: 384 px, 27 patches)
+    patch_remainder: bool = False
     final_ln_after_pool: bool = False  # the final LayerNorm after pooling (open_clip's CLIPA) instead of before
     patch_bias: bool = False  # bias on the patch embedding (timm ViTs without a pre-norm: SigLIP)
     proj: str = "linear"  # linear | none (the pooled features are the embedding: SigLIP's map head)
@@ -49,8 +52,11 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
     def check(self) -> Iterator[tuple[str, str]]:
-        if self.patch_size < 1 or self.image_size % self.patch_size:
-            yield "patch_size", f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+        if not 1 <= self.patch_size <= self.image_size:
+            yield "patch_size", f"must be in [1, image_size {self.image_size}], got {self.patch_size}"
+        elif self.image_size % self.patch_size and not self.patch_remainder:
+            yield "patch_size", (f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size} "
+                                 "(set patch_remainder: true to drop the pixels that do not fill a patch)")
         if self.pos_embed not in ("learned", "sincos2d", "rope2d"):
             yield "pos_embed", f"must be learned, sincos2d or rope2d, got {self.pos_embed!r}"
         if self.pool not in ("cls", "mean", "attn", "map"):
@@ -147,6 +153,25 @@ class DecoderConfig:
             yield "layout", f"must be one of {DECODER_LAYOUTS}, got {self.layout!r}"
 
 
+OPEN_CLIP_VISION_LAYOUTS = ("vit", "timm_vit", "timm_eva")
+
+
+@dataclass
+class OpenClipSource:
+    """Where a model's tensors sit in an open_clip state dict: needed to convert its weights from and to
+    open_clip, nothing else (the mm model is built the same way whatever the source)."""
+
+    name: str | None = None  # the open_clip model name it was translated from (its registry), if any
+    # the image tower's tensor names: vit (open_clip's VisionTransformer, visual.*) | timm_vit (a timm
+    # VisionTransformer, visual.trunk.*) | timm_eva (a timm Eva: PE, EVA02; visual.trunk.*)
+    vision: str = "vit"
+    custom_text: bool = False  # the text tower under text.* (open_clip's CustomTextCLIP and CoCa)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.vision not in OPEN_CLIP_VISION_LAYOUTS:
+            yield "vision", f"must be one of {', '.join(OPEN_CLIP_VISION_LAYOUTS)}, got {self.vision!r}"
+
+
 @dataclass
 class ModelConfig:
     """A CLIP-style model: image tower + text tower projected into a shared ``embed_dim`` space.
@@ -162,6 +187,7 @@ class ModelConfig:
     init_logit_bias: float | None = None  # set (e.g. -10) for SigLIP: adds a learnable logit bias
     decoder: DecoderConfig | None = None  # set for CoCa: a captioning decoder trained jointly
     one_tower: TransformerConfig | None = None  # set for a one-tower model: the stack both modalities share
+    open_clip: OpenClipSource | None = None  # open_clip's names for its tensors (models translated from open_clip)
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.embed_dim < 1:

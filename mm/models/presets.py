@@ -1,5 +1,7 @@
-"""Named model presets. Names follow open_clip where an open_clip model exists (same shapes, same
-parameter count); ``tiny-*`` presets are for tests, the demo and CPU benchmarks."""
+"""Named model configs: mm's own presets (``tiny-*`` for tests, the demo and CPU benchmarks; MoE and LIMoE
+models), and every model of open_clip's registry by its open_clip name (``ViT-B-32``, ``coca_ViT-L-14``,
+``ViT-SO400M-14-SigLIP``...), translated from open_clip's own config (``open_clip_configs.py``): no open_clip
+architecture is written out here."""
 from __future__ import annotations
 
 import math
@@ -8,6 +10,7 @@ from typing import Callable
 from ..config import validate
 from ..layers.config import MoEConfig, TransformerConfig
 from .config import DecoderConfig, ModelConfig, TextConfig, VisionConfig
+from .open_clip_configs import open_clip_model_names, open_clip_preset
 
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {}
 
@@ -20,64 +23,26 @@ def preset(name: str):
 
 
 def list_models() -> list[str]:
-    """All preset names, sorted."""
+    """mm's own preset names, sorted (open_clip's registry names: ``mm.models.build.list_models``)."""
     return sorted(_PRESETS)
 
 
 def get_preset(name: str) -> ModelConfig:
-    """A fresh, validated config for preset ``name``."""
-    if name not in _PRESETS:
-        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(list_models())}")
-    return validate(_PRESETS[name]())
+    """A fresh, validated config: mm's preset ``name``, else open_clip's registry model ``name`` translated
+    (``NotNative`` names what mm does not build of it). KeyError for a name neither knows."""
+    if name in _PRESETS:
+        return validate(_PRESETS[name]())
+    if name in open_clip_model_names():
+        return open_clip_preset(name)
+    raise KeyError(f"unknown model preset {name!r}: not one of mm's ({', '.join(list_models())}) nor of open_clip's "
+                   "registry (`mm models --open-clip` lists those)")
 
 
-def openai_vit(
-    embed_dim: int,
-    *,
-    image_size: int,
-    patch_size: int,
-    v_width: int,
-    v_depth: int,
-    t_width: int,
-    t_depth: int,
-    t_heads: int,
-    v_head_width: int = 64,
-    quick_gelu: bool = False,
-    context_length: int = 77,
-) -> ModelConfig:
-    """The CLIP ViT family as open_clip builds it (``vision_cfg`` / ``text_cfg`` with default extras)."""
-    act = "quick_gelu" if quick_gelu else "gelu"
-    return ModelConfig(
-        embed_dim=embed_dim,
-        vision=VisionConfig(
-            image_size=image_size,
-            patch_size=patch_size,
-            transformer=TransformerConfig(v_width, v_depth, v_width // v_head_width, act=act),
-        ),
-        text=TextConfig(context_length=context_length, transformer=TransformerConfig(t_width, t_depth, t_heads, act=act)),
-    )
-
-
-def _b(patch: int, image: int = 224, quick: bool = False) -> ModelConfig:
-    return openai_vit(512, image_size=image, patch_size=patch, v_width=768, v_depth=12,
-                      t_width=512, t_depth=12, t_heads=8, quick_gelu=quick)
-
-
-def _l(image: int = 224, quick: bool = False) -> ModelConfig:
-    return openai_vit(768, image_size=image, patch_size=14, v_width=1024, v_depth=24,
-                      t_width=768, t_depth=12, t_heads=12, quick_gelu=quick)
-
-
-preset("ViT-B-32")(lambda: _b(32))
-preset("ViT-B-32-quickgelu")(lambda: _b(32, quick=True))
-preset("ViT-B-32-256")(lambda: _b(32, image=256))
-preset("ViT-B-16")(lambda: _b(16))
-preset("ViT-B-16-quickgelu")(lambda: _b(16, quick=True))
-preset("ViT-L-14")(lambda: _l())
-preset("ViT-L-14-quickgelu")(lambda: _l(quick=True))
-preset("ViT-L-14-336")(lambda: _l(image=336))
-preset("ViT-H-14")(lambda: openai_vit(1024, image_size=224, patch_size=14, v_width=1280, v_depth=32, v_head_width=80,
-                                      t_width=1024, t_depth=24, t_heads=16))
+def _open_clip_based(name: str) -> ModelConfig:
+    """open_clip's ``name`` as the starting point of an mm preset (no longer open_clip's: its source is cleared)."""
+    cfg = open_clip_preset(name)
+    cfg.open_clip = None
+    return cfg
 
 
 @preset("tiny-clip")
@@ -130,7 +95,7 @@ def tiny_moe_dense() -> ModelConfig:
 @preset("ViT-B-16-moe")
 def vit_b_16_moe() -> ModelConfig:
     """ViT-B-16 with an 8-expert top-2 MoE FFN in every second block of both towers."""
-    cfg = _b(16)
+    cfg = _open_clip_based("ViT-B-16")
     cfg.vision.transformer.moe = MoEConfig(num_experts=8, top_k=2, every=2)
     cfg.text.transformer.moe = MoEConfig(num_experts=8, top_k=2, every=2)
     return cfg
@@ -151,21 +116,6 @@ def tiny_limoe() -> ModelConfig:
     cfg.vision.transformer = cfg.text.transformer = None
     cfg.text.causal = False
     return cfg
-
-
-def _coca(cfg: ModelConfig, decoder: TransformerConfig) -> ModelConfig:
-    """open_clip's CoCa on a ViT CLIP: 256-query attentional pooling (8 heads), a text tower with an appended
-    class token (context 76 + 1, open_clip's class-token mask) and a multimodal decoder in its layout."""
-    cfg.vision.pool = "attn"
-    cfg.vision.attn_pool_queries, cfg.vision.attn_pool_heads = 256, 8
-    cfg.text.context_length = 76
-    cfg.text.embed_cls, cfg.text.cls_mask = True, "open_clip"
-    cfg.decoder = DecoderConfig(decoder, layout="separate")
-    return cfg
-
-
-preset("coca_ViT-B-32")(lambda: _coca(_b(32), TransformerConfig(512, 12, 8)))
-preset("coca_ViT-L-14")(lambda: _coca(_l(), TransformerConfig(768, 12, 12)))
 
 
 @preset("tiny-coca")

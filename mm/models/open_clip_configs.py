@@ -1,0 +1,366 @@
+"""open_clip's model configs as mm ModelConfigs: every model of its registry (``open_clip.get_model_config``) or a
+user's config dict in its format, translated field by field, so that mm builds the same network.
+
+open_clip's own ViT and text transformer (and CoCa's decoder) are read from the config dict with open_clip's
+defaults (the values of its ``CLIPVisionCfg`` / ``CLIPTextCfg`` / ``MultimodalCfg`` dataclasses, copied below
+and compared with them by a test). The registry is read from the JSON files open_clip ships, without importing
+open_clip (which takes 3-6 s). An image tower open_clip builds with timm (SigLIP, the Perception Encoder, timm's CLIP ViTs) is built by
+timm on the meta device (no memory, no weights) and read module by module: its structure, not a list of names,
+decides what mm builds; a structure mm's blocks do not express raises :class:`NotNative` naming it. Models that
+are not native (ConvNeXt, ViTamin, FastViT, ResNet and Hugging Face text towers) still run in mm through
+open_clip itself (``mm.hub``'s wrapper).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, validate
+from ..layers import TransformerConfig
+from .config import DecoderConfig, ModelConfig, OpenClipSource, TextConfig, VisionConfig
+
+CLIP_VOCAB, CLIP_EOT, CLIP_SOT = 49408, 49407, 49406
+_CUSTOM_BLOCK_KEYS = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+
+
+class NotNative(ConfigError):
+    """An open_clip model whose architecture mm does not build with its own blocks; the message says which part
+    (it still runs through open_clip: ``--model open_clip:NAME``)."""
+
+
+# open_clip 3.3's defaults for what a model config leaves out (its dataclasses; tests/test_open_clip_zoo.py
+# checks these against them, so a new open_clip release that changes one shows up)
+VISION_DEFAULTS: dict[str, Any] = dict(
+    layers=12, width=768, head_width=64, mlp_ratio=4.0, patch_size=16, image_size=224, ls_init_value=None,
+    patch_dropout=0.0, attentional_pool=False, attn_pooler_queries=256, attn_pooler_heads=8, no_ln_pre=False,
+    pos_embed_type="learnable", final_ln_after_pool=False, pool_type="tok", output_tokens=False, act_kwargs=None,
+    norm_kwargs=None, block_type=None, qk_norm=False, scaled_cosine_attn=False, scale_heads=False,
+    scale_attn_inner=False, scale_attn=False, scale_fc=False, timm_model_name=None, timm_model_pretrained=False,
+    timm_pool="avg", timm_proj="linear", timm_proj_bias=False, timm_drop=0.0, timm_drop_path=None)
+TEXT_DEFAULTS: dict[str, Any] = dict(
+    context_length=77, vocab_size=49408, hf_tokenizer_name=None, tokenizer_mode=None, tokenizer_kwargs=None,
+    width=512, heads=8, layers=12, mlp_ratio=4.0, ls_init_value=None, embed_cls=False, pad_id=0, eos_id=2,
+    no_causal_mask=False, final_ln_after_pool=False, pool_type="argmax", proj_bias=False, proj_type="linear",
+    output_tokens=False, act_kwargs=None, norm_kwargs=None, block_type=None, qk_norm=False,
+    scaled_cosine_attn=False, scale_heads=False, scale_attn_inner=False, scale_attn=False, scale_fc=False,
+    hf_model_name=None, hf_model_pretrained=True, hf_proj_type="mlp", hf_pooler_type="mean_pooler")
+MULTIMODAL_DEFAULTS: dict[str, Any] = dict(TEXT_DEFAULTS, mlp_ratio=4, dim_head=64, heads=8, n_queries=256,
+                                           attn_pooler_heads=8)
+
+
+def _with_defaults(d: dict[str, Any], defaults: dict[str, Any], where: str) -> SimpleNamespace:
+    unknown = sorted(set(d) - set(defaults))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: not a key of open_clip's config")
+    return SimpleNamespace(**{**defaults, **d})
+
+
+@functools.lru_cache(maxsize=1)
+def _registry() -> dict[str, Path]:
+    """open_clip's model config files by model name (what ``open_clip.list_models()`` lists), found without
+    importing open_clip."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model_configs"
+    return {f.stem: f for f in sorted(folder.glob("*.json"))}
+
+
+def open_clip_model_names() -> list[str]:
+    return list(_registry())
+
+
+def registry_config(name: str) -> dict[str, Any]:
+    """open_clip's config dict of model ``name``; ConfigError if open_clip has no such model."""
+    path = _registry().get(name)
+    if path is None:
+        raise ConfigError(f"open_clip has no model {name!r}")
+    return json.loads(path.read_text())
+
+
+# -- activations and norms -------------------------------------------------------------------------------
+def _act(quick_gelu: bool, act_kwargs: dict | None, where: str) -> str:
+    kw = dict(act_kwargs or {})
+    approximate = kw.pop("approximate", "none")
+    if kw or approximate not in ("none", "tanh") or (quick_gelu and approximate != "none"):
+        raise NotNative(f"{where}: activation {'QuickGELU' if quick_gelu else 'GELU'}({act_kwargs}) is not one of mm's")
+    if quick_gelu:
+        return "quick_gelu"
+    return "gelu_tanh" if approximate == "tanh" else "gelu"
+
+
+def _eps(norm_kwargs: dict | None, where: str) -> float:
+    kw = dict(norm_kwargs or {})
+    eps = kw.pop("eps", 1e-5)
+    if kw:
+        raise NotNative(f"{where}: LayerNorm({norm_kwargs}) is not one of mm's")
+    return float(eps)
+
+
+def _no_custom_blocks(cfg: Any, where: str) -> None:
+    if getattr(cfg, "block_type", None) not in (None, "default") or any(getattr(cfg, k, False) for k in _CUSTOM_BLOCK_KEYS):
+        raise NotNative(f"{where}: open_clip's custom attention blocks (qk-norm / scaled cosine / scale_* layers)")
+
+
+def _square(size: Any, where: str) -> int:
+    if isinstance(size, (tuple, list)):
+        if len(set(size)) != 1:
+            raise NotNative(f"{where}: non-square images {tuple(size)}")
+        size = size[0]
+    return int(size)
+
+
+def _ratio(width: int, hidden: int) -> float:
+    """An mlp_ratio with ``int(width * ratio) == hidden`` (mm's and open_clip's rounding)."""
+    ratio = hidden / width
+    if int(width * ratio) != hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+# -- open_clip's own towers ------------------------------------------------------------------------------
+def _vision(v: dict, embed_dim: int, quick_gelu: bool) -> VisionConfig:
+    where = "vision_cfg"
+    c = _with_defaults(v, VISION_DEFAULTS, where)
+    if isinstance(c.layers, (tuple, list)):
+        raise NotNative(f"{where}: a ResNet image tower (open_clip's ModifiedResNet)")
+    _no_custom_blocks(c, where)
+    if c.pos_embed_type != "learnable":
+        raise NotNative(f"{where}: pos_embed_type {c.pos_embed_type!r}")
+    if c.attentional_pool:
+        pool = "attn"
+    elif c.pool_type in ("tok", "avg"):
+        pool = "cls" if c.pool_type == "tok" else "mean"
+    else:
+        raise NotNative(f"{where}: pool_type {c.pool_type!r}")
+    stack = TransformerConfig(c.width, c.layers, c.width // c.head_width, mlp_ratio=c.mlp_ratio,
+                              act=_act(quick_gelu, c.act_kwargs, where), norm_eps=_eps(c.norm_kwargs, where),
+                              layer_scale=c.ls_init_value)
+    return VisionConfig(image_size=_square(c.image_size, where), patch_size=c.patch_size, transformer=stack,
+                        pool=pool, attn_pool_queries=c.attn_pooler_queries, attn_pool_heads=c.attn_pooler_heads,
+                        norm_pre=not c.no_ln_pre, patch_dropout=c.patch_dropout,
+                        final_ln_after_pool=c.final_ln_after_pool and pool != "attn")
+
+
+_TEXT_POOLS = {"first": "first", "last": "end", "eos": "eos", "argmax": "argmax"}
+
+
+def _text(t: dict, quick_gelu: bool) -> TextConfig:
+    where = "text_cfg"
+    c = _with_defaults(t, TEXT_DEFAULTS, where)
+    if c.hf_model_name:
+        raise NotNative(f"{where}: a Hugging Face text tower ({c.hf_model_name})")
+    if c.tokenizer_mode:
+        raise NotNative(f"{where}: tokenizer_mode {c.tokenizer_mode!r}")
+    _no_custom_blocks(c, where)
+    if c.pool_type not in _TEXT_POOLS:
+        raise NotNative(f"{where}: pool_type {c.pool_type!r}")
+    clip_bpe = not c.hf_tokenizer_name
+    pool = _TEXT_POOLS[c.pool_type]
+    if pool == "argmax" and clip_bpe and c.vocab_size == CLIP_VOCAB:
+        pool = "eot"  # the end token is CLIP's largest id: argmax finds the first one, as mm's eot pooling does
+    eot = CLIP_EOT if clip_bpe else c.eos_id
+    stack = TransformerConfig(c.width, c.layers, c.heads, mlp_ratio=c.mlp_ratio,
+                              act=_act(quick_gelu, c.act_kwargs, where), norm_eps=_eps(c.norm_kwargs, where),
+                              layer_scale=c.ls_init_value)
+    return TextConfig(
+        vocab_size=c.vocab_size, context_length=c.context_length, transformer=stack, causal=not c.no_causal_mask,
+        pool=pool, proj="none" if c.proj_type == "none" else "linear", proj_bias=c.proj_bias,
+        pad_mask=not c.no_causal_mask,  # open_clip's bidirectional text attends to padding (no key padding mask)
+        pad_id=c.pad_id, sot_id=CLIP_SOT if clip_bpe else eot, eot_id=eot, embed_cls=c.embed_cls,
+        cls_mask="open_clip" if c.embed_cls else "correct",  # open_clip's CoCa default: correct_cls_mask off
+        tokenizer="clip" if clip_bpe else f"hf:{c.hf_tokenizer_name}", tokenizer_kwargs=dict(c.tokenizer_kwargs or {}))
+
+
+def _decoder(m: dict, quick_gelu: bool) -> DecoderConfig:
+    c = _with_defaults(m, MULTIMODAL_DEFAULTS, "multimodal_cfg")
+    # open_clip's MultimodalTransformer is built from width / heads / layers / ls_init_value only (MLP ratio 4,
+    # LayerNorm eps 1e-5, GELU or QuickGELU)
+    stack = TransformerConfig(c.width, c.layers, c.heads, act="quick_gelu" if quick_gelu else "gelu",
+                              layer_scale=c.ls_init_value)
+    return DecoderConfig(stack, layout="separate")
+
+
+# -- timm image towers -----------------------------------------------------------------------------------
+def _timm_trunk(v: dict, embed_dim: int) -> nn.Module:
+    """The timm model open_clip's ``TimmModel`` makes for ``v``, on the meta device."""
+    import timm
+
+    proj = v.get("timm_proj", VISION_DEFAULTS["timm_proj"])
+    pool = v.get("timm_pool", VISION_DEFAULTS["timm_pool"])
+    if proj in ("linear", "mlp") or pool in ("abs_attn", "rot_attn"):
+        raise NotNative(f"vision_cfg: timm tower {v['timm_model_name']} with an open_clip head "
+                        f"(timm_proj {proj!r}, timm_pool {pool!r})")
+    with torch.device("meta"):
+        return timm.create_model(v["timm_model_name"], num_classes=0 if proj == "none" else embed_dim,
+                                 global_pool=pool, pretrained=False)
+
+
+def _module_act(act: nn.Module, where: str) -> str:
+    name = type(act).__name__
+    if name == "GELU":
+        return "gelu_tanh" if getattr(act, "approximate", "none") == "tanh" else "gelu"
+    if name == "GELUTanh":  # timm's tanh-approximated GELU (SigLIP 2)
+        return "gelu_tanh"
+    if name == "QuickGELU":
+        return "quick_gelu"
+    raise NotNative(f"{where}: activation {name}")
+
+
+def _layer_norm_eps(module: nn.Module, where: str) -> float | None:
+    """The eps of a LayerNorm with affine weights (None for an Identity)."""
+    if isinstance(module, nn.Identity):
+        return None
+    if isinstance(module, nn.LayerNorm) and module.elementwise_affine and module.bias is not None:
+        return float(module.eps)
+    raise NotNative(f"{where}: {type(module).__name__}")
+
+
+def timm_vit_config(trunk: nn.Module, embed_dim: int) -> VisionConfig:
+    """A timm ``VisionTransformer`` (SigLIP's, timm's CLIP ViTs) as an mm VisionConfig; NotNative for the parts
+    mm's blocks do not express (register tokens, hybrid stems, qk-norm, dynamic sizes, other pools)."""
+    from timm.layers import Mlp, PatchEmbed
+    from timm.models.vision_transformer import Attention as TimmAttention
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    where = f"timm {type(trunk).__name__}"
+    pe = trunk.patch_embed
+    if type(pe) is not PatchEmbed or not isinstance(pe.norm, nn.Identity) or getattr(pe, "dynamic_img_pad", False):
+        raise NotNative(f"{where}: patch embedding {type(pe).__name__}")
+    if trunk.num_reg_tokens or trunk.pos_embed is None or (trunk.no_embed_class and trunk.cls_token is not None):
+        raise NotNative(f"{where}: register tokens or unusual position embedding")
+    if getattr(trunk, "dynamic_img_size", False):
+        raise NotNative(f"{where}: dynamic image size")
+    blocks = list(trunk.blocks)
+    width, depth = trunk.embed_dim, len(blocks)
+    eps = set()
+    for i, b in enumerate(blocks):
+        a = b.attn
+        if type(b) is not TimmBlock or type(a) is not TimmAttention or not isinstance(a.q_norm, nn.Identity) \
+                or not isinstance(a.norm, nn.Identity) or type(b.mlp) is not Mlp or not isinstance(b.mlp.norm, nn.Identity):
+            raise NotNative(f"{where}: block {i} is not a plain pre-norm ViT block")
+        eps.update(e for e in (_layer_norm_eps(b.norm1, where), _layer_norm_eps(b.norm2, where)) if e is not None)
+    b0 = blocks[0]
+    norms = {"norm_pre": trunk.norm_pre, "norm": trunk.norm, "fc_norm": trunk.fc_norm}
+    eps.update(e for e in (_layer_norm_eps(m, where) for m in norms.values()) if e is not None)
+    if len(eps) != 1:
+        raise NotNative(f"{where}: LayerNorms with different eps {sorted(eps)}")
+    stack = TransformerConfig(width, depth, b0.attn.num_heads, mlp_ratio=_ratio(width, b0.mlp.fc1.out_features),
+                              act=_module_act(b0.mlp.act, where), qkv_bias=b0.attn.qkv.bias is not None,
+                              norm_eps=eps.pop(), layer_scale=1e-5 if hasattr(b0.ls1, "gamma") else None)
+    kw: dict[str, Any] = {}
+    gp = trunk.global_pool
+    if gp == "map":
+        ap = trunk.attn_pool
+        if ap.latent_len != 1 or ap.pos_embed is not None or not isinstance(ap.q_norm, nn.Identity) \
+                or ap.pool != "token":
+            raise NotNative(f"{where}: attention pool variant")
+        kw.update(pool="map", attn_pool_heads=ap.num_heads,
+                  attn_pool_mlp_ratio=_ratio(width, ap.mlp.fc1.out_features))
+        if _module_act(ap.mlp.act, where) != stack.act:
+            raise NotNative(f"{where}: attention pool activation differs from the blocks'")
+    elif gp == "token":
+        kw.update(pool="cls")
+    elif gp == "avg" and not isinstance(trunk.fc_norm, nn.Identity) and isinstance(trunk.norm, nn.Identity):
+        kw.update(pool="mean", final_ln_after_pool=True)
+    elif gp == "avg":
+        kw.update(pool="mean")
+    else:
+        raise NotNative(f"{where}: global_pool {gp!r}")
+    if isinstance(trunk.norm, nn.Identity) and not kw.get("final_ln_after_pool"):
+        raise NotNative(f"{where}: no final norm")
+    head = trunk.head
+    if isinstance(head, nn.Identity):
+        kw.update(proj="none")
+    elif isinstance(head, nn.Linear) and head.out_features == embed_dim:
+        kw.update(proj="linear", proj_bias=head.bias is not None)
+    else:
+        raise NotNative(f"{where}: head {type(head).__name__}")
+    conv = pe.proj
+    if conv.kernel_size != conv.stride or conv.kernel_size[0] != conv.kernel_size[1]:
+        raise NotNative(f"{where}: overlapping or non-square patches")
+    size, patch = _square(pe.img_size, where), conv.kernel_size[0]
+    return VisionConfig(image_size=size, patch_size=patch, transformer=stack, class_token=trunk.cls_token is not None,
+                        norm_pre=not isinstance(trunk.norm_pre, nn.Identity), patch_bias=conv.bias is not None,
+                        patch_remainder=size % patch != 0, **kw)
+
+
+def _timm_vision(v: dict, embed_dim: int, trunk: nn.Module | None) -> tuple[VisionConfig, str]:
+    """The image tower of a timm-based open_clip model and its tensor layout ("timm_vit")."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    trunk = trunk if trunk is not None else _timm_trunk(v, embed_dim)
+    if isinstance(trunk, VisionTransformer):
+        return timm_vit_config(trunk, embed_dim), "timm_vit"
+    raise NotNative(f"vision_cfg: timm {type(trunk).__name__} ({v['timm_model_name']})")
+
+
+# -- the whole model -------------------------------------------------------------------------------------
+def from_open_clip_config(cfg: dict[str, Any], name: str | None = None, *, trunk: nn.Module | None = None
+                          ) -> ModelConfig:
+    """An open_clip model config dict (its registry's, or a user's JSON) as a validated mm ModelConfig.
+    ``trunk``: the timm image tower of an open_clip model already built (read instead of building one on the
+    meta device). Raises NotNative naming what mm does not build, ConfigError for a malformed config."""
+    label = name or "the open_clip config"
+    try:
+        quick_gelu = bool(cfg.get("quick_gelu", False))
+        embed_dim = int(cfg["embed_dim"])
+        v, t = dict(cfg["vision_cfg"]), dict(cfg["text_cfg"])
+        if v.get("timm_model_name"):
+            vision, layout = _timm_vision(v, embed_dim, trunk)
+        else:
+            vision, layout = _vision(v, embed_dim, quick_gelu), "vit"
+        text = _text(t, quick_gelu)
+        decoder = _decoder(dict(cfg["multimodal_cfg"]), quick_gelu) if cfg.get("multimodal_cfg") else None
+    except NotNative as e:
+        raise NotNative(f"{label}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{label}: not an open_clip model config ({type(e).__name__}: {e})") from None
+    coca = decoder is not None
+    out = ModelConfig(
+        embed_dim=embed_dim, vision=vision, text=text, decoder=decoder,
+        init_logit_scale=float(cfg.get("init_logit_scale", math.log(1 / 0.07))),
+        init_logit_bias=cfg.get("init_logit_bias"),
+        open_clip=OpenClipSource(name=name, vision=layout, custom_text=bool(cfg.get("custom_text")) or coca))
+    try:
+        return validate(out)
+    except ConfigError as e:
+        raise NotNative(f"{label}: translated, but {e}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _registry_translation(name: str) -> ModelConfig:
+    return from_open_clip_config(registry_config(name), name)
+
+
+def open_clip_preset(name: str) -> ModelConfig:
+    """The mm config of open_clip's registry model ``name`` (a fresh copy); NotNative / ConfigError."""
+    import copy
+
+    return copy.deepcopy(_registry_translation(name))
+
+
+def interface_config(cfg: dict[str, Any]) -> tuple[int, VisionConfig, TextConfig]:
+    """What mm needs to know of an open_clip model it runs through open_clip (its towers are open_clip's): the
+    embedding width, the image input (size; preprocessing defaults) and the text input (context length,
+    tokenizer, special ids). The towers' own configs stay null."""
+    v = _with_defaults(dict(cfg["vision_cfg"]), VISION_DEFAULTS, "vision_cfg")
+    t = _with_defaults(dict(cfg["text_cfg"]), TEXT_DEFAULTS, "text_cfg")
+    size = _square(v.image_size, "vision_cfg")
+    patch = v.patch_size if not v.timm_model_name and not isinstance(v.layers, (list, tuple)) else 1
+    vision = VisionConfig(image_size=size, patch_size=min(patch, size), transformer=None)
+    hf = t.hf_tokenizer_name
+    eot = t.eos_id if hf else CLIP_EOT
+    vocab = t.vocab_size if not t.hf_model_name else max(t.vocab_size, eot + 1, t.pad_id + 1)
+    text = TextConfig(vocab_size=vocab, context_length=t.context_length, transformer=None, pad_id=t.pad_id,
+                      sot_id=eot if hf else CLIP_SOT, eot_id=eot, tokenizer=f"hf:{hf}" if hf else "clip",
+                      tokenizer_kwargs=dict(t.tokenizer_kwargs or {}))
+    return int(cfg["embed_dim"]), vision, text
