@@ -8,13 +8,25 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, load_file
 from ..models import ImageTextModel, ModelConfig, NotNative, build_model
-from ..models.open_clip_configs import open_clip_model_names, registry_config
+from ..models.open_clip_configs import is_open_clip_config, open_clip_model_names, registry_config
 from .open_clip import from_open_clip
 from .pretrained import PretrainedError, load_pretrained, load_weights, read_weights_file
 from .spec import parse_spec
 from .wrapped import OpenClipModel, build_open_clip, wrap_open_clip
+
+
+def _open_clip_dict(spec: Any) -> dict | None:
+    """The open_clip config dict ``spec`` names (a registry name, a dict or JSON file in open_clip's format)."""
+    if isinstance(spec, dict):
+        return spec if is_open_clip_config(spec) else None
+    if isinstance(spec, str) and spec in open_clip_model_names():
+        return registry_config(spec)
+    if isinstance(spec, (str, Path)) and Path(spec).is_file():
+        data = load_file(spec)
+        return data if is_open_clip_config(data) else None
+    return None
 
 
 def create_model(spec: str | Path | dict | ModelConfig, pretrained: str | Path | None = None,
@@ -25,8 +37,9 @@ def create_model(spec: str | Path | dict | ModelConfig, pretrained: str | Path |
 
     A directory made by :func:`mm.save_pretrained` loads that model (weights included). Overrides use
     dotted keys with ``__`` or nested dicts: ``create_model("tiny-clip", vision__patch_dropout=0.5)``. Every
-    model of open_clip's registry is a name here; one mm does not build natively comes back as open_clip's own
-    model behind mm's interface (:class:`~mm.hub.wrapped.OpenClipModel`; no overrides then).
+    model of open_clip's registry is a name here, and a dict or JSON file in open_clip's config format is a spec;
+    one mm does not build natively comes back as open_clip's own model behind mm's interface
+    (:class:`~mm.hub.wrapped.OpenClipModel`; no overrides then).
     """
     if isinstance(spec, (str, Path)) and Path(spec).is_dir():
         if overrides or pretrained is not None:
@@ -35,9 +48,10 @@ def create_model(spec: str | Path | dict | ModelConfig, pretrained: str | Path |
     try:
         model = build_model(spec, **overrides)
     except NotNative:
-        if overrides or not isinstance(spec, str) or spec not in open_clip_model_names():
+        oc = _open_clip_dict(spec)
+        if overrides or oc is None:
             raise
-        model = wrap_open_clip(build_open_clip(registry_config(spec)), spec)
+        model = wrap_open_clip(build_open_clip(oc), spec if isinstance(spec, str) and spec in open_clip_model_names() else oc)
     if pretrained is not None:
         load_weights(model, pretrained)
     return model

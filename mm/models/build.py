@@ -12,7 +12,7 @@ from ..config import ConfigError, apply_overrides, from_dict, load_file, validat
 from .clip import CLIP, CoCa, ImageTextModel
 from .config import ModelConfig
 from .limoe import LIMoE
-from .open_clip_configs import open_clip_model_names
+from .open_clip_configs import from_open_clip_config, is_open_clip_config, open_clip_model_names
 from .presets import get_preset
 from .presets import list_models as mm_presets
 
@@ -42,15 +42,23 @@ def _flatten_overrides(overrides: dict[str, Any], prefix: str = "") -> dict[str,
 
 def resolve_config(spec: str | Path | dict | ModelConfig, **overrides: Any) -> ModelConfig:
     """A preset name (mm's or open_clip's registry's), a YAML/JSON file, a dict or a ModelConfig -> validated
-    ModelConfig. An open_clip model mm does not build natively raises ``NotNative`` (a ConfigError)."""
+    ModelConfig. A dict or JSON file in open_clip's model config format is translated. An open_clip model mm does not build natively raises ``NotNative`` (a ConfigError)."""
     if isinstance(spec, ModelConfig):
         cfg = spec
+    elif is_open_clip_config(spec):
+        cfg = from_open_clip_config(spec)
     elif isinstance(spec, dict):
         cfg = from_dict(ModelConfig, spec)
     elif isinstance(spec, (str, Path)) and _is_name(str(spec)):
         cfg = get_preset(str(spec))
     elif isinstance(spec, (str, Path)) and Path(spec).is_file():
         data = load_file(spec)
+        if is_open_clip_config(data):
+            try:
+                cfg = from_open_clip_config(data)
+            except ConfigError as e:  # NotNative stays NotNative
+                raise type(e)(f"{spec}: {e}") from None
+            return apply_overrides(cfg, _flatten_overrides(overrides)) if overrides else cfg
         cfg = from_dict(ModelConfig, data.get("model", data) if "model" in data and isinstance(data["model"], dict) else data)
     else:
         raise ConfigError(

@@ -304,6 +304,11 @@ def _timm_vision(v: dict, embed_dim: int, trunk: nn.Module | None) -> tuple[Visi
 
 
 # -- the whole model -------------------------------------------------------------------------------------
+def is_open_clip_config(d: Any) -> bool:
+    """Whether a dict is a model config in open_clip's format (``embed_dim``, ``vision_cfg``, ``text_cfg``)."""
+    return isinstance(d, dict) and "vision_cfg" in d and "text_cfg" in d and "embed_dim" in d
+
+
 def from_open_clip_config(cfg: dict[str, Any], name: str | None = None, *, trunk: nn.Module | None = None
                           ) -> ModelConfig:
     """An open_clip model config dict (its registry's, or a user's JSON) as a validated mm ModelConfig.
