@@ -27,7 +27,7 @@ the config. :func:`open_clip_config` gives the open_clip constructor arguments f
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -35,7 +35,12 @@ from torch import nn
 from ..config import validate
 from ..layers import TransformerConfig
 from ..models import CLIP, ModelConfig, OpenClipSource, model_class, resolve_config
-from ..models.open_clip_configs import from_open_clip_config, open_clip_model_names, registry_config
+from ..models.open_clip_configs import (
+    from_open_clip_config,
+    open_clip_model_names,
+    open_clip_preset,
+    registry_config,
+)
 from ..models.presets import list_models as mm_presets
 
 Tensors = list[torch.Tensor]
@@ -93,12 +98,13 @@ class Rule:
 
     open_clip: tuple[str, ...]
     mm: tuple[str, ...]
-    transform: Transform = COPY
+    transform: Transform | Callable[[ModelConfig], Transform] = COPY  # or the config's transform (RoPE channels)
     layers: str | None = None
     when: Callable[[ModelConfig], bool] | None = None
 
 
-def _rule(oc: str | tuple[str, ...], mm: str | tuple[str, ...], transform: Transform = COPY, *,
+def _rule(oc: str | tuple[str, ...], mm: str | tuple[str, ...],
+          transform: Transform | Callable[[ModelConfig], Transform] = COPY, *,
           layers: str | None = None, when: Callable[[ModelConfig], bool] | None = None) -> Rule:
     return Rule((oc,) if isinstance(oc, str) else oc, (mm,) if isinstance(mm, str) else mm, transform, layers, when)
 
@@ -195,24 +201,6 @@ def _timm_block(oc: str, mm: str) -> list[Rule]:
     ]
 
 
-# a timm VisionTransformer under open_clip's TimmModel (open_clip.vision == "timm_vit": SigLIP, timm CLIP ViTs)
-TIMM_VIT_RULES: list[Rule] = [
-    *_params(f"{_TRUNK}.patch_embed.proj", "vision.patch_embed"),
-    _rule(f"{_TRUNK}.cls_token", "vision.cls_token", FLATTEN),
-    _rule(f"{_TRUNK}.pos_embed", "vision.pos_embed", SQUEEZE),
-    *_params(f"{_TRUNK}.norm_pre", "vision.norm_pre"),
-    *_timm_block(f"{_TRUNK}.blocks.{{i}}", "vision.transformer.blocks.{i}"),
-    *_params(f"{_TRUNK}.norm", "vision.norm", when=lambda cfg: not cfg.vision.final_ln_after_pool),
-    *_params(f"{_TRUNK}.fc_norm", "vision.norm", when=lambda cfg: cfg.vision.final_ln_after_pool),
-    _rule(f"{_TRUNK}.attn_pool.latent", "vision.attn_pool.latent", SQUEEZE),
-    *_params(f"{_TRUNK}.attn_pool.q", "vision.attn_pool.attn.q"),
-    *_params(f"{_TRUNK}.attn_pool.kv", "vision.attn_pool.attn.kv"),
-    *_params(f"{_TRUNK}.attn_pool.proj", "vision.attn_pool.attn.proj"),
-    *_params(f"{_TRUNK}.attn_pool.norm", "vision.attn_pool.norm"),
-    *_params(f"{_TRUNK}.attn_pool.mlp.fc1", "vision.attn_pool.mlp.fc1"),
-    *_params(f"{_TRUNK}.attn_pool.mlp.fc2", "vision.attn_pool.mlp.fc2"),
-    *_params(f"{_TRUNK}.head", "vision.proj"),
-]
 
 TEXT_RULES: list[Rule] = [
     _rule("{text}token_embedding.weight", "text.token_embedding.weight"),
@@ -233,7 +221,115 @@ DECODER_RULES: list[Rule] = [
     _rule("text_decoder.text_projection", "decoder.head.weight", TRANSPOSE),
 ]
 
-VISION_RULES = {"vit": VIT_RULES, "timm_vit": TIMM_VIT_RULES}
+def _rope_pairs(head_dim: int) -> torch.Tensor:
+    """mm channel m of a head holds timm channel perm[m]: timm's interleaved RoPE pairs (2i, 2i+1) become mm's
+    rotate_half pairs (i, i + head_dim/2) (``mm.layers.position.axial_rope_angles``)."""
+    return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+
+
+def _permute_heads(t: torch.Tensor, parts: int, rotated: int, heads: int, order: torch.Tensor) -> torch.Tensor:
+    """``t`` ([q; k; v] packed, or one of them): ``parts`` blocks of ``heads`` heads, the first ``rotated`` blocks
+    with each head's channels reordered by ``order``."""
+    x = t.reshape(parts, heads, order.numel(), *t.shape[1:])
+    return torch.cat([x[:rotated].index_select(2, order), x[rotated:]]).reshape(t.shape)
+
+
+def _rope_qkv(cfg: ModelConfig, parts: int = 3, rotated: int = 2) -> Transform:
+    """Query / key tensors (packed [q; k; v] by default) with every head's channels permuted for RoPE (a permutation
+    of both queries and keys leaves each attention score unchanged); values copied. COPY without RoPE."""
+    if cfg.vision.rope is None:
+        return COPY
+    stack = cfg.vision.transformer
+    perm = _rope_pairs(stack.head_dim)
+    inv = torch.argsort(perm)
+    return Transform(lambda ts: [_permute_heads(ts[0], parts, rotated, stack.heads, perm)],
+                     lambda ts: [_permute_heads(ts[0], parts, rotated, stack.heads, inv)])
+
+
+def _rope_q(cfg: ModelConfig) -> Transform:
+    return _rope_qkv(cfg, parts=1, rotated=1)
+
+
+def _separate_qkv(cfg: ModelConfig) -> Transform:
+    """EVA02's separate q / k / v projection weights <-> mm's packed qkv (RoPE channel order as _rope_qkv)."""
+    rope = _rope_qkv(cfg)
+    return Transform(lambda ts: rope.to_mm([torch.cat(ts)]),
+                     lambda ts: [t.clone() for t in rope.to_open_clip(ts)[0].chunk(3)])
+
+
+# timm's SwiGLU keeps the gate (fc1_g) and up (fc1_x) projections apart; mm packs [gate; up] in fc1
+GATE_UP = Transform(lambda ts: [torch.cat(ts)], lambda ts: [t.clone() for t in ts[0].chunk(2)])
+
+
+def _swiglu(cfg: ModelConfig) -> bool:
+    return cfg.vision.transformer.ffn == "swiglu"
+
+
+def _eva_block(oc: str, mm: str, layout: str) -> list[Rule]:
+    """timm's EvaBlock (norm1, attention, gamma_1, norm2, mlp, gamma_2) <-> mm Block. EVA's attention has query and
+    value biases and no key bias (mm's k_bias: false)."""
+    a, f = f"{oc}.attn", f"{oc}.mlp"
+    if layout == "timm_pe":
+        qkv = [_rule(f"{a}.qkv.{p}", f"{mm}.attn.qkv.{p}", _rope_qkv, layers="vision") for p in ("weight", "bias")]
+    elif layout == "timm_eva":
+        qkv = [_rule(f"{a}.qkv.weight", f"{mm}.attn.qkv.weight", _rope_qkv, layers="vision"),
+               _rule(f"{a}.q_bias", f"{mm}.attn.q_bias", _rope_q, layers="vision"),
+               _rule(f"{a}.v_bias", f"{mm}.attn.v_bias", layers="vision")]
+    else:  # timm_eva02: separate projections
+        qkv = [_rule(tuple(f"{a}.{x}_proj.weight" for x in "qkv"), f"{mm}.attn.qkv.weight", _separate_qkv,
+                     layers="vision"),
+               _rule(f"{a}.q_proj.bias", f"{mm}.attn.q_bias", _rope_q, layers="vision"),
+               _rule(f"{a}.v_proj.bias", f"{mm}.attn.v_bias", layers="vision")]
+    return [
+        *_params(f"{oc}.norm1", f"{mm}.norm1", layers="vision"),
+        *qkv,
+        *_params(f"{a}.norm", f"{mm}.attn.norm_out", layers="vision"),
+        *_params(f"{a}.proj", f"{mm}.attn.proj", layers="vision"),
+        _rule(f"{oc}.gamma_1", f"{mm}.ls1.gamma", layers="vision"),
+        *_params(f"{oc}.norm2", f"{mm}.norm2", layers="vision"),
+        *_params(f"{f}.fc1", f"{mm}.ffn.fc1", layers="vision", when=lambda cfg: not _swiglu(cfg)),
+        *[_rule((f"{f}.fc1_g.{p}", f"{f}.fc1_x.{p}"), f"{mm}.ffn.fc1.{p}", GATE_UP, layers="vision", when=_swiglu)
+          for p in ("weight", "bias")],
+        *_params(f"{f}.norm", f"{mm}.ffn.norm", layers="vision"),
+        *_params(f"{f}.fc2", f"{mm}.ffn.fc2", layers="vision"),
+        _rule(f"{oc}.gamma_2", f"{mm}.ls2.gamma", layers="vision"),
+    ]
+
+
+def _timm_trunk_rules(blocks: list[Rule]) -> list[Rule]:
+    """A timm ViT-like trunk under open_clip's TimmModel: embedding, ``blocks``, final norm, pooling, head."""
+    return [
+        *_params(f"{_TRUNK}.patch_embed.proj", "vision.patch_embed"),
+        _rule(f"{_TRUNK}.cls_token", "vision.cls_token", FLATTEN),
+        _rule(f"{_TRUNK}.pos_embed", "vision.pos_embed", SQUEEZE),
+        *_params(f"{_TRUNK}.norm_pre", "vision.norm_pre"),
+        *blocks,
+        *_params(f"{_TRUNK}.norm", "vision.norm", when=lambda cfg: not cfg.vision.final_ln_after_pool),
+        *_params(f"{_TRUNK}.fc_norm", "vision.norm", when=lambda cfg: cfg.vision.final_ln_after_pool),
+        _rule(f"{_TRUNK}.attn_pool.latent", "vision.attn_pool.latent", SQUEEZE),
+        *_params(f"{_TRUNK}.attn_pool.q", "vision.attn_pool.attn.q"),
+        *_params(f"{_TRUNK}.attn_pool.kv", "vision.attn_pool.attn.kv"),
+        *_params(f"{_TRUNK}.attn_pool.proj", "vision.attn_pool.attn.proj"),
+        *_params(f"{_TRUNK}.attn_pool.norm", "vision.attn_pool.norm"),
+        *_params(f"{_TRUNK}.attn_pool.mlp.fc1", "vision.attn_pool.mlp.fc1"),
+        *_params(f"{_TRUNK}.attn_pool.mlp.fc2", "vision.attn_pool.mlp.fc2"),
+        *_params(f"{_TRUNK}.head", "vision.proj"),
+    ]
+
+
+# a timm VisionTransformer under open_clip's TimmModel (open_clip.vision == "timm_vit": SigLIP, timm CLIP ViTs)
+TIMM_VIT_RULES: list[Rule] = _timm_trunk_rules(_timm_block(f"{_TRUNK}.blocks.{{i}}", "vision.transformer.blocks.{i}"))
+# a timm Eva: with RoPE attention (timm_pe: the Perception Encoder), with EVA's attention (timm_eva: EVA01; timm_eva02:
+# separate q / k / v projections, SwiGLU, sub-LN, RoPE)
+TIMM_PE_RULES: list[Rule] = _timm_trunk_rules(_eva_block(f"{_TRUNK}.blocks.{{i}}", "vision.transformer.blocks.{i}",
+                                                         "timm_pe"))
+TIMM_EVA_RULES: list[Rule] = _timm_trunk_rules(_eva_block(f"{_TRUNK}.blocks.{{i}}", "vision.transformer.blocks.{i}",
+                                                          "timm_eva"))
+TIMM_EVA02_RULES: list[Rule] = _timm_trunk_rules(_eva_block(f"{_TRUNK}.blocks.{{i}}", "vision.transformer.blocks.{i}",
+                                                            "timm_eva02"))
+
+VISION_RULES = {"vit": VIT_RULES, "timm_vit": TIMM_VIT_RULES, "timm_pe": TIMM_PE_RULES, "timm_eva": TIMM_EVA_RULES,
+                "timm_eva02": TIMM_EVA02_RULES}
 
 
 def rules(cfg: ModelConfig) -> list[Rule]:
@@ -262,8 +358,11 @@ def _stack_problems(cfg: ModelConfig, layout: str) -> list[tuple[str, str]]:
     problems = []
     for tower, t in _stacks(cfg).items():
         key = f"{tower}.transformer"
-        if t.ffn != "mlp":
+        eva02 = tower == "vision" and layout == "timm_eva02"
+        if t.ffn != "mlp" and not eva02:
             problems.append((f"{key}.ffn", f"open_clip has no {t.ffn!r} FFN"))
+        if t.sub_norm and not (tower == "vision" and layout in ("timm_pe", "timm_eva", "timm_eva02")):
+            problems.append((f"{key}.sub_norm", "only timm's Eva blocks have sub-LN"))
         if t.moe is not None:
             problems.append((f"{key}.moe", "open_clip has no MoE"))
         if t.sparse_attention is not None:
@@ -272,6 +371,8 @@ def _stack_problems(cfg: ModelConfig, layout: str) -> list[tuple[str, str]]:
             problems.append((f"{key}.qk_norm", "open_clip's qk-norm blocks have another layout"))
         if not t.qkv_bias and not (tower == "vision" and layout == "timm_vit"):
             problems.append((f"{key}.qkv_bias", "open_clip's attention always has biases"))
+        if not t.k_bias and not (tower == "vision" and layout in ("timm_eva", "timm_eva02")):
+            problems.append((f"{key}.k_bias", "only EVA's attention (open_clip.vision timm_eva) has no key bias"))
     # open_clip's quick_gelu flag is one for its own towers (timm towers keep their own activation); a tower
     # may take GELU's tanh form through act_kwargs, the CoCa decoder not
     own = {"text": cfg.text.transformer.act}
@@ -303,11 +404,22 @@ def _vision_problems(cfg: ModelConfig, layout: str) -> list[tuple[str, str]]:
                                             "timm_vit)"))
         if v.patch_bias or v.proj != "linear" or v.proj_bias:
             problems.append(("vision.proj", "open_clip's ViT has a bias-free patch embedding and projection"))
-    elif layout == "timm_vit":
+    else:  # timm towers
         if v.pool == "attn":
             problems.append(("vision.pool", "timm's ViT has no CoCa attentional pooling"))
         if v.proj == "linear" and not v.proj_bias:
             problems.append(("vision.proj_bias", "timm's ViT head has a bias"))
+    eva = layout in ("timm_pe", "timm_eva", "timm_eva02")
+    if v.rope is not None and not eva:
+        problems.append(("vision.rope", "only timm's Eva towers (open_clip.vision timm_pe / timm_eva / timm_eva02) "
+                                        "have axial RoPE"))
+    if layout == "timm_pe" and v.rope is None:
+        problems.append(("vision.rope", "the Perception Encoder's tower needs vision.rope"))
+    if eva:
+        stack = v.transformer
+        if not stack.qkv_bias or stack.k_bias != (layout == "timm_pe"):
+            problems.append(("vision.transformer.k_bias", "timm's Eva attention has q, k and v biases (timm_pe) or "
+                                                         "q and v biases only (timm_eva, timm_eva02)"))
     return problems
 
 
@@ -369,11 +481,12 @@ def _plan(cfg: ModelConfig, text_prefix: str, mm_ref: dict[str, torch.Tensor]) -
     for rule in rules(cfg):
         if (rule.when is not None and not rule.when(cfg)) or (rule.layers and rule.layers not in stacks):
             continue
+        transform = rule.transform if isinstance(rule.transform, Transform) else rule.transform(cfg)
         for i in range(stacks[rule.layers].depth) if rule.layers else (0,):
             fmt = {"i": i, "self_block": 2 * i, "cross_block": 2 * i + 1, "text": text_prefix}
             mm_keys = [p.format(**fmt) for p in rule.mm]
             if all(k in mm_ref for k in mm_keys):
-                steps.append(([p.format(**fmt) for p in rule.open_clip], mm_keys, rule.transform))
+                steps.append(([p.format(**fmt) for p in rule.open_clip], mm_keys, transform))
     covered = {k for _, mm_keys, _ in steps for k in mm_keys}
     uncovered = [k for k in mm_ref if k not in covered]
     if uncovered:  # an mm feature that _check_supported does not know and the table does not describe
@@ -475,6 +588,14 @@ def open_clip_config(cfg: ModelConfig | str) -> dict:
     class-token mask: for ``text.cls_mask: correct`` set ``model.text.correct_cls_mask = True``."""
     cfg = resolve_config(cfg)
     _check_supported(cfg)
+    source = _source(cfg)
+    if source.vision != "vit":  # a timm tower: open_clip names it, and builds exactly the registry's model
+        if source.name in open_clip_model_names() and _same_network(cfg, open_clip_preset(source.name)):
+            return registry_config(source.name)
+        raise ConversionError(f"not convertible to an open_clip config: open_clip builds this image tower with timm "
+                              f"(open_clip.vision {source.vision!r}) from a timm model name, and the config is not "
+                              "that of an open_clip registry model; its weights convert (to_open_clip) into the model "
+                              "open_clip builds for the registry name")
     v, t = cfg.vision, cfg.text
     vt, tt = v.transformer, t.transformer
     coca = cfg.decoder is not None
@@ -504,6 +625,20 @@ def open_clip_config(cfg: ModelConfig | str) -> dict:
             "layers": dt.depth, "ls_init_value": dt.layer_scale,
         }
     return out
+
+
+_PREPROCESSING = ("image_mean", "image_std", "resize_mode", "interpolation")
+
+
+def _same_network(a: ModelConfig, b: ModelConfig) -> bool:
+    """Whether two configs build the same network (preprocessing and open_clip names aside)."""
+    def arch(cfg: ModelConfig) -> dict:
+        d = asdict(cfg)
+        d.pop("open_clip")
+        for k in _PREPROCESSING:
+            d["vision"].pop(k)
+        return d
+    return arch(a) == arch(b)
 
 
 def open_clip_model_config(name: ModelConfig | str | dict, module: nn.Module | None = None) -> ModelConfig:
@@ -547,6 +682,10 @@ def from_open_clip(model_or_state_dict: nn.Module | dict[str, torch.Tensor], nam
     with torch.device("meta"):  # no random init: every tensor is assigned from mm_sd
         model = model_class(cfg)(cfg)
     model.load_state_dict(mm_sd, strict=True, assign=True)
+    device = next(iter(mm_sd.values())).device
+    for m in model.modules():  # tables derived from the config (RoPE): computed, not loaded
+        if hasattr(m, "init_buffers") and any(b.is_meta for b in m.buffers(recurse=False)):
+            m.init_buffers(device)
     left = [n for n, b in model.named_buffers() if b.is_meta]
     if left:  # a non-persistent buffer has no value in any state dict; building on meta cannot fill it
         raise ConversionError(f"mm model {label} has buffer {left[0]!r} that a state dict does not hold")

@@ -132,7 +132,9 @@ class Attention(nn.Module):
         cross: bool = False,
         kv_dim: int | None = None,
         qkv_bias: bool = True,
+        k_bias: bool = True,
         qk_norm: bool = False,
+        sub_norm: bool = False,
         norm_eps: float = 1e-5,
     ):
         super().__init__()
@@ -141,14 +143,25 @@ class Attention(nn.Module):
         self.heads = heads
         self.head_dim = dim // heads
         self.cross = cross
+        self.q_bias = self.v_bias = None
         if cross:
+            if not k_bias:
+                raise ValueError("k_bias: false is for self-attention (EVA's); cross-attention packs [k; v]")
             self.q = nn.Linear(dim, dim, bias=qkv_bias)
             self.kv = nn.Linear(kv_dim or dim, 2 * dim, bias=qkv_bias)
+        elif qkv_bias and not k_bias:
+            # EVA's attention: query and value biases, no key bias (it would shift every score of a query by
+            # the same amount, which softmax ignores)
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
         else:
             self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         # qk-norm (Dehghani et al. 2023) keeps attention logits bounded at scale
         self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        # sub-LN (EVA02's scale_attn_inner): the attention output is normed before its projection
+        self.norm_out = nn.LayerNorm(dim, eps=norm_eps) if sub_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -186,7 +199,10 @@ class Attention(nn.Module):
                 if cache is not None:
                     cache.k, cache.v = k, v
         else:
-            q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            qkv = self.qkv(x)
+            if self.q_bias is not None:
+                qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]).to(qkv.dtype)
+            q, k, v = qkv.view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k = self.q_norm(q), self.k_norm(k)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -198,7 +214,7 @@ class Attention(nn.Module):
             out = _flex_attention(q, k, v, attn_mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+        return self.proj(self.norm_out(out.transpose(1, 2).reshape(b, t, d)))
 
     def _heads_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, s, _ = kv.shape

@@ -26,9 +26,10 @@ def make_ffn(cfg: TransformerConfig, layer_idx: int) -> nn.Module:
         return SwiGLU(cfg.width, hidden) if cfg.ffn == "swiglu" else Mlp(cfg.width, hidden, cfg.act)
     if is_moe_layer(cfg, layer_idx):
         return MoE(cfg.width, cfg.mlp_hidden, cfg.moe, act=cfg.act, swiglu=cfg.ffn == "swiglu")
+    eps = cfg.norm_eps if cfg.sub_norm else None
     if cfg.ffn == "swiglu":
-        return SwiGLU(cfg.width, cfg.mlp_hidden)
-    return Mlp(cfg.width, cfg.mlp_hidden, cfg.act)
+        return SwiGLU(cfg.width, cfg.mlp_hidden, norm_eps=eps)
+    return Mlp(cfg.width, cfg.mlp_hidden, cfg.act, norm_eps=eps)
 
 
 class LayerScale(nn.Module):
@@ -85,10 +86,11 @@ class Block(nn.Module):
     ):
         super().__init__()
         w, eps = cfg.width, cfg.norm_eps
-        attn_kw = dict(qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, norm_eps=eps)
+        attn_kw = dict(qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, sub_norm=cfg.sub_norm, norm_eps=eps)
+        self_kw = dict(attn_kw, k_bias=cfg.k_bias)
         if self_attn:
             self.norm1 = nn.LayerNorm(w, eps=eps)
-            self.attn = Attention(w, cfg.heads, **attn_kw)
+            self.attn = Attention(w, cfg.heads, **self_kw)
             self.ls1 = _scale(cfg)
         if cross_dim is not None:
             self.norm_cross = nn.LayerNorm(w, eps=eps)
@@ -172,6 +174,9 @@ class Transformer(nn.Module):
                         nn.init.normal_(lin.weight, std=attn_std)
                         if lin.bias is not None:
                             nn.init.zeros_(lin.bias)
+                for bias in (getattr(a, "q_bias", None), getattr(a, "v_bias", None)):
+                    if bias is not None:
+                        nn.init.zeros_(bias)
                 nn.init.normal_(a.proj.weight, std=proj_std)
                 nn.init.zeros_(a.proj.bias)
             if not blk.is_moe:

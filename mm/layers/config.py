@@ -110,7 +110,13 @@ class TransformerConfig:
     ffn: str = "mlp"  # mlp | swiglu
     act: str = "gelu"  # activation of the mlp FFN (quick_gelu for OpenAI weights)
     qkv_bias: bool = True  # biases on the query/key/value projections
+    # with qkv_bias: a key bias too; false = query and value biases only (EVA's attention; softmax ignores a key
+    # bias); self-attention stacks only
+    k_bias: bool = True
     qk_norm: bool = False  # LayerNorm on queries and keys, per head
+    # sub-LN (NormFormer; EVA02's scale_attn_inner + scale_mlp): a LayerNorm on the attention output before its
+    # projection and on the FFN's hidden activations before its down projection
+    sub_norm: bool = False
     norm_eps: float = 1e-5  # LayerNorm epsilon
     layer_scale: float | None = None  # LayerScale init value; None = off
     drop_path: float = 0.0  # stochastic depth, linearly increasing to this rate at the last block
@@ -137,6 +143,10 @@ class TransformerConfig:
             yield "act", f"must be one of {ACTIVATIONS}, got {self.act!r}"
         if not 0.0 <= self.drop_path < 1.0:
             yield "drop_path", f"must be in [0, 1), got {self.drop_path}"
+        if self.sub_norm and self.moe is not None:
+            yield "sub_norm", "the MoE FFN has no inner LayerNorm"
+        if not self.k_bias and not self.qkv_bias:
+            yield "k_bias", "false applies with qkv_bias: true (query and value biases only)"
         sparse = self.sparse_attention
         if sparse is not None and sparse.backend == "flex" and self.heads >= 1 and self.head_dim < 16:
             # flex_attention's CUDA kernel (tl.dot) needs head_dim >= 16

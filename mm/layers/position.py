@@ -62,24 +62,63 @@ class RotaryEmbedding(nn.Module):
         return self.cos[offset : offset + length], self.sin[offset : offset + length]
 
 
-class RotaryEmbedding2D(nn.Module):
-    """2-D RoPE for a (grid x grid) patch sequence: half of each head rotates with the row, half with the
-    column. ``prefix_tokens`` (class token) come first and are not rotated (cos 1, sin 0)."""
+def axial_rope_angles(head_dim: int, grid: int, *, temperature: float = 10000.0, ref_grid: int | None = None,
+                      offset: float = 0.0, column_first: bool = True) -> torch.Tensor:
+    """(grid*grid, head_dim) angles of timm's axial RoPE (``RotaryEmbeddingCat``: EVA02, the Perception
+    Encoder), in the rotate_half layout mm's attention applies.
 
-    def __init__(self, head_dim: int, grid: int, prefix_tokens: int = 0, base: float = 100.0):
+    timm gives each head ``head_dim/4`` frequencies ``temperature^(-j / (head_dim/4))`` per axis and rotates
+    interleaved channel pairs (2i, 2i+1): pairs [0, head_dim/4) by the first coordinate (the column with
+    ``column_first``, timm's ``grid_indexing='xy'``; else the row), the next head_dim/4 by the other. Here pair i
+    is (i, i + head_dim/2): the checkpoint converter permutes the query and key channels to match, which
+    leaves every attention score unchanged. Coordinates are ``(index + offset) / grid * ref_grid`` (EVA's rule
+    for a grid other than the pretraining one), computed in float32 in timm's order of operations so the
+    tables are bit-identical to timm's.
+    """
+    if head_dim % 4:
+        raise ValueError(f"axial RoPE needs head_dim divisible by 4, got {head_dim}")
+    bands_n = head_dim // 4
+    bands = 1.0 / (temperature ** (torch.arange(0, bands_n, 1, dtype=torch.int64).to(torch.float32) / bands_n))
+    t = torch.arange(grid, dtype=torch.int64).to(torch.float32) + offset
+    if ref_grid is not None:
+        t = t / grid * ref_grid
+    rows, cols = torch.meshgrid(t, t, indexing="ij")  # (grid, grid): row-major like the patch tokens
+    first, second = (cols, rows) if column_first else (rows, cols)
+    ang = torch.cat([first.reshape(-1, 1) * bands, second.reshape(-1, 1) * bands], dim=-1)  # (N, head_dim/2)
+    return torch.cat([ang, ang], dim=-1)
+
+
+class RotaryEmbedding2D(nn.Module):
+    """2-D RoPE for a (grid x grid) patch sequence. ``prefix_tokens`` (class token) come first and are not
+    rotated (cos 1, sin 0). ``axial`` None: mm's own layout (half of each head rotates with the row, half with
+    the column, base ``base``); else the keyword arguments of :func:`axial_rope_angles` (timm's Eva towers)."""
+
+    def __init__(self, head_dim: int, grid: int, prefix_tokens: int = 0, base: float = 100.0,
+                 axial: dict | None = None):
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
-        ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-        half = head_dim // 2
-        ay = _rope_angles(half, ys.reshape(-1), base)  # (N, half)
-        ax = _rope_angles(half, xs.reshape(-1), base)
+        self.head_dim, self.grid, self.prefix_tokens, self.base = head_dim, grid, prefix_tokens, base
+        self.axial = dict(axial) if axial is not None else None
+        self.init_buffers()
+
+    def _angles(self) -> torch.Tensor:
+        if self.axial is not None:
+            return axial_rope_angles(self.head_dim, self.grid, **self.axial)
+        ys, xs = torch.meshgrid(torch.arange(self.grid), torch.arange(self.grid), indexing="ij")
+        half = self.head_dim // 2
+        ay = _rope_angles(half, ys.reshape(-1), self.base)  # (N, half)
+        ax = _rope_angles(half, xs.reshape(-1), self.base)
         # interleave so rotate_half over the full head pairs y-with-y and x-with-x channels
-        ang = torch.cat([ay[:, : half // 2], ax[:, : half // 2], ay[:, half // 2 :], ax[:, half // 2 :]], dim=-1)
-        ang = torch.cat([torch.zeros(prefix_tokens, head_dim), ang], dim=0)
-        self.prefix_tokens = prefix_tokens
-        self.register_buffer("cos", ang.cos(), persistent=False)
-        self.register_buffer("sin", ang.sin(), persistent=False)
+        return torch.cat([ay[:, : half // 2], ax[:, : half // 2], ay[:, half // 2 :], ax[:, half // 2 :]], dim=-1)
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the cos / sin tables: they derive from the config and are never saved, so a model built
+        on the meta device and loaded with ``assign=True`` calls this to fill them."""
+        ang = torch.cat([torch.zeros(self.prefix_tokens, self.head_dim), self._angles()], dim=0)
+        # non-persistent: derived from the config, so it never appears in checkpoints
+        self.register_buffer("cos", ang.cos().to(device), persistent=False)
+        self.register_buffer("sin", ang.sin().to(device), persistent=False)
 
     def forward(self, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``keep``: optional (B, T') indices of the tokens still present (patch dropout, prefix

@@ -1,7 +1,14 @@
 """Models: configs, towers, the CLIP / CoCa / LIMoE compositions, presets, and building a model from a spec."""
 from .build import build_model, list_models, model_class, resolve_config
 from .clip import CLIP, CoCa, DecodeCache, ImageTextModel, ModelOutput
-from .config import DecoderConfig, ModelConfig, OpenClipSource, TextConfig, VisionConfig
+from .config import (
+           AxialRopeConfig,
+           DecoderConfig,
+           ModelConfig,
+           OpenClipSource,
+           TextConfig,
+           VisionConfig,
+)
 from .decoder import CaptionDecoder
 from .limoe import LIMoE
 from .open_clip_configs import NotNative
@@ -9,7 +16,7 @@ from .presets import get_preset
 from .text import TextEmbedHead, TextTower
 from .vision import TowerOutput, VisionEmbedHead, VisionTower
 
-__all__ = ["CLIP", "CaptionDecoder", "CoCa", "DecodeCache", "DecoderConfig", "ImageTextModel", "LIMoE",
+__all__ = ["AxialRopeConfig", "CLIP", "CaptionDecoder", "CoCa", "DecodeCache", "DecoderConfig", "ImageTextModel", "LIMoE",
            "ModelConfig", "ModelOutput", "NotNative", "OpenClipSource", "TextConfig", "TextEmbedHead", "TextTower", "TowerOutput", "VisionConfig",
            "VisionEmbedHead", "VisionTower", "build_model", "get_preset", "list_models", "model_class",
            "resolve_config"]

@@ -19,12 +19,36 @@ INTERPOLATIONS = ("bicubic", "bilinear")
 
 
 @dataclass
+class AxialRopeConfig:
+    """timm's axial 2-D rotary position embedding (EVA02, the Perception Encoder): applied to the patch tokens'
+    queries and keys inside attention, on top of ``pos_embed``. Each head has head_dim/4 frequencies
+    temperature^(-j / (head_dim/4)) per image axis (``mm.layers.position.axial_rope_angles``)."""
+
+    temperature: float = 10000.0
+    # positions are rescaled so the patch grid spans ref_grid patches (the pretraining grid: EVA's rule for
+    # running at another resolution); null = patch indices as they are
+    ref_grid: int | None = None
+    offset: float = 0.0  # added to each patch index before rescaling (the Perception Encoder: 1)
+    order: str = "xy"  # xy: the first frequencies rotate with the column (timm's grid_indexing xy, PE) | ij: row
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.order not in ("xy", "ij"):
+            yield "order", f"must be xy or ij, got {self.order!r}"
+        if self.ref_grid is not None and self.ref_grid < 1:
+            yield "ref_grid", f"must be >= 1 or null, got {self.ref_grid}"
+        if self.temperature <= 0:
+            yield "temperature", f"must be > 0, got {self.temperature}"
+
+
+@dataclass
 class VisionConfig:
     image_size: int = 224  # input side in pixels (square)
     patch_size: int = 32  # patch side; image_size must be a multiple (unless patch_remainder)
     # the tower's own stack; null in a one-tower model, whose stack (ModelConfig.one_tower) it shares
     transformer: TransformerConfig | None = field(default_factory=lambda: TransformerConfig(768, 12, 12))
     pos_embed: str = "learned"  # learned | sincos2d | rope2d
+    # timm's axial RoPE inside attention, with a learned pos_embed (EVA02, the Perception Encoder); null = none
+    rope: AxialRopeConfig | None = None
     class_token: bool = True  # prepend a learned class token
     # cls | mean | attn (attentional pooling, CoCa) | map (one learned query + MLP: SigLIP's and PE's head)
     pool: str = "cls"
@@ -71,6 +95,10 @@ class VisionConfig:
             yield "final_ln_after_pool", f"applies to cls or mean pooling, got pool {self.pool!r}"
         if self.pos_embed == "rope2d" and self.transformer is not None and self.transformer.head_dim % 4:
             yield "pos_embed", f"rope2d needs head_dim divisible by 4, got {self.transformer.head_dim}"
+        if self.rope is not None and self.pos_embed == "rope2d":
+            yield "rope", "rope2d already rotates queries and keys; axial rope goes with learned or sincos2d positions"
+        if self.rope is not None and self.transformer is not None and self.transformer.head_dim % 4:
+            yield "rope", f"axial RoPE needs head_dim divisible by 4, got {self.transformer.head_dim}"
         if self.resize_mode not in RESIZE_MODES:
             yield "resize_mode", f"must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}"
         if self.interpolation not in INTERPOLATIONS:
@@ -153,7 +181,7 @@ class DecoderConfig:
             yield "layout", f"must be one of {DECODER_LAYOUTS}, got {self.layout!r}"
 
 
-OPEN_CLIP_VISION_LAYOUTS = ("vit", "timm_vit", "timm_eva")
+OPEN_CLIP_VISION_LAYOUTS = ("vit", "timm_vit", "timm_pe", "timm_eva", "timm_eva02")
 
 
 @dataclass
@@ -163,7 +191,8 @@ class OpenClipSource:
 
     name: str | None = None  # the open_clip model name it was translated from (its registry), if any
     # the image tower's tensor names: vit (open_clip's VisionTransformer, visual.*) | timm_vit (a timm
-    # VisionTransformer, visual.trunk.*) | timm_eva (a timm Eva: PE, EVA02; visual.trunk.*)
+    # VisionTransformer, visual.trunk.*) | timm_pe (a timm Eva with RoPE attention: the Perception Encoder) |
+    # timm_eva (a timm Eva with EVA's attention: EVA01) | timm_eva02 (separate q / k / v, SwiGLU: EVA02)
     vision: str = "vit"
     custom_text: bool = False  # the text tower under text.* (open_clip's CustomTextCLIP and CoCa)
 
@@ -220,6 +249,8 @@ class ModelConfig:
         # one stack call carries both modalities: positions are added to the tokens, not rotated in attention
         if self.vision.pos_embed == "rope2d":
             yield "vision.pos_embed", "a one-tower model needs learned or sincos2d positions, got 'rope2d'"
+        if self.vision.rope is not None:
+            yield "vision.rope", "a one-tower model needs learned or sincos2d positions, not rotary ones"
         if self.text.pos_embed == "rope":
             yield "text.pos_embed", "a one-tower model needs learned positions, got 'rope'"
         if self.text.embed_cls:

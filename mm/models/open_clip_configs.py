@@ -25,7 +25,14 @@ from torch import nn
 
 from ..config import ConfigError, validate
 from ..layers import TransformerConfig
-from .config import DecoderConfig, ModelConfig, OpenClipSource, TextConfig, VisionConfig
+from .config import (
+    AxialRopeConfig,
+    DecoderConfig,
+    ModelConfig,
+    OpenClipSource,
+    TextConfig,
+    VisionConfig,
+)
 
 CLIP_VOCAB, CLIP_EOT, CLIP_SOT = 49408, 49407, 49406
 _CUSTOM_BLOCK_KEYS = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
@@ -196,9 +203,6 @@ def _timm_trunk(v: dict, embed_dim: int) -> nn.Module:
 
     proj = v.get("timm_proj", VISION_DEFAULTS["timm_proj"])
     pool = v.get("timm_pool", VISION_DEFAULTS["timm_pool"])
-    if proj in ("linear", "mlp") or pool in ("abs_attn", "rot_attn"):
-        raise NotNative(f"vision_cfg: timm tower {v['timm_model_name']} with an open_clip head "
-                        f"(timm_proj {proj!r}, timm_pool {pool!r})")
     with torch.device("meta"):
         return timm.create_model(v["timm_model_name"], num_classes=0 if proj == "none" else embed_dim,
                                  global_pool=pool, pretrained=False)
@@ -224,38 +228,23 @@ def _layer_norm_eps(module: nn.Module, where: str) -> float | None:
     raise NotNative(f"{where}: {type(module).__name__}")
 
 
-def timm_vit_config(trunk: nn.Module, embed_dim: int) -> VisionConfig:
-    """A timm ``VisionTransformer`` (SigLIP's, timm's CLIP ViTs) as an mm VisionConfig; NotNative for the parts
-    mm's blocks do not express (register tokens, hybrid stems, qk-norm, dynamic sizes, other pools)."""
-    from timm.layers import Mlp, PatchEmbed
-    from timm.models.vision_transformer import Attention as TimmAttention
-    from timm.models.vision_transformer import Block as TimmBlock
+def _timm_patch_embed(trunk: nn.Module, where: str) -> tuple[int, int, bool]:
+    """(image size, patch size, patch bias) of a timm ViT's plain non-overlapping patch embedding."""
+    from timm.layers import PatchEmbed
 
-    where = f"timm {type(trunk).__name__}"
     pe = trunk.patch_embed
     if type(pe) is not PatchEmbed or not isinstance(pe.norm, nn.Identity) or getattr(pe, "dynamic_img_pad", False):
         raise NotNative(f"{where}: patch embedding {type(pe).__name__}")
-    if trunk.num_reg_tokens or trunk.pos_embed is None or (trunk.no_embed_class and trunk.cls_token is not None):
-        raise NotNative(f"{where}: register tokens or unusual position embedding")
     if getattr(trunk, "dynamic_img_size", False):
         raise NotNative(f"{where}: dynamic image size")
-    blocks = list(trunk.blocks)
-    width, depth = trunk.embed_dim, len(blocks)
-    eps = set()
-    for i, b in enumerate(blocks):
-        a = b.attn
-        if type(b) is not TimmBlock or type(a) is not TimmAttention or not isinstance(a.q_norm, nn.Identity) \
-                or not isinstance(a.norm, nn.Identity) or type(b.mlp) is not Mlp or not isinstance(b.mlp.norm, nn.Identity):
-            raise NotNative(f"{where}: block {i} is not a plain pre-norm ViT block")
-        eps.update(e for e in (_layer_norm_eps(b.norm1, where), _layer_norm_eps(b.norm2, where)) if e is not None)
-    b0 = blocks[0]
-    norms = {"norm_pre": trunk.norm_pre, "norm": trunk.norm, "fc_norm": trunk.fc_norm}
-    eps.update(e for e in (_layer_norm_eps(m, where) for m in norms.values()) if e is not None)
-    if len(eps) != 1:
-        raise NotNative(f"{where}: LayerNorms with different eps {sorted(eps)}")
-    stack = TransformerConfig(width, depth, b0.attn.num_heads, mlp_ratio=_ratio(width, b0.mlp.fc1.out_features),
-                              act=_module_act(b0.mlp.act, where), qkv_bias=b0.attn.qkv.bias is not None,
-                              norm_eps=eps.pop(), layer_scale=1e-5 if hasattr(b0.ls1, "gamma") else None)
+    conv = pe.proj
+    if conv.kernel_size != conv.stride or conv.kernel_size[0] != conv.kernel_size[1]:
+        raise NotNative(f"{where}: overlapping or non-square patches")
+    return _square(pe.img_size, where), conv.kernel_size[0], conv.bias is not None
+
+
+def _timm_head(trunk: nn.Module, width: int, act: str, embed_dim: int, where: str) -> dict[str, Any]:
+    """VisionConfig fields of a timm ViT's head: final norm, pooling (class token, average, map), projection."""
     kw: dict[str, Any] = {}
     gp = trunk.global_pool
     if gp == "map":
@@ -265,7 +254,7 @@ def timm_vit_config(trunk: nn.Module, embed_dim: int) -> VisionConfig:
             raise NotNative(f"{where}: attention pool variant")
         kw.update(pool="map", attn_pool_heads=ap.num_heads,
                   attn_pool_mlp_ratio=_ratio(width, ap.mlp.fc1.out_features))
-        if _module_act(ap.mlp.act, where) != stack.act:
+        if _module_act(ap.mlp.act, where) != act:
             raise NotNative(f"{where}: attention pool activation differs from the blocks'")
     elif gp == "token":
         kw.update(pool="cls")
@@ -277,6 +266,8 @@ def timm_vit_config(trunk: nn.Module, embed_dim: int) -> VisionConfig:
         raise NotNative(f"{where}: global_pool {gp!r}")
     if isinstance(trunk.norm, nn.Identity) and not kw.get("final_ln_after_pool"):
         raise NotNative(f"{where}: no final norm")
+    if not isinstance(trunk.norm, nn.Identity) and not isinstance(trunk.fc_norm, nn.Identity):
+        raise NotNative(f"{where}: a final norm both before and after pooling")
     head = trunk.head
     if isinstance(head, nn.Identity):
         kw.update(proj="none")
@@ -284,22 +275,151 @@ def timm_vit_config(trunk: nn.Module, embed_dim: int) -> VisionConfig:
         kw.update(proj="linear", proj_bias=head.bias is not None)
     else:
         raise NotNative(f"{where}: head {type(head).__name__}")
-    conv = pe.proj
-    if conv.kernel_size != conv.stride or conv.kernel_size[0] != conv.kernel_size[1]:
-        raise NotNative(f"{where}: overlapping or non-square patches")
-    size, patch = _square(pe.img_size, where), conv.kernel_size[0]
+    return kw
+
+
+def _one_eps(modules: list[nn.Module], where: str) -> float:
+    """The one LayerNorm eps of a tower's norms (mm's stack has one)."""
+    eps = {e for e in (_layer_norm_eps(m, where) for m in modules) if e is not None}
+    if len(eps) != 1:
+        raise NotNative(f"{where}: LayerNorms with different eps {sorted(eps)}")
+    return eps.pop()
+
+
+def timm_vit_config(trunk: nn.Module, embed_dim: int) -> VisionConfig:
+    """A timm ``VisionTransformer`` (SigLIP's, timm's CLIP ViTs) as an mm VisionConfig; NotNative for the parts
+    mm's blocks do not express (register tokens, hybrid stems, qk-norm, dynamic sizes, other pools)."""
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Attention as TimmAttention
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    where = f"timm {type(trunk).__name__}"
+    size, patch, patch_bias = _timm_patch_embed(trunk, where)
+    if trunk.num_reg_tokens or trunk.pos_embed is None or (trunk.no_embed_class and trunk.cls_token is not None):
+        raise NotNative(f"{where}: register tokens or unusual position embedding")
+    blocks = list(trunk.blocks)
+    width, depth = trunk.embed_dim, len(blocks)
+    for i, b in enumerate(blocks):
+        a = b.attn
+        if type(b) is not TimmBlock or type(a) is not TimmAttention or not isinstance(a.q_norm, nn.Identity) \
+                or not isinstance(a.norm, nn.Identity) or type(b.mlp) is not Mlp or not isinstance(b.mlp.norm, nn.Identity):
+            raise NotNative(f"{where}: block {i} is not a plain pre-norm ViT block")
+    b0 = blocks[0]
+    norms = [m for b in blocks for m in (b.norm1, b.norm2)] + [trunk.norm_pre, trunk.norm, trunk.fc_norm]
+    stack = TransformerConfig(width, depth, b0.attn.num_heads, mlp_ratio=_ratio(width, b0.mlp.fc1.out_features),
+                              act=_module_act(b0.mlp.act, where), qkv_bias=b0.attn.qkv.bias is not None,
+                              norm_eps=_one_eps(norms, where), layer_scale=1e-5 if hasattr(b0.ls1, "gamma") else None)
+    kw = _timm_head(trunk, width, stack.act, embed_dim, where)
     return VisionConfig(image_size=size, patch_size=patch, transformer=stack, class_token=trunk.cls_token is not None,
-                        norm_pre=not isinstance(trunk.norm_pre, nn.Identity), patch_bias=conv.bias is not None,
+                        norm_pre=not isinstance(trunk.norm_pre, nn.Identity), patch_bias=patch_bias,
                         patch_remainder=size % patch != 0, **kw)
 
 
+def _timm_rope(trunk: nn.Module, grid: int, where: str) -> AxialRopeConfig | None:
+    """The AxialRopeConfig of a timm Eva's ``RotaryEmbeddingCat`` (index grid, interleaved pairs)."""
+    from timm.layers.pos_embed_sincos import RotaryEmbeddingCat
+
+    rope = trunk.rope
+    if rope is None:
+        return None
+    if type(rope) is not RotaryEmbeddingCat or rope.in_pixels or rope.grid_type != "index" or rope.rotate_half \
+            or rope.aug_active or list(rope.feat_shape or ()) != [grid, grid]:
+        raise NotNative(f"{where}: rotary embedding {type(rope).__name__} variant")
+    ref = rope.ref_feat_shape
+    if ref is not None and len(set(ref)) != 1:
+        raise NotNative(f"{where}: non-square RoPE reference grid {tuple(ref)}")
+    return AxialRopeConfig(temperature=float(rope.temperature), ref_grid=None if ref is None else int(ref[0]),
+                           offset=float(rope.grid_offset), order=rope.grid_indexing)
+
+
+def _eva_attention(a: nn.Module, i: int, where: str) -> str:
+    """The tensor layout of a timm Eva block's attention: timm_pe (RoPE attention, packed qkv with q, k and v
+    biases), timm_eva (EVA's, packed qkv with q and v biases) or timm_eva02 (EVA's, separate q / k / v)."""
+    from timm.layers.attention import AttentionRope
+    from timm.models.eva import EvaAttention
+
+    if a.gate is not None or not isinstance(a.q_norm, nn.Identity) or a.proj.bias is None:
+        raise NotNative(f"{where}: block {i} attention with gating or qk-norm")
+    if type(a) is AttentionRope and a.qkv is not None and a.num_kv_groups == 1 and a.qkv.bias is not None:
+        return "timm_pe"
+    if type(a) is EvaAttention and a.qkv is not None and a.q_bias is not None:
+        return "timm_eva"
+    if type(a) is EvaAttention and a.qkv is None and a.q_proj.bias is not None and a.v_proj.bias is not None:
+        return "timm_eva02"
+    raise NotNative(f"{where}: block {i} attention {type(a).__name__} variant")
+
+
+def _eva_ffn(mlp: nn.Module, i: int, where: str) -> tuple[str, float, bool]:
+    """(ffn kind, hidden width, sub-LN) of a timm Eva block's MLP: timm's Mlp, or its SwiGLU (EVA02)."""
+    from timm.layers import Mlp, SwiGLU
+
+    if type(mlp) is Mlp:
+        hidden, sub = mlp.fc1.out_features, mlp.norm
+    elif type(mlp) is SwiGLU and type(mlp.act) is nn.SiLU:
+        hidden, sub = mlp.fc1_g.out_features, mlp.norm
+    else:
+        raise NotNative(f"{where}: block {i} MLP {type(mlp).__name__} (packed GLU without sub-LN)")
+    return ("mlp" if type(mlp) is Mlp else "swiglu"), hidden, not isinstance(sub, nn.Identity)
+
+
+def timm_eva_config(trunk: nn.Module, embed_dim: int) -> tuple[VisionConfig, str]:
+    """A timm ``Eva`` (the Perception Encoder, EVA01, EVA02) as an mm VisionConfig and its tensor layout (see
+    :func:`_eva_attention`). Post-norm blocks (EVA02-E), register tokens, mixed RoPE are NotNative."""
+    from timm.models.eva import EvaBlock
+
+    where = f"timm {type(trunk).__name__}"
+    size, patch, patch_bias = _timm_patch_embed(trunk, where)
+    if trunk.reg_token is not None or trunk.pos_embed is None or (trunk.no_embed_class and trunk.cls_token is not None):
+        raise NotNative(f"{where}: register tokens or unusual position embedding")
+    if getattr(trunk, "rope_mixed", False):
+        raise NotNative(f"{where}: mixed (learned) RoPE")
+    blocks = list(trunk.blocks)
+    width, depth = trunk.embed_dim, len(blocks)
+    kinds, ffns = set(), set()
+    for i, b in enumerate(blocks):
+        if type(b) is not EvaBlock:
+            raise NotNative(f"{where}: block {i} is {type(b).__name__} (post-norm blocks: EVA02-E)")
+        a = b.attn
+        kinds.add(_eva_attention(a, i, where))
+        ffn, hidden, mlp_sub = _eva_ffn(b.mlp, i, where)
+        attn_sub = not isinstance(a.norm, nn.Identity)
+        if attn_sub != mlp_sub:
+            raise NotNative(f"{where}: block {i} has a sub-LN in only one of attention and MLP")
+        ffns.add((ffn, hidden, attn_sub))
+        if a.num_prefix_tokens != trunk.num_prefix_tokens or (b.gamma_1 is None) != (b.gamma_2 is None):
+            raise NotNative(f"{where}: block {i} prefix tokens or layer scale")
+    if len(kinds) != 1 or len(ffns) != 1:
+        raise NotNative(f"{where}: blocks of different kinds")
+    layout, (ffn, hidden, sub) = kinds.pop(), ffns.pop()
+    b0 = blocks[0]
+    norms = [m for b in blocks for m in (b.norm1, b.norm2, b.attn.norm, b.mlp.norm)] + \
+        [trunk.norm_pre, trunk.norm, trunk.fc_norm]
+    act = "silu" if ffn == "swiglu" else _module_act(b0.mlp.act, where)
+    stack = TransformerConfig(width, depth, b0.attn.num_heads, mlp_ratio=_ratio(width, hidden), ffn=ffn, act=act,
+                              norm_eps=_one_eps(norms, where), k_bias=layout == "timm_pe", sub_norm=sub,
+                              layer_scale=1e-5 if b0.gamma_1 is not None else None)
+    kw = _timm_head(trunk, width, act, embed_dim, where)
+    rope = _timm_rope(trunk, size // patch, where)
+    return VisionConfig(image_size=size, patch_size=patch, transformer=stack, class_token=trunk.cls_token is not None,
+                        norm_pre=not isinstance(trunk.norm_pre, nn.Identity), patch_bias=patch_bias,
+                        patch_remainder=size % patch != 0, rope=rope, **kw), layout
+
+
 def _timm_vision(v: dict, embed_dim: int, trunk: nn.Module | None) -> tuple[VisionConfig, str]:
-    """The image tower of a timm-based open_clip model and its tensor layout ("timm_vit")."""
+    """The image tower of a timm-based open_clip model and its tensor layout (timm_vit, timm_pe, timm_eva)."""
+    from timm.models.eva import Eva
     from timm.models.vision_transformer import VisionTransformer
 
+    proj = v.get("timm_proj", VISION_DEFAULTS["timm_proj"])
+    pool = v.get("timm_pool", VISION_DEFAULTS["timm_pool"])
+    if proj in ("linear", "mlp") or pool in ("abs_attn", "rot_attn"):
+        raise NotNative(f"vision_cfg: timm tower {v['timm_model_name']} with an open_clip head "
+                        f"(timm_proj {proj!r}, timm_pool {pool!r})")
     trunk = trunk if trunk is not None else _timm_trunk(v, embed_dim)
-    if isinstance(trunk, VisionTransformer):
+    if type(trunk) is VisionTransformer:
         return timm_vit_config(trunk, embed_dim), "timm_vit"
+    if type(trunk) is Eva:
+        return timm_eva_config(trunk, embed_dim)
     raise NotNative(f"vision_cfg: timm {type(trunk).__name__} ({v['timm_model_name']})")
 
 

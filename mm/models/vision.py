@@ -38,6 +38,10 @@ class _VisionParts(nn.Module):
         self.cls_token = nn.Parameter(scale * torch.randn(w)) if cfg.class_token else None
         n_pos = cfg.grid**2 + self.prefix
         self.rope = None
+        if cfg.rope is not None:  # axial RoPE on top of the learned or fixed positions (timm's Eva towers)
+            r = cfg.rope
+            self.rope = RotaryEmbedding2D(stack.head_dim, cfg.grid, self.prefix, axial=dict(
+                temperature=r.temperature, ref_grid=r.ref_grid, offset=r.offset, column_first=r.order == "xy"))
         if cfg.pos_embed == "learned":
             self.pos_embed = nn.Parameter(scale * torch.randn(n_pos, w))
         elif cfg.pos_embed == "sincos2d":  # fixed: a buffer derived from the config, not saved
