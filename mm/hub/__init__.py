@@ -1,6 +1,13 @@
 """Models with weights: the ``--model`` spec parser, save / load (safetensors, never unpickling), exact
 conversion from and to open_clip and Hugging Face CLIP, ``create_model`` and ``load_model``."""
-from .hf import from_hf_clip
+from .hf import (
+                         HF_MODEL_TYPES,
+                         check_hf_clip,
+                         from_hf,
+                         from_hf_clip,
+                         hf_clip_config,
+                         to_hf_clip,
+)
 from .load import create_model, load_model
 from .open_clip import (
                          ConversionError,
@@ -25,3 +32,4 @@ __all__ = ["ConversionError", "ModelSpec", "OPEN_CLIP_PREFIX", "PretrainedError"
            "create_model", "export_state_dict", "from_hf_clip", "from_open_clip", "load_config", "load_model",
            "load_pretrained", "load_state_dict_checked", "load_weights", "open_clip_config", "parse_spec", "read_weights_file",
            "save_pretrained", "to_open_clip"]
+__all__ += ["HF_MODEL_TYPES", "check_hf_clip", "from_hf", "hf_clip_config", "to_hf_clip"]
