@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, validate
+from ..config import validate
 from ..data.decode import BadSample
 from ..data.folder import list_images, load_image
 from ..data.transforms import image_transform
@@ -16,12 +16,19 @@ from ..hub import load_model
 from ..inference.generate import GenerationConfig, generate
 from ..inference.plots import caption_sheet
 from ..tokenizer import get_tokenizer
-from .common import EXAMPLES, UsageError, add_model_options, default_device, guard
+from .common import (
+    EXAMPLES,
+    MODEL_ERRORS,
+    UsageError,
+    add_model_options,
+    default_device,
+    guard,
+)
 
 PLOT_MAX = 64  # images drawn by `mm caption --plot`
 
 
-@guard(FileNotFoundError, ConfigError, UsageError)
+@guard(FileNotFoundError, UsageError, *MODEL_ERRORS)
 def cmd_caption(args: argparse.Namespace) -> int:
     """One caption per image: "PATH<TAB>caption" lines (or JSON lines with --json)."""
     paths = list_images(args.images)
@@ -35,7 +42,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
         no_repeat_ngram_size=args.no_repeat_ngram))
     model = load_model(args.model, args.pretrained, args.device)
     if getattr(model.config, "decoder", None) is None:
-        raise UsageError(f"{args.model} has no captioning decoder (train or load a CoCa model, e.g. tiny-coca)")
+        raise UsageError(f"{args.model} has no captioning decoder: mm caption needs a CoCa model (e.g. "
+                         "open_clip:coca_ViT-B-32:laion2b_s13b_b90k, or train tiny-coca)")
     tok, pre = get_tokenizer(model), image_transform(model, train=False)
     eot = model.config.text.eot_id
     generator = torch.Generator(args.device).manual_seed(args.seed)

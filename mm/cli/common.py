@@ -9,7 +9,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ..config import ConfigError
 from ..eval.zeroshot import load_names
+from ..hub import ConversionError, PretrainedError
+from ..hub.wrapped import WrappedModelError
+from ..tokenizer import TokenizerUnavailable
 
 MODEL_HELP = ("an mm model directory (a run's final/ or save_pretrained), open_clip:NAME[:TAG] (open_clip's "
               "registry), or a preset name with --pretrained FILE")
@@ -17,6 +21,12 @@ PRETRAINED_HELP = "weights file for a preset --model (mm or open_clip checkpoint
 EXAMPLES = argparse.RawDescriptionHelpFormatter  # descriptions end with examples, laid out as written
 
 Command = Callable[[argparse.Namespace], int]
+
+# What loading and using a --model raises that is its user's to fix: a broken model directory or weights file, a
+# config mm cannot read (NotNative, an open_clip model mm does not build, is a ConfigError), weights that do not
+# fit, a tokenizer that cannot be loaded, and a model mm runs through open_clip asked for what needs mm's blocks.
+MODEL_ERRORS: tuple[type[BaseException], ...] = (PretrainedError, ConfigError, ConversionError,
+                                                 TokenizerUnavailable, WrappedModelError)
 
 
 class UsageError(ValueError):

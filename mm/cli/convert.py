@@ -13,12 +13,14 @@ from ..hub import (
     OPEN_CLIP_PREFIX,
     ConversionError,
     PretrainedError,
-    from_hf_clip,
+    from_hf,
     load_model,
     load_pretrained,
     save_pretrained,
+    to_hf_clip,
     to_open_clip,
 )
+from ..hub.wrapped import is_wrapped
 from ..inference.export import (
     FORMATS,
     TOWERS,
@@ -26,31 +28,64 @@ from ..inference.export import (
     export_model,
     require_packages,
 )
-from .common import EXAMPLES, UsageError, add_model_options, guard
+from .common import EXAMPLES, MODEL_ERRORS, UsageError, add_model_options, guard
 
 
-@guard(ConversionError, PretrainedError, FileNotFoundError, UsageError)
+def _open_clip_state_dict(model: Any) -> tuple[dict[str, torch.Tensor], str]:
+    """The open_clip state dict of an mm model (converted) or of an open_clip model mm runs through open_clip (its
+    own), and how to load it."""
+    if is_wrapped(model):  # the open_clip module itself: its state dict is already open_clip's
+        sd = model.model.state_dict()
+        name = model.config.name
+        how = (f"open_clip.create_model({name!r}, pretrained=FILE)" if name else
+               "open_clip.CLIP(**cfg) (CustomTextCLIP / CoCa as the config says), cfg = config.json's "
+               "wrapped.open_clip_config")
+    else:
+        sd = to_open_clip(model)
+        how = "open_clip.create_model_and_transforms(NAME, pretrained=FILE)"
+    # copies: contiguous, on the CPU, none sharing storage (safetensors refuses shared tensors)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}, how
+
+
+def _write_open_clip(args: argparse.Namespace) -> int:
+    if not args.model or not Path(args.model).is_dir():
+        raise UsageError("--to-open-clip needs --model DIR (an mm model directory)")
+    sd, how = _open_clip_state_dict(load_pretrained(args.model))
+    out = Path(args.to_open_clip)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(out))
+    else:
+        torch.save(sd, out)
+    print(f"wrote {out} ({len(sd)} tensors); load it with {how.replace('FILE', repr(str(out)))}")
+    return 0
+
+
+def _write_hf(args: argparse.Namespace) -> int:
+    if not args.model:
+        raise UsageError("--to-hf needs --model MODEL (an mm model directory, open_clip:NAME[:TAG], or a preset)")
+    model = load_model(args.model)
+    out = to_hf_clip(model, args.to_hf)
+    print(f"wrote {out} (a transformers CLIPModel: config.json + model.safetensors); load it with "
+          f"transformers.CLIPModel.from_pretrained({str(out)!r})")
+    return 0
+
+
+@guard(ConversionError, PretrainedError, FileNotFoundError, UsageError, ImportError)
 def cmd_convert(args: argparse.Namespace) -> int:
-    """open_clip / Hugging Face -> mm directory, or mm directory -> open_clip weights file."""
+    """open_clip / Hugging Face -> mm directory; mm directory -> open_clip weights file or Hugging Face CLIPModel."""
+    if args.to_open_clip and args.to_hf:
+        raise UsageError("give one of --to-open-clip and --to-hf")
     if args.to_open_clip:
-        if not args.model or not Path(args.model).is_dir():
-            raise UsageError("--to-open-clip needs --model DIR (an mm model directory)")
-        sd = {k: v.detach().contiguous().cpu() for k, v in to_open_clip(load_pretrained(args.model)).items()}
-        out = Path(args.to_open_clip)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(sd, str(out))
-        else:
-            torch.save(sd, out)
-        print(f"wrote {out} ({len(sd)} tensors); load it with open_clip.create_model_and_transforms(NAME, "
-              f"pretrained={str(out)!r})")
-        return 0
+        return _write_open_clip(args)
+    if args.to_hf:
+        return _write_hf(args)
     if not args.source or not args.to:
-        raise UsageError("give --from SOURCE --to DIR, or --model DIR --to-open-clip FILE")
+        raise UsageError("give --from SOURCE --to DIR, or --model DIR with --to-open-clip FILE or --to-hf DIR")
     if args.source.startswith("hf:"):
-        model = from_hf_clip(args.source[3:])
+        model = from_hf(args.source[3:])
     elif args.source.startswith(OPEN_CLIP_PREFIX):
         model = load_model(args.source)
     else:  # a weights file: the architecture comes from --model (a preset name or config file)
@@ -65,21 +100,31 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def add_convert_parser(sub: Any) -> None:
     s = sub.add_parser(
         "convert", help="convert open_clip / Hugging Face checkpoints to mm and back",
-        description="Convert weights exactly (tensor for tensor).\n\nexamples:\n"
+        description="Convert weights exactly (tensor for tensor).\n\n"
+                    "Hugging Face: --from hf:DIR reads a transformers CLIPModel, SiglipModel or Siglip2Model directory\n"
+                    "(Siglip2 at the fixed resolution of its position table); --to-hf writes a CLIPModel directory\n"
+                    "for models HF's CLIP can express (errors name the config field it cannot).\n\nexamples:\n"
                     "  mm convert --from open_clip:ViT-B-32:laion2b_s34b_b79k --to models/b32\n"
                     "  mm convert --from open_clip_b32.safetensors --model ViT-B-32 --to models/b32\n"
                     "  mm convert --from hf:/path/to/clip-vit-base-patch32 --to models/hf_b32\n"
+                    "  mm convert --from hf:/path/to/siglip-base-patch16-224 --to models/siglip_b16\n"
+                    "  mm convert --model runs/b32/final --to-hf exported/b32_hf\n"
                     "  mm convert --model runs/b32/final --to-open-clip b32_open_clip.safetensors",
         formatter_class=EXAMPLES)
-    s.add_argument("--from", dest="source", help="open_clip:NAME[:TAG], hf:DIR, or an open_clip/mm weights file")
+    s.add_argument("--from", dest="source", help="open_clip:NAME[:TAG], hf:DIR (a transformers CLIP / SigLIP / "
+                                                 "SigLIP 2 directory), or an open_clip/mm weights file")
     s.add_argument("--to", help="output mm model directory")
-    s.add_argument("--model", help="architecture (preset) for a weights file; the mm directory for --to-open-clip")
+    s.add_argument("--model", help="architecture (preset) for a weights file; the mm directory for --to-open-clip; "
+                                    "the model (directory or any --model spec) for --to-hf")
     s.add_argument("--to-open-clip", help="write the open_clip state dict of --model DIR to this file "
-                                          "(.safetensors, else torch.save)")
+                                          "(.safetensors, else torch.save); also for open_clip models mm runs "
+                                          "through open_clip")
+    s.add_argument("--to-hf", help="write --model as a transformers CLIPModel directory (config.json + "
+                                   "model.safetensors) here")
     s.set_defaults(fn=cmd_convert)
 
 
-@guard(ExportError, PretrainedError)
+@guard(ExportError, *MODEL_ERRORS)
 def cmd_export(args: argparse.Namespace) -> int:
     towers = tuple(t.strip() for t in args.towers.split(",") if t.strip())
     if any(t not in TOWERS for t in towers) or not towers:

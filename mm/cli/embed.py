@@ -15,7 +15,7 @@ import torch
 from ..data.decode import BadSample
 from ..data.folder import load_image
 from ..data.transforms import image_transform
-from ..hub import PretrainedError, load_model
+from ..hub import load_model
 from ..inference.embed import (
     INDEX_NAME,
     SKIPPED_NAME,
@@ -29,10 +29,17 @@ from ..inference.embed import (
 from ..inference.search import plot_results, require_faiss, search
 from ..tokenizer import get_tokenizer
 from ..utils import dist
-from .common import EXAMPLES, MODEL_HELP, add_model_options, default_device, guard
+from .common import (
+    EXAMPLES,
+    MODEL_ERRORS,
+    MODEL_HELP,
+    add_model_options,
+    default_device,
+    guard,
+)
 
 
-@guard(EmbedError, PretrainedError)
+@guard(EmbedError, *MODEL_ERRORS)
 def cmd_embed(args: argparse.Namespace) -> int:
     if args.chunk_size < 1 or args.batch_size < 1:
         raise EmbedError("--chunk-size and --batch-size must be >= 1")
@@ -106,7 +113,7 @@ def _embed_queries(index: dict[str, Any], args: argparse.Namespace) -> np.ndarra
         return model.encode_text(get_tokenizer(model)(args.queries).to(device), normalize=True).float().cpu().numpy()
 
 
-@guard(EmbedError, PretrainedError, BadSample)
+@guard(EmbedError, BadSample, *MODEL_ERRORS)
 def cmd_search(args: argparse.Namespace) -> int:
     if bool(args.queries) == bool(args.image):
         raise EmbedError("give query texts or --image PATH (one of them)")

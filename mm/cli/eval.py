@@ -34,10 +34,11 @@ from ..eval.probe import (
     shard_classes,
 )
 from ..eval.runner import evaluate
-from ..hub import PretrainedError, load_model
+from ..hub import load_model
 from ..utils.precision import PRECISIONS, autocast_dtype
 from .common import (
     EXAMPLES,
+    MODEL_ERRORS,
     add_model_and_labelled_shards,
     add_model_options,
     check_out,
@@ -58,7 +59,7 @@ def _check_counts(args: argparse.Namespace) -> None:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
 
 
-@guard(FileNotFoundError, ValueError, PretrainedError)  # bad inputs: one line naming the problem, exit 2
+@guard(FileNotFoundError, ValueError, *MODEL_ERRORS)  # bad inputs: one line naming the problem, exit 2
 def cmd_zeroshot(args: argparse.Namespace) -> int:
     _check_counts(args)
     out = check_out(args.out, (".csv", ".json"))
@@ -89,7 +90,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
-@guard(FileNotFoundError, ValueError, PretrainedError)
+@guard(FileNotFoundError, ValueError, *MODEL_ERRORS)
 def cmd_eval(args: argparse.Namespace) -> int:
     if not (args.zeroshot or args.retrieval):
         raise ValueError("nothing to evaluate: give --zeroshot SHARDS and/or --retrieval SHARDS")
@@ -194,7 +195,7 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-@guard(FileNotFoundError, ValueError, PretrainedError)
+@guard(FileNotFoundError, ValueError, *MODEL_ERRORS)
 def cmd_probe(args: argparse.Namespace) -> int:
     for flag in ("batch_size", "max_train", "max_test", "max_iter"):
         v = getattr(args, flag)

@@ -11,12 +11,15 @@ from typing import Any
 from ..config import validate
 from ..data.wds import check_urls
 from ..eval.classify import resolve_shards
-from ..hub import PretrainedError, load_model
+from ..hub import load_model
+from ..hub.wrapped import WrappedModelError, native_only
+from ..train.config import not_native
 from ..train.finetune import FinetuneConfig, run
 from ..utils import dist
 from ..utils.precision import PRECISIONS
 from .common import (
     EXAMPLES,
+    MODEL_ERRORS,
     add_model_and_labelled_shards,
     guard,
     parse_classes,
@@ -52,7 +55,7 @@ def _alphas(text: str) -> list[float]:
     return values
 
 
-@guard(FileNotFoundError, ValueError, PretrainedError)
+@guard(FileNotFoundError, ValueError, *MODEL_ERRORS)
 def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = validate(FinetuneConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -66,6 +69,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     train_urls, classnames, templates = resolve_shards(args.train, parse_classes(args.classes),
                                                        parse_templates(args.templates), "--train")
     test_urls = check_urls(args.test, "--test")
+    reason = not_native(args.model)  # before loading (or downloading) a model fine-tuning cannot use
+    if reason:
+        raise WrappedModelError(native_only("fine-tuning (mm finetune)", reason))
     device = args.device or str(dist.start())  # forms the process group under `accelerate launch`
     model = load_model(args.model, args.pretrained, device)
     result = run(model, train_urls, test_urls, classnames, templates, cfg, args.wise_alpha, args.out,

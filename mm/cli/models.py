@@ -1,29 +1,85 @@
-"""``mm models`` (the presets) and ``mm demo`` (a few training steps on a random batch: the install works)."""
+"""``mm models`` (mm's presets; with ``--open-clip`` every model of open_clip's registry and how mm runs it) and
+``mm demo`` (a few training steps on a random batch: the install works)."""
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import sys
 import time
 from typing import Any
 
 import torch
 
+from ..config import ConfigError
 from ..hub import create_model
 from ..losses import ClipLoss
-from ..models import get_preset, list_models
+from ..models import ModelConfig, NotNative, get_preset
+from ..models.open_clip_configs import open_clip_model_names, open_clip_preset
+from ..models.presets import list_models as mm_presets
 from ..tokenizer import get_tokenizer
-from .common import EXAMPLES
+from .common import EXAMPLES, MODEL_ERRORS, guard
+
+
+def summary(cfg: ModelConfig) -> str:
+    """One line of architecture: image size / patch, the stacks (depth x width), embedding width."""
+    v, t, one = cfg.vision, cfg.text, cfg.one_tower
+    if one is not None:
+        stacks = f"one tower {one.depth}x{one.width}"
+    else:
+        stacks = f"vision {v.transformer.depth}x{v.transformer.width} text {t.transformer.depth}x{t.transformer.width}"
+    if cfg.decoder is not None:
+        stacks += f" decoder {cfg.decoder.transformer.depth}x{cfg.decoder.transformer.width}"
+    return f"image {v.image_size}px/{v.patch_size} {stacks} embed {cfg.embed_dim}"
+
+
+def how_mm_runs(name: str) -> tuple[str, str]:
+    """("native", architecture summary) for an open_clip registry model mm builds with its own blocks, else
+    ("open_clip", why not: the part mm does not build)."""
+    try:
+        return "native", summary(open_clip_preset(name))
+    except NotNative as e:
+        reason = str(e)
+    except ConfigError as e:  # a registry config mm cannot read at all: open_clip still runs it
+        reason = f"config not read by mm: {e}"
+    return "open_clip", reason.removeprefix(f"{name}: ")
+
+
+def _matching(names: list[str], patterns: list[str], what: str) -> list[str]:
+    """``names`` matching any of the shell ``patterns`` (all without patterns); ConfigError if none does."""
+    found = [n for n in names if not patterns or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not found:
+        raise ConfigError(f"no {what} matches {' '.join(patterns)} (without patterns all are listed)")
+    return found
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    for name in list_models():
-        cfg = get_preset(name)
-        v, t, one = cfg.vision, cfg.text, cfg.one_tower
-        stacks = (f"one tower {one.depth}x{one.width}" if one is not None else
-                  f"vision {v.transformer.depth}x{v.transformer.width} text {t.transformer.depth}x{t.transformer.width}")
-        print(f"{name:22s} image {v.image_size}px/{v.patch_size} {stacks} embed {cfg.embed_dim}")
+    if not (args.open_clip or args.pretrained):
+        for name in _matching(mm_presets(), args.patterns, "mm preset"):  # quick: no open_clip config translated
+            print(f"{name:22s} {summary(get_preset(name))}")
+        return 0
+    if args.pretrained:
+        import open_clip  # its pretrained tags are code, not files
+
+        rows = [(f"open_clip:{n}:{tag}", n) for n, tag in open_clip.list_pretrained()]
+    else:
+        rows = [(n, n) for n in open_clip_model_names()]
+    names = set(_matching(sorted({n for _, n in rows}), args.patterns, "open_clip model"))
+    rows = [(label, n) for label, n in rows if n in names]
+    width = max(len(label) for label, _ in rows)
+    known: dict[str, tuple[str, str]] = {}  # several tags share a name: translate it once
+    for label, name in rows:
+        if name not in known:
+            known[name] = how_mm_runs(name)
+        kind, note = known[name]
+        print(f"{label:{width}s}  {kind:9s}  {note}", flush=True)  # flushed: timm towers take a moment each
+    n_native = sum(kind == "native" for kind, _ in known.values())
+    print(f"{n_native} of {len(known)} models native (mm's blocks); the others run through open_clip: zeroshot, "
+          "embed, search, eval, probe and distill.teacher work, training / finetune / export / int8 do not",
+          file=sys.stderr)
     return 0
 
 
+@guard(*MODEL_ERRORS)
 def cmd_demo(args: argparse.Namespace) -> int:
     """Forward/backward steps of a model on a fixed random batch: checks the install end to end."""
     torch.manual_seed(0)
@@ -54,10 +110,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+MODELS_DESCRIPTION = """\
+List mm's model presets. With --open-clip, every model of open_clip's registry and how mm runs it: native
+(built with mm's own blocks; the architecture follows) or open_clip (run through open_clip itself, and why:
+the part mm does not build). Native models do everything; the others work with zeroshot, embed, search, eval,
+probe and as a distill.teacher. With --pretrained, open_clip's pretrained weights as --model specs
+(open_clip:NAME:TAG). PATTERNs (shell globs) select model names. Translating open_clip's timm towers takes a
+moment each (~1 min for the whole registry).
+
+examples:
+  mm models
+  mm models --open-clip
+  mm models --open-clip 'ViT-B-*' 'convnext_*'
+  mm models --pretrained 'ViT-B-32*'"""
+
+
 def add_models_parser(sub: Any) -> None:
-    s = sub.add_parser("models", help="list model presets", description="List model presets.\n\nexample: mm models",
-                       formatter_class=EXAMPLES)
-    s.set_defaults(fn=cmd_models)
+    s = sub.add_parser("models", help="list model presets (--open-clip: open_clip's models and how mm runs them)",
+                       description=MODELS_DESCRIPTION, formatter_class=EXAMPLES)
+    s.add_argument("patterns", nargs="*", metavar="PATTERN",
+                   help="list only the model names matching these shell globs")
+    s.add_argument("--open-clip", action="store_true",
+                   help="list open_clip's registry: native (mm's blocks, with the architecture) or open_clip (why)")
+    s.add_argument("--pretrained", action="store_true",
+                   help="list open_clip's pretrained weights (open_clip:NAME:TAG) and how mm runs each")
+    s.set_defaults(fn=guard(*MODEL_ERRORS)(cmd_models))
 
 
 def add_demo_parser(sub: Any) -> None:

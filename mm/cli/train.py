@@ -4,12 +4,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import ConfigError
 from ..train.trainer import main as train_main
-from .common import EXAMPLES, guard
+from .common import EXAMPLES, MODEL_ERRORS, guard
 
 
-@guard(ConfigError)  # a bad key or value: one line naming it, not a traceback
+@guard(*MODEL_ERRORS)  # a bad key or value (ConfigError), a model mm cannot train: one line naming it
 def cmd_train(args: argparse.Namespace) -> int:
     config = args.config
     overrides = list(args.overrides)

@@ -10,9 +10,18 @@ import torch
 
 from ..config import ConfigError, load_file
 from ..models import ImageTextModel, ModelConfig, NotNative, build_model
-from ..models.open_clip_configs import is_open_clip_config, open_clip_model_names, registry_config
+from ..models.open_clip_configs import (
+    is_open_clip_config,
+    open_clip_model_names,
+    registry_config,
+)
 from .open_clip import from_open_clip
-from .pretrained import PretrainedError, load_pretrained, load_weights, read_weights_file
+from .pretrained import (
+    PretrainedError,
+    load_pretrained,
+    load_weights,
+    read_weights_file,
+)
 from .spec import parse_spec
 from .wrapped import OpenClipModel, build_open_clip, wrap_open_clip
 

@@ -144,9 +144,12 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """Load a weights file into ``model``: an mm state dict as it is, an open_clip one (recognised by its
-    keys) converted exactly; errors name the file and the first offending tensor."""
+    keys) converted exactly, into a model mm runs through open_clip unconverted; errors name the file and the
+    first offending tensor."""
     sd = read_weights_file(path)
-    if set(sd) != set(model.state_dict()):
+    if isinstance(model, OpenClipModel):  # open_clip's own module: its checkpoint loads as it is, under ``model.``
+        sd = {k if k.startswith("model.") else f"model.{k}": v for k, v in sd.items()}
+    elif set(sd) != set(model.state_dict()):
         try:
             sd = convert_state_dict(sd, model.config)
         except ConversionError as e:

@@ -1,24 +1,30 @@
 """open_clip models mm does not build with its own blocks (ConvNeXt, ViTamin, FastViT / MobileCLIP, ResNet image
-towers, Hugging Face text towers, Eva towers not translated yet), run through open_clip itself behind mm's
+towers, Hugging Face text towers, EVA-02-E's post-norm blocks), run through open_clip itself behind mm's
 model interface: ``encode_image`` / ``encode_text`` / ``forward`` -> :class:`~mm.models.ModelOutput`, and a
 ``config`` holding what mm's commands read (image size and preprocessing, context length and tokenizer,
 embedding width). So ``mm zeroshot`` / ``embed`` / ``search`` / ``eval`` / ``probe`` and distillation (as a
-teacher) work with every open_clip model; what needs mm's own blocks (training, MoE, FSDP per block, export,
-quantization) refuses such a model, naming why.
+teacher) work with every open_clip model; what needs mm's own blocks (training, fine-tuning, ``train.init_from``,
+MoE, FSDP per block, export, int8 quantization) refuses such a model with :class:`WrappedModelError`, one line
+naming the operation and the part mm does not build (:func:`refuse_wrapped`).
 """
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import validate
-from ..models import ModelOutput, TextConfig, VisionConfig
-from ..models.open_clip_configs import interface_config, registry_config
+from ..config import ConfigError, validate
+from ..models import ModelOutput, NotNative, TextConfig, VisionConfig
+from ..models.open_clip_configs import (
+    from_open_clip_config,
+    interface_config,
+    registry_config,
+)
 
 
 @dataclass
@@ -116,9 +122,35 @@ def is_wrapped(model: Any) -> bool:
     return isinstance(model, OpenClipModel)
 
 
-def refuse_wrapped(model: Any, what: str) -> None:
-    """ValueError naming ``what`` needs mm's own blocks, for a model run through open_clip."""
+class WrappedModelError(ValueError):
+    """What needs mm's own blocks (training, fine-tuning, export, int8, FSDP, ``train.init_from``) was given an
+    open_clip model mm runs through open_clip. The message is one line naming the operation and what mm does not
+    build of the model."""
+
+
+USES = "mm runs such models for zeroshot, embed, search, eval, probe and as a distill.teacher"
+
+
+def not_native_reason(cfg: WrappedConfig) -> str:
+    """Why mm runs a model through open_clip: the part of its open_clip config mm does not build with its own
+    blocks (:class:`NotNative`'s message, e.g. "RN50: vision_cfg: a ResNet image tower ...")."""
+    label = cfg.name or "the open_clip config"
+    try:
+        from_open_clip_config(cfg.open_clip_config, cfg.name)
+    except NotNative as e:
+        return str(e)
+    except ConfigError as e:  # a config open_clip builds and mm cannot even read
+        return f"{label}: {e}"
+    return f"{label}: saved as an open_clip model (mm can now build it: convert it again to train it)"
+
+
+def native_only(what: str, reason: str) -> str:
+    """The one-line refusal of ``what`` for a model mm runs through open_clip, ``reason`` saying why."""
+    return f"{what} needs a model built with mm's own blocks, and mm runs this one through open_clip ({reason}); {USES}"
+
+
+def refuse_wrapped(model: Any, what: str, error: type[Exception] = WrappedModelError) -> None:
+    """Raise ``error`` (default :class:`WrappedModelError`) naming ``what`` and the part of the model mm does not
+    build, for a model run through open_clip; nothing for an mm model."""
     if is_wrapped(model):
-        name = model.config.name or "this open_clip model"
-        raise ValueError(f"{what} needs a model built with mm's own blocks; {name} runs through open_clip (mm does "
-                         "not build its towers: `mm models --open-clip` says which open_clip models it does)")
+        raise error(native_only(what, not_native_reason(model.config)))

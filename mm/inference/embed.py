@@ -28,9 +28,10 @@ import os
 import re
 import sys
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -369,6 +370,8 @@ def run_embed(model: torch.nn.Module, chunks: list[Chunk], out_dir: str | Path, 
             model = quantize_model(model, quantize)
         except QuantizeError as e:
             raise EmbedError(f"--quantize: {e}") from None
+    if kind == "texts":
+        load_tokenizer(model)  # fails here, in one line, rather than inside every worker
     _check_plan(out, plan, write=dist.is_main())
     dist.barrier()  # plan.json and the directory exist before any rank lists it
     model.eval()
@@ -384,6 +387,16 @@ def run_embed(model: torch.nn.Module, chunks: list[Chunk], out_dir: str | Path, 
         _write_index(out, {**plan, "sources": image_sources(chunks)}, model.config.embed_dim)
     dist.barrier()  # every rank returns the finished index
     return read_index(out)
+
+
+def load_tokenizer(model: torch.nn.Module) -> Callable[[list[str]], torch.Tensor]:
+    """The model's tokenizer, loaded in this process: a Hugging Face tokenizer that cannot be loaded raises
+    :class:`~mm.tokenizer.TokenizerUnavailable` here (one line) instead of in each DataLoader worker (whose
+    errors reach the main process wrapped in the worker's traceback). Workers load their own copy."""
+    tok = get_tokenizer(model)
+    if callable(getattr(tok, "load", None)):
+        tok.load()
+    return tok
 
 
 def _embed_chunks(model: torch.nn.Module, chunks: list[Chunk], out: Path, rank: int, *, batch_size: int,

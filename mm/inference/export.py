@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
+from ..hub.wrapped import refuse_wrapped
 from ..tokenizer import get_tokenizer
 
 FORMATS = ("onnx", "torch-export")
@@ -117,8 +118,8 @@ def run_exported(path: str | Path, x: torch.Tensor) -> torch.Tensor:
 _RESIZE_MODES = {
     "shortest": ("shortest side to image_size, keeping the aspect ratio", "center, image_size x image_size"),
     "longest": ("longest side to image_size, keeping the aspect ratio",
-                "pad to image_size x image_size with black (0), image centered (odd padding: the extra pixel right / "
-                "bottom)"),
+                ("pad to image_size x image_size with black (0), image centered (odd padding: the extra pixel right / "
+                 "bottom)")),
     "squash": ("both sides to image_size (aspect ratio not kept)", "none"),
 }
 
@@ -217,6 +218,7 @@ def export_model(model: nn.Module, out_dir: str | Path, to: str = "onnx", *, tow
         raise ExportError(f"towers must be some of {', '.join(TOWERS)}, got {list(towers)}")
     if to == "onnx":
         require_packages("onnx", "onnxscript", what="ONNX export")
+    refuse_wrapped(model, f"export ({to})", ExportError)
     if getattr(model, "quantization", None):
         raise ExportError(f"the model is quantized ({model.quantization}); export the float model and quantize "
                           "with the target runtime's tools")

@@ -14,9 +14,10 @@ temperature, top-k and top-p (nucleus). Beam search ranks finished hypotheses by
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

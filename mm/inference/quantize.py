@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..hub.wrapped import refuse_wrapped
+
 MODES = ("int8", "int8-weight")
 _QMAX = 127  # symmetric int8: [-127, 127], so -x quantizes to -q
 
@@ -125,6 +127,7 @@ def quantize(model: nn.Module, mode: str = "int8", *, inplace: bool = False, bac
                             "use int8-weight on a GPU")
     if getattr(model, "quantization", None):
         raise QuantizeError(f"the model is already quantized ({model.quantization})")
+    refuse_wrapped(model, f"{mode} quantization")
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     names = _targets(model)

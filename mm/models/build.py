@@ -12,7 +12,11 @@ from ..config import ConfigError, apply_overrides, from_dict, load_file, validat
 from .clip import CLIP, CoCa, ImageTextModel
 from .config import ModelConfig
 from .limoe import LIMoE
-from .open_clip_configs import from_open_clip_config, is_open_clip_config, open_clip_model_names
+from .open_clip_configs import (
+    from_open_clip_config,
+    is_open_clip_config,
+    open_clip_model_names,
+)
 from .presets import get_preset
 from .presets import list_models as mm_presets
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..hub import load_model, load_state_dict_checked, load_weights, parse_spec
+from ..hub.wrapped import refuse_wrapped
 from ..models import model_class
 from .config import RunConfig
 
@@ -38,6 +39,7 @@ def load_init_weights(model: nn.Module, spec: str) -> None:
         load_weights(model, spec)
         return
     source = load_model(spec)  # an mm directory (hash-checked) or open_clip's registry
+    refuse_wrapped(source, f"train.init_from {spec}")  # the preflight says so first; library callers see it here
     load_state_dict_checked(model, source.state_dict(), source=spec)
 
 

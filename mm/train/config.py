@@ -6,14 +6,16 @@ a YAML file + ``section.key=value`` overrides into a validated RunConfig (``load
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from ..config import ConfigError
 from ..data.decode import IMAGE_KEYS, MAX_PIXELS
 from ..eval.config import EvalConfig, ShardReading
 from ..hub import PretrainedError, load_config, parse_spec
-from ..models import ModelConfig, list_models, resolve_config
+from ..hub.wrapped import WrappedConfig, native_only, not_native_reason
+from ..models import ModelConfig, NotNative, list_models, resolve_config
 
 
 @dataclass
@@ -195,12 +197,17 @@ class RunConfig:
             yield "train.fsdp", "distillation with train.fsdp is not supported yet (its projection trains outside FSDP)"
 
     def model_config(self) -> ModelConfig:
-        """The run's architecture: ``model``; unset, the one ``train.init_from`` names; else tiny-clip."""
-        if self.model is not None:
-            return resolve_config(self.model)
-        if self.train.init_from:
-            return resolve_config(init_from_architecture(self.train.init_from))
-        return resolve_config("tiny-clip")
+        """The run's architecture: ``model``; unset, the one ``train.init_from`` names; else tiny-clip. An open_clip
+        model mm runs only through open_clip (``RN50``, ``convnext_base``, ...) cannot be trained: NotNative saying
+        so, naming the part mm does not build."""
+        try:
+            if self.model is not None:
+                return resolve_config(self.model)
+            if self.train.init_from:
+                return resolve_config(init_from_architecture(self.train.init_from))
+            return resolve_config("tiny-clip")
+        except NotNative as e:
+            raise NotNative(native_only("training", str(e))) from None
 
 
 def init_from_problem(spec: str) -> str | None:
@@ -224,9 +231,12 @@ def init_from_architecture(spec: str) -> ModelConfig | str:
     s = parse_spec(spec)
     if s.kind == "dir":
         try:
-            return load_config(spec)
+            cfg = load_config(spec)
         except PretrainedError as e:
             raise ConfigError(f"train.init_from: {e}") from None
+        if isinstance(cfg, WrappedConfig):
+            raise NotNative(f"train.init_from {spec}: {not_native_reason(cfg)}")
+        return cfg
     if s.kind == "open_clip":
         if s.name not in list_models():
             raise ConfigError(f"not set, and train.init_from {spec!r} names no mm preset: set model to the "
@@ -234,3 +244,22 @@ def init_from_architecture(spec: str) -> ModelConfig | str:
         return s.name
     raise ConfigError(f"not set, and train.init_from {spec!r} is a weights file, which holds no architecture: set "
                       "model to the preset it was trained as (e.g. model=ViT-B-32)")
+
+
+def not_native(spec: str) -> str | None:
+    """Why the model ``spec`` names (``--model``, ``train.init_from``) runs through open_clip (NotNative's
+    message: the part mm does not build), or None: mm builds it, or ``spec`` names nothing loadable (loading it
+    says what). Nothing is downloaded and no weights are read."""
+    s = parse_spec(spec)
+    if s.kind == "missing" or (s.kind == "file" and s.path.suffix.lower() not in (".yaml", ".yml", ".json")):
+        return None  # nothing, or a weights file: no architecture to judge
+    try:
+        if s.kind == "dir":
+            cfg = load_config(spec)
+            return not_native_reason(cfg) if isinstance(cfg, WrappedConfig) else None
+        resolve_config(s.name if s.kind == "open_clip" else spec)
+    except NotNative as e:
+        return str(e)
+    except (ConfigError, PretrainedError, OSError):
+        return None
+    return None

@@ -2,12 +2,13 @@
 and the distillation loss (:class:`mm.losses.DistillLoss`) around the run's usual loss.
 
 The teacher is any model ``load_model`` takes (an mm directory, ``open_clip:NAME[:TAG]``, a preset with a
-weights file), in eval mode, without gradients, outside the optimizer and the checkpoints. It sees the
-student's batch: images adapted to its own preprocessing (un-normalised with the student's mean / std,
-resized bicubically to its image size, normalised with its own), captions re-tokenized when its context
-length differs. Its embeddings may instead come from disk: ``mm embed --images`` over the training shards
-(ids are the shard keys, so samples are matched by key) and ``mm embed --texts`` over the training captions
-(matched by the text itself). Precomputed image embeddings are of the teacher's eval view of each image,
+weights file; also an open_clip model mm runs through open_clip, since a teacher only encodes), in eval mode,
+without gradients, outside the optimizer and the checkpoints. It sees the student's batch: images adapted to
+its own preprocessing (un-normalised with the student's mean / std, resized bicubically to its image size,
+normalised with its own), captions re-tokenized with its own tokenizer when its tokenizer or context length
+differs. Its embeddings may instead come from disk: ``mm embed --images`` over the training shards (ids are the
+shard keys, so samples are matched by key) and ``mm embed --texts`` over the training captions (matched by
+the text itself). Precomputed image embeddings are of the teacher's eval view of each image,
 not of the student's augmented crop.
 
 The only trained part is the feature loss's projection (student width -> teacher width, when they differ):
@@ -18,19 +19,22 @@ student alone).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, load_file
 from ..hub import PretrainedError, load_config, load_model, parse_spec
+from ..hub.wrapped import WrappedConfig, wrapped_config
 from ..losses import DistillLoss
-from ..models import ModelConfig, list_models, resolve_config
+from ..models import ModelConfig, NotNative, list_models, resolve_config
+from ..models.open_clip_configs import open_clip_model_names
 from ..tokenizer import get_tokenizer
 from ..utils.dist import average_gradients
 from .config import DistillConfig, RunConfig
@@ -43,24 +47,27 @@ class DistillError(RuntimeError):
 
 
 # -- checks before any work ---------------------------------------------------------------------------
-def teacher_config(spec: str) -> ModelConfig | None:
+def teacher_config(spec: str) -> ModelConfig | WrappedConfig | None:
     """The teacher's architecture (None for an open_clip name mm has no preset of); ConfigError if ``spec``
-    names nothing loadable."""
+    names nothing loadable. A teacher only encodes, so an open_clip model mm runs through open_clip (ConvNeXt,
+    ResNet, ...) is one too: its :class:`~mm.hub.wrapped.WrappedConfig`."""
     s = parse_spec(spec)
     if s.kind == "dir":
         try:
             return load_config(spec)
         except PretrainedError as e:
             raise ConfigError(str(e)) from None
-    if s.kind == "open_clip":
-        if s.name in list_models():
-            return resolve_config(s.name)
+    if s.kind == "open_clip" and s.name not in list_models():
         import open_clip
 
         if s.name not in open_clip.list_models():
             raise ConfigError(f"{spec!r}: open_clip has no model {s.name!r}")
         return None
-    return resolve_config(spec)
+    name = s.name if s.kind == "open_clip" else spec
+    try:
+        return resolve_config(name)
+    except NotNative:  # runs through open_clip: its interface config (widths, preprocessing, tokenizer)
+        return wrapped_config(name if name in open_clip_model_names() else load_file(name))
 
 
 def _teacher_dim(spec: str) -> int:
@@ -91,7 +98,7 @@ def logit_scale_of(spec: str | None) -> float | None:
     from safetensors import safe_open
 
     with safe_open(str(Path(spec) / "model.safetensors"), "pt") as f:
-        return float(f.get_tensor("logit_scale").exp()) if "logit_scale" in f.keys() else None
+        return float(f.get_tensor("logit_scale").exp()) if "logit_scale" in f.keys() else None  # noqa: SIM118 (a safe_open handle has keys(), no `in`)
 
 
 def check_sources(d: DistillConfig) -> Iterator[tuple[str, str]]:
@@ -194,8 +201,8 @@ class Distiller:
             teacher_dim = self.images.dim
             self.scale = self.images.scale or self.texts.scale or 1.0  # temperature set (checked) if unknown
         s_cfg = student.config
-        self.tokenizer = None
-        if self.teacher is not None and self.teacher.config.text.context_length != s_cfg.text.context_length:
+        self.tokenizer = None  # the teacher's, when the student's tokens are not its tokens
+        if self.teacher is not None and _tokenizer_of(self.teacher.config) != _tokenizer_of(s_cfg):
             self.tokenizer = get_tokenizer(self.teacher)
         self.image_fix = _image_adapter(s_cfg, self.teacher.config) if self.teacher is not None else None
         self.loss = DistillLoss(task, s_cfg.embed_dim, teacher_dim, task_weight=d.task_weight,
@@ -258,6 +265,13 @@ class Distiller:
         from safetensors.torch import load_file
 
         self.loss.proj.load_state_dict(load_file(str(path), device=str(self.device)))
+
+
+def _tokenizer_of(cfg: ModelConfig | WrappedConfig) -> tuple[Any, ...]:
+    """What decides a model's token ids for a caption: its tokenizer (CLIP BPE or a Hugging Face one, with its
+    options) and its context length."""
+    t = cfg.text
+    return t.tokenizer, dict(t.tokenizer_kwargs or {}), t.context_length
 
 
 def _image_adapter(student: ModelConfig, teacher: ModelConfig):

@@ -39,6 +39,7 @@ from ..data.wds import Collate, ShardStream, make_loader
 from ..eval.probe import labelled_batches
 from ..eval.zeroshot import zero_shot_classifier
 from ..hub import PretrainedError, load_pretrained, save_pretrained
+from ..hub.wrapped import refuse_wrapped
 from ..tokenizer import get_tokenizer
 from ..utils.dist import rank, world_size
 from ..utils.nn import eval_mode, params_sha256
@@ -293,6 +294,7 @@ def run(model: nn.Module, train_urls: list[str], test_urls: list[str], classname
     ``out/wise-ALPHA/`` (``save_alpha``), ``out/metrics.jsonl`` and ``out/results.json``. In a process group
     (``accelerate launch``) every process trains on its share of the data; the main process evaluates, writes
     and returns the results, the others return None."""
+    refuse_wrapped(model, "fine-tuning (mm finetune)")
     dist = torch.distributed
     world, main = world_size(), rank() == 0
     device = next(model.parameters()).device

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..hub.wrapped import refuse_wrapped
 from ..layers import Block
 from ..models import model_class
 
@@ -28,6 +29,7 @@ def shard_model(model: nn.Module) -> list[nn.Parameter]:
     """Apply ``fully_shard`` to every Block, then to the root. Returns the parameters left whole (0-dim)."""
     from torch.distributed.fsdp import fully_shard
 
+    refuse_wrapped(model, "FSDP (train.fsdp: one unit per mm Block)")
     replicated = [p for p in model.parameters() if p.ndim == 0]
     for module in model.modules():
         if isinstance(module, Block):

@@ -26,7 +26,7 @@ class RunLogger:
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        self.metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (open for the run; close() closes it)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -18,8 +18,9 @@ from ..config import (
     validate,
 )
 from ..data.wds import check_urls
+from ..hub.wrapped import native_only
 from .adapt import check_selectors
-from .config import RunConfig, init_from_problem
+from .config import RunConfig, init_from_problem, not_native
 from .distill import check_sources
 
 
@@ -28,21 +29,25 @@ def load_run_config(path: str | Path | None, overrides: list[str] | dict[str, An
     data = load_file(path) if path else {}
     cfg = from_dict(RunConfig, data)
     items = parse_overrides(overrides)
-    if items:
-        # `model=ViT-B-32` replaces the model; `model.vision.patch_size=16` edits an inline mapping
-        model_items = {k: v for k, v in items.items() if k.startswith("model.")}
-        rest = {k: v for k, v in items.items() if not k.startswith("model.")}
-        cfg = apply_overrides(cfg, rest) if rest else cfg
-        if model_items:
-            mcfg = apply_overrides(cfg.model_config(), {k[len("model."):]: v for k, v in model_items.items()})
-            cfg.model = to_dict(mcfg)
-    try:
-        cfg.model_config()
-    except ConfigError as e:
-        raise ConfigError(f"model: {e}") from e
+    # `model=ViT-B-32` replaces the model; `model.vision.patch_size=16` edits an inline mapping
+    model_items = {k: v for k, v in items.items() if k.startswith("model.")}
+    rest = {k: v for k, v in items.items() if not k.startswith("model.")}
+    cfg = apply_overrides(cfg, rest) if rest else cfg
+    mcfg = _model_config(cfg)
+    if model_items:
+        cfg.model = to_dict(apply_overrides(mcfg, {k[len("model."):]: v for k, v in model_items.items()}))
+        _model_config(cfg)
     validate(cfg)
     preflight(cfg)
     return cfg
+
+
+def _model_config(cfg: RunConfig):
+    """The run's architecture; errors (a model mm runs only through open_clip among them) name ``model``."""
+    try:
+        return cfg.model_config()
+    except ConfigError as e:
+        raise ConfigError(f"model: {e}") from e
 
 
 def _raise_first(problems, prefix: str) -> None:
@@ -57,6 +62,9 @@ def preflight(cfg: RunConfig) -> None:
         problem = init_from_problem(t.init_from)
         if problem:
             raise ConfigError(f"train.init_from: {problem}")
+        reason = not_native(t.init_from)  # open_clip's weights of a model mm does not build fit no mm model
+        if reason:
+            raise ConfigError(f"train.init_from: {native_only('starting from its weights', reason)}")
     if t.resume not in ("auto", "none") and not Path(t.resume).exists():
         raise ConfigError(f"train.resume: checkpoint {t.resume!r} does not exist (use auto, none or a checkpoint "
                           "path)")

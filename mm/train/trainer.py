@@ -127,7 +127,10 @@ def build_train_stream(cfg: RunConfig, model: ImageTextModel, rank: int, world: 
                             need=("text",), max_pixels=cfg.data.max_pixels,
                             random_caption=cfg.data.random_caption, raw_image=on_device)
     nw = max(1, cfg.data.workers)
-    return ShardStream(check_urls(cfg.data.train, "data.train"), decoder, Collate(get_tokenizer(model)),
+    tok = get_tokenizer(model)
+    if callable(getattr(tok, "load", None)):
+        tok.load()  # a Hugging Face tokenizer that cannot load: one line here, not a traceback from each worker
+    return ShardStream(check_urls(cfg.data.train, "data.train"), decoder, Collate(tok),
                        cfg.data.batch_size, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                        train=True, resampled=cfg.data.resampled, rank=rank, world=world,
                        start=data.workers, rotation=data.batches % nw)
@@ -288,7 +291,7 @@ class Trainer:
 
     def _open_logs(self, end: int) -> None:
         self.log = RunLogger(self.out_dir, self.cfg.train.steps, self.step, enabled=self.main)
-        self.skip_log = open(self.out_dir / f"skipped_samples.rank{self.rank}.txt", "a", buffering=1)
+        self.skip_log = open(self.out_dir / f"skipped_samples.rank{self.rank}.txt", "a", buffering=1)  # noqa: SIM115 (open for the run; train() closes it)
         self._describe(end)
 
     def _start(self):
