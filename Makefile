@@ -1,12 +1,12 @@
 # `make run`  : set up .venv, draw the built-in data set, train tiny-clip on it (CPU, minutes), evaluate
-# `make test` : set up .venv, then run the test suite
+# `make test` : set up .venv, then run the test suite (CI also runs `make test-slow` and `make test-hf`)
 # `make docs` : regenerate docs/config.md and docs/cli.md (a test fails when they are stale)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # These pins are served from local files on the project's machines; any torch >= 2.4 works.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup run test docs clean
+.PHONY: setup run test test-slow test-hf docs clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,15 @@ run: setup
 
 test: setup
 	$(PY) -m pytest
+
+# the long end-to-end tests (marked slow; `make test` leaves them out; slow hf ones run in test-hf)
+test-slow: setup
+	$(PY) -m pytest -m 'slow and not hf'
+
+# the Hugging Face interop tests, with the optional transformers extra installed
+test-hf: setup
+	$(PY) -m pip install -q -e ".[hf]"
+	$(PY) -m pytest -m hf
 
 docs: setup
 	$(PY) -m mm.cli.docs config > docs/config.md

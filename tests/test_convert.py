@@ -140,6 +140,7 @@ def test_mm_convert_from_an_open_clip_weights_file(tmp_path):
     assert missing.returncode == 2 and "--model PRESET" in missing.stderr
 
 
+@pytest.mark.hf
 def test_hugging_face_clip_converts_exactly():
     transformers = pytest.importorskip(
         "transformers", reason="transformers is not installed (optional: pip install transformers)")

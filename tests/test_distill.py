@@ -198,6 +198,7 @@ def distill_run(tmp_path: Path, name: str, shards: Path, model_dir: Path, txt: P
     return proc
 
 
+@pytest.mark.slow
 def test_distilled_run_keeps_the_teacher_frozen_and_out_of_the_student(teacher_files, model_dir, tmp_path):
     tmp, shards = teacher_files
     before = (model_dir / "model.safetensors").read_bytes()

@@ -18,6 +18,8 @@ from mm.train.trainer import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # long end-to-end runs: `make test-slow`
+
 
 def launch(config: Path, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

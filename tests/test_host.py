@@ -38,6 +38,7 @@ def faults_per_forward(tune: bool) -> tuple[bool, float]:
 
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's; elsewhere tune_malloc is a no-op returning False")
+@pytest.mark.slow
 def test_tuned_allocator_reuses_pages():
     applied, tuned = faults_per_forward(True)
     not_applied, default = faults_per_forward(False)

@@ -12,6 +12,8 @@ import pytest
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 
+pytestmark = pytest.mark.slow  # long end-to-end runs: `make test-slow`
+
 
 @pytest.fixture(scope="session")
 def notebook_dir(tmp_path_factory) -> Path:

@@ -256,6 +256,7 @@ def check_topk(case: Case, what: str, scores: list[float], ids: list[str], refer
     assert not rest or min(scores) >= max(rest) - ATOL
 
 
+@pytest.mark.slow
 def test_embed_images_and_search_texts_equal_open_clip(case, photos, tmp_path):
     out = tmp_path / "emb"
     run_mm("embed", "--model", case.model_dir, "--images", photos, "--out", out, "--batch-size", "5",
@@ -275,6 +276,7 @@ def test_embed_images_and_search_texts_equal_open_clip(case, photos, tmp_path):
                    dict(zip(ids, row)), 5)
 
 
+@pytest.mark.slow
 def test_embed_texts_and_search_an_image_equal_open_clip(case, photos, tmp_path):
     (tmp_path / "texts.txt").write_text("\n".join(TEXTS) + "\n")
     out = tmp_path / "emb"

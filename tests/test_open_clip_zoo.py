@@ -297,7 +297,9 @@ def test_defaults_are_open_clips():
 
 
 def test_registry_is_read_without_importing_open_clip():
-    assert set(occ.open_clip_model_names()) == set(open_clip.list_models())
+    ours, theirs = set(occ.open_clip_model_names()), set(open_clip.list_models())
+    assert len(ours) > 100 and ours <= theirs
+    assert theirs - ours <= set(mm.models.list_models())  # other tests register mm presets with open_clip
     assert occ.registry_config("ViT-B-32") == open_clip.get_model_config("ViT-B-32")
 
 

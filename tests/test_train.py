@@ -101,6 +101,7 @@ def test_stop_and_resume_is_exact(reference_run):
     assert_same_weights(final_weights(full), final_weights(tmp / "resumed"))
 
 
+@pytest.mark.slow
 def test_kill_9_during_checkpoint_write_resumes_from_previous_checkpoint(reference_run):
     tmp, shards, full, _ = reference_run
     cfg = write_config(tmp, shards, "killed", train={"steps": 8, "warmup_steps": 2, "lr": 1e-3, "checkpoint_every": 2,
