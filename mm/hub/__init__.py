@@ -1,5 +1,7 @@
 """Models with weights: the ``--model`` spec parser, save / load (safetensors, never unpickling), exact
-conversion from and to open_clip and Hugging Face CLIP, ``create_model`` and ``load_model``."""
+conversion from and to open_clip and Hugging Face CLIP, LoRA adapters (peft layout), ``create_model`` and
+``load_model``."""
+from .adapter import AdapterError, base_sha256, is_adapter_dir, load_adapter, read_adapter_meta, save_adapter
 from .hf import (
                          HF_MODEL_TYPES,
                          check_hf_clip,
@@ -33,3 +35,4 @@ __all__ = ["ConversionError", "ModelSpec", "OPEN_CLIP_PREFIX", "PretrainedError"
            "load_pretrained", "load_state_dict_checked", "load_weights", "open_clip_config", "parse_spec", "read_weights_file",
            "save_pretrained", "to_open_clip"]
 __all__ += ["HF_MODEL_TYPES", "check_hf_clip", "from_hf", "hf_clip_config", "to_hf_clip"]
+__all__ += ["AdapterError", "base_sha256", "is_adapter_dir", "load_adapter", "read_adapter_meta", "save_adapter"]

@@ -15,6 +15,7 @@ from ..models.open_clip_configs import (
     open_clip_model_names,
     registry_config,
 )
+from .adapter import AdapterError, is_adapter_dir, load_adapter, read_adapter_meta
 from .open_clip import from_open_clip
 from .pretrained import (
     PretrainedError,
@@ -23,7 +24,7 @@ from .pretrained import (
     read_weights_file,
 )
 from .spec import parse_spec
-from .wrapped import OpenClipModel, build_open_clip, wrap_open_clip
+from .wrapped import OpenClipModel, build_open_clip, refuse_wrapped, wrap_open_clip
 
 
 def _open_clip_dict(spec: Any) -> dict | None:
@@ -67,16 +68,27 @@ def create_model(spec: str | Path | dict | ModelConfig, pretrained: str | Path |
 
 
 def load_model(spec: str | Path, pretrained: str | Path | None = None, device: str | torch.device = "cpu",
-               warn_random: bool = True) -> ImageTextModel:
+               warn_random: bool = True, adapter: str | Path | None = None) -> ImageTextModel:
     """The model a command's ``--model`` names, in eval mode on ``device``:
 
     * an mm model directory (``save_pretrained`` / a run's ``final/``);
     * ``open_clip:NAME`` or ``open_clip:NAME:TAG``: built with open_clip's own registry (TAG: one of its
       pretrained tags, downloaded into its cache when the network allows) and converted exactly;
     * a preset name or config file, with ``pretrained`` an mm or open_clip weights file; without one
-      the weights are random (a warning says so).
+      the weights are random (a warning says so);
+    * a LoRA adapter directory (a LoRA run's ``final/``): its base model (recorded in it) with the adapter.
+
+    ``adapter``: a LoRA adapter directory put on the model unmerged (its base weights checked).
     """
     s = parse_spec(spec)
+    if s.kind == "dir" and is_adapter_dir(s.text) and not (s.path / "config.json").is_file():
+        if adapter is not None:
+            raise AdapterError(f"{s.text} is an adapter directory; give its base as --model and it as --adapter")
+        base = read_adapter_meta(s.text)["base"]
+        if base is None:
+            raise AdapterError(f"{s.text}: the adapter names no base model (trained from random weights); "
+                               "give the base as --model and the adapter as --adapter")
+        return load_model(base, pretrained, device, warn_random, adapter=s.text)
     if s.kind == "dir":
         if pretrained is not None:
             raise PretrainedError(f"{s.text} is a model directory and holds its weights; drop --pretrained")
@@ -98,4 +110,7 @@ def load_model(spec: str | Path, pretrained: str | Path | None = None, device: s
         elif warn_random:
             print(f"warning: {s.text!r} is not a model directory and no --pretrained file was given: random weights",
                   file=sys.stderr)
+    if adapter is not None:
+        refuse_wrapped(model, "an adapter (--adapter)")
+        load_adapter(model, adapter)
     return model.to(device).eval()

@@ -3,7 +3,7 @@ block-sparse attention. Plain dataclasses (``mm.config`` loads, overrides and va
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Iterator
 
 FFN_KINDS = ("mlp", "swiglu")
@@ -151,3 +151,33 @@ class TransformerConfig:
         if sparse is not None and sparse.backend == "flex" and self.heads >= 1 and self.head_dim < 16:
             # flex_attention's CUDA kernel (tl.dot) needs head_dim >= 16
             yield "sparse_attention.backend", f"flex needs head_dim >= 16, got {self.head_dim} (use dense)"
+
+
+LORA_KINDS = ("qkv", "out", "attn", "mlp", "experts", "*")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters on the stacks' linear layers (``mm.layers.lora``): ``alpha / rank`` scales the update."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapter's input (not on MoE expert adapters)
+    # TOWER.KIND: TOWER = vision | text | decoder | transformer (a one-tower model's stack) | *; KIND = qkv (packed
+    # self-attention qkv, cross-attention q / kv) | out (attention output) | attn (qkv + out) | mlp (dense FFN) |
+    # experts (MoE expert FFNs) | *
+    targets: list[str] = field(default_factory=lambda: ["*.attn"])
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.rank < 1:
+            yield "rank", f"must be >= 1, got {self.rank}"
+        if not self.alpha > 0:
+            yield "alpha", f"must be > 0, got {self.alpha}"
+        if not 0.0 <= self.dropout < 1.0:
+            yield "dropout", f"must be in [0, 1), got {self.dropout}"
+        if not self.targets:
+            yield "targets", "must name at least one TOWER.KIND (e.g. vision.attn, *.mlp)"
+        for i, t in enumerate(self.targets):
+            tower, dot, kind = str(t).partition(".")
+            if not dot or not tower or kind not in LORA_KINDS:
+                yield f"targets[{i}]", f"must be TOWER.KIND with KIND one of {', '.join(LORA_KINDS)}, got {t!r}"

@@ -23,6 +23,8 @@ from torch import nn
 from ..config import ConfigError
 from ..hub import load_model, load_state_dict_checked, load_weights, parse_spec
 from ..hub.wrapped import refuse_wrapped
+from ..layers.config import LoraConfig
+from ..layers.lora import LoraError, add_lora, lora_targets, mark_only_lora_trainable
 from ..models import model_class
 from .config import RunConfig
 
@@ -149,12 +151,37 @@ def lr_scales(model: nn.Module, lr_mult: dict[str, float], layer_decay: float | 
     return scales
 
 
+def check_lora(cfg: RunConfig) -> None:
+    """``train.lora``'s targets must select layers of the model, each wide enough for the rank: checked on the
+    model built on the meta device, before any work."""
+    if cfg.train.lora is None:
+        return
+    mcfg = cfg.model_config()
+    with torch.device("meta"):
+        model = model_class(mcfg)(mcfg)
+    try:
+        lora_targets(model, cfg.train.lora)
+    except LoraError as e:
+        raise ConfigError(f"train.{e}") from None
+
+
+def add_adapters(model: nn.Module, lora: LoraConfig) -> list[str]:
+    """Adapters on the layers ``lora`` targets, everything else frozen; returns the frozen modules."""
+    add_lora(model, lora)
+    mark_only_lora_trainable(model)
+    return frozen_modules(model)
+
+
 def prepare(model: nn.Module, cfg: RunConfig) -> tuple[list[str], dict[str, float] | None]:
-    """Apply ``train.init_from`` and ``train.freeze`` to a freshly built model; returns the frozen modules (for
-    :func:`set_train_mode`) and the learning-rate scales (None when every one is 1)."""
+    """Apply ``train.init_from`` and ``train.freeze`` (or ``train.lora``: adapters, the base frozen) to a freshly
+    built model; returns the frozen modules (for :func:`set_train_mode`) and the learning-rate scales (None when
+    every one is 1)."""
     t = cfg.train
     if t.init_from:
         load_init_weights(model, t.init_from)
-    frozen = freeze(model, t.freeze) if t.freeze else []
+    if t.lora is not None:
+        frozen = add_adapters(model, t.lora)
+    else:
+        frozen = freeze(model, t.freeze) if t.freeze else []
     scales = lr_scales(model, t.lr_mult, t.layer_decay) if (t.lr_mult or t.layer_decay is not None) else None
     return frozen, scales

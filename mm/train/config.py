@@ -14,6 +14,7 @@ from ..config import ConfigError
 from ..data.decode import IMAGE_KEYS, MAX_PIXELS
 from ..eval.config import EvalConfig, ShardReading
 from ..hub import PretrainedError, load_config, parse_spec
+from ..layers.config import LoraConfig
 from ..hub.wrapped import WrappedConfig, native_only, not_native_reason
 from ..models import ModelConfig, NotNative, list_models, resolve_config
 
@@ -100,6 +101,10 @@ class TrainConfig:
     # layer-wise lr decay (BEiT): block i of a depth-L stack gets decay^(L - i), embeddings decay^(L + 1),
     # heads (norm, pooling, projection, logit scale) 1; null = off
     layer_decay: float | None = None
+    # low-rank adapters (mm/layers/lora.py): the base weights (train.init_from) frozen and out of the optimizer,
+    # only the adapters trained; checkpoints hold the adapters and their optimizer state, final/ the adapter alone
+    # in peft's layout (`mm merge` folds it into a model directory), e.g. {rank: 8, targets: ["*.attn"]}
+    lora: LoraConfig | None = None
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.steps < 1:
@@ -139,6 +144,10 @@ class TrainConfig:
                 yield f"lr_mult.{sel}", f"must be a number > 0, got {mult!r}"
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             yield "layer_decay", f"must be in (0, 1] or null, got {self.layer_decay}"
+        if self.lora is not None and self.freeze:
+            yield "freeze", "does not apply with train.lora (everything but the adapters is frozen); leave it empty"
+        if self.lora is not None and self.fsdp:
+            yield "fsdp", "train.lora with train.fsdp is not supported yet (the adapters are small: use DDP)"
 
 
 @dataclass

@@ -19,7 +19,7 @@ from ..config import (
 )
 from ..data.wds import check_urls
 from ..hub.wrapped import native_only
-from .adapt import check_selectors
+from .adapt import check_lora, check_selectors
 from .config import RunConfig, init_from_problem, not_native
 from .distill import check_sources
 
@@ -72,6 +72,7 @@ def preflight(cfg: RunConfig) -> None:
         _raise_first(check_sources(cfg.distill), "distill.")
     _raise_first(_model_problems(cfg), "")
     check_selectors(cfg)  # train.freeze / train.lr_mult entries must name parameters of this model
+    check_lora(cfg)  # train.lora targets must select layers of this model, wide enough for the rank
     check_urls(cfg.data.train, "data.train")
     if cfg.eval.zeroshot.shards:
         check_urls(cfg.eval.zeroshot.shards, "eval.zeroshot.shards")

@@ -24,8 +24,9 @@ from ..data.gpu import DeferredTrainTransform, GpuImageDecoder, PendingImages
 from ..data.transforms import image_transform
 from ..data.wds import Collate, ShardStream, check_urls, make_loader
 from ..eval import evaluate
-from ..hub import save_pretrained
+from ..hub import base_sha256, load_state_dict_checked, save_adapter, save_pretrained
 from ..layers import RouterStats
+from ..layers.lora import lora_state_dict
 from ..losses import CocaLoss, make_loss
 from ..models import ImageTextModel, ModelOutput, model_class
 from ..tokenizer import get_tokenizer
@@ -166,6 +167,15 @@ def routing_metrics(stats: dict[str, list[RouterStats]], layers: dict[str, list[
     return rec
 
 
+def lora_base(cfg: RunConfig) -> str | None:
+    """What a LoRA run's adapter names as its base: ``train.init_from`` (a directory made absolute, so the adapter
+    finds it from anywhere), else the model preset or config (random weights: None)."""
+    spec = cfg.train.init_from
+    if spec is None:
+        return None
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
 def find_resume(cfg: RunConfig) -> Path | None:
     if cfg.train.resume == "none":
         return None
@@ -200,6 +210,8 @@ class Trainer:
         # train.init_from weights, train.freeze, lr_mult / layer_decay; frozen modules stay in eval mode for the
         # whole run (evaluation restores every module's mode)
         self.frozen, lr_scales = adapt.prepare(self.core, cfg)
+        # LoRA: the frozen base's hash, recorded in checkpoints (a resume must rebuild the same base) and final/
+        self.base_hash = base_sha256(self.core) if t.lora is not None else None
         adapt.set_train_mode(self.core, self.frozen)
         self.sharded = t.fsdp and self.world > 1  # one process: nothing to shard
         self.replicated, self.eval_copy = [], None
@@ -241,6 +253,14 @@ class Trainer:
                                 "(the optimizer state is stored differently)")
         if self.sharded:
             sharding.load_full_state(self.core, self.opt, state["model"], state["optimizer"])
+        elif self.base_hash is not None:  # LoRA: the checkpoint holds the adapters; the base is init_from's
+            if state["state"].get("lora_base_sha256") != self.base_hash:
+                raise TrainingError(f"{path} was trained on other base weights than train.init_from gives now "
+                                    "(train.lora's base changed); resume with the same base")
+            if set(state["model"]) != set(lora_state_dict(self.core)):
+                raise TrainingError(f"{path}: its adapter tensors are not this run's train.lora layers")
+            load_state_dict_checked(self.core, {**self.core.state_dict(), **state["model"]}, source=str(path))
+            self.opt.load_state_dict(state["optimizer"])
         else:
             self.core.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
@@ -322,7 +342,9 @@ class Trainer:
             f"training {cfg.model if isinstance(cfg.model, str) else 'model'}"
             f"{f' from {cfg.train.init_from}' if cfg.train.init_from else ''}: "
             f"{sum(p.numel() for p in core.parameters()):,} parameters ({n_train:,} trained"
-            f"{f', frozen: {cfg.train.freeze}' if self.frozen else ''}), {self.world} process(es)"
+            f"{f', frozen: {cfg.train.freeze}' if self.frozen and cfg.train.freeze else ''}"
+            f"{f', LoRA rank {cfg.train.lora.rank} on {cfg.train.lora.targets}' if cfg.train.lora else ''}), "
+            f"{self.world} process(es)"
             f"{' (FSDP)' if self.sharded else ''} on {self.device}, "
             f"batch {cfg.data.batch_size} x {self.world} x accum {cfg.train.grad_accum}, steps {self.step} -> {end}")
         if self.distill is not None:
@@ -401,14 +423,17 @@ class Trainer:
     # -- checkpoints, evaluation, the end --------------------------------------------------------------------
     def save(self, at: int) -> None:
         """Checkpoint ``step_{at}``: written under a temporary name by every process, then published."""
-        gathered = {}
+        gathered, extra = {}, {}
         if self.sharded:  # collective: every process takes part, the main one receives the whole state
             gathered = {"model_state": sharding.full_state_dict(self.core),
                         "optimizer_state": sharding.full_optimizer_state(self.core, self.opt)}
+        if self.base_hash is not None:  # LoRA: the adapters alone (the frozen base is train.init_from's)
+            gathered, extra = {"model_state": lora_state_dict(self.core)}, {"lora_base_sha256": self.base_hash}
         if self.main:
             ckpt.save_main(self.ckpt_root, at, self.core, self.opt, self.sched,
                            {"step": at, "skipped_steps": self.stepper.skipped, "world_size": self.world,
-                            "fsdp": self.sharded, "batches": self.data.batches, **self.stepper.state_dict()},
+                            "fsdp": self.sharded, "batches": self.data.batches, **self.stepper.state_dict(),
+                            **extra},
                            **gathered)
             if self.distill is not None:
                 self.distill.save(ckpt.tmp_dir(self.ckpt_root, at))
@@ -454,7 +479,11 @@ class Trainer:
             for what, values in shas.items():
                 if len(set(values)) != 1:
                     self.log.info(f"WARNING: {what}: parameters differ between processes: {values}")
-            save_pretrained(whole if whole is not None else self.core, self.out_dir / "final")
+            if self.base_hash is not None:  # the adapter alone, with its base named and hashed
+                save_adapter(self.core, self.out_dir / "final", self.cfg.train.lora, base=lora_base(self.cfg),
+                             base_hash=self.base_hash)
+            else:
+                save_pretrained(whole if whole is not None else self.core, self.out_dir / "final")
             self.log.log({"step": self.step, "final": True, **shas, "skipped_by_reason": self.data.skipped},
                          show=False)
             plots = plot_run(self.out_dir)
