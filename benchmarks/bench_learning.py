@@ -75,8 +75,9 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------- open_clip side
 def write_open_clip_config(a) -> Path:
     """Register an open_clip model config with the shapes of mm preset ``a.model``; check the parameter counts."""
-    import mm
     import open_clip
+
+    import mm
 
     cfg = mm.get_preset(a.model)
     v, t, vt, tt = cfg.vision, cfg.text, cfg.vision.transformer, cfg.text.transformer

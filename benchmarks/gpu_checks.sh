@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU (issues 5, 7 and 8), as one prepared pass sized for one H200 and a
+# Every check that needs a GPU (issues 5, 7, 8 and 19), as one prepared pass sized for one H200 and a
 # 10-minute command. Each step has its own time limit, so one hang costs only its slot; logs go to
 # $OUT (the device tool's output folder) or benchmarks/runs/gpu.
 #
-#   bash benchmarks/gpu_checks.sh                 # everything (limits add up to 620 s; expect ~8 min)
+#   bash benchmarks/gpu_checks.sh                 # everything (limits add up to 680 s; expect ~8 min)
 #   ONLY="train moe" bash benchmarks/gpu_checks.sh  # some steps
 #
 # The device image has Python 3.12 with torch, accelerate, safetensors, matplotlib, pytest; mm's other
@@ -17,7 +17,7 @@
 set -u
 OUT=${OUT:-benchmarks/runs/gpu}
 PY=${PY:-.venv/bin/python}
-ONLY=${ONLY:-"info train infer data moe sparse tests"}
+ONLY=${ONLY:-"info train infer data moe sparse lora tests"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
@@ -51,6 +51,9 @@ step infer 45 $PY benchmarks/bench_infer.py --model ViT-B-32 --n 4096 --batch-si
 # Issue 8, acceptance 3 (and issue 7's MoE dispatch): MoE vs dense twin; sparse vs dense attention at 4k.
 step moe 50 $PY benchmarks/bench_moe.py --model ViT-B-16-moe --batch 256 --precision bf16 --steps 10
 step sparse 65 $PY benchmarks/bench_sparse.py --depth 12
+
+# Issue 19, acceptance 3: ViT-B-16 peak training memory and step time, full fine-tuning vs LoRA rank 8, b256 bf16.
+step lora 60 $PY benchmarks/bench_lora.py memory --device cuda --bf16 --batch 256 --steps 6
 
 # The CUDA-only tests (compiled flex_attention) and the device paths of the rest.
 step tests 45 $PY -m pytest -x tests/test_sparse_attention.py tests/test_layers.py tests/test_device_decode.py

@@ -1,8 +1,8 @@
 """Shared fixtures: small webdataset shards made on the fly (the suite never reads ../shared)."""
 from __future__ import annotations
 
-import json
 import io
+import json
 import tarfile
 from pathlib import Path
 

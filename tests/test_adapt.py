@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import colour_samples
 from PIL import Image
 
 import mm
@@ -16,15 +17,21 @@ from mm.cli import main
 from mm.config import ConfigError
 from mm.eval.probe import accuracy, fit_logistic, linear_probe
 from mm.eval.zeroshot import predict, zero_shot_classifier
-from mm.train.finetune import (Classifier, FinetuneConfig, classifier_eval, finetune, load_classifier, snapshot,
-                         trainable_names, train_batches, wise_interpolate, zero_shot_head)
 from mm.hub import load_config
 from mm.train import adapt
+from mm.train.classifier import Classifier, load_classifier, zero_shot_head
+from mm.train.finetune import (
+    FinetuneConfig,
+    classifier_eval,
+    finetune,
+    snapshot,
+    train_batches,
+    trainable_names,
+    wise_interpolate,
+)
+from mm.train.optim import lr_factor, make_optimizer, make_scheduler
 from mm.train.preflight import load_run_config
 from mm.train.trainer import build_model, run
-from mm.train.optim import lr_factor, make_optimizer, make_scheduler
-
-from conftest import colour_samples
 
 CLASSES = ["red", "green", "blue", "yellow"]
 TEMPLATES = ["a {} square", "a photo of something {}"]

@@ -8,12 +8,19 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import colour_image, colour_samples, jpeg_bytes, png_bytes, write_tar
 from PIL import Image
 
 import mm
 from mm.data.decode import BadSample, SampleDecoder, decode_image, decode_text
-from mm.data.wds import Collate, ShardStream, check_urls, expand_urls, iter_shard, make_loader
-from conftest import colour_image, colour_samples, jpeg_bytes, png_bytes, write_tar
+from mm.data.wds import (
+    Collate,
+    ShardStream,
+    check_urls,
+    expand_urls,
+    iter_shard,
+    make_loader,
+)
 
 
 def bomb_png(width: int = 20000, height: int = 20000) -> bytes:

@@ -7,14 +7,18 @@ import random
 
 import pytest
 import torch
+from conftest import colour_image, jpeg_bytes, png_bytes
 from PIL import Image
 
 import mm
-from conftest import colour_image, jpeg_bytes, png_bytes
 from mm.data.decode import BadSample
-from mm.data.gpu import DeferredImage, DeferredTrainTransform, GpuImageDecoder, PendingImages
+from mm.data.gpu import (
+    DeferredImage,
+    DeferredTrainTransform,
+    GpuImageDecoder,
+    PendingImages,
+)
 from mm.data.transforms import TrainTransform
-
 
 CFG = mm.get_preset("tiny-clip").vision
 

@@ -20,8 +20,8 @@ from mm.config import ConfigError
 from mm.inference.embed import embed_images, embed_texts
 from mm.losses import ClipLoss, DistillLoss, similarity_kl
 from mm.models import ModelOutput
-from mm.train.preflight import load_run_config
 from mm.train.distill import Distiller, DistillError, EmbeddingStore, _image_adapter
+from mm.train.preflight import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import colour_image, colour_samples, write_tar
 from PIL import Image
 
 import mm
 from mm.cli import main as mm_main
 from mm.inference.embed import embed_images, load_index, read_texts
 from mm.inference.search import search
-
-from conftest import colour_image, colour_samples, write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}

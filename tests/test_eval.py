@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import mm
-from mm.eval import load_names, predict, retrieval_eval, zero_shot_classifier, zero_shot_eval
+from mm.eval import (
+    load_names,
+    predict,
+    retrieval_eval,
+    zero_shot_classifier,
+    zero_shot_eval,
+)
 
 CLASSES = ["cat", "dog", "golden retriever", "café", "airplane", "tree frog", "x"]
 TEMPLATES = ["a photo of a {}.", "a blurry photo of the {}.", "{}", "art of a {} in a museum."]

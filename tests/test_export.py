@@ -9,7 +9,13 @@ import torch
 
 import mm
 from mm.cli import main
-from mm.inference.export import ExportError, example_inputs, export_model, load_exported, run_exported
+from mm.inference.export import (
+    ExportError,
+    example_inputs,
+    export_model,
+    load_exported,
+    run_exported,
+)
 
 
 def eager(model, tower: str, x: torch.Tensor) -> torch.Tensor:

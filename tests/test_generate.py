@@ -7,7 +7,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import mm
-from mm.inference.generate import GenerationConfig, _banned_ngram_tokens, caption, generate, process_logits
+from mm.inference.generate import (
+    GenerationConfig,
+    _banned_ngram_tokens,
+    caption,
+    generate,
+    process_logits,
+)
 from mm.losses import ClipLoss, CocaLoss
 from mm.models import CoCa
 

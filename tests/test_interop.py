@@ -8,8 +8,14 @@ import pytest
 import torch
 
 import mm
-from mm.hub import (ConversionError, convert_state_dict, export_state_dict, from_open_clip, open_clip_config,
-                        to_open_clip)
+from mm.hub import (
+    ConversionError,
+    convert_state_dict,
+    export_state_dict,
+    from_open_clip,
+    open_clip_config,
+    to_open_clip,
+)
 from mm.layers import text_valid_mask
 from mm.models import resolve_config
 

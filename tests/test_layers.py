@@ -7,22 +7,22 @@ import pathlib
 import pytest
 import torch
 
-from mm.layers import MoEConfig, TransformerConfig
 from mm.layers import (
     Attention,
     Block,
-    MoE,
     Mlp,
+    MoE,
+    MoEConfig,
     RotaryEmbedding,
     RotaryEmbedding2D,
     SwiGLU,
     Transformer,
+    TransformerConfig,
     apply_rope,
     make_attn_mask,
     sincos_2d,
 )
 from mm.layers.moe import expert_capacity
-
 
 
 @pytest.fixture(autouse=True)

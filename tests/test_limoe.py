@@ -20,8 +20,7 @@ import yaml
 
 import mm
 from mm.config import ConfigError
-from mm.layers import MoEConfig
-from mm.layers import MoE, text_valid_mask
+from mm.layers import MoE, MoEConfig, text_valid_mask
 from mm.layers.moe import expert_capacity
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,18 +11,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_colour_shards
 from safetensors.torch import load_file
 
 import mm
 from mm.config import ConfigError
 from mm.hub import AdapterError, base_sha256, load_adapter, load_model, save_adapter
 from mm.layers.config import LoraConfig
-from mm.layers.lora import (LoRALinear, LoraError, add_lora, has_lora, is_lora_param, lora_state_dict,
-                            lora_targets, merge_lora)
+from mm.layers.lora import (
+    LoraError,
+    LoRALinear,
+    add_lora,
+    has_lora,
+    is_lora_param,
+    lora_state_dict,
+    lora_targets,
+    merge_lora,
+)
 from mm.train.preflight import load_run_config
 from mm.train.trainer import run
-
-from conftest import make_colour_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ["tiny-clip", "tiny-coca", "tiny-moe", "tiny-limoe"]

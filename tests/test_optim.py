@@ -7,7 +7,13 @@ import pytest
 import torch
 
 import mm
-from mm.train.optim import grad_norm, lr_factor, make_optimizer, make_scheduler, param_groups
+from mm.train.optim import (
+    grad_norm,
+    lr_factor,
+    make_optimizer,
+    make_scheduler,
+    param_groups,
+)
 
 
 def test_no_weight_decay_on_norms_biases_embeddings_and_logit_scale():

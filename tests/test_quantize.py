@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import colour_image
 from torch import nn
 
 import mm
 from mm.cli import main
-from mm.inference.quantize import DynamicInt8Linear, Int8WeightLinear, QuantizeError, quantize, quantize_per_channel
-
-from conftest import colour_image
+from mm.inference.quantize import (
+    DynamicInt8Linear,
+    Int8WeightLinear,
+    QuantizeError,
+    quantize,
+    quantize_per_channel,
+)
 
 
 def test_per_channel_quantization_rounds_each_weight_to_its_channels_grid():

@@ -11,8 +11,7 @@ import torch.nn.attention.flex_attention as fa
 
 import mm
 from mm.config import ConfigError
-from mm.layers import SparseAttentionConfig, TransformerConfig
-from mm.layers import Attention, Transformer
+from mm.layers import Attention, SparseAttentionConfig, Transformer, TransformerConfig
 from mm.layers.sparse import (
     SparsePattern,
     block_layout,

@@ -14,11 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import (
+    colour_samples,
+    jpeg_bytes,
+    make_colour_shards,
+    png_bytes,
+    write_tar,
+)
 from PIL import Image
 
 import mm
-
-from conftest import colour_samples, jpeg_bytes, make_colour_shards, png_bytes, write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import COLOURS, colour_image, jpeg_bytes, png_bytes, write_tar
 from PIL import Image
 
 import mm
 from mm.cli import main
 from mm.eval import retrieval_eval, zero_shot_classifier, zero_shot_eval
-
-from conftest import COLOURS, colour_image, jpeg_bytes, png_bytes, write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ["a {} square", "a photo of something {}"]

@@ -12,21 +12,27 @@ from pathlib import Path
 from ..config import ConfigError
 from ..eval.zeroshot import load_names
 from ..hub import ConversionError, PretrainedError
+from ..hub.adapter import AdapterError
 from ..hub.wrapped import WrappedModelError
+from ..layers.lora import LoraError
 from ..tokenizer import TokenizerUnavailable
 
 MODEL_HELP = ("an mm model directory (a run's final/ or save_pretrained), open_clip:NAME[:TAG] (open_clip's "
-              "registry), or a preset name with --pretrained FILE")
+              "registry), a preset name with --pretrained FILE, or a LoRA adapter directory (the base it records, "
+              "with the adapter)")
 PRETRAINED_HELP = "weights file for a preset --model (mm or open_clip checkpoint)"
+ADAPTER_HELP = ("a LoRA adapter directory (a LoRA run's final/, mm finetune --lora's finetuned/) put on --model, "
+                "its base: the base weights are checked against the ones it was trained on")
 EXAMPLES = argparse.RawDescriptionHelpFormatter  # descriptions end with examples, laid out as written
 
 Command = Callable[[argparse.Namespace], int]
 
 # What loading and using a --model raises that is its user's to fix: a broken model directory or weights file, a
 # config mm cannot read (NotNative, an open_clip model mm does not build, is a ConfigError), weights that do not
-# fit, a tokenizer that cannot be loaded, and a model mm runs through open_clip asked for what needs mm's blocks.
+# fit, a tokenizer that cannot be loaded, a model mm runs through open_clip asked for what needs mm's blocks, and
+# a LoRA adapter that is incomplete or does not fit its --model (other weights, another architecture).
 MODEL_ERRORS: tuple[type[BaseException], ...] = (PretrainedError, ConfigError, ConversionError,
-                                                 TokenizerUnavailable, WrappedModelError)
+                                                 TokenizerUnavailable, WrappedModelError, AdapterError, LoraError)
 
 
 class UsageError(ValueError):
@@ -49,10 +55,12 @@ def guard(*errors: type[BaseException]) -> Callable[[Command], Command]:
 
 
 def add_model_options(p: argparse.ArgumentParser, *, required: bool = True, model_help: str = MODEL_HELP,
-                      pretrained_help: str = PRETRAINED_HELP) -> None:
-    """``--model`` and ``--pretrained``, as every command that loads a model takes them."""
+                      pretrained_help: str = PRETRAINED_HELP, adapter_help: str = ADAPTER_HELP) -> None:
+    """``--model``, ``--pretrained`` and ``--adapter``, as every command that loads a model takes them (each
+    passes them on as ``load_model(args.model, args.pretrained, ..., adapter=args.adapter)``)."""
     p.add_argument("--model", required=required, help=model_help)
     p.add_argument("--pretrained", help=pretrained_help)
+    p.add_argument("--adapter", metavar="DIR", help=adapter_help)
 
 
 def add_model_and_labelled_shards(p: argparse.ArgumentParser) -> None:

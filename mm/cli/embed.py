@@ -18,6 +18,7 @@ from ..data.transforms import image_transform
 from ..hub import load_model
 from ..inference.embed import (
     INDEX_NAME,
+    PLAN_NAME,
     SKIPPED_NAME,
     EmbedError,
     check_out_dir,
@@ -29,6 +30,7 @@ from ..inference.embed import (
 from ..inference.search import plot_results, require_faiss, search
 from ..tokenizer import get_tokenizer
 from ..utils import dist
+from ..utils.io import write_json_atomic
 from .common import (
     EXAMPLES,
     MODEL_ERRORS,
@@ -37,6 +39,23 @@ from .common import (
     default_device,
     guard,
 )
+
+ADAPTER_NAME = "adapter.json"  # in an embed output directory: the --adapter the embeddings were made with
+
+
+def _check_adapter(out: Path, adapter: str | None) -> str | None:
+    """``--adapter`` as the output records it (absolute, so ``mm search`` finds it from anywhere). Another adapter
+    gives other embeddings, so a rerun into ``out`` must name the same one: the adapter is recorded in
+    ``out/adapter.json`` before any part is written (absent: the run had none), and in index.json at the end.
+    (The library's plan.json does not know adapters; this keeps the check in the command that adds them.)"""
+    recorded = str(Path(adapter).resolve()) if adapter else None
+    if (out / PLAN_NAME).is_file():
+        side = out / ADAPTER_NAME
+        was = json.loads(side.read_text())["adapter"] if side.is_file() else None
+        if was != recorded:
+            raise EmbedError(f"{out} holds an embed run with a different adapter (was {was!r}); use a new --out "
+                             "directory, or the same inputs and options to resume")
+    return recorded
 
 
 @guard(EmbedError, *MODEL_ERRORS)
@@ -49,15 +68,26 @@ def cmd_embed(args: argparse.Namespace) -> int:
     # fail on a mismatched output directory before the model is loaded
     check_out_dir(args.out, chunks, model_spec=args.model, pretrained=args.pretrained, normalize=normalize,
                   dtype=args.dtype, quantize=args.quantize)
-    device = args.device or str(dist.start())  # forms the process group under `accelerate launch`
+    adapter = _check_adapter(Path(args.out), args.adapter)
+    started = dist.start()  # forms the process group under `accelerate launch`
+    device = args.device or str(started)
     if args.quantize == "int8" and not device.startswith("cpu"):
         raise EmbedError(f"--quantize int8 runs on the CPU (--device cpu); on {device} use int8-weight")
-    model = load_model(args.model, args.pretrained, device)
+    model = load_model(args.model, args.pretrained, device, adapter=args.adapter)
+    if dist.is_main():  # before any part is written: an interrupted run keeps the record
+        side = Path(args.out) / ADAPTER_NAME
+        if adapter is not None:
+            side.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(side, {"adapter": adapter})
+        elif side.is_file():  # left by an earlier run that wrote no plan (checked above): not this run's
+            side.unlink()
     t0 = time.perf_counter()
     index = run_embed(model, chunks, args.out, model_spec=args.model, pretrained=args.pretrained,
                       batch_size=args.batch_size, workers=args.workers, normalize=normalize,
                       precision=args.precision, dtype=args.dtype, quantize=args.quantize)
     if dist.is_main():
+        if adapter is not None:  # index.json names the whole model: `mm search` loads the same one for queries
+            write_json_atomic(Path(args.out) / INDEX_NAME, {**index, "adapter": adapter})
         skipped = f", {index['skipped']} skipped (see {Path(args.out) / SKIPPED_NAME})" if index["skipped"] else ""
         print(f"{index['count']} {kind} embedded (dim {index['embed_dim']}) in {len(index['parts'])} parts, "
               f"{time.perf_counter() - t0:.2f} s; index: {Path(args.out) / INDEX_NAME}{skipped}", file=sys.stderr)
@@ -75,6 +105,7 @@ def add_embed_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "--out emb/laion --dtype float16\n"
                     "  mm embed --model runs/builtin/final --texts captions.txt --out emb/captions\n"
                     "  mm embed --model runs/builtin/final --images photos/ --out emb/photos_int8 --quantize int8\n"
+                    "  mm embed --model runs/builtin/final --adapter runs/lora/final --images photos/ --out emb/lora\n"
                     "  accelerate launch --multi_gpu --num_processes 8 -m mm.cli embed --model M --images photos/ "
                     "--out emb/photos",
         formatter_class=EXAMPLES)
@@ -103,8 +134,9 @@ def _embed_queries(index: dict[str, Any], args: argparse.Namespace) -> np.ndarra
     if not spec:
         raise EmbedError(f"{args.index} does not record its model; give --model")
     pretrained = args.pretrained if args.model else index.get("pretrained")
+    adapter = args.adapter or (None if args.model else index.get("adapter"))
     device = default_device(args.device)
-    model = load_model(spec, pretrained, device)
+    model = load_model(spec, pretrained, device, adapter=adapter)
     with torch.inference_mode():
         if args.image:
             pre = image_transform(model, train=False)
@@ -155,7 +187,9 @@ def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--index", required=True, help="an `mm embed` output directory")
     s.add_argument("-k", type=int, default=10, help="results per query")
     add_model_options(s, required=False, model_help=f"default: the model recorded in the index. {MODEL_HELP}",
-                      pretrained_help="weights file for a preset --model")
+                      pretrained_help="weights file for a preset --model",
+                      adapter_help="a LoRA adapter directory on the query model (default: the one the index "
+                                   "records, unless --model is given)")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--faiss", action="store_true", help="score blocks with faiss (must be installed)")
     s.add_argument("--json", action="store_true", help="one JSON line per query {query, results: [{rank, score, id}]}")

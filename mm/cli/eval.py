@@ -72,7 +72,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
         urls, classnames, templates = resolve_shards(shards, classnames, templates, "shards")
     else:
         classnames, items = label_images(args.inputs, classnames)
-    model = load_model(args.model, args.pretrained, default_device(args.device))
+    model = load_model(args.model, args.pretrained, default_device(args.device), adapter=args.adapter)
     batches = shard_batches(model, urls, label_key, args.batch_size, args.workers) if shards \
         else folder_batches(model, items, args.batch_size, args.workers)
     result = zeroshot(model, classnames, templates, batches, args.k, autocast_dtype=autocast_dtype(args.precision),
@@ -105,7 +105,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.retrieval:
         check_urls(args.retrieval, "--retrieval")
         rt = RetrievalConfig(shards=args.retrieval, max_samples=args.max_samples)
-    model = load_model(args.model, args.pretrained, default_device(args.device))
+    model = load_model(args.model, args.pretrained, default_device(args.device), adapter=args.adapter)
     cfg = EvalConfig(batch_size=args.batch_size, zeroshot=zs, retrieval=rt)
     results = evaluate(cfg, model, next(model.parameters()).device, precision=args.precision,
                        reading=ShardReading(workers=args.workers))
@@ -210,7 +210,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.out and not Path(args.out).resolve().parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: folder {Path(args.out).parent} does not exist")
     device = default_device(args.device)
-    model = load_model(args.model, args.pretrained, device)
+    model = load_model(args.model, args.pretrained, device, adapter=args.adapter)
     t0, skipped = time.time(), []
     feats = {}
     for name, urls, cap in (("train", train_urls, args.max_train), ("test", test_urls, args.max_test)):
@@ -224,8 +224,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     for s in skipped:
         print(f"skipped {s}", file=sys.stderr)
     result = {k: v for k, v in r.items() if k not in ("W", "b")}
-    result.update(model=args.model, train=args.train, test=args.test, classes=classes, skipped=len(skipped),
-                  encode_s=round(t1 - t0, 2), fit_s=round(time.time() - t1, 2))
+    result.update(model=args.model, adapter=args.adapter, train=args.train, test=args.test, classes=classes,
+                  skipped=len(skipped), encode_s=round(t1 - t0, 2), fit_s=round(time.time() - t1, 2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.json:

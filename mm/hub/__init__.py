@@ -1,7 +1,14 @@
 """Models with weights: the ``--model`` spec parser, save / load (safetensors, never unpickling), exact
 conversion from and to open_clip and Hugging Face CLIP, LoRA adapters (peft layout), ``create_model`` and
 ``load_model``."""
-from .adapter import AdapterError, base_sha256, is_adapter_dir, load_adapter, read_adapter_meta, save_adapter
+from .adapter import (
+                         AdapterError,
+                         base_sha256,
+                         is_adapter_dir,
+                         load_adapter,
+                         read_adapter_meta,
+                         save_adapter,
+)
 from .hf import (
                          HF_MODEL_TYPES,
                          check_hf_clip,

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import ConfigError, from_dict, to_dict, validate
 from ..layers.config import LoraConfig
-from ..layers.lora import add_lora, adapted_layers, is_lora_param, lora_state_dict
+from ..layers.lora import adapted_layers, add_lora, is_lora_param, lora_state_dict
 from ..utils.io import atomic_path
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -120,12 +120,7 @@ def load_adapter(model: nn.Module, directory: str | Path, *, check_base: bool = 
 
     d = Path(directory)
     meta = read_adapter_meta(d)
-    if check_base:
-        have = base_sha256(model)
-        if have != meta["base_sha256"]:
-            raise AdapterError(
-                f"{d}: trained on other base weights than this model's (base {meta.get('base')!r}, SHA-256 "
-                f"{meta['base_sha256'][:12]}..., this model {have[:12]}...); use the base it names")
+    # the architecture first (another one is named as such), then the weights (the same one, trained otherwise)
     sd = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(d / ADAPTER_WEIGHTS)).items()}
     want = _adapter_shapes(model, list(meta["layers"]), meta["lora"].rank, d)
     for k, shape in want.items():
@@ -137,6 +132,12 @@ def load_adapter(model: nn.Module, directory: str | Path, *, check_base: bool = 
     extra = sorted(set(sd) - set(want))
     if extra:
         raise AdapterError(f"{d / ADAPTER_WEIGHTS}: unexpected tensor {extra[0]}")
+    if check_base:
+        have = base_sha256(model)
+        if have != meta["base_sha256"]:
+            raise AdapterError(
+                f"{d}: trained on other base weights than this model's (base {meta.get('base')!r}, SHA-256 "
+                f"{meta['base_sha256'][:12]}..., this model {have[:12]}...); use the base it names")
     add_lora(model, meta["lora"], targets=list(meta["layers"]))  # checked above: nothing can fail half-way
     with torch.no_grad():
         for k, p in model.state_dict().items():

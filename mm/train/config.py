@@ -14,8 +14,8 @@ from ..config import ConfigError
 from ..data.decode import IMAGE_KEYS, MAX_PIXELS
 from ..eval.config import EvalConfig, ShardReading
 from ..hub import PretrainedError, load_config, parse_spec
-from ..layers.config import LoraConfig
 from ..hub.wrapped import WrappedConfig, native_only, not_native_reason
+from ..layers.config import LoraConfig
 from ..models import ModelConfig, NotNative, list_models, resolve_config
 
 

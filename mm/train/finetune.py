@@ -13,6 +13,14 @@ endpoints exactly at alpha 0 and 1; the test accuracy is reported for each alpha
 model directories (the whole CLIP with the image encoder replaced: ``mm zeroshot`` / ``mm embed`` work on
 them) plus ``classifier.safetensors`` (the head) and ``classes.json``; :func:`load_classifier` reads them.
 
+With LoRA (``cfg.lora``, ``mm finetune --lora``) the image encoder's base weights stay frozen (out of the
+optimizer) and low-rank adapters on its layers train with the head. WiSE-FT then scales the adapters' update:
+the zero-shot endpoint is the same adapters with their zero-initialised factor (``lora_B`` / experts' ``B``) at
+zero, so interpolating ``B`` alone gives ``W0 + alpha * delta`` (``delta = scale * B A``), exactly WiSE-FT of the
+merged weights. A LoRA classifier is saved as an adapter directory (``mm.hub.save_adapter``: the adapters, the
+base model it names and that base's SHA-256) plus the head and class names; it loads on the base it names
+(:func:`load_classifier`, or ``--model DIR`` for any command).
+
 Data as in training (``mm.data.wds``: shuffled shards, train augmentation). Under ``accelerate launch`` each
 process reads its own share of the shards (``--batch-size`` is per process), the classifier trains inside
 DistributedDataParallel (so the processes keep identical weights), and the main process evaluates and saves
@@ -37,18 +45,19 @@ from ..data.decode import IMAGE_KEYS, SampleDecoder
 from ..data.transforms import image_transform
 from ..data.wds import Collate, ShardStream, make_loader
 from ..eval.probe import labelled_batches
-from ..eval.zeroshot import zero_shot_classifier
-from ..hub import PretrainedError, load_pretrained, save_pretrained
+from ..hub import (
+    base_sha256,
+)
 from ..hub.wrapped import refuse_wrapped
-from ..tokenizer import get_tokenizer
+from ..layers.config import LoraConfig
+from ..layers.lora import LoraError, add_lora, has_lora, is_lora_param, lora_targets
 from ..utils.dist import rank, world_size
 from ..utils.nn import eval_mode, params_sha256
 from ..utils.precision import PRECISIONS, autocast, autocast_dtype
 from .adapt import lr_scales
+from .classifier import Classifier, save_classifier, zero_shot_head
 from .optim import make_optimizer, make_scheduler
 from .step import Stepper
-
-HEAD_NAME, CLASSES_NAME = "classifier.safetensors", "classes.json"
 
 
 @dataclass
@@ -72,6 +81,9 @@ class FinetuneConfig:
     seed: int = 0
     log_every: int = 10
     max_bad_steps: int = 5  # consecutive non-finite steps before fine-tuning stops (the trainer's policy)
+    # LoRA: adapters on the image encoder's layers train (with the head), its base weights stay frozen; targets
+    # must lie in the image encoder (vision.KIND, or a one-tower model's transformer.KIND)
+    lora: LoraConfig | None = None
 
     def check(self) -> Iterator[tuple[str, str]]:
         for k in ("steps", "batch_size", "log_every", "max_bad_steps"):
@@ -96,29 +108,6 @@ class FinetuneConfig:
             yield "precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
 
 
-class Classifier(nn.Module):
-    """``head(model.encode_image(images, normalize=True))``: logits ``(B, n_classes)``."""
-
-    def __init__(self, model: nn.Module, head: nn.Linear):
-        super().__init__()
-        self.model, self.head = model, head
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.model.encode_image(images, normalize=True))
-
-
-def zero_shot_head(model: nn.Module, classnames: Sequence[str], templates: Sequence[Any] | None = None,
-                   *, device: str | torch.device | None = None) -> nn.Linear:
-    """The zero-shot classifier as a Linear layer: weight ``logit_scale.exp() * W.T`` (``W``: normalised class
-    text embeddings, ``[embed_dim, n_classes]``), bias 0. Its argmax is zero-shot classification's."""
-    W = zero_shot_classifier(model, get_tokenizer(model), list(classnames), templates, device=device)
-    head = nn.Linear(W.shape[0], W.shape[1]).to(W.device)
-    with torch.no_grad():
-        head.weight.copy_(model.logit_scale.detach().float().exp() * W.T)
-        head.bias.zero_()
-    return head
-
-
 def image_encoder_prefixes(model: nn.Module) -> tuple[str, ...]:
     """Parameter-name prefixes ``encode_image`` depends on: the vision tower, and a one-tower model's shared
     stack and image modality embedding."""
@@ -128,9 +117,42 @@ def image_encoder_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 
 def trainable_names(classifier: Classifier) -> list[str]:
-    """Classifier parameter names fine-tuning trains (and WiSE-FT interpolates): image encoder and head."""
-    prefixes = tuple("model." + p for p in image_encoder_prefixes(classifier.model)) + ("head.",)
-    return [n for n, _ in classifier.named_parameters() if n.startswith(prefixes)]
+    """Classifier parameter names fine-tuning trains (and WiSE-FT interpolates): image encoder and head; with
+    LoRA adapters on the model, the image encoder's adapters (its base weights frozen) and the head."""
+    prefixes = tuple("model." + p for p in image_encoder_prefixes(classifier.model))
+    lora = has_lora(classifier.model)
+    return [n for n, _ in classifier.named_parameters()
+            if n.startswith("head.") or (n.startswith(prefixes) and (not lora or is_lora_param(n)))]
+
+
+def add_image_adapters(model: nn.Module, lora: LoraConfig) -> list[str]:
+    """LoRA adapters on the image-encoder layers ``lora.targets`` select; returns their names. LoraError if the
+    model already carries adapters (merge them first) or a target lies outside the image encoder (fine-tuning
+    does not use the text tower: adapters there would never train)."""
+    if has_lora(model):
+        raise LoraError("the model already carries LoRA adapters: merge them into it first (mm merge), then "
+                        "fine-tune the merged model")
+    names = lora_targets(model, lora)
+    prefixes = image_encoder_prefixes(model)
+    outside = [n for n in names if not n.startswith(prefixes)]
+    if outside:
+        raise LoraError(f"lora.targets {lora.targets}: {outside[0]} is not in the image encoder, which is what "
+                        f"fine-tuning trains (targets there: {', '.join(p.rstrip('.') for p in prefixes)}.KIND)")
+    return add_lora(model, lora, targets=names)
+
+
+def is_lora_zero_factor(name: str) -> bool:
+    """The adapter factor that starts at zero (``lora_B``; an MoE expert adapter's ``B``): the update is linear in
+    it, so scaling it scales the update."""
+    return ".lora_B." in name or name.endswith((".lora_w1.B", ".lora_w2.B"))
+
+
+def lora_zero_shot_endpoint(finetuned: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """WiSE-FT's zero-shot endpoint for LoRA-fine-tuned adapters: the fine-tuned adapters with their zero factor at
+    zero (the update ``scale * B A`` vanishes: exactly the base). ``wise_interpolate(this, finetuned, alpha)`` then
+    keeps every ``A`` and gives ``alpha * B``: update ``alpha * delta``, i.e. ``(1 - alpha) W0 + alpha (W0 +
+    delta)``. Entries that are not adapters (the head) are left to the caller's zero-shot snapshot."""
+    return {n: torch.zeros_like(v) if is_lora_zero_factor(n) else v for n, v in finetuned.items() if is_lora_param(n)}
 
 
 def wise_interpolate(zeroshot: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
@@ -257,47 +279,35 @@ def _ddp(device: torch.device) -> Callable[[nn.Module], nn.Module]:
     return wrap
 
 
-# -- saving --------------------------------------------------------------------------------------
-def save_classifier(classifier: Classifier, classnames: Sequence[str], directory: str | Path,
-                    extra: dict[str, Any] | None = None) -> Path:
-    """An mm model directory (``save_pretrained``) plus the head and the class names."""
-    from safetensors.torch import save_file
-
-    d = save_pretrained(classifier.model, directory)
-    head = {k: v.detach().contiguous().cpu() for k, v in classifier.head.state_dict().items()}
-    save_file(head, str(d / HEAD_NAME))
-    (d / CLASSES_NAME).write_text(json.dumps({"classes": list(classnames), **(extra or {})}, indent=1))
-    return d
-
-
-def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, list[str]]:
-    """The classifier and class names :func:`save_classifier` wrote, in eval mode."""
-    from safetensors.torch import load_file
-
-    d = Path(directory)
-    if not (d / HEAD_NAME).is_file():
-        raise PretrainedError(f"{d / HEAD_NAME}: missing (not a directory written by mm finetune)")
-    model = load_pretrained(d)
-    sd = load_file(str(d / HEAD_NAME))
-    head = nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
-    head.load_state_dict(sd)
-    classes = json.loads((d / CLASSES_NAME).read_text())["classes"]
-    return Classifier(model, head).to(device).eval(), classes
-
-
 # -- the command ---------------------------------------------------------------------------------
+def _start_lora(model: nn.Module, cfg: FinetuneConfig, base: str | None) -> dict[str, Any]:
+    """Adapters on the image encoder (seeded: the same A factors on every process and every run); returns what
+    save_classifier records with them: the LoRA config, the base spec and the base's hash (taken before)."""
+    saved = {"lora": cfg.lora, "base": base, "base_hash": base_sha256(model)}
+    torch.manual_seed(cfg.seed)
+    add_image_adapters(model, cfg.lora)
+    return saved
+
+
 def run(model: nn.Module, train_urls: list[str], test_urls: list[str], classnames: Sequence[str],
         templates: Sequence[Any] | None, cfg: FinetuneConfig, alphas: Sequence[float], out: str | Path, *,
         label_key: str = "cls", max_test: int | None = None, save_alpha: float | None = None,
-        eval_batch_size: int = 128, log: Callable[[str], None] = print) -> dict[str, Any] | None:
+        eval_batch_size: int = 128, log: Callable[[str], None] = print,
+        base: str | None = None) -> dict[str, Any] | None:
     """Zero-shot head -> fine-tune -> WiSE-FT test accuracy per alpha; writes ``out/finetuned/``,
     ``out/wise-ALPHA/`` (``save_alpha``), ``out/metrics.jsonl`` and ``out/results.json``. In a process group
     (``accelerate launch``) every process trains on its share of the data; the main process evaluates, writes
-    and returns the results, the others return None."""
+    and returns the results, the others return None. With ``cfg.lora`` the adapters are put on ``model`` here
+    (seeded, so every process starts from the same ones) and the saved classifiers are adapter directories
+    naming ``base`` (the model's spec; None: random weights no spec reproduces)."""
     refuse_wrapped(model, "fine-tuning (mm finetune)")
+    if has_lora(model) and cfg.lora is None:
+        raise LoraError("the model carries LoRA adapters: merge them into it first (mm.merge_lora / mm merge), or "
+                        "fine-tune adapters of its own with cfg.lora")
     dist = torch.distributed
     world, main = world_size(), rank() == 0
     device = next(model.parameters()).device
+    adapter = _start_lora(model, cfg, base) if cfg.lora is not None else {}  # save_classifier's LoRA arguments
     out = Path(out)
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -307,7 +317,9 @@ def run(model: nn.Module, train_urls: list[str], test_urls: list[str], classname
     n_train = sum(classifier.get_parameter(n).numel() for n in names)
     if main:
         procs = f" x {world} processes" if world > 1 else ""
-        log(f"fine-tuning {n_train:,} parameters (image encoder + head over {len(classnames)} classes) for "
+        what = f"LoRA rank {cfg.lora.rank} adapters on {', '.join(cfg.lora.targets)}" if cfg.lora else "image encoder"
+        frozen = "; the base frozen" if cfg.lora else ""
+        log(f"fine-tuning {n_train:,} parameters ({what} + head over {len(classnames)} classes{frozen}) for "
             f"{cfg.steps} steps of {cfg.batch_size}{procs} on {device}")
     t0 = time.time()
     with open(out / "metrics.jsonl", "w", buffering=1) if main else nullcontext() as f:
@@ -320,6 +332,8 @@ def run(model: nn.Module, train_urls: list[str], test_urls: list[str], classname
                  device=device, log=log_rec if main else None, wrap=_ddp(device) if world > 1 else None)
     train_s = time.time() - t0
     finetuned = snapshot(classifier, names)
+    if cfg.lora is not None:  # WiSE-FT scales the adapters' update (lora_zero_shot_endpoint says why it is exact)
+        zeroshot.update(lora_zero_shot_endpoint(finetuned))
     shas = [params_sha256(classifier)]
     if world > 1:
         gathered: list[Any] = [None] * world
@@ -340,10 +354,11 @@ def run(model: nn.Module, train_urls: list[str], test_urls: list[str], classname
         log(f"alpha {alpha:.2f}: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  ({r['n']} test images)")
     meta = {"config": asdict(cfg), "templates": None if templates is None else [str(t) for t in templates]}
     load_into(classifier, finetuned)
-    save_classifier(classifier, classnames, out / "finetuned", meta)
+    save_classifier(classifier, classnames, out / "finetuned", meta, **adapter)
     if save_alpha is not None:
         load_into(classifier, wise_interpolate(zeroshot, finetuned, save_alpha))
-        save_classifier(classifier, classnames, out / f"wise-{save_alpha:g}", {**meta, "wise_alpha": save_alpha})
+        save_classifier(classifier, classnames, out / f"wise-{save_alpha:g}", {**meta, "wise_alpha": save_alpha},
+                        **adapter)
         load_into(classifier, finetuned)
     result = {"wise": rows, "train_s": round(train_s, 1), "steps": cfg.steps, "world_size": world,
               "param_sha256": shas, "classes": list(classnames), **meta}
