@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU (issues 5, 7, 8 and 19), as one prepared pass sized for one H200 and a
-# 10-minute command. Each step has its own time limit, so one hang costs only its slot; logs go to
+# Every check that needs a GPU (issues 5, 7, 8, 19 and 20), as one prepared pass sized for one H200; the limits
+# add up to more than one 10-minute command: run it as two (ONLY="info train infer data", then the rest). Each step has its own time limit, so one hang costs only its slot; logs go to
 # $OUT (the device tool's output folder) or benchmarks/runs/gpu.
 #
-#   bash benchmarks/gpu_checks.sh                 # everything (limits add up to 680 s; expect ~8 min)
+#   bash benchmarks/gpu_checks.sh                 # everything (limits add up to 850 s; expect ~10 min)
 #   ONLY="train moe" bash benchmarks/gpu_checks.sh  # some steps
 #
 # The device image has Python 3.12 with torch, accelerate, safetensors, matplotlib, pytest; mm's other
@@ -17,7 +17,7 @@
 set -u
 OUT=${OUT:-benchmarks/runs/gpu}
 PY=${PY:-.venv/bin/python}
-ONLY=${ONLY:-"info train infer data moe sparse lora tests"}
+ONLY=${ONLY:-"info train infer data moe sparse lora gradcache tests"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
@@ -54,6 +54,12 @@ step sparse 65 $PY benchmarks/bench_sparse.py --depth 12
 
 # Issue 19, acceptance 3: ViT-B-16 peak training memory and step time, full fine-tuning vs LoRA rank 8, b256 bf16.
 step lora 60 $PY benchmarks/bench_lora.py memory --device cuda --bf16 --batch 256 --steps 6
+
+# Issue 20, acceptances 2 and 4: gradient caching, ViT-B-32 peak memory at global batch 256 / 1024 / 4096 (chunk 256)
+# with and without caching; ViT-B-16 at a batch that does not fit uncached (cached only), samples/s and peak memory.
+GC="$PY benchmarks/bench_grad_cache.py memory --device cuda --bf16 --chunk 256"
+step gradcache_b32 90 $GC --model ViT-B-32 --batches 1024 4096
+step gradcache_b16 80 $GC --model ViT-B-16 --batches 4096 --no-plain
 
 # The CUDA-only tests (compiled flex_attention) and the device paths of the rest.
 step tests 45 $PY -m pytest -x tests/test_sparse_attention.py tests/test_layers.py tests/test_device_decode.py

@@ -131,10 +131,19 @@ def to_dict(cfg: Any) -> dict:
 
 
 def parse_value(text: str) -> Any:
-    """A command-line override value: YAML scalar/list syntax (``1e-3``, ``true``, ``[a, b]``, ``null``)."""
+    """A command-line override value: YAML scalar/list syntax (``1e-3``, ``true``, ``[a, b]``, ``null``). Text YAML
+    cannot read is taken as written: a string, or for ``[a, b]`` a list of strings, so that unquoted globs work
+    (``train.lora.targets=[*.attn, *.mlp]``: YAML reads ``*`` as an alias); a wrong type is then named by the
+    config's own check."""
     import yaml
 
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        t = text.strip()
+        if t.startswith("[") and t.endswith("]"):
+            return [x.strip().strip("'\"") for x in t[1:-1].split(",") if x.strip()]
+        return text
 
 
 def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:

@@ -180,10 +180,18 @@ class SigLipLoss(_ContrastiveLoss):
     all-gather. The per-rank loss is this rank's share: the average over ranks
     equals the single-process loss over the global batch (see the module
     docstring for the gradients).
+
+    ``block``: compute the loss in (block x block) tiles of the B x N logits, forward and backward (a custom
+    autograd function that recomputes each tile in the backward), so its memory is that of one tile whatever
+    the world batch: the same value and gradients as the one-block loss (up to float summation order). None:
+    the B x N logits at once (faster when they fit).
     """
 
-    def __init__(self, aux_weight: float = 1.0):
+    def __init__(self, aux_weight: float = 1.0, block: int | None = None):
         super().__init__(aux_weight)
+        if block is not None and block < 1:
+            raise ValueError(f"block must be >= 1 or None, got {block}")
+        self.block = block
         self._labels: dict[tuple[torch.device, torch.dtype, int, int, int], Tensor] = {}
 
     def labels(self, device: torch.device, dtype: torch.dtype, b: int, n: int, offset: int = 0) -> Tensor:
@@ -206,11 +214,59 @@ class SigLipLoss(_ContrastiveLoss):
 
         b = img.shape[0]
         all_txt = mmdist.all_gather_with_grad(txt)
+        if self.block is not None:
+            bias_t = torch.zeros((), device=img.device, dtype=dtype) if bias is None else _as_tensor(bias, img).to(dtype)
+            return _BlockedSigmoid.apply(img, all_txt, scale, bias_t, mmdist.rank() * b, self.block)
         logits = scale * img @ all_txt.T
         if bias is not None:
             logits = logits + _as_tensor(bias, img).to(dtype)
         labels = self.labels(img.device, dtype, b, all_txt.shape[0], mmdist.rank() * b)
         return -F.logsigmoid(labels * logits).sum() / b
+
+
+class _BlockedSigmoid(torch.autograd.Function):
+    """SigLIP's loss over (B, D) images and (N, D) texts, tile by tile: ``-sum logsigmoid(y * z) / B`` with
+    ``z = scale * img @ txt.T + bias``, ``y`` +1 at (i, offset + i) and -1 elsewhere. Saves only the inputs; the
+    backward recomputes each tile: ``dz = -y * sigmoid(-y * z) / B``, ``d img = scale * dz @ txt``,
+    ``d txt = scale * dz.T @ img``, ``d scale = sum(dz * img @ txt.T)``, ``d bias = sum(dz)``."""
+
+    @staticmethod
+    def _tiles(b: int, n: int, block: int):
+        for r in range(0, b, block):
+            for c in range(0, n, block):
+                yield slice(r, min(r + block, b)), slice(c, min(c + block, n))
+
+    @staticmethod
+    def _signs(rows: slice, cols: slice, offset: int, like: Tensor) -> Tensor:
+        i = torch.arange(rows.start, rows.stop, device=like.device)[:, None] + offset
+        j = torch.arange(cols.start, cols.stop, device=like.device)[None, :]
+        return torch.where(i == j, 1.0, -1.0).to(like.dtype)
+
+    @staticmethod
+    def forward(ctx, img: Tensor, txt: Tensor, scale: Tensor, bias: Tensor, offset: int, block: int) -> Tensor:
+        ctx.save_for_backward(img, txt, scale, bias)
+        ctx.offset, ctx.block = offset, block
+        total = img.new_zeros(())
+        for rows, cols in _BlockedSigmoid._tiles(img.shape[0], txt.shape[0], block):
+            z = scale * img[rows] @ txt[cols].T + bias
+            total = total - F.logsigmoid(_BlockedSigmoid._signs(rows, cols, offset, z) * z).sum()
+        return total / img.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        img, txt, scale, bias = ctx.saved_tensors
+        g_img, g_txt = torch.zeros_like(img), torch.zeros_like(txt)
+        g_scale, g_bias = torch.zeros_like(scale), torch.zeros_like(bias)
+        k = grad / img.shape[0]
+        for rows, cols in _BlockedSigmoid._tiles(img.shape[0], txt.shape[0], ctx.block):
+            raw = img[rows] @ txt[cols].T
+            y = _BlockedSigmoid._signs(rows, cols, ctx.offset, raw)
+            dz = -y * torch.sigmoid(-y * (scale * raw + bias)) * k
+            g_img[rows] += scale * dz @ txt[cols]
+            g_txt[cols] += scale * dz.T @ img[rows]
+            g_scale += (dz * raw).sum()
+            g_bias += dz.sum()
+        return g_img, g_txt, g_scale, g_bias, None, None
 
 
 def caption_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:

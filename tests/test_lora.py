@@ -243,6 +243,12 @@ def test_lora_config_errors_name_the_key_before_work(colour_shards, tmp_path, ov
     assert not (tmp_path / "run").exists()
 
 
+def test_unquoted_glob_targets_on_the_command_line_are_read_as_written(colour_shards, tmp_path):
+    """``[*.attn, *.mlp]`` is not YAML (``*`` starts an alias); an override reads it as the list the user means."""
+    cfg = run_config(colour_shards, tmp_path / "run", "train.lora.targets=[*.attn, *.mlp]")
+    assert cfg.train.lora.targets == ["*.attn", "*.mlp"]
+
+
 @pytest.mark.slow
 def test_two_process_lora_training_keeps_ranks_identical(model_dir, tmp_path):
     import socket

@@ -69,9 +69,16 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch: batch_size x processes x grad_accum)
     grad_clip: float | None = 1.0  # max global grad norm; null = off
+    # gradient caching (mm/train/grad_cache.py): run the model in chunks of this many samples per process (two
+    # passes: embeddings without graphs, then each chunk again with its graph) while the contrastive loss and its
+    # gradients are the whole batch's, exactly: batches larger than memory; null = one pass over the batch
+    grad_cache_chunk: int | None = None
     seed: int = 0  # initial weights, data order, augmentation and dropout
     loss: str = "clip"  # clip | siglip
     local_loss: bool = False  # clip loss: each process scores only its own rows against all (less memory)
+    # siglip loss: compute the (local x world batch) logits in tiles of this size, forward and backward, so the
+    # loss's memory does not grow with the batch (same value and gradients); null = all logits at once
+    loss_block: int | None = None
     aux_weight: float = 1.0  # weight of the model's MoE aux loss
     # CoCa models (model.decoder set): loss = contrastive_weight * (clip|siglip) + caption_weight * token CE
     contrastive_weight: float = 1.0
@@ -146,6 +153,12 @@ class TrainConfig:
             yield "layer_decay", f"must be in (0, 1] or null, got {self.layer_decay}"
         if self.lora is not None and self.freeze:
             yield "freeze", "does not apply with train.lora (everything but the adapters is frozen); leave it empty"
+        if self.grad_cache_chunk is not None and self.grad_cache_chunk < 1:
+            yield "grad_cache_chunk", f"must be >= 1 or null, got {self.grad_cache_chunk}"
+        if self.grad_cache_chunk is not None and self.fsdp:
+            yield "grad_cache_chunk", "gradient caching with train.fsdp is not supported yet; use DDP (fsdp: false)"
+        if self.loss_block is not None and (self.loss_block < 1 or self.loss != "siglip"):
+            yield "loss_block", f"must be >= 1 and goes with loss: siglip (got {self.loss_block}, loss {self.loss})"
         if self.lora is not None and self.fsdp:
             yield "fsdp", "train.lora with train.fsdp is not supported yet (the adapters are small: use DDP)"
 
@@ -202,6 +215,8 @@ class RunConfig:
         if self.distill is not None and self.distill.text_embeddings and self.data.random_caption:
             yield "distill.text_embeddings", ("precomputed text embeddings match the shards' text_key captions; "
                                               "data.random_caption trains on others (give distill.teacher instead)")
+        if self.distill is not None and self.train.grad_cache_chunk is not None:
+            yield "train.grad_cache_chunk", "gradient caching with distillation is not supported yet; unset one"
         if self.distill is not None and self.train.fsdp:
             yield "train.fsdp", "distillation with train.fsdp is not supported yet (its projection trains outside FSDP)"
 

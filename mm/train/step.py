@@ -42,8 +42,12 @@ class Stepper:
     def autocast(self):
         return autocast(self.device, self.precision)
 
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` as it is back-propagated: times the fp16 scaler's scale (unchanged without fp16)."""
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
     def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self.scale(loss).backward()
 
     def step(self, step: int) -> bool:
         """Clip (or measure) the gradients, update unless they are non-finite, zero them; ``step`` (the number

@@ -39,6 +39,7 @@ from . import checkpoint as ckpt
 from . import fsdp as sharding
 from .config import RunConfig
 from .distill import build_distiller
+from .grad_cache import GradCache
 from .log import RunLogger, plot_run
 from .optim import make_optimizer, make_scheduler
 from .preflight import load_run_config
@@ -141,6 +142,7 @@ def build_loss(cfg: RunConfig, model: ImageTextModel) -> torch.nn.Module:
     """The configured contrastive loss; wrapped in the CoCa loss when the model has a decoder."""
     t = cfg.train
     loss_kw = {"local_loss": t.local_loss} if t.loss == "clip" else {}
+    loss_kw = {**loss_kw, "block": t.loss_block} if t.loss == "siglip" else loss_kw
     loss = make_loss(t.loss, aux_weight=t.aux_weight, **loss_kw)
     if model.config.decoder is not None:
         loss = CocaLoss(loss, contrastive_weight=t.contrastive_weight, caption_weight=t.caption_weight,
@@ -321,6 +323,9 @@ class Trainer:
             self.model = self.core
         else:
             self.model = self.acc.prepare(torch.compile(self.core) if cfg.train.compile else self.core)
+        self.grad_cache = None if cfg.train.grad_cache_chunk is None else GradCache(
+            self.model, self.core, self.loss_fn, cfg.train.grad_cache_chunk, device=self.device,
+            autocast=self.stepper.autocast, scale=self.stepper.scale, no_sync=partial(self.acc.no_sync, self.model))
         loader = make_loader(build_train_stream(cfg, self.core, self.rank, self.world, self.data), cfg.data.workers,
                              cfg.data.prefetch_factor, pin_memory=self.device.type == "cuda")
         v = self.core.config.vision
@@ -346,7 +351,8 @@ class Trainer:
             f"{f', LoRA rank {cfg.train.lora.rank} on {cfg.train.lora.targets}' if cfg.train.lora else ''}), "
             f"{self.world} process(es)"
             f"{' (FSDP)' if self.sharded else ''} on {self.device}, "
-            f"batch {cfg.data.batch_size} x {self.world} x accum {cfg.train.grad_accum}, steps {self.step} -> {end}")
+            f"batch {cfg.data.batch_size} x {self.world} x accum {cfg.train.grad_accum}, steps {self.step} -> {end}"
+            f"{f', gradient caching in chunks of {cfg.train.grad_cache_chunk}' if cfg.train.grad_cache_chunk else ''}")
         if self.distill is not None:
             self.log.info(self.distill.describe())
         if self.step == 0:
@@ -367,6 +373,10 @@ class Trainer:
             else:
                 images = images.to(self.device, non_blocking=True)
             tokens = batch["tokens"].to(self.device, non_blocking=True)
+            if self.grad_cache is not None:  # the whole batch's contrastive loss, a chunk's activations
+                losses, out = self.grad_cache.step(images, tokens, divide=accum, sync=micro == accum - 1)
+                self.samples_since += images.shape[0] * self.world
+                continue
             with nullcontext() if micro == accum - 1 else self.acc.no_sync(self.model):
                 with self.stepper.autocast():
                     out = self.model(images, tokens)
@@ -405,6 +415,8 @@ class Trainer:
                "skipped_steps": self.stepper.skipped, "logit_scale": self.core.logit_scale.exp().item(),
                "eta_s": (end - self.step) * dt / self.cfg.train.log_every}
         rec.update({k: losses[k].item() for k in LOSS_PARTS if k in losses})
+        if self.grad_cache is not None:  # the chunks, and the share of the step time each pass took
+            rec.update(self.grad_cache.log_record(dt))
         self.log.log(rec)
         if self.main and out.router_stats:  # own record: per-layer lists would crowd the console line
             self.log.log({"step": self.step, **routing_metrics(out.router_stats, self.core.moe_layers())}, show=False)
