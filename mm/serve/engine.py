@@ -1,0 +1,115 @@
+"""The model calls ``mm serve`` makes, as plain synchronous functions over lists (one list = one batch): what
+the batcher runs in its model thread. Each is the library's own computation on the same inputs, so a served
+answer equals the library's:
+
+* image / text embeddings: ``encode_image`` / ``encode_text(tokenizer(texts))`` with ``normalize=True``, as
+  ``mm embed`` and ``mm search`` make them (fp32 rows);
+* zero-shot: :func:`mm.zero_shot_classifier` (cached per class list and templates) and :func:`mm.eval.zeroshot.predict`'s
+  probabilities (softmax over ``100 * cos``);
+* captions: :func:`mm.inference.generate.generate`, as ``mm caption`` / :func:`mm.caption` run it.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.transforms import image_transform
+from ..eval.zeroshot import zero_shot_classifier
+from ..inference.generate import GenerationConfig, generate
+from ..tokenizer import get_tokenizer
+from ..utils.nn import model_device
+from ..utils.precision import autocast
+
+CLASSIFIER_CACHE = 64  # zero-shot classifiers kept (class list x templates)
+DEFAULT_PROMPTS = 80  # zero_shot_classifier's default templates: OpenAI's 80 ImageNet prompts
+
+
+@dataclass(frozen=True)
+class CaptionJob:
+    """One image to caption with ``config``; ``seed`` for sampling (each sampled caption runs alone with its own
+    generator, as ``mm caption --seed`` does for one image, so it does not depend on what it was batched with)."""
+
+    image: torch.Tensor
+    config: GenerationConfig
+    seed: int | None = None
+
+    def key(self) -> tuple:
+        cfg = astuple(self.config)
+        return (cfg, self.seed, id(self)) if self.config.method == "sample" else (cfg,)
+
+
+class Engine:
+    def __init__(self, model: Any, *, precision: str = "fp32"):
+        self.model = model.eval()
+        self.device = model_device(model)
+        self.precision = precision
+        self.tokenizer = get_tokenizer(model)
+        self.transform = image_transform(model, train=False)
+        self.can_caption = getattr(getattr(model, "config", None), "decoder", None) is not None \
+            and hasattr(model, "next_token_logits")
+        self._classifiers: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.dim = int(self.embed_texts(["warm up"])[0].shape[0])  # the first call pays one-off costs
+        self.embed_images([self.preprocess(Image.new("RGB", (8, 8)))])
+
+    # -- on any thread ---------------------------------------------------------------------------------
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image)
+
+    @staticmethod
+    def top_classes(embedding: np.ndarray, classifier: torch.Tensor, k: int) -> list[tuple[int, float]]:
+        """[(class index, probability)] of the ``k`` most probable classes, as :func:`mm.eval.zeroshot.predict`."""
+        logits = 100.0 * torch.from_numpy(embedding)[None].float() @ classifier
+        top = logits.softmax(dim=-1).topk(min(k, classifier.shape[1]), dim=-1)
+        return list(zip(top.indices[0].tolist(), top.values[0].tolist()))
+
+    # -- in the model thread (the batcher's run functions) -------------------------------------------------
+    @torch.inference_mode()
+    def embed_images(self, images: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        x = torch.stack(list(images)).to(self.device)
+        with autocast(self.device, self.precision):
+            emb = self.model.encode_image(x, normalize=True)
+        return list(emb.float().cpu().numpy())
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str]) -> list[np.ndarray]:
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        with autocast(self.device, self.precision):
+            emb = self.model.encode_text(tokens, normalize=True)
+        return list(emb.float().cpu().numpy())
+
+    def classifiers(self, jobs: Sequence[tuple[tuple[str, ...], tuple[str, ...] | None]]) -> list[Any]:
+        """Zero-shot classifiers ([embed_dim, n_classes], fp32 on the CPU) of (classes, templates or None for the
+        library's default prompts); a ValueError (bad class names / templates) fails its own job only."""
+        out: list[Any] = []
+        for job in jobs:
+            if job in self._classifiers:
+                self._classifiers.move_to_end(job)
+                out.append(self._classifiers[job])
+                continue
+            try:
+                with torch.inference_mode():
+                    W = zero_shot_classifier(self.model, self.tokenizer, list(job[0]),
+                                             None if job[1] is None else list(job[1]))
+            except ValueError as e:
+                out.append(e)
+                continue
+            self._classifiers[job] = W = W.float().cpu()
+            if len(self._classifiers) > CLASSIFIER_CACHE:
+                self._classifiers.popitem(last=False)
+            out.append(W)
+        return out
+
+    def captions(self, jobs: Sequence[CaptionJob]) -> list[str]:
+        """Captions of jobs that share one generation config (the batcher groups them by :meth:`CaptionJob.key`)."""
+        images = torch.stack([j.image for j in jobs]).to(self.device)
+        seed = jobs[0].seed
+        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        ids = generate(self.model, images, jobs[0].config, generator=generator)
+        eot = self.model.config.text.eot_id
+        return [self.tokenizer.decode(row[: row.index(eot)] if eot in row else row) for row in ids.tolist()]
