@@ -9,7 +9,8 @@ Stage ``learning``: tiny-clip on CIFAR-10 (shared data), the same samples seen a
 through caching (chunk 256), zero-shot top-1 / top-5 on 2,000 test images.
 
     .venv/bin/python benchmarks/bench_grad_cache.py memory --model tiny-clip --batches 256 1024 4096 --chunk 256
-    .venv/bin/python benchmarks/bench_grad_cache.py memory --model ViT-B-32 --batches 32 128 512 --chunk 32
+    .venv/bin/python benchmarks/bench_grad_cache.py memory --model ViT-B-32 --batches 128 512 --chunk 32 \
+        --plain-max 128 --steps 1
     .venv/bin/python benchmarks/bench_grad_cache.py memory --model ViT-B-16 --batches 1024 --chunk 256 \\
         --device cuda --bf16 --no-plain                       # a batch that does not fit uncached (GPU)
     .venv/bin/python benchmarks/bench_grad_cache.py learning
@@ -88,14 +89,17 @@ def memory_child(a) -> None:
 
 def memory(a) -> None:
     rows = []
-    configs = [] if a.no_plain else [(b, 0) for b in [a.chunk, *a.batches] if b >= a.chunk]
+    plain = [b for b in [a.chunk, *a.batches] if b >= a.chunk and (a.plain_max is None or b <= a.plain_max)]
+    configs = [] if a.no_plain else [(b, 0) for b in plain]
     configs = list(dict.fromkeys(configs + [(b, a.chunk) for b in a.batches]))
     for batch, chunk in configs:
         cmd = [sys.executable, __file__, "memory-child", "--model", a.model, "--batch", str(batch), "--chunk",
                str(chunk), "--steps", str(a.steps), "--device", a.device, *(["--bf16"] if a.bf16 else [])]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:  # e.g. out of memory: recorded, the other configurations go on
-            rows.append({"model": a.model, "batch": batch, "chunk": chunk, "error": proc.stderr.strip()[-300:]})
+            why = "killed (SIGKILL: out of memory?)" if proc.returncode == -9 else f"exit {proc.returncode}"
+            rows.append({"model": a.model, "batch": batch, "chunk": chunk,
+                         "error": f"{why} {proc.stderr.strip()[-300:]}".strip()})
         else:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
@@ -164,6 +168,8 @@ def main(argv=None) -> None:
         if name == "memory":
             s.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096])
             s.add_argument("--no-plain", action="store_true", help="only the cached runs (uncached would not fit)")
+            s.add_argument("--plain-max", type=int, default=None,
+                           help="uncached runs only up to this batch (larger ones would not fit this machine)")
         else:
             s.add_argument("--batch", type=int, required=True)
     s = sub.add_parser("learning")

@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU (issues 5, 7, 8, 19 and 20), as one prepared pass sized for one H200; the limits
+# Every check that needs a GPU (issues 5, 7, 8, 19, 20 and 21), as one prepared pass sized for one H200; the limits
 # add up to more than one 10-minute command: run it as two (ONLY="info train infer data", then the rest). Each step has its own time limit, so one hang costs only its slot; logs go to
 # $OUT (the device tool's output folder) or benchmarks/runs/gpu.
 #
-#   bash benchmarks/gpu_checks.sh                 # everything (limits add up to 850 s; expect ~10 min)
+#   bash benchmarks/gpu_checks.sh                 # everything (limits add up to 940 s; expect ~11 min)
 #   ONLY="train moe" bash benchmarks/gpu_checks.sh  # some steps
 #
 # The device image has Python 3.12 with torch, accelerate, safetensors, matplotlib, pytest; mm's other
 # dependencies travel as wheels in .whl (git-ignored through .git/info/exclude), fetched here once:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#     open_clip_torch==3.3.0 webdataset==1.0.2 braceexpand==0.1.7 ftfy==6.3.1 wcwidth==0.2.13
+#     open_clip_torch==3.3.0 webdataset==1.0.2 braceexpand==0.1.7 ftfy==6.3.1 wcwidth==0.2.13 timm \
+#     fastapi starlette uvicorn h11 click python-multipart anyio sniffio pydantic pydantic-core \
+#     annotated-types typing-inspection   # the last two lines: the serve step (mm serve)
 # and the device command is (carry: [".whl"]):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
 #     PYTHONPATH=/tmp/site:. PY=python3 bash benchmarks/gpu_checks.sh
 set -u
 OUT=${OUT:-benchmarks/runs/gpu}
 PY=${PY:-.venv/bin/python}
-ONLY=${ONLY:-"info train infer data moe sparse lora gradcache tests"}
+ONLY=${ONLY:-"info train infer data moe sparse lora gradcache serve tests"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
@@ -60,6 +62,9 @@ step lora 60 $PY benchmarks/bench_lora.py memory --device cuda --bf16 --batch 25
 GC="$PY benchmarks/bench_grad_cache.py memory --device cuda --bf16 --chunk 256"
 step gradcache_b32 90 $GC --model ViT-B-32 --batches 1024 4096
 step gradcache_b16 80 $GC --model ViT-B-16 --batches 4096 --no-plain
+
+# Issue 21, acceptance 3: mm serve on the GPU, 1/8/32/128 clients, batching vs one call per request (ViT-B-32).
+step serve 90 $PY benchmarks/bench_serve.py --device cuda --duration 8 --rss-requests 0
 
 # The CUDA-only tests (compiled flex_attention) and the device paths of the rest.
 step tests 45 $PY -m pytest -x tests/test_sparse_attention.py tests/test_layers.py tests/test_device_decode.py
