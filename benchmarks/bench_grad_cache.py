@@ -9,7 +9,7 @@ Stage ``learning``: tiny-clip on CIFAR-10 (shared data), the same samples seen a
 through caching (chunk 256), zero-shot top-1 / top-5 on 2,000 test images.
 
     .venv/bin/python benchmarks/bench_grad_cache.py memory --model tiny-clip --batches 256 1024 4096 --chunk 256
-    .venv/bin/python benchmarks/bench_grad_cache.py memory --model ViT-B-32 --batches 128 512 --chunk 32 \
+    .venv/bin/python benchmarks/bench_grad_cache.py memory --model ViT-B-32 --batches 128 512 --chunk 32 \\
         --plain-max 128 --steps 1
     .venv/bin/python benchmarks/bench_grad_cache.py memory --model ViT-B-16 --batches 1024 --chunk 256 \\
         --device cuda --bf16 --no-plain                       # a batch that does not fit uncached (GPU)
