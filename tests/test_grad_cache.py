@@ -277,6 +277,7 @@ def test_a_cached_run_equals_the_uncached_run_step_for_step(colour_shards, tmp_p
     assert all(0 < r["first_pass_share"] < 1 and 0 < r["second_pass_share"] < 1 for r in cached)
 
 
+@pytest.mark.slow  # ~40 s: runs in CI's test-slow step
 def test_a_cached_run_resumes_bit_for_bit(colour_shards, tmp_path):
     """bf16, gradient checkpointing, gradient accumulation and patch dropout with caching; stopped and resumed
     equals uninterrupted exactly (the chunks' random states are replayed, then the stream continues)."""

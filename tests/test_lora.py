@@ -184,6 +184,7 @@ def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "final" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow  # ~35 s: runs in CI's test-slow step
 def test_lora_training_changes_only_the_adapters_and_resumes_bit_for_bit(model_dir, colour_shards, tmp_path):
     """bf16, gradient checkpointing, gradient accumulation and evaluation during training, as a user combines
     them; the same run stopped at step 3 and resumed equals the uninterrupted one exactly."""
