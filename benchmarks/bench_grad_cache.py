@@ -8,9 +8,10 @@ median step time, and the cached step's split (graph-free first pass / batch los
 Stage ``learning``: tiny-clip on CIFAR-10 (shared data), the same samples seen at batch 256 and at batch 2048
 through caching (chunk 256), zero-shot top-1 / top-5 on 2,000 test images.
 
-    .venv/bin/python benchmarks/bench_grad_cache.py memory --model tiny-clip --batches 256 1024 4096 --chunk 256
-    .venv/bin/python benchmarks/bench_grad_cache.py memory --model ViT-B-32 --batches 128 512 --chunk 32 \\
-        --plain-max 128 --steps 1
+    .venv/bin/python benchmarks/bench_grad_cache.py memory --model tiny-clip --batches 256 1024 4096 --chunk 256 \\
+        --plain-max 1024 --steps 2                            # uncached 4096 does not fit 23 GB
+    .venv/bin/python benchmarks/bench_grad_cache.py memory --model ViT-B-32 --batches 256 1024 4096 --chunk 256 \\
+        --plain-max 1024 --steps 1                            # uncached 1024 is killed on 23 GB: recorded
     .venv/bin/python benchmarks/bench_grad_cache.py memory --model ViT-B-16 --batches 1024 --chunk 256 \\
         --device cuda --bf16 --no-plain                       # a batch that does not fit uncached (GPU)
     .venv/bin/python benchmarks/bench_grad_cache.py learning
@@ -173,7 +174,7 @@ def main(argv=None) -> None:
         else:
             s.add_argument("--batch", type=int, required=True)
     s = sub.add_parser("learning")
-    s.add_argument("--samples", type=int, default=49152, help="samples seen by each run (~1 epoch)")
+    s.add_argument("--samples", type=int, default=24576, help="samples seen by each run (half an epoch)")
     s.add_argument("--lr", type=float, default=5e-4, help="at batch 256")
     s.add_argument("--lr-scale-2048", type=float, default=8 ** 0.5, help="lr multiplier at batch 2048 (sqrt rule)")
     s.add_argument("--test", type=int, default=2000)
