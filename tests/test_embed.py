@@ -81,6 +81,25 @@ def test_embed_folder_equals_encode_image_and_skips_the_corrupt_file(model_dir, 
     assert [p["rows"] for p in index["parts"]] == [3, 4, 2]  # 10 inputs in chunks of 4; broken.jpg is in the first
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_default_workers_follow_the_cores_this_process_may_use(model_dir, images, tmp_path):
+    """On 2 cores (a CI runner, a small VM) `mm embed` starts 1 loader worker, and PyTorch has nothing to warn
+    about; the default is the cores of the affinity mask but one, 1 to 4."""
+    cores = sorted(os.sched_getaffinity(0))
+    counts = "import mm.utils.host as h; print(h.available_cpus(), h.default_workers())"
+    for n in sorted({1, min(2, len(cores)), len(cores)}):
+        out = subprocess.run([sys.executable, "-c", counts], env=ENV, capture_output=True, text=True, check=True,
+                             preexec_fn=lambda n=n: os.sched_setaffinity(0, cores[:n])).stdout.split()
+        assert [int(x) for x in out] == [n, max(1, min(4, n - 1))]
+    proc = subprocess.run([sys.executable, "-W", "always", "-m", "mm.cli", "embed", "--model", str(model_dir),
+                           "--images", str(images), "--out", str(tmp_path / "emb")], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: os.sched_setaffinity(0, cores[:2]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "worker processes in total" not in proc.stderr, proc.stderr[-3000:]  # PyTorch's warning
+    assert json.loads((tmp_path / "emb" / "index.json").read_text())["count"] == 9
+
+
 def test_resumed_run_redoes_only_the_missing_chunk(model_dir, images, tmp_path, capsys):
     out = tmp_path / "emb"
     cmd = ["embed", "--model", str(model_dir), "--images", str(images), "--out", str(out), "--batch-size", "2",

@@ -211,6 +211,13 @@ class Chunks:
         return (b" " * self.size for _ in range(self.n))
 
 
+def nest(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 def bad_requests(data, big: int) -> list[tuple[str, str, dict, int]]:
     """(name, path, httpx request arguments, expected status)."""
     good = data.files[1].read_bytes()
@@ -228,6 +235,12 @@ def bad_requests(data, big: int) -> list[tuple[str, str, dict, int]]:
         ("wrong body type", "/v1/search", {"content": b"a red square", "headers": {"content-type": "text/plain"}}, 415),
         ("bad JSON", "/v1/search", {"content": b'{"text": "a"', "headers": {"content-type": "application/json"}}, 400),
         ("JSON not an object", "/v1/embed", {"json": ["a"]}, 422),
+        # past the JSON parser's own recursion guard (CPython's: ~1,000), and past mm's depth limit below it
+        ("nested 1,000 deep", "/v1/search", {"content": b'{"text": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+                                             "headers": {"content-type": "application/json"}}, 400),
+        ("nested 100,000 deep", "/v1/embed", {"content": b"[" * 100_000 + b"]" * 100_000,
+                                              "headers": {"content-type": "application/json"}}, 400),
+        ("nested 40 deep", "/v1/zeroshot", {"json": {"classes": ["a"], "image": nest(40)}}, 400),
         ("k too large", "/v1/search", {"json": {"text": "a", "k": 10_000}}, 422),
         ("k not a number", "/v1/search", {"json": {"text": "a", "k": "many"}}, 422),
         ("a path for an index", "/v1/search", {"json": {"text": "a", "index": str(data.indexes["files"])}}, 404),

@@ -182,13 +182,19 @@ def test_bad_data_is_skipped_counted_and_named(tmp_path):
     ("data.train=/nonexistent/shard-{0..3}.tar", "data.train: shard '/nonexistent/shard-0.tar' not found"),
     ("train.precision=fp8", "train.precision"),
     ("model=ViT-Q-1", "unknown model 'ViT-Q-1'"),
+    ("train.steps=-1", "train.steps: must be >= 1, got -1"),
 ])
 def test_config_errors_fail_before_training(colour_shards, tmp_path, override, message):
+    """train.py (what `accelerate launch train.py` runs) answers a bad config as `mm train` does: one line
+    `error: ...` naming the key, exit code 2, no traceback, and nothing started."""
     cfg = write_config(tmp_path, colour_shards, "err")
-    proc = train(cfg, override, check=False)
-    assert proc.returncode != 0
-    assert message in proc.stderr
-    assert not (tmp_path / "err").exists()  # nothing was started
+    for cmd in ([sys.executable, str(ROOT / "train.py")], [sys.executable, "-m", "mm", "train"]):
+        proc = subprocess.run([*cmd, str(cfg), override], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (cmd, proc.stderr[-2000:])
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and message in errors[0], (cmd, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, (cmd, proc.stderr[-2000:])
+        assert not (tmp_path / "err").exists()  # nothing was started
 
 
 def _free_port() -> int:

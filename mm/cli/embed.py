@@ -30,6 +30,7 @@ from ..inference.embed import (
 from ..inference.search import plot_results, require_faiss, search
 from ..tokenizer import get_tokenizer
 from ..utils import dist
+from ..utils.host import default_workers
 from ..utils.io import write_json_atomic
 from .common import (
     EXAMPLES,
@@ -117,7 +118,9 @@ def add_embed_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_model_options(s)
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--workers", type=int, default=4, help="DataLoader workers decoding images (0: in-process)")
+    s.add_argument("--workers", type=int, default=default_workers(),
+                   help="DataLoader workers decoding images (0: in-process; default: the available cores but one, "
+                        "1 to 4)")
     s.add_argument("--chunk-size", type=int, default=4096, help="rows per output part (a shard is one part)")
     s.add_argument("--no-normalize", action="store_true", help="keep raw embeddings (default: L2-normalised)")
     s.add_argument("--device", default=None, help="default: this process's accelerator device, else cpu")

@@ -35,6 +35,7 @@ from ..eval.probe import (
 )
 from ..eval.runner import evaluate
 from ..hub import load_model
+from ..utils.host import default_workers
 from ..utils.precision import PRECISIONS, autocast_dtype
 from .common import (
     EXAMPLES,
@@ -151,7 +152,8 @@ def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--label-key", default="cls", help="shards: the member holding the class index (default: cls; "
                                                       "mm zeroshot: none for unlabelled shards)")
     p.add_argument("--batch-size", type=int, default=batch_size)
-    p.add_argument("--workers", type=int, default=2, help="image loading processes (0: load in this one)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="image loading processes (0: load in this one; default: the available cores but one, 1 to 4)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="autocast while encoding (default: fp32, none)")
 
@@ -254,7 +256,8 @@ def add_probe_parser(sub: Any) -> None:
     p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=2, help="image loading processes (0: load in this one)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="image loading processes (0: load in this one; default: the available cores but one, 1 to 4)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="autocast while encoding")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")

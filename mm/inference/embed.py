@@ -45,6 +45,7 @@ from ..data.transforms import image_transform
 from ..data.wds import check_urls, is_shard_spec, iter_shard
 from ..tokenizer import get_tokenizer
 from ..utils import dist
+from ..utils.host import default_workers
 from ..utils.io import atomic_write, write_json_atomic
 from ..utils.precision import autocast
 from ..utils.progress import Progress
@@ -348,14 +349,16 @@ def check_out_dir(out_dir: str | Path, chunks: list[Chunk], *, model_spec: str |
 
 
 def run_embed(model: torch.nn.Module, chunks: list[Chunk], out_dir: str | Path, *, model_spec: str | None = None,
-              pretrained: str | None = None, batch_size: int = 64, workers: int = 4, normalize: bool = True,
+              pretrained: str | None = None, batch_size: int = 64, workers: int | None = None, normalize: bool = True,
               precision: str | None = None, dtype: str = "float32", quantize: str | None = None) -> dict[str, Any]:
     """Embed the planned ``chunks`` into ``out_dir`` (this rank's unfinished ones), then, after all ranks are
     done, write index.json on the main process. Returns the index. ``model_spec`` / ``pretrained``: what
     index.json records as the model (``mm search`` loads it for queries). ``precision``: "bf16" or "fp32"
     (default: bf16 on CUDA, fp32 on CPU). ``quantize``: "int8" / "int8-weight" (:func:`mm.quantize`, applied to
-    a copy unless the model already is). The model is put in eval mode (train-mode patch dropout would
+    a copy unless the model already is). ``workers``: image-loading processes (None: the available cores but
+    one, :func:`mm.utils.host.default_workers`). The model is put in eval mode (train-mode patch dropout would
     change the embeddings)."""
+    workers = default_workers() if workers is None else workers
     if batch_size < 1:
         raise EmbedError(f"--batch-size must be >= 1, got {batch_size}")
     if dtype not in ("float32", "float16"):

@@ -1,7 +1,8 @@
 """Reading a request body into one of :mod:`mm.serve.schemas`' models: JSON (images as base64) or multipart form
 data (images as file parts, other fields as form fields), validated the same way. Every problem is a
 :class:`~mm.serve.limits.RequestError` naming it: 415 for a content type that is neither, 400 for JSON that
-does not parse or an image that does not decode, 422 for fields of the wrong type or value."""
+does not parse (or nests deeper than any request needs) or an image that does not decode, 422 for fields of the
+wrong type or value."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,9 @@ from starlette.requests import Request
 from .limits import Limits, RequestError, check_image_type, from_base64
 
 PLURAL = {"text": "texts", "image": "images", "class": "classes", "template": "templates"}
+# No request body nests deeper than 2 levels (an object of lists of strings); 32 leaves room and keeps a hostile
+# body (thousands of "[") away from the recursive parts of the parser and the validator (RecursionError).
+MAX_JSON_DEPTH = 32
 
 
 def _options(annotation: Any) -> tuple[Any, ...]:
@@ -68,9 +72,28 @@ async def _json(request: Request, files: tuple[str, ...]) -> tuple[dict[str, Any
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(400, f"body is not valid JSON: {e}") from None
+    except RecursionError:  # the C parser's own depth guard (about 1,000 levels on CPython)
+        raise RequestError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    if json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise RequestError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(data, dict):
         raise RequestError(422, f"body: expected a JSON object, got {type(data).__name__}")
     return data, {}
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """How deep ``value`` nests (a scalar 0, ``[]`` 1, ``{"a": [1]}`` 2), counted without recursion and only
+    up to ``limit + 1``: deeper is reported as ``limit + 1``."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (list, dict)):
+            depth += 1
+            if depth > limit:
+                return depth
+            deepest = max(deepest, depth)
+            stack.extend((x, depth) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 async def _form(request: Request, model: type[BaseModel], files: tuple[str, ...],

@@ -51,3 +51,19 @@ def tune_malloc() -> bool:
                                      (_M_TOP_PAD, TOP_PAD))]
     _tuned = all(r == 1 for r in ok)
     return _tuned
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (its affinity mask: a container's or ``taskset``'s limit, not the
+    machine's count), as PyTorch's DataLoader counts them for its too-many-workers warning."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_workers(cap: int = 4) -> int:
+    """Image-loading worker processes for a command that did not say: one per available core but one (the
+    command's own process runs the model on it), at least 1, at most ``cap``. On 2 cores that is 1 worker (more
+    would only take turns with the model on the same cores; PyTorch warns past the core count)."""
+    return max(1, min(cap, available_cpus() - 1))
