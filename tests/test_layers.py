@@ -77,6 +77,43 @@ def test_sdpa_attention_matches_naive(causal, padding, qk_norm):
     torch.testing.assert_close(got, ref, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("causal, padding, t", [(False, False, 17), (True, False, 33), (False, True, 65),
+                                                 (False, False, 200)])
+def test_bf16_training_attention_on_the_cpu_equals_the_reference(causal, padding, t):
+    """bf16 training on the CPU runs SDPA's math backend up to CPU_MATH_MAX_KEYS keys (faster there than the flash
+    kernel's backward), the flash kernel beyond: both give the fp64 reference's outputs and gradients to bf16
+    precision, masks included."""
+    from mm.layers.attention import CPU_MATH_MAX_KEYS, _cpu_math_is_faster
+
+    torch.manual_seed(0)
+    b, d, h = 4, 32, 4
+    attn = Attention(d, h).to(torch.float32)
+    x = torch.randn(b, t, d, dtype=torch.float32)
+    lengths = torch.tensor([t, t // 2, 3, 1])
+    kpm = torch.arange(t)[None] < lengths[:, None] if padding else None
+    mask, is_causal = make_attn_mask(t, t, causal=causal, key_padding_mask=kpm)
+    q = torch.randn(b, h, t, d // h, dtype=torch.bfloat16, requires_grad=True)
+    assert _cpu_math_is_faster(q, q) == (t <= CPU_MATH_MAX_KEYS)
+    with torch.no_grad():
+        assert not _cpu_math_is_faster(q, q)  # inference keeps the flash kernel
+    xb = x.clone().requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16):
+        got = attn(xb, attn_mask=mask, is_causal=is_causal)
+    got.float().square().sum().backward()
+    allowed = torch.ones(b, 1, t, t, dtype=torch.bool)
+    if causal:
+        allowed &= torch.ones(t, t).tril().bool()
+    if padding:
+        allowed &= kpm[:, None, None, :]
+    ref_attn = Attention(d, h).to(torch.float64)
+    ref_attn.load_state_dict(attn.state_dict())
+    xr = x.double().requires_grad_()
+    ref = reference_self_attention(ref_attn, xr, allowed)
+    ref.square().sum().backward()
+    torch.testing.assert_close(got.double(), ref, atol=0.03, rtol=0.03)
+    torch.testing.assert_close(xb.grad.double(), xr.grad, atol=0.05 * xr.grad.abs().max().item(), rtol=0.05)
+
+
 def test_causal_fast_path_equals_explicit_mask():
     torch.manual_seed(0)
     attn = Attention(16, 2)

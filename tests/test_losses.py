@@ -313,3 +313,47 @@ def test_distributed_matches_single_process(tmp_path):
     torch.testing.assert_close(sum(scale_grads) / WORLD, sS, **close)
     torch.testing.assert_close(sum(bias_grads) / WORLD, sB, **close)
     assert math.isfinite(S.item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("block_elements", [1 << 20, 3000])  # one block, or blocks of 3 rows and a remainder
+def test_caption_loss_equals_cross_entropy(dtype, smoothing, block_elements, monkeypatch):
+    """caption_loss (TokenCrossEntropy: the gradient made in the forward, block by block) gives F.cross_entropy's
+    value and gradient in fp32 (ignored labels, label smoothing, a scaled loss), to the logits' precision."""
+    from mm.losses import TokenCrossEntropy, caption_loss
+
+    monkeypatch.setitem(TokenCrossEntropy.BLOCK_ELEMENTS, "cpu", block_elements)
+    torch.manual_seed(0)
+    x = (torch.randn(50, 997, dtype=torch.float64) * 4).to(dtype).requires_grad_()
+    y = torch.randint(0, 997, (50,))
+    y[::6] = -100
+    y[1] = 5  # a confident row (p = 0.999): its gradient p - 1 = -0.001 must not be lost to bf16 rounding of p
+    with torch.no_grad():
+        x[1] = 0
+        x[1, 5] = math.log(0.999 * 996 / 0.001)
+    ref = F.cross_entropy(x.float(), y, ignore_index=-100, label_smoothing=smoothing)
+    (want,) = torch.autograd.grad(2.5 * ref, x)
+    got = caption_loss(x, y, smoothing)
+    (grad,) = torch.autograd.grad(2.5 * got, x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(grad, want, atol=1e-7, rtol=0)
+    else:  # both rounded from fp32 to bf16: at most one unit in the last place apart
+        torch.testing.assert_close(grad.float(), want.float(), atol=1e-9, rtol=2 ** -7)
+    assert (grad[::6] == 0).all()  # ignored rows get no gradient
+    assert want[1, 5] != 0 and torch.isclose(grad[1, 5].float(), want[1, 5].float(), rtol=2 ** -7)
+
+
+def test_caption_loss_without_grad_and_a_second_backward():
+    from mm.losses import caption_loss
+
+    x, y = torch.randn(8, 30), torch.randint(0, 30, (8,))
+    with torch.no_grad():
+        assert torch.allclose(caption_loss(x, y), F.cross_entropy(x, y))
+    x.requires_grad_()
+    loss = caption_loss(x, y)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import tarfile
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+import mm.tokenizer
 from mm.cli import shards as sources
 from mm.data import synthetic
 from mm.data.shards import ShardWriter
@@ -280,6 +282,37 @@ def test_synthetic_shape_is_drawn_in_its_colour():
     left = synthetic.draw("blue", "circle", "small", "left", rng).astype(int)
     blue = left[..., 2] - left[..., :2].mean(-1) > 100  # the object's blue, beyond any muted background tint
     assert blue[:, :14].sum() >= 20 and blue[:, 18:].sum() == 0
+
+
+def test_every_generated_caption_parses_back_to_its_attributes():
+    """parse_caption inverts the generator: every caption template with every colour, shape, size word and
+    position phrase (the tokenizer's lower-cased, space-before-punctuation form too) states exactly its
+    attributes, and None for those its template leaves out."""
+    tok = mm.tokenizer.get_tokenizer("tiny-coca")
+    checked = 0
+    for template in synthetic.CAPTION_TEMPLATES:
+        for color, shape in itertools.product(synthetic.COLORS, synthetic.SHAPES):
+            for size, words in synthetic.SIZE_WORDS.items():
+                for position, phrases in synthetic.POSITION_PHRASES.items():
+                    for word, where in itertools.product(words, phrases):
+                        text = template.format(size=word, color=color, shape=shape, where=where,
+                                               where_cap=where[0].upper() + where[1:])
+                        want = {"color": color, "shape": shape, "size": size if "{size}" in template else None,
+                                "position": position if "{where" in template else None}
+                        assert synthetic.parse_caption(text) == want, (template, text)
+                        checked += 1
+        ids = tok([text])[0].tolist()
+        decoded = tok.decode(ids[1 : ids.index(tok.eot_id)])  # as a generated caption reads
+        assert synthetic.parse_caption(decoded) == want, decoded
+    assert checked == len(synthetic.CAPTION_TEMPLATES) * 30 * 5 * 15
+    # what a model may get wrong: a missing attribute, two of one kind
+    assert synthetic.parse_caption("a red circle") == {"color": "red", "shape": "circle", "size": None,
+                                                       "position": None}
+    assert synthetic.parse_caption("a big red or blue star on the left")["color"] is None
+    truth = {"color": "red", "shape": "star", "size": "large", "position": "left"}
+    acc = synthetic.attribute_accuracy(["a big red star on the left", "a red circle", "a small blue star",
+                                        "a large red star at the top"], [truth] * 4)
+    assert acc == {"color": 0.75, "shape": 0.75, "size": 0.5, "position": 0.25, "all": 0.25}
 
 
 def _parser() -> argparse.ArgumentParser:

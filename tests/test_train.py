@@ -240,6 +240,32 @@ def test_coca_trains_with_only_the_model_changed_and_reports_caption_metrics(col
     assert isinstance(mm.load_pretrained(run / "final"), mm.CoCa)
 
 
+def test_periodic_evaluations_on_a_subset_and_caption_attributes_on_the_builtin_set(tmp_path):
+    """eval.every with eval.every_max_samples: evaluations during the run read that many samples of each set, the
+    final one all of them; on the built-in shapes each caption evaluation reports the fraction of captions that
+    state each attribute right, as mm.data.synthetic.attribute_accuracy gives for captions.jsonl."""
+    from mm.data import synthetic
+
+    data = tmp_path / "builtin"
+    synthetic.generate(data, n_train=64, n_test=24, samples_per_shard=32, verbose=False)
+    test = f"{data}/test-000000.tar.gz"
+    cfg = write_config(tmp_path, data, "periodic", model="tiny-coca",
+                       data={"train": f"{data}/train-{{000000..000001}}.tar.gz", "batch_size": 8},
+                       train={"steps": 6, "warmup_steps": 1, "lr": 1e-3, "checkpoint_every": 0, "log_every": 1},
+                       eval={"batch_size": 8, "every": 2, "every_max_samples": 8, "zeroshot": {"shards": test},
+                             "captioning": {"shards": test, "generation": {"num_beams": 2, "max_new_tokens": 8}}})
+    train(cfg)
+    run = tmp_path / "periodic"
+    evals = [r for r in metrics(run) if "zeroshot_top1" in r]
+    assert [(r["step"], r["zeroshot_n"], r["caption_n"]) for r in evals] == [(2, 8, 8), (4, 8, 8), (6, 24, 24)]
+    rows = [json.loads(line) for line in (run / "captions.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and all(set(r["attributes"]) == set(synthetic.ATTRIBUTES) for r in rows)
+    want = synthetic.attribute_accuracy([r["caption"] for r in rows], [r["attributes"] for r in rows])
+    assert {k: evals[-1][f"caption_attr_{k}"] for k in want} == want
+    assert all("caption_attr_shape" in r for r in evals)
+    assert {"eval.png", "attributes.png"} <= {p.name for p in run.iterdir()}
+
+
 def test_captioning_eval_needs_a_decoder(colour_shards, tmp_path):
     cfg = write_config(tmp_path, colour_shards, "nocap", eval={"captioning": {"shards": f"{colour_shards}/test-0000.tar"}})
     proc = train(cfg, check=False)

@@ -86,10 +86,12 @@ def decode_text(data: bytes | None) -> str:
 
 
 class SampleDecoder:
-    """Picklable callable: raw sample -> dict with ``image`` (tensor) and ``text`` / ``label`` / ``captions``.
+    """Picklable callable: raw sample -> dict with ``image`` (tensor) and ``text`` / ``label`` / ``captions`` /
+    ``info``.
 
-    ``need`` lists what this pipeline needs ("text", "label", "captions"); a sample lacking one is a
-    BadSample. ``transform(img, rng)`` receives a per-sample ``random.Random`` so augmentation is
+    ``need`` lists what this pipeline needs ("text", "label", "captions", "info": the sample's ``json`` member
+    as a dict, ``{}`` when it has none); a sample lacking one (or with a ``json`` that does not parse to an object
+    when "info" is needed) is a BadSample. ``transform(img, rng)`` receives a per-sample ``random.Random`` so augmentation is
     reproducible from the sample's position alone (exact resume, any number of workers).
     """
 
@@ -134,17 +136,28 @@ class SampleDecoder:
                 raise BadSample("bad label", repr(raw[:20])) from None
         if "captions" in self.need:
             out["captions"] = self._captions(sample)
+        if "info" in self.need:
+            out["info"] = self._json(sample) or {}
         img = sample[key] if self.raw_image else decode_image(sample[key], self.max_pixels)
         out["image"] = self.transform(img, rng)
         return out
 
-    def _captions(self, sample: dict[str, Any]) -> list[str]:
+    @staticmethod
+    def _json(sample: dict[str, Any]) -> dict[str, Any] | None:
+        """The sample's ``json`` member as a dict (None without one)."""
         raw = sample.get("json")
-        if raw is not None:
-            try:
-                caps = json.loads(raw.decode("utf-8")).get("captions")
-            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-                raise BadSample("bad json") from None
-            if isinstance(caps, list) and caps and all(isinstance(c, str) and c.strip() for c in caps):
-                return [c.strip() for c in caps]
+        if raw is None:
+            return None
+        try:
+            info = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise BadSample("bad json") from None
+        if not isinstance(info, dict):
+            raise BadSample("bad json", f"a {type(info).__name__}, not an object")
+        return info
+
+    def _captions(self, sample: dict[str, Any]) -> list[str]:
+        caps = (self._json(sample) or {}).get("captions")
+        if isinstance(caps, list) and caps and all(isinstance(c, str) and c.strip() for c in caps):
+            return [c.strip() for c in caps]
         return [decode_text(sample.get(self.text_key))]

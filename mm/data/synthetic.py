@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,53 @@ CAPTION_TEMPLATES = [
 # For zero-shot evaluation: none of these strings is a training caption template.
 ZERO_SHOT_TEMPLATES = ["a photo of a {}.", "a {} shape.", "an image showing a {}.", "a picture of a {}.",
                        "a rendering of a {}."]
+
+ATTRIBUTES = ("color", "shape", "size", "position")  # what each sample's json records and a caption may state
+
+
+def _keywords(phrases: dict[str, list[str]]) -> dict[str, str]:
+    """word -> value for the words that occur in the phrases of exactly one value ("upper" -> top; "the" none)."""
+    seen: dict[str, set[str]] = {}
+    for value, texts in phrases.items():
+        for word in re.findall(r"[a-z]+", " ".join(texts).lower()):
+            seen.setdefault(word, set()).add(value)
+    return {w: next(iter(vs)) for w, vs in seen.items() if len(vs) == 1}
+
+
+# Each attribute's words, derived from the generator's own tables (so a new phrase is parsed without an edit here)
+ATTRIBUTE_WORDS: dict[str, dict[str, str]] = {
+    "color": {c: c for c in COLORS},
+    "shape": {s: s for s in SHAPES},
+    "size": _keywords(SIZE_WORDS),
+    "position": _keywords(POSITION_PHRASES),
+}
+
+
+def parse_caption(text: str) -> dict[str, str | None]:
+    """The attributes a caption states, by the generator's vocabulary: ``{"color": "blue", "shape": "star",
+    "size": "small", "position": "top"}``, None for an attribute it does not state or states two ways ("a red
+    circle" has no size or position; "a red or blue circle" no colour). Case, punctuation and the tokenizer's
+    spacing ("the center ." ) do not matter; words outside the vocabulary are ignored."""
+    words = re.findall(r"[a-z]+", text.lower())
+    out: dict[str, str | None] = {}
+    for attr, vocab in ATTRIBUTE_WORDS.items():
+        found = {vocab[w] for w in words if w in vocab}
+        out[attr] = found.pop() if len(found) == 1 else None
+    return out
+
+
+def attribute_accuracy(captions: list[str], truths: list[dict[str, Any]]) -> dict[str, float]:
+    """Per attribute, the fraction of ``captions`` that state the true value (``truths``: each image's json
+    with ``color`` / ``shape`` / ``size`` / ``position``); a caption that omits an attribute counts as wrong.
+    ``all``: the fraction that get all four right."""
+    if len(captions) != len(truths) or not captions:
+        raise ValueError(f"attribute_accuracy needs as many truths as captions (>0), got {len(captions)} and "
+                         f"{len(truths)}")
+    parsed = [parse_caption(c) for c in captions]
+    acc = {a: sum(p[a] == t.get(a) for p, t in zip(parsed, truths)) / len(captions) for a in ATTRIBUTES}
+    acc["all"] = sum(all(p[a] == t.get(a) for a in ATTRIBUTES) for p, t in zip(parsed, truths)) / len(captions)
+    return acc
+
 
 DESCRIPTION = ("Draw the built-in synthetic captioned data set: one coloured shape per image on a noisy\n"
                "gradient; 30 zero-shot classes '{colour} {shape}'. Writes train-*.tar.gz, test-*.tar.gz and\n"

@@ -262,6 +262,8 @@ class Collate:
             out["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
         if "captions" in items[0]:
             out["captions"] = [it["captions"] for it in items]
+        if "info" in items[0]:
+            out["infos"] = [it["info"] for it in items]
         return out
 
 

@@ -2,7 +2,8 @@
 and how evaluation reads shards (:class:`ShardReading`: a run's ``data`` settings, or a command's flags)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 
 from ..data.decode import IMAGE_KEYS, MAX_PIXELS
 from ..inference.generate import GenerationConfig
@@ -37,10 +38,30 @@ class CaptioningConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # steps between evaluations; 0 = only at the end
+    # the evaluations every `every` steps read at most this many samples of each set (a cheap curve); the final
+    # evaluation reads what each set's max_samples says; null = the same as the final
+    every_max_samples: int | None = None
     batch_size: int = 256  # images per evaluation batch
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     captioning: CaptioningConfig = field(default_factory=CaptioningConfig)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.every < 0:
+            yield "every", f"must be >= 0, got {self.every}"
+        if self.every_max_samples is not None and self.every_max_samples < 1:
+            yield "every_max_samples", f"must be >= 1 or null, got {self.every_max_samples}"
+        if self.batch_size < 1:
+            yield "batch_size", f"must be >= 1, got {self.batch_size}"
+
+    def periodic(self) -> EvalConfig:
+        """The config of an evaluation during training: each set capped at ``every_max_samples``."""
+        if self.every_max_samples is None:
+            return self
+        cap = self.every_max_samples
+        sets = {name: replace(getattr(self, name), max_samples=min(getattr(self, name).max_samples or cap, cap))
+                for name in ("zeroshot", "retrieval", "captioning")}
+        return replace(self, **sets)
 
 
 @dataclass

@@ -51,7 +51,8 @@ def eval_batches(model, urls: list[str], need: tuple[str, ...], *, batch_size: i
 
 def evaluate(cfg: EvalConfig, model, device: torch.device, *, precision: str = "fp32",
              reading: ShardReading = ShardReading(), output_dir: str | Path | None = None) -> dict[str, Any]:
-    """Zero-shot top-1/top-5, retrieval recall@1/5/10 and caption BLEU-4 / CIDEr, for the shard sets
+    """Zero-shot top-1/top-5, retrieval recall@1/5/10 and caption BLEU-4 / CIDEr (and the attributes captions
+    get right, ``caption_attr_*``, on images whose json records them: the built-in set), for the shard sets
     configured in ``cfg``, encoding under ``precision``'s autocast. Captions are written to
     ``output_dir/captions.jsonl`` (when given); the first ``cfg.captioning.show`` are returned under
     ``caption_examples``."""
@@ -86,13 +87,14 @@ def evaluate(cfg: EvalConfig, model, device: torch.device, *, precision: str = "
         cp = cfg.captioning
         if cp.shards:
             urls = check_urls(cp.shards, "eval.captioning.shards")
-            loader = batches(urls, ("captions",), max_samples=cp.max_samples)
-            r = caption_eval(model, tok, ((b["images"], b["captions"], b["keys"]) for b in loader), cp.generation,
-                             device=device, autocast_dtype=dtype)
+            loader = batches(urls, ("captions", "info"), max_samples=cp.max_samples)
+            r = caption_eval(model, tok, ((b["images"], b["captions"], b["keys"], b["infos"]) for b in loader),
+                             cp.generation, device=device, autocast_dtype=dtype)
             rows = r.pop("captions")
             if output_dir is not None:
                 with open(Path(output_dir) / "captions.jsonl", "w") as f:
                     f.writelines(json.dumps(row) + "\n" for row in rows)
             results.update(caption_bleu4=r["caption_bleu4"], caption_cider=r["caption_cider"], caption_n=r["caption_n"])
+            results.update({k: v for k, v in r.items() if k.startswith("caption_attr_")})
             results["caption_examples"] = rows[: cp.show]
     return results

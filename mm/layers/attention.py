@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .position import apply_rope
 
@@ -43,6 +44,20 @@ def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mas
             _compiled_flex = torch.compile(flex_attention)
         fn = _compiled_flex
     return fn(q, k, v, block_mask=block_mask)
+
+
+# Keys up to this long: SDPA's math backend beats the CPU flash kernel for bf16 / fp16 training (below)
+CPU_MATH_MAX_KEYS = 128
+
+
+def _cpu_math_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether this call should run SDPA's math backend: on the CPU, in bf16 / fp16, with a backward to come,
+    over at most ``CPU_MATH_MAX_KEYS`` keys. There the flash kernel's backward is 2-3x slower than in fp32 and
+    than the math backend (torch 2.14, 2 AVX-512-BF16 cores, forward + backward: 17 keys 11.0 vs 3.3 ms,
+    65 keys 43.7 vs 20.1 ms, 129 keys 44.1 vs 28.1 ms; even at 197, 55 vs 59 ms; benchmarks/bench_kernels.py,
+    docs/benchmarks.md); fp32, inference and longer sequences keep the flash kernel, which wins there."""
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and k.shape[-2] <= CPU_MATH_MAX_KEYS
+            and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) and not torch.compiler.is_compiling())
 
 
 class KVCache:
@@ -212,6 +227,9 @@ class Attention(nn.Module):
             q, k = q.to(v.dtype), k.to(v.dtype)
         if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # a BlockMask
             out = _flex_attention(q, k, v, attn_mask)
+        elif _cpu_math_is_faster(q, k):
+            with sdpa_kernel(SDPBackend.MATH):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.proj(self.norm_out(out.transpose(1, 2).reshape(b, t, d)))

@@ -404,7 +404,7 @@ class Trainer:
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < end:
             self.save(step)
         if cfg.eval.every and step % cfg.eval.every == 0 and step < end:
-            self.results = self.evaluate()
+            self.results = self.evaluate(periodic=True)
 
     def _log_step(self, end: int, losses: dict[str, torch.Tensor], out: ModelOutput) -> None:
         dt = time.time() - self.t_last
@@ -456,19 +456,22 @@ class Trainer:
             ckpt.publish(self.ckpt_root, at, self.cfg.train.keep_checkpoints)
         dist.barrier()
 
-    def evaluate(self, whole: ImageTextModel | None = None, gathered: bool = False) -> dict[str, Any]:
+    def evaluate(self, whole: ImageTextModel | None = None, gathered: bool = False,
+                 periodic: bool = False) -> dict[str, Any]:
         """Evaluation on the main process while the others wait. A sharded model is first gathered into an
         unsharded copy, a collective step every process takes; ``gathered``: the caller already did (``whole``:
-        the copy on the main process, None on the others)."""
+        the copy on the main process, None on the others). ``periodic``: one during training, on at most
+        ``eval.every_max_samples`` samples of each set."""
         cfg, results = self.cfg, {}
+        ecfg = cfg.eval.periodic() if periodic else cfg.eval
         if not (cfg.eval.zeroshot.shards or cfg.eval.retrieval.shards or cfg.eval.captioning.shards):
             return results
         if self.eval_copy is not None and not gathered:
             whole = self.eval_copy.refresh(self.main)
         if self.main:
-            results = evaluate(cfg.eval, whole if whole is not None else self.core, self.device,
+            results = evaluate(ecfg, whole if whole is not None else self.core, self.device,
                                precision=cfg.train.precision, reading=cfg.data.reading(), output_dir=self.out_dir)
-            for ex in results.pop("caption_examples", []):
+            for ex in results.pop("caption_examples", [])[: 0 if periodic else None]:  # examples at the end only
                 self.log.info(f"caption {ex['key']}: {ex['caption']!r}   (reference: {ex['references'][0]!r})")
             if results:
                 self.log.log({"step": self.step, **results})
