@@ -118,6 +118,41 @@ def test_vision_variants_and_patch_dropout(pos, pool):
     assert not torch.allclose(out.emb, model.vision(images).emb)  # a different random subset
 
 
+@pytest.mark.parametrize("patch, size", [(2, 8), (4, 32), (8, 32), (16, 64)])
+def test_conv_stem_gives_the_patch_grid_and_each_image_its_own_features(patch, size):
+    """vision.stem=conv: log2(patch) stride-2 convolutions give the patchify's token grid; its GroupNorm is per
+    image, so a batch encodes each image as it encodes it alone (BatchNorm would not), in train mode too."""
+    torch.manual_seed(0)
+    model = mm.create_model("tiny-clip", vision={"stem": "conv", "patch_size": patch, "image_size": size})
+    convs = [m for m in model.vision.patch_embed if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(1, 1)] + [(2, 2)] * (patch.bit_length() - 1)
+    images = torch.randn(3, 3, size, size)
+    out = model.vision(images)
+    assert out.tokens.shape == (3, (size // patch) ** 2, model.config.vision.transformer.width)
+    alone = torch.cat([model.vision(images[i : i + 1]).emb for i in range(3)])
+    torch.testing.assert_close(out.emb, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"stem": "conv", "patch_size": 6, "image_size": 36}, "power-of-two patch_size"),
+    ({"stem": "conv", "patch_remainder": True, "image_size": 34}, "patch_remainder"),
+    ({"stem": "resnet"}, "must be patch or conv"),
+])
+def test_conv_stem_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=f"vision.stem.*{message}"):
+        mm.create_model("tiny-clip", vision=overrides)
+
+
+def test_conv_stem_models_do_not_convert_to_open_clip_or_hugging_face():
+    from mm.hub.hf import check_hf_clip
+    from mm.hub.open_clip import ConversionError
+
+    model = mm.create_model("tiny-clip", vision={"stem": "conv"})
+    for convert in (mm.to_open_clip, check_hf_clip):
+        with pytest.raises(ConversionError, match="vision.stem"):
+            convert(model)
+
+
 def test_position_encodings_make_the_image_tower_position_aware():
     torch.manual_seed(0)
     for pos in ("learned", "sincos2d", "rope2d"):

@@ -366,6 +366,7 @@ def _stack_problems(cfg: ModelConfig) -> list[tuple[str, str]]:
 def _tower_problems(cfg: ModelConfig) -> list[tuple[str, str]]:
     v, t, problems = cfg.vision, cfg.text, []
     for bad, key, why in (
+        (v.stem != "patch", "vision.stem", f"HF's CLIP patchifies; mm's {v.stem!r} stem has no counterpart"),
         (v.pos_embed not in ("learned", "sincos2d"), "vision.pos_embed", "HF's CLIP adds a position table"),
         (getattr(v, "rope", None) is not None, "vision.rope", "HF's CLIP attention has no rotary positions"),
         (not v.class_token, "vision.class_token", "HF's CLIP image tower has a class token"),

@@ -394,6 +394,8 @@ def _stack_problems(cfg: ModelConfig, layout: str) -> list[tuple[str, str]]:
 
 def _vision_problems(cfg: ModelConfig, layout: str) -> list[tuple[str, str]]:
     v, problems = cfg.vision, []
+    if v.stem != "patch":
+        problems.append(("vision.stem", f"open_clip's image towers patchify; mm's {v.stem!r} stem has no counterpart"))
     if v.pos_embed != "learned":
         problems.append(("vision.pos_embed", f"must be learned, got {v.pos_embed!r}"))
     if layout == "vit":

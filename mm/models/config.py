@@ -61,6 +61,12 @@ class VisionConfig:
     patch_remainder: bool = False
     final_ln_after_pool: bool = False  # the final LayerNorm after pooling (open_clip's CLIPA) instead of before
     patch_bias: bool = False  # bias on the patch embedding (timm ViTs without a pre-norm: SigLIP)
+    # patch | conv: the patch embedding is ViT's linear patchify, or a convolutional stem (a full-resolution 3x3
+    # convolution, then log2(patch_size) 3x3 stride-2 ones, GroupNorm and GELU between: mm/models/vision.py
+    # ConvStem): learns small objects' form in fewer steps; mm's own (open_clip and Hugging Face have no such
+    # ViT: such a model does not convert to them)
+    stem: str = "patch"
+    stem_width: int = 16  # conv stem: channels of its first convolution, doubled at each stride-2 one
     proj: str = "linear"  # linear | none (the pooled features are the embedding: SigLIP's map head)
     proj_bias: bool = False  # bias on the output projection (timm heads)
     patch_dropout: float = 0.0  # FLIP: fraction of patch tokens dropped in training
@@ -81,6 +87,15 @@ class VisionConfig:
         elif self.image_size % self.patch_size and not self.patch_remainder:
             yield "patch_size", (f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size} "
                                  "(set patch_remainder: true to drop the pixels that do not fill a patch)")
+        if self.stem not in ("patch", "conv"):
+            yield "stem", f"must be patch or conv, got {self.stem!r}"
+        elif self.stem == "conv":
+            if self.patch_size < 2 or self.patch_size & (self.patch_size - 1):
+                yield "stem", f"a conv stem needs a power-of-two patch_size (2, 4, 8, 16, ...), got {self.patch_size}"
+            if self.patch_remainder:
+                yield "stem", "a conv stem keeps every pixel; patch_remainder applies to the patchify only"
+            if self.stem_width < 8 or self.stem_width % 8:
+                yield "stem_width", f"must be a multiple of 8 (GroupNorm's 8 groups), got {self.stem_width}"
         if self.pos_embed not in ("learned", "sincos2d", "rope2d"):
             yield "pos_embed", f"must be learned, sincos2d or rope2d, got {self.pos_embed!r}"
         if self.pool not in ("cls", "mean", "attn", "map"):

@@ -25,6 +25,32 @@ class TowerOutput:
     router_stats: list[RouterStats] = field(default_factory=list)
 
 
+class ConvStem(nn.Sequential):
+    """A convolutional stem in place of the patchify (after Xiao et al. 2021, "Early convolutions help transformers
+    see better"): a 3x3 convolution at full resolution with ``width`` channels, then log2(patch) 3x3 stride-2
+    convolutions doubling them, the last one mapping to the stack's width; each but the last is followed by
+    GroupNorm (8 groups: per image, unlike the paper's BatchNorm, so that no image's features depend on its batch:
+    gradient caching, evaluation and one-image requests give the same numbers) and GELU.
+    (B, 3, H, W) -> (B, out_width, H / patch, W / patch), the patchify's grid.
+
+    Why: a patchify is a linear map of each patch's pixels, so a small object is seen through the partial views of
+    whichever patches it straddles, at every offset inside them, and the stack must learn each; 3x3 filters shared
+    across positions learn local form once, and the full-resolution stage keeps 1-2 pixel detail (a small star's
+    points at 32 px) before any downsampling. Supervised shape classification of the built-in shapes (32 px, patch
+    8, the same ViT, 300 steps of 128): 57% with the patchify, 87% with stride-2 convolutions only, 95% with this
+    stem (small shapes 89%), for ~15% more time per step (docs/concepts.md, "What the demo model needed").
+    """
+
+    def __init__(self, patch_size: int, out_width: int, width: int = 16):
+        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1), nn.GroupNorm(min(8, width), width), nn.GELU()]
+        c = width
+        for _ in range(patch_size.bit_length() - 2):  # log2(patch) - 1 stride-2 stages keep a norm and activation
+            layers += [nn.Conv2d(c, 2 * c, 3, 2, 1), nn.GroupNorm(min(8, 2 * c), 2 * c), nn.GELU()]
+            c *= 2
+        layers.append(nn.Conv2d(c, out_width, 3, 2, 1))
+        super().__init__(*layers)
+
+
 class _VisionParts(nn.Module):
     """What every image tower has around a Transformer stack: ``embed`` (patchify, class token, positions,
     patch dropout, ln_pre) and ``head`` (final norm, pooling, projection); ``stack`` gives the widths."""
@@ -33,7 +59,10 @@ class _VisionParts(nn.Module):
         self.cfg = cfg
         w = stack.width
         scale = w**-0.5
-        self.patch_embed = nn.Conv2d(3, w, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        if cfg.stem == "conv":
+            self.patch_embed = ConvStem(cfg.patch_size, w, cfg.stem_width)
+        else:  # ViT's patchify: one linear map per non-overlapping patch
+            self.patch_embed = nn.Conv2d(3, w, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
         self.prefix = 1 if cfg.class_token else 0
         self.cls_token = nn.Parameter(scale * torch.randn(w)) if cfg.class_token else None
         n_pos = cfg.grid**2 + self.prefix

@@ -37,6 +37,7 @@ from ..utils.precision import autocast
 from . import adapt
 from . import checkpoint as ckpt
 from . import fsdp as sharding
+from .fsdp import plain
 from .config import RunConfig
 from .distill import build_distiller
 from .grad_cache import GradCache
@@ -413,6 +414,7 @@ class Trainer:
         rec = {"step": self.step, "loss": losses["loss"].item(), "lr": lr_now,
                "samples_per_s": self.samples_since / max(dt, 1e-9), "skipped_samples": sum(self.data.skipped.values()),
                "skipped_steps": self.stepper.skipped, "logit_scale": self.core.logit_scale.exp().item(),
+               "grad_norm": float(plain(self.stepper.norm)) if self.stepper.norm is not None else None,
                "eta_s": (end - self.step) * dt / self.cfg.train.log_every}
         rec.update({k: losses[k].item() for k in LOSS_PARTS if k in losses})
         if self.grad_cache is not None:  # the chunks, and the share of the step time each pass took
