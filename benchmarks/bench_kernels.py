@@ -1,8 +1,9 @@
-"""The two kernels mm chooses for itself, timed against the default they replace (forward + backward):
+"""The kernels mm chooses for itself, timed against the default they replace (forward + backward):
 
 * attention in bf16 training on the CPU: SDPA's flash kernel vs its math backend, over key lengths
   (mm.layers.attention picks math up to CPU_MATH_MAX_KEYS keys);
-* the caption loss: ``F.cross_entropy(logits.float(), ...)`` vs mm's TokenCrossEntropy over CLIP's vocabulary.
+* the caption loss: ``F.cross_entropy(logits.float(), ...)`` vs mm's TokenCrossEntropy over CLIP's vocabulary;
+* the AdamW step over tiny-coca's parameters: foreach (torch's batched default) vs fused (mm's choice).
 
     python benchmarks/bench_kernels.py                 # CPU, the shapes of the built-in demo (tiny-coca, batch 128)
     python benchmarks/bench_kernels.py --device cuda   # GPU: the caption loss (attention keeps SDPA's choice there)
@@ -67,6 +68,21 @@ def cross_entropy(device: torch.device, dtype: torch.dtype, repeats: int, rows: 
         print(f"| {name} | {ms:.1f} | {base / ms:.2f}x |")
 
 
+def adamw(device: torch.device, repeats: int) -> None:
+    import mm  # noqa: PLC0415 (the model's parameters, nothing else)
+    params = [p for p in mm.create_model("tiny-coca").to(device).parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    n = sum(p.numel() for p in params)
+    print(f"\n| AdamW step, tiny-coca ({n / 1e6:.1f}M fp32 parameters) | ms | vs foreach |\n| --- | --- | --- |")
+    base = None
+    for name in ("foreach", "fused"):
+        opt = torch.optim.AdamW(params, lr=1e-3, **{name: True})
+        ms = timed(opt.step, device, repeats)
+        base = base or ms
+        print(f"| {name} | {ms:.1f} | {base / ms:.2f}x |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -80,6 +96,7 @@ def main() -> None:
         attention(device, torch.float32, args.repeats)
     cross_entropy(device, torch.bfloat16, args.repeats, args.rows)
     cross_entropy(device, torch.float32, args.repeats, args.rows)
+    adamw(device, args.repeats)
 
 
 if __name__ == "__main__":

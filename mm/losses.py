@@ -43,6 +43,7 @@ All gathers require the same local batch size on every rank.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -341,13 +342,21 @@ class CocaLoss(nn.Module):
     """
 
     def __init__(self, contrastive: nn.Module | None = None, contrastive_weight: float = 1.0,
-                 caption_weight: float = 2.0, label_smoothing: float = 0.0, aux_weight: float = 1.0):
+                 caption_weight: float = 2.0, label_smoothing: float = 0.0, aux_weight: float = 1.0,
+                 caption_fraction: float = 1.0):
         super().__init__()
+        if not 0.0 < caption_fraction <= 1.0:
+            raise ValueError(f"caption_fraction must be in (0, 1], got {caption_fraction}")
+        self.caption_fraction = caption_fraction
         self.contrastive_loss = contrastive if contrastive is not None else ClipLoss(aux_weight=aux_weight)
         self.contrastive_weight = contrastive_weight
         self.caption_weight = caption_weight
         self.label_smoothing = label_smoothing
         self.aux_weight = aux_weight
+
+    def caption_rows(self, batch: int) -> int | None:
+        """The model's ``caption_rows`` for a batch of ``batch`` rows: None (all) or ceil(fraction * batch)."""
+        return None if self.caption_fraction == 1.0 else max(1, math.ceil(self.caption_fraction * batch))
 
     def forward(self, out: Any) -> dict[str, Tensor]:
         logits, labels = getattr(out, "caption_logits", None), getattr(out, "caption_labels", None)

@@ -284,6 +284,25 @@ def test_coca_loss_is_the_weighted_sum(model, images):
         CocaLoss()(mm.create_model("tiny-clip")(images, tok(["a", "b", "c"])))
 
 
+def test_caption_rows_train_the_decoder_on_the_first_rows_and_embed_every_row(model, images):
+    tok = mm.get_tokenizer(model)
+    tokens = tok(["a red circle", "two blue squares on a long table", "a cat on a mat"])
+    full, head = model(images, tokens), model(images[:2], tokens[:2])
+    part = model(images, tokens, caption_rows=2)
+    torch.testing.assert_close(part.image_emb, full.image_emb)  # the contrastive side sees all three rows
+    torch.testing.assert_close(part.text_emb, full.text_emb)
+    torch.testing.assert_close(part.caption_logits, head.caption_logits)  # the decoder the first two only
+    assert torch.equal(part.caption_labels, head.caption_labels)
+    assert part.caption_labels.numel() < full.caption_labels.numel()
+    loss = CocaLoss(caption_fraction=0.5)
+    assert [loss.caption_rows(n) for n in (1, 3, 128)] == [1, 2, 64] and CocaLoss().caption_rows(128) is None
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="caption_rows must be in"):
+            model(images, tokens, caption_rows=bad)
+    with pytest.raises(ValueError, match="caption_fraction"):
+        CocaLoss(caption_fraction=0.0)
+
+
 def test_training_steps_on_a_fixed_batch_reduce_the_caption_loss():
     model = tiny_coca(seed=2).train()
     tok = mm.get_tokenizer(model)

@@ -161,6 +161,25 @@ def test_cached_gradients_equal_the_full_batch_gradients(preset, kind):
         torch.testing.assert_close(losses["loss"], full["loss"], rtol=1e-6, atol=0)  # caption CE: fp32
 
 
+def test_cached_gradients_with_a_caption_fraction_equal_one_graph_over_the_same_rows():
+    """train.caption_fraction under gradient caching: the decoder trains on each chunk's first rows (3, 3 and 1
+    of the chunks 5, 5, 2 at 0.5); the reference: the full batch's embeddings and those rows' captions in one graph."""
+    model = _model("tiny-coca")
+    loss_fn = CocaLoss(make_loss("clip"), caption_fraction=0.5)
+    images, tokens = _batch(model)
+    rows = torch.tensor([0, 1, 2, 5, 6, 7, 10])
+    model.zero_grad(set_to_none=True)
+    out, head = model(images, tokens), model(images[rows], tokens[rows])
+    out.caption_logits, out.caption_labels = head.caption_logits, head.caption_labels
+    want_losses = loss_fn(out)
+    want_losses["loss"].backward()
+    want = _grads(model)
+    got, losses = _cached(model, loss_fn, images, tokens)
+    assert_grads_close(got, want)
+    torch.testing.assert_close(losses["caption_loss"], want_losses["caption_loss"].detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(losses["loss"], want_losses["loss"].detach(), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("preset", ["tiny-clip", "tiny-coca"])
 def test_patch_dropout_is_replayed_in_the_second_pass(preset):
     """With patch dropout on, the cached gradients equal those of the full batch's loss over the same masks; a

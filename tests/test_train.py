@@ -183,6 +183,7 @@ def test_bad_data_is_skipped_counted_and_named(tmp_path):
     ("train.precision=fp8", "train.precision"),
     ("model=ViT-Q-1", "unknown model 'ViT-Q-1'"),
     ("train.steps=-1", "train.steps: must be >= 1, got -1"),
+    ("train.caption_fraction=0", "train.caption_fraction: must be in (0, 1], got 0"),
 ])
 def test_config_errors_fail_before_training(colour_shards, tmp_path, override, message):
     """train.py (what `accelerate launch train.py` runs) answers a bad config as `mm train` does: one line

@@ -166,10 +166,17 @@ class CoCa(CLIP):
     def stacks(self) -> dict[str, Transformer]:
         return {**super().stacks(), "decoder": self.decoder.transformer}
 
-    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+                caption_rows: int | None = None) -> ModelOutput:
+        """``caption_rows``: teacher-force the decoder on the first rows of the batch only (all by default;
+        ``train.caption_fraction``): the embeddings cover every row, the caption logits and labels those rows."""
         v, t, stats = self._towers(images, tokens)
         logits = labels = None
         if v is not None and t is not None:
+            rows = tokens.shape[0] if caption_rows is None else caption_rows
+            if not 1 <= rows <= tokens.shape[0]:
+                raise ValueError(f"caption_rows must be in [1, {tokens.shape[0]}] (the batch), got {caption_rows}")
+            tokens, text_tokens, image_tokens = tokens[:rows], t.tokens[:rows], v.tokens[:rows]
             valid = text_valid_mask(tokens, eot_id=self.config.text.eot_id, pad_id=self.config.text.pad_id)
             # Positions after the batch's longest caption only predict padding and, the decoder being
             # causal, change nothing before them: the decoder leaves them out, and the LM head also skips
@@ -177,7 +184,7 @@ class CoCa(CLIP):
             # removes most of the decoder's and LM head's work and most of the logits' memory.
             n = int(valid.sum(1).max().clamp_min(2))
             predicts_real = valid[:, 1:n]
-            logits, stats["decoder"] = self.decoder(t.tokens[:, : n - 1], v.tokens, valid=valid[:, : n - 1],
+            logits, stats["decoder"] = self.decoder(text_tokens[:, : n - 1], image_tokens, valid=valid[:, : n - 1],
                                                     select=predicts_real)
             labels = tokens[:, 1:n][predicts_real]
         out = self._output(_embeddings(v, t), stats, _mean_aux(stats))

@@ -128,3 +128,16 @@ def tiny_coca() -> ModelConfig:
     cfg.text.embed_cls = True
     cfg.decoder = DecoderConfig(TransformerConfig(128, 2, 2), layout="separate")
     return cfg
+
+
+@preset("demo-coca")
+def demo_coca() -> ModelConfig:
+    """The built-in demo's model (`make run`, data/builtin.yaml): tiny-clip with a convolutional stem
+    (3x3 convs down to patch 8: 16 tokens of 32 px), a 2-layer captioning decoder reading the ViT's tokens
+    (class-token pooling; no attentional pooler) and context 20 (the built-in captions' longest is 17 tokens).
+    Why each choice: docs/concepts.md, "What the demo model needed"."""
+    cfg = tiny_clip()
+    cfg.vision.stem, cfg.vision.patch_size = "conv", 8
+    cfg.text.context_length = 20
+    cfg.decoder = DecoderConfig(TransformerConfig(128, 2, 2), layout="separate")
+    return cfg

@@ -84,6 +84,10 @@ class TrainConfig:
     contrastive_weight: float = 1.0
     caption_weight: float = 2.0  # CoCa: weight of the caption token cross-entropy
     label_smoothing: float = 0.0  # of the caption cross-entropy
+    # CoCa: the share of each (micro-)batch's rows the captioning decoder is trained on (the first
+    # ceil(f * rows), a random subset of a shuffled stream); the contrastive loss still uses every row. The
+    # decoder, LM head and caption loss cost scale with it (half of a tiny-coca step on the CPU at 1.0)
+    caption_fraction: float = 1.0
     checkpoint_every: int = 500  # steps; 0 = only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir) | none | a checkpoint path
@@ -129,6 +133,8 @@ class TrainConfig:
         if self.contrastive_weight < 0 or self.caption_weight < 0:
             yield "caption_weight", (f"loss weights must be >= 0, got contrastive {self.contrastive_weight}, "
                                      f"caption {self.caption_weight}")
+        if not 0.0 < self.caption_fraction <= 1.0:
+            yield "caption_fraction", f"must be in (0, 1], got {self.caption_fraction}"
         if self.grad_clip is not None and self.grad_clip <= 0:
             yield "grad_clip", f"must be > 0 or null, got {self.grad_clip}"
         if self.loss not in ("clip", "siglip"):

@@ -147,7 +147,8 @@ def build_loss(cfg: RunConfig, model: ImageTextModel) -> torch.nn.Module:
     loss = make_loss(t.loss, aux_weight=t.aux_weight, **loss_kw)
     if model.config.decoder is not None:
         loss = CocaLoss(loss, contrastive_weight=t.contrastive_weight, caption_weight=t.caption_weight,
-                        label_smoothing=t.label_smoothing, aux_weight=t.aux_weight)
+                        label_smoothing=t.label_smoothing, aux_weight=t.aux_weight,
+                        caption_fraction=t.caption_fraction)
     return loss
 
 
@@ -380,7 +381,7 @@ class Trainer:
                 continue
             with nullcontext() if micro == accum - 1 else self.acc.no_sync(self.model):
                 with self.stepper.autocast():
-                    out = self.model(images, tokens)
+                    out = self.model(images, tokens, **self._caption_kw(images.shape[0]))
                 losses = self.loss_fn(out) if self.distill is None else self.distill(out, batch, images, tokens)
                 self.stepper.backward(losses["loss"] / accum)
             self.samples_since += images.shape[0] * self.world
@@ -396,6 +397,11 @@ class Trainer:
         self.step += 1
         self.log.advance()
         return losses, out
+
+    def _caption_kw(self, rows: int) -> dict[str, int]:
+        """CoCa under ``train.caption_fraction`` < 1: the forward's ``caption_rows``."""
+        n = self.loss_fn.caption_rows(rows) if isinstance(self.loss_fn, CocaLoss) else None
+        return {} if n is None else {"caption_rows": n}
 
     def _periodic(self, end: int, losses: dict[str, torch.Tensor], out: ModelOutput) -> None:
         """What happens every ``train.log_every`` / ``checkpoint_every`` / ``eval.every`` steps."""
