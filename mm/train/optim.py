@@ -41,8 +41,8 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, flo
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
                    device: torch.device, lr_scales: dict[str, float] | None = None) -> torch.optim.Optimizer:
     # fused AdamW on CUDA and on the CPU (one kernel for all parameters). On the CPU torch's default is a
-    # Python loop over parameters (0.3-0.6 s per tiny-clip step on 2 cores); foreach batches it (43 ms for
-    # tiny-coca's 17M parameters), the fused kernel takes 6.5 ms (benchmarks/bench_kernels.py)
+    # Python loop over parameters (0.3-0.6 s per tiny-clip step on 2 cores); foreach batches it (25.8 ms for
+    # tiny-coca's 17M parameters), the fused kernel takes 7.3 ms (benchmarks/bench_kernels.py)
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(param_groups(model, weight_decay, lr_scales, lr), lr=lr, betas=betas, eps=eps,
                              fused=fused, foreach=not fused)
