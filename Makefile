@@ -1,5 +1,6 @@
 # `make run`  : set up .venv, draw the built-in data set, train demo-coca on it (2 CPU cores, ~9 min), evaluate
-# `make test` : set up .venv, then run the test suite (CI also runs `make test-slow` and `make test-hf`)
+# `make test` : set up .venv, then run the test suite (CI also runs `make test-slow`, `make test-hf` and
+#               `make test-benchmark`)
 # `make docs` : regenerate docs/config.md and docs/cli.md (a test fails when they are stale)
 # `make notebooks` : execute the notebooks in full mode and store them with their outputs (~20 min on 2 cores)
 VENV ?= .venv
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 # These pins are served from local files on the project's machines; any torch >= 2.4 works.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup run test test-slow test-hf docs notebooks clean
+.PHONY: setup run test test-slow test-hf test-benchmark docs notebooks clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +34,16 @@ test-slow: setup
 test-hf: setup
 	$(PY) -m pip install -q -e ".[hf]"
 	$(PY) -m pytest -m hf
+
+# mm benchmark against LAION clip_benchmark itself (pytest -m benchmark_peer). clip-benchmark 1.6.2 calls float() on
+# a 1-element array, which numpy >= 2.3 refuses: it goes into a directory of its own with an older numpy, which
+# only the test's clip_benchmark subprocess puts on its PYTHONPATH
+CB_DIR ?= .venv-clip-benchmark
+test-benchmark: setup
+	test -d $(CB_DIR)/clip_benchmark || $(PY) -m pip install -q --target $(CB_DIR) --no-deps clip-benchmark==1.6.2 \
+		'numpy<2.3' 'scikit-learn>=1,<2' scipy joblib threadpoolctl cloudpickle narwhals pycocoevalcap requests \
+		urllib3 idna charset-normalizer certifi
+	MM_CLIP_BENCHMARK_PATH=$(abspath $(CB_DIR)) $(PY) -m pytest -m benchmark_peer
 
 docs: setup
 	$(PY) -m mm.cli.docs config > docs/config.md

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..utils.host import tune_malloc
-from . import caption, convert, embed, eval, finetune, models, serve, shards, train
+from . import benchmark, caption, convert, embed, eval, finetune, models, serve, shards, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,8 +13,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for add in (models.add_models_parser, train.add_parser, shards.add_parser, embed.add_embed_parser,
                 embed.add_search_parser, eval.add_zeroshot_and_eval_parsers, eval.add_probe_parser,
-                finetune.add_parser, convert.add_export_parser, caption.add_parser, convert.add_convert_parser,
-                convert.add_merge_parser, serve.add_parser, models.add_demo_parser):
+                benchmark.add_parser, finetune.add_parser, convert.add_export_parser, caption.add_parser,
+                convert.add_convert_parser, convert.add_merge_parser, serve.add_parser, models.add_demo_parser):
         add(sub)
     return p
 

@@ -1,0 +1,116 @@
+"""``mm benchmark``: clip_benchmark's zero-shot classification and retrieval on webdataset / image-folder datasets,
+for any ``--model`` mm loads, over :mod:`mm.eval.benchmark` (which says what is measured and how files are named).
+
+Datasets and suites are checked before any model loads; each (dataset, model, task) writes its result as soon as
+it is done and is skipped when its result exists, so an interrupted suite resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..eval.benchmark import TASKS, BenchmarkError, ModelRef, Suite, entries, load_suite, run_benchmark, write_summary
+from ..hub import load_model
+from ..utils.host import default_workers
+from ..utils.precision import PRECISIONS, autocast_dtype
+from .common import EXAMPLES, MODEL_ERRORS, default_device, guard
+
+DESCRIPTION = """\
+LAION clip_benchmark's zero-shot evaluations, run by mm on any model it loads: zero-shot classification (acc1,
+acc5, mean_per_class_recall) and image <-> text retrieval (image_retrieval_recall@1/5/10,
+text_retrieval_recall@1/5/10), with clip_benchmark's definitions. Datasets are in clip_benchmark's webdataset
+layout (DIR/{split}/*.tar, classnames.txt, zeroshot_classification_templates.txt, dataset_type.txt) or image
+folders with a sub-folder per class; --dataset wds/NAME reads --dataset-root/NAME (or --dataset-root
+'.../{dataset}', as clip_benchmark's --dataset_root). Each (dataset, model, task) is written to --output as
+clip_benchmark's DATASET_PRETRAINED_MODEL_en_TASK.json (clip_benchmark build reads them with its own) and skipped
+when that file exists (--overwrite recomputes); results.csv and results.md tabulate them with each model's average
+of acc1 (classification) and mean recall@1 (retrieval). A failing entry is reported and the others still run;
+the exit code is then 2. The task defaults to the dataset's own (dataset_type.txt: retrieval, else
+classification).
+
+A --suite YAML lists datasets (with tasks) and optionally models:
+  dataset_root: /data/clip_benchmark_wds
+  models: [open_clip:ViT-B-32:openai, {model: ViT-B-32, pretrained: b32.safetensors}]
+  datasets: [wds/cifar10, {dataset: wds/flickr8k, tasks: [zeroshot_retrieval]}]
+
+examples:
+  mm benchmark --model open_clip:ViT-B-32:openai --dataset wds/cifar10 --dataset-root /data/wds --output results/
+  mm benchmark --model runs/builtin/final --model ViT-B-32 --dataset flickr8k_wds/ --task zeroshot_retrieval
+  mm benchmark --suite suite.yaml --model runs/flickr8k_coca/final --output results/ --batch-size 128"""
+
+
+def _models(args: argparse.Namespace, suite: Suite | None) -> list[ModelRef]:
+    if args.model:
+        if len(args.model) > 1 and (args.pretrained or args.adapter):
+            raise ValueError("--pretrained / --adapter go with a single --model; list several models with their "
+                             "weights in a --suite file ({model: M, pretrained: FILE})")
+        return [ModelRef(m, args.pretrained, args.adapter) for m in args.model]
+    if suite and suite.models:
+        return suite.models
+    raise ValueError("no model: give --model (or list models in the --suite file)")
+
+
+@guard(BenchmarkError, FileNotFoundError, ValueError, *MODEL_ERRORS)
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    suite = load_suite(args.suite) if args.suite else None
+    if not (args.dataset or suite):
+        raise ValueError("no dataset: give --dataset (or a --suite file)")
+    if args.dataset and suite:
+        raise ValueError("give --dataset or --suite, not both")
+    for t in args.task or []:
+        if t not in TASKS:
+            raise BenchmarkError(f"unknown task {t!r} (mm benchmark runs: {', '.join(TASKS)})")
+    datasets = suite.datasets if suite else [(d, args.task or None) for d in args.dataset]
+    if suite and args.task:
+        datasets = [(d, args.task) for d, _ in datasets]
+    device = default_device(args.device)
+    outcomes = run_benchmark(
+        entries(_models(args, suite), datasets),
+        lambda ref: load_model(ref.spec, ref.pretrained, device, adapter=ref.adapter), args.output,
+        dataset_root=args.dataset_root or (suite.dataset_root if suite else None), split=args.split,
+        batch_size=args.batch_size, workers=args.workers, autocast_dtype=autocast_dtype(args.precision),
+        overwrite=args.overwrite, errors=MODEL_ERRORS, log=lambda line: print(line, flush=True))
+    csv_path, md_path = write_summary(outcomes, args.output)
+    failed = [o for o in outcomes if o.error is not None]
+    print(f"{len(outcomes) - len(failed)} of {len(outcomes)} results in {args.output} (tables: {csv_path}, {md_path})")
+    if len(outcomes) == 1 and failed:
+        print(f"error: {failed[0].error}", file=sys.stderr)
+        return 2
+    if failed:
+        print(f"error: {len(failed)} of {len(outcomes)} entries failed:", file=sys.stderr)
+        for o in failed:
+            print(f"  {o.entry.dataset} {o.task or o.entry.task or ''} {o.entry.model.label}: {o.error}",
+                  file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("benchmark", help="clip_benchmark's zero-shot classification and retrieval, files it merges",
+                       description=DESCRIPTION, formatter_class=EXAMPLES)
+    p.add_argument("--model", action="append", help="a model as every command takes it (repeat for several): an mm "
+                                                    "model directory, open_clip:NAME[:TAG], a preset with --pretrained")
+    p.add_argument("--pretrained", help="weights file for a preset --model (mm or open_clip checkpoint)")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter directory put on --model")
+    p.add_argument("--dataset", nargs="+", action="extend", metavar="NAME|wds/NAME|DIR",
+                   help="datasets: wds/NAME or NAME under --dataset-root, or a directory")
+    p.add_argument("--task", nargs="+", action="extend", metavar="TASK",
+                   help=f"{' and/or '.join(TASKS)} (default: each dataset's own, from its dataset_type.txt)")
+    p.add_argument("--dataset-root", metavar="DIR", help="where wds/NAME is: DIR/NAME, or a template with {dataset}")
+    p.add_argument("--suite", metavar="FILE", help="a YAML of datasets x tasks (and models) to run, resumably")
+    p.add_argument("--output", default="benchmark", metavar="DIR",
+                   help="result files and results.csv / results.md (default: benchmark)")
+    p.add_argument("--overwrite", action="store_true", help="recompute results whose file exists")
+    p.add_argument("--split", default="test", help="the dataset split, a sub-folder of each dataset (default: test)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64, clip_benchmark's)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="image loading processes (0: load in this one; default: the available cores but one, 1 to 4)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="autocast while encoding (default: fp32; clip_benchmark's default is autocast, --no_amp = fp32)")
+    p.set_defaults(fn=cmd_benchmark)

@@ -1,0 +1,364 @@
+"""`mm benchmark` (mm/eval/benchmark.py, mm/cli/benchmark.py): clip_benchmark's metrics on tiny datasets in its
+webdataset layout, built here, equal a reference computed here from the model's own embeddings (dense similarity,
+argmax / top-k, per-class recall); clip_benchmark's result files; resuming a suite; bad inputs.
+
+The model is a random tiny-clip. So that accuracies are neither 0 nor 1 (which a miscounting command could match),
+each image is labelled with the class ranked 1st, 2nd, 4th or 7th for it by the model itself.
+
+The last test (marker ``benchmark_peer``, not in the default run) runs clip_benchmark 1.6.2 itself on the same
+data and model and compares every metric.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import png_bytes, write_tar
+from PIL import Image
+
+import mm
+from mm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+TEMPLATES = ["a photo of a {c}.", "a {c} square"]
+RANKS = (0, 1, 3, 6)
+
+
+def random_images(n: int, seed: int, size: int = 40) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        base = rng.integers(0, 256, 3)
+        arr = np.clip(base[None, None] + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+        out.append(Image.fromarray(arr, "RGB"))
+    return out
+
+
+def jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def image_emb(model, images: list[bytes]) -> torch.Tensor:
+    """Unit image embeddings of encoded images, decoded with PIL and preprocessed by the model's eval transform."""
+    tf = mm.image_transform(model)
+    x = torch.stack([tf(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
+    return F.normalize(model.encode_image(x), dim=-1)
+
+
+@torch.no_grad()
+def text_emb(model, texts: list[str]) -> torch.Tensor:
+    return F.normalize(model.encode_text(mm.get_tokenizer(model)(texts)), dim=-1)
+
+
+def class_logits(model, images: list[bytes], classes: list[str], templates: list[str]) -> torch.Tensor:
+    """CLIP's classifier written out: per class the renormalised mean of its unit template embeddings."""
+    W = torch.stack([F.normalize(text_emb(model, [t.format(c=c) for t in templates]).mean(0), dim=0)
+                     for c in classes], dim=1)
+    return 100 * image_emb(model, images) @ W
+
+
+def reference_classification(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    order = logits.argsort(dim=1, descending=True)
+    rank = (order == labels[:, None]).float().argmax(dim=1)  # position of the true class
+    recalls = [(rank[labels == c] == 0).double().mean().item() for c in labels.unique()]
+    return {"acc1": (rank == 0).double().mean().item(),
+            "acc5": (rank < 5).double().mean().item() if logits.shape[1] >= 5 else math.nan,
+            "mean_per_class_recall": sum(recalls) / len(recalls)}
+
+
+def reference_retrieval(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor) -> dict[str, float]:
+    sim = txt @ img.T  # (texts, images)
+    out = {}
+    for k in (1, 5, 10):
+        t2i = (sim.argsort(dim=1, descending=True)[:, :k] == owner[:, None]).any(dim=1)
+        top_texts = sim.T.argsort(dim=1, descending=True)[:, :k]  # (images, k) text indices
+        i2t = (owner[top_texts] == torch.arange(img.shape[0])[:, None]).any(dim=1)
+        out[f"image_retrieval_recall@{k}"] = t2i.double().mean().item()
+        out[f"text_retrieval_recall@{k}"] = i2t.double().mean().item()
+    return out
+
+
+def write_wds(d: Path, samples: list[dict[str, bytes]], *, shards: int = 2, classes: list[str] | None = None,
+              templates: list[str] | None = None, dataset_type: str | None = None, split: str = "test") -> Path:
+    """clip_benchmark's layout: split/nshards.txt, split/0.tar.., classnames.txt, templates, dataset_type.txt."""
+    (d / split).mkdir(parents=True)
+    per = -(-len(samples) // shards)
+    for s in range(shards):
+        write_tar(d / split / f"{s}.tar", [(f"s{i:04d}", m) for i, m in enumerate(samples) if i // per == s])
+    (d / split / "nshards.txt").write_text(f"{shards}\n")
+    if classes is not None:
+        (d / "classnames.txt").write_text("\n".join(classes) + "\n")
+    if templates is not None:
+        (d / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+    if dataset_type is not None:
+        (d / "dataset_type.txt").write_text(dataset_type + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, model):
+    """Under one root: cifar (8 classes, png + jpg), cifar3 (3 classes: acc5 is NaN), flickr (3 captions or 2 per
+    image), each labelled by the model's own ranks; and the reference metrics of each."""
+    root = tmp_path_factory.mktemp("wds")
+    ref = {}
+    for name, classes, n, seed in (("cifar", CLASSES, 28, 1), ("cifar3", CLASSES[:3], 12, 2)):
+        imgs = random_images(n, seed)
+        enc = [png_bytes(im) if i % 2 else jpeg(im) for i, im in enumerate(imgs)]
+        logits = class_logits(model, enc, classes, TEMPLATES)
+        order = logits.argsort(dim=1, descending=True)
+        labels = torch.stack([order[i, RANKS[i % len(RANKS)] % len(classes)] for i in range(n)])
+        samples = [{"png" if i % 2 else "jpg": b, "cls": str(int(y)).encode()} for i, (b, y) in enumerate(zip(enc, labels))]
+        write_wds(root / name, samples, classes=classes, templates=TEMPLATES)
+        ref[name] = reference_classification(logits, labels)
+    imgs = [png_bytes(im) for im in random_images(14, 3)]
+    caps = [[f"a picture number {i}", f"colour noise {i + 100}", f"{i} squares"][: 2 + i % 2] for i in range(14)]
+    write_wds(root / "flickr", [{"png": b, "txt": "\n".join(c).encode()}
+                                for b, c in zip(imgs, caps)], shards=3, dataset_type="retrieval")
+    owner = torch.tensor([i for i, c in enumerate(caps) for _ in c])
+    ref["flickr"] = reference_retrieval(image_emb(model, imgs), text_emb(model, [t for c in caps for t in c]), owner)
+    return root, ref
+
+
+def bench(*args: str) -> int:
+    return main(["benchmark", "--workers", "0", *args])
+
+
+def read_result(out: Path, name: str) -> dict:
+    return json.loads((out / name).read_text())
+
+
+def slug(p: Path) -> str:
+    return str(p).replace("/", "_")
+
+
+def test_classification_and_retrieval_equal_reference(data, model_dir, tmp_path, capsys):
+    root, ref = data
+    out = tmp_path / "out"
+    assert bench("--model", str(model_dir), "--dataset", "wds/cifar", "wds/cifar3", "wds/flickr",
+                 "--dataset-root", str(root), "--output", str(out), "--batch-size", "5") == 0
+    for name, task in (("cifar", "zeroshot_classification"), ("cifar3", "zeroshot_classification"),
+                       ("flickr", "zeroshot_retrieval")):
+        fname = f"{name}__{slug(model_dir)}_en_{task}.json"  # clip_benchmark's {dataset}_{pretrained}_{model}_..
+        r = read_result(out, fname)
+        assert set(r) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+        assert (r["dataset"], r["model"], r["pretrained"], r["task"], r["language"]) == \
+            (f"wds/{name}", str(model_dir), "", task, "en")
+        assert set(r["metrics"]) == set(ref[name])
+        for k, v in ref[name].items():
+            if math.isnan(v):
+                assert math.isnan(r["metrics"][k]), k
+            else:
+                assert r["metrics"][k] == pytest.approx(v, abs=1e-9), (name, k)
+    assert 0 < ref["cifar"]["acc1"] < ref["cifar"]["acc5"] < 1  # the data make the comparison non-trivial
+    assert 0 < ref["flickr"]["image_retrieval_recall@1"] < 1
+    # the summary: one row per result, then the model's average of acc1 / mean recall@1
+    import csv
+
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["dataset"], r["task"]) for r in rows] == [("wds/cifar", "zeroshot_classification"),
+                                                         ("wds/cifar3", "zeroshot_classification"),
+                                                         ("wds/flickr", "zeroshot_retrieval"),
+                                                         ("average", "mean of 3")]
+    mains = [ref["cifar"]["acc1"], ref["cifar3"]["acc1"],
+             (ref["flickr"]["image_retrieval_recall@1"] + ref["flickr"]["text_retrieval_recall@1"]) / 2]
+    assert [float(r["main_metric"]) for r in rows] == pytest.approx(mains + [sum(mains) / 3])
+    md = (out / "results.md").read_text().splitlines()
+    assert len(md) == 2 + len(rows) and md[-1].startswith(f"| {model_dir} |  | average |")
+
+
+def test_image_folder_equals_its_shards(data, model_dir, tmp_path, capsys):
+    """The same images as class folders (torchvision ImageFolder: sorted folders = class indices) give the shards'
+    metrics."""
+    root, ref = data
+    folder = tmp_path / "cifar_folder"
+    import tarfile
+
+    for shard in sorted((root / "cifar" / "test").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name, b in members.items():
+            key, ext = name.split(".")
+            if ext in ("png", "jpg"):
+                label = int(members[f"{key}.cls"])
+                d = folder / "test" / f"{label:02d}_{CLASSES[label]}"
+                d.mkdir(parents=True, exist_ok=True)
+                (d / name).write_bytes(b)
+    (folder / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES))
+    (folder / "classnames.txt").write_text("\n".join(CLASSES))
+    out = tmp_path / "out"
+    missing = [i for i in range(len(CLASSES)) if not (folder / "test" / f"{i:02d}_{CLASSES[i]}").is_dir()]
+    if missing:  # a class without images still needs its folder, or the indices of the later ones would shift
+        assert bench("--model", str(model_dir), "--dataset", str(folder), "--output", str(out)) == 2
+        assert f"classnames.txt lists 8 classes but there are {8 - len(missing)} class folders" in \
+            capsys.readouterr().err
+        for i in missing:
+            (folder / "test" / f"{i:02d}_{CLASSES[i]}").mkdir()
+    assert bench("--model", str(model_dir), "--dataset", str(folder), "--output", str(out)) == 0
+    r = read_result(out, f"cifar_folder__{slug(model_dir)}_en_zeroshot_classification.json")
+    assert r["dataset"] == "cifar_folder" and r["metrics"] == pytest.approx(ref["cifar"], abs=1e-9)
+
+
+def test_suite_resumes_and_a_failing_entry_does_not_stop_the_others(data, model_dir, tmp_path, capsys):
+    root, ref = data
+    bad = write_wds(tmp_path / "wds" / "nolabels", [{"png": png_bytes(random_images(1, 9)[0]), "cls": b"0"}],
+                    shards=1, templates=TEMPLATES)  # no classnames.txt
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"dataset_root: {root}\nmodels: [{model_dir}]\n"
+                     f"datasets:\n  - {bad}\n  - wds/cifar3\n  - {{dataset: wds/flickr, tasks: [zeroshot_retrieval]}}\n")
+    out = tmp_path / "out"
+    assert main(["benchmark", "--suite", str(suite), "--output", str(out), "--workers", "0"]) == 2
+    got = capsys.readouterr()
+    assert f"{bad}: no classnames.txt" in got.out and "1 of 3 entries failed" in got.err
+    files = {p.name: p for p in out.glob("*.json")}
+    assert len(files) == 2
+    c3 = files[f"cifar3__{slug(model_dir)}_en_zeroshot_classification.json"]
+    assert json.loads(c3.read_text())["metrics"] == pytest.approx(ref["cifar3"], nan_ok=True)
+    fl = files[f"flickr__{slug(model_dir)}_en_zeroshot_retrieval.json"]
+    kept = fl.stat().st_mtime_ns
+    c3.unlink()
+    (bad / "classnames.txt").write_text("red\n")  # fixed: the entry now runs
+    time.sleep(0.01)
+    assert main(["benchmark", "--suite", str(suite), "--output", str(out), "--workers", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[-1].strip() for line in lines if "skipped, result exists" in line] == [str(fl)]
+    assert sum("main metric" in line for line in lines) == 2  # nolabels and cifar3 computed, flickr skipped
+    assert fl.stat().st_mtime_ns == kept and c3.is_file()
+    assert json.loads(c3.read_text())["metrics"] == pytest.approx(ref["cifar3"], nan_ok=True)
+    assert sum(1 for r in (out / "results.csv").read_text().splitlines()) == 1 + 3 + 1
+
+
+def test_bad_inputs(data, model_dir, tmp_path, capsys):
+    root, _ = data
+    d = tmp_path / "wds"
+
+    def run(*args: str) -> str:
+        assert bench("--model", str(model_dir), "--output", str(tmp_path / "out"), *args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
+        return err[0]
+
+    img = png_bytes(random_images(1, 5)[0])
+    no_names = write_wds(d / "no_names", [{"png": img, "cls": b"0"}], shards=1)
+    assert run("--dataset", str(no_names)) == f"error: {no_names}: no classnames.txt (one class name per line, " \
+                                              "line i = class i), which zero-shot classification needs"
+    too_few = write_wds(d / "too_few", [{"png": img, "cls": b"0"}, {"png": img, "cls": b"3"}], shards=1,
+                        classes=["red", "green"])
+    msg = run("--dataset", str(too_few))
+    assert str(too_few) in msg and "label 3" in msg and "lists 2 classes" in msg
+    corrupt = write_wds(d / "corrupt", [{"png": img, "cls": b"0"}] * 4, shards=2, classes=["red"])
+    data_bytes = (corrupt / "test" / "1.tar").read_bytes()
+    (corrupt / "test" / "1.tar").write_bytes(data_bytes[: len(data_bytes) // 3] + b"\x07" * 700)
+    msg = run("--dataset", str(corrupt))
+    assert str(corrupt / "test" / "1.tar") in msg and "cut off or unreadable" in msg
+    missing = write_wds(d / "missing", [{"png": img, "cls": b"0"}], shards=1, classes=["red"])
+    (missing / "test" / "nshards.txt").write_text("2")
+    assert str(missing / "test" / "1.tar") in run("--dataset", str(missing))
+    assert run("--dataset", "wds/cifar", "--dataset-root", str(root), "--task", "linear_probe") == \
+        "error: unknown task 'linear_probe' (mm benchmark runs: zeroshot_classification, zeroshot_retrieval)"
+    assert "wds/nothere" in run("--dataset", "wds/nothere", "--dataset-root", str(root))
+    assert not list((tmp_path / "out").glob("*.json"))
+
+
+# -- clip_benchmark itself -----------------------------------------------------------------------
+# `make test-benchmark` fills it; absolute, since clip_benchmark runs in the test's own folder
+CB_PATH = os.path.abspath(os.environ.get("MM_CLIP_BENCHMARK_PATH", str(ROOT / ".venv-clip-benchmark")))
+
+
+def _run(cmd: list[str], **kw) -> None:
+    """A subprocess that must succeed; its stderr in the failure message."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert proc.returncode == 0, (cmd[:4], proc.stderr[-3000:])
+
+
+@pytest.mark.benchmark_peer
+def test_equals_clip_benchmark(tmp_path, capsys):
+    """clip_benchmark 1.6.2 (`clip_benchmark eval`) and `mm benchmark` on the same open_clip ViT-S-32 (random
+    weights saved to a file, which both load: clip_benchmark through open_clip's
+    ``create_model_and_transforms(model, pretrained=FILE)``) and the same local webdatasets: every metric, the
+    result file names and fields are equal, and `clip_benchmark build` reads mm's files.
+
+    Setup (the `benchmark` extra, but in a directory of its own): clip-benchmark 1.6.2 calls float() on a
+    1-element numpy array, which numpy >= 2.3 (this venv's) refuses, so it runs in a subprocess with
+    ``PYTHONPATH=$MM_CLIP_BENCHMARK_PATH`` (default .venv-clip-benchmark, which `make test-benchmark` fills) holding
+    it and an older numpy::
+
+        pip install --target .venv-clip-benchmark --no-deps clip-benchmark==1.6.2 'numpy<2.3' 'scikit-learn>=1,<2' scipy \\
+            joblib threadpoolctl cloudpickle narwhals pycocoevalcap requests urllib3 idna charset-normalizer certifi
+
+    (torch, torchvision, open_clip, webdataset, tqdm come from this venv). Run with ``pytest -m benchmark_peer -s``
+    to see both tools' wall times (each a fresh process: imports, model load, data, metrics).
+    """
+    env = {**os.environ, "PYTHONPATH": CB_PATH}
+    probe = subprocess.run([sys.executable, "-c", "import clip_benchmark.cli"], env=env, capture_output=True, text=True)
+    assert probe.returncode == 0, (f"clip_benchmark 1.6.2 is not importable from {CB_PATH}: `make test-benchmark` "
+                                   f"installs it there (this test's docstring says how)\n{probe.stderr[-2000:]}")
+    import open_clip
+
+    torch.manual_seed(0)
+    weights = tmp_path / "vit_s_32_random.pt"
+    torch.save(open_clip.create_model("ViT-S-32").state_dict(), weights)
+    model = mm.load_model("ViT-S-32", str(weights)).eval()
+
+    root = tmp_path / "wds"
+    n = 40
+    enc = [png_bytes(im) if i % 2 else jpeg(im) for i, im in enumerate(random_images(n, 11, size=64))]
+    order = class_logits(model, enc, CLASSES, TEMPLATES).argsort(dim=1, descending=True)
+    labels = [int(order[i, RANKS[i % len(RANKS)]]) for i in range(n)]
+    write_wds(root / "cifar", [{"png" if i % 2 else "jpg": b, "cls": str(y).encode()}
+                               for i, (b, y) in enumerate(zip(enc, labels))], classes=CLASSES, templates=TEMPLATES)
+    caps = [[f"a picture number {i}", f"colour noise {i + 100}", f"{i} squares"][: 1 + i % 3] for i in range(n)]
+    write_wds(root / "flickr", [{"png": b, "txt": "\n".join(c).encode()} for b, c in zip(enc, caps)], shards=3,
+              dataset_type="retrieval")
+    del model
+
+    cb_out, mm_out = tmp_path / "cb", tmp_path / "mm"
+    cb_out.mkdir()
+    times = {}
+    for dataset, task in (("wds/cifar", "zeroshot_classification"), ("wds/flickr", "zeroshot_retrieval")):
+        t0 = time.perf_counter()
+        _run([sys.executable, "-m", "clip_benchmark.cli", "eval", "--model", "ViT-S-32", "--pretrained",
+              str(weights), "--dataset", dataset, "--dataset_root", f"{root}/{{dataset}}", "--task", task,
+              "--no_amp", "--recall_k", "1", "5", "10", "--batch_size", "16", "--num_workers", "1",
+              "--output", f"{cb_out}/{{dataset}}_{{pretrained}}_{{model}}_{{language}}_{{task}}.json"],
+             env=env, cwd=tmp_path)
+        t1 = time.perf_counter()
+        _run([sys.executable, "-m", "mm", "benchmark", "--model", "ViT-S-32", "--pretrained", str(weights),
+              "--dataset", dataset, "--dataset-root", f"{root}/{{dataset}}", "--task", task,
+              "--batch-size", "16", "--workers", "1", "--output", str(mm_out), "--device", "cpu"],
+             cwd=ROOT)
+        times[dataset] = (t1 - t0, time.perf_counter() - t1)
+    cb_files = sorted(p.name for p in cb_out.glob("*.json"))
+    assert sorted(p.name for p in mm_out.glob("*.json")) == cb_files and len(cb_files) == 2
+    for name in cb_files:
+        cb, ours = read_result(cb_out, name), read_result(mm_out, name)
+        assert {k: v for k, v in ours.items() if k != "metrics"} == {k: v for k, v in cb.items() if k != "metrics"}
+        assert set(ours["metrics"]) == set(cb["metrics"])
+        assert ours["metrics"] == pytest.approx(cb["metrics"], abs=1e-6), name
+        with capsys.disabled():
+            print(f"\n{name}\n  clip_benchmark {cb['metrics']}\n  mm             {ours['metrics']}")
+    cls = read_result(mm_out, cb_files[0] if "classification" in cb_files[0] else cb_files[1])["metrics"]
+    assert 0 < cls["acc1"] < cls["acc5"] < 1
+    with capsys.disabled():
+        for dataset, (t_cb, t_mm) in times.items():
+            print(f"{dataset}: wall time clip_benchmark {t_cb:.1f} s, mm {t_mm:.1f} s (fresh processes, CPU)")
+    built = tmp_path / "built.csv"
+    _run([sys.executable, "-m", "clip_benchmark.cli", "build", str(mm_out), str(cb_out), "--output", str(built)],
+         env=env)
+    import csv
+
+    rows = list(csv.DictReader(built.open()))
+    assert len(rows) == 4 and {r["model_fullname"] for r in rows} == {f"ViT-S-32 {weights}"}
