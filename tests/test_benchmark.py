@@ -180,6 +180,42 @@ def test_classification_and_retrieval_equal_reference(data, model_dir, tmp_path,
     assert len(md) == 2 + len(rows) and md[-1].startswith(f"| {model_dir} |  | average |")
 
 
+def test_an_adapter_gets_the_results_of_its_merged_model(data, model_dir, tmp_path, capsys):
+    """`--adapter`: the base with a LoRA adapter applied (not merged) scores exactly what `mm merge`'s model
+    directory scores, and not what the base alone scores (the adapter is really applied)."""
+    from mm.hub import base_sha256, save_adapter
+    from mm.layers.config import LoraConfig
+    from mm.layers.lora import add_lora, is_lora_param
+
+    root, ref = data
+    base = mm.load_pretrained(model_dir).eval()
+    lora = LoraConfig(rank=4, targets=["*.attn", "*.mlp"])
+    add_lora(base, lora)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if is_lora_param(name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    adapter = save_adapter(base, tmp_path / "adapter", lora, base=str(model_dir), base_hash=base_sha256(base))
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(merged)]) == 0
+    metrics = {}
+    for name, spec in (("adapter", ["--model", str(model_dir), "--adapter", str(adapter)]),
+                       ("merged", ["--model", str(merged)])):
+        out = tmp_path / f"out_{name}"
+        assert bench(*spec, "--dataset", "wds/cifar", "wds/flickr", "--dataset-root", str(root),
+                     "--output", str(out)) == 0
+        files = sorted(out.glob("*.json"))
+        assert len(files) == 2
+        records = [json.loads(f.read_text()) for f in files]
+        metrics[name] = [r["metrics"] for r in records]
+        if name == "adapter":  # recorded (and so named) as base + adapter: never taken for the base's results
+            assert {r["model"] for r in records} == {f"{model_dir}+{adapter}"}
+    for a, m in zip(metrics["adapter"], metrics["merged"]):
+        assert a == pytest.approx(m, abs=1e-9)
+    assert metrics["adapter"][0] != pytest.approx(ref["cifar"], abs=1e-9)  # the base's own scores differ
+
+
 def test_image_folder_equals_its_shards(data, model_dir, tmp_path, capsys):
     """The same images as class folders (torchvision ImageFolder: sorted folders = class indices) give the shards'
     metrics."""
