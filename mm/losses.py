@@ -354,9 +354,9 @@ class CocaLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.aux_weight = aux_weight
 
-    def caption_rows(self, batch: int) -> int | None:
-        """The model's ``caption_rows`` for a batch of ``batch`` rows: None (all) or ceil(fraction * batch)."""
-        return None if self.caption_fraction == 1.0 else max(1, math.ceil(self.caption_fraction * batch))
+    def caption_rows(self, batch: int) -> int:
+        """The model's ``caption_rows`` for a batch of ``batch`` rows: ceil(fraction * batch), at least 1."""
+        return max(1, math.ceil(self.caption_fraction * batch))
 
     def forward(self, out: Any) -> dict[str, Tensor]:
         logits, labels = getattr(out, "caption_logits", None), getattr(out, "caption_labels", None)

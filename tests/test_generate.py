@@ -295,7 +295,7 @@ def test_caption_rows_train_the_decoder_on_the_first_rows_and_embed_every_row(mo
     assert torch.equal(part.caption_labels, head.caption_labels)
     assert part.caption_labels.numel() < full.caption_labels.numel()
     loss = CocaLoss(caption_fraction=0.5)
-    assert [loss.caption_rows(n) for n in (1, 3, 128)] == [1, 2, 64] and CocaLoss().caption_rows(128) is None
+    assert [loss.caption_rows(n) for n in (1, 3, 128)] == [1, 2, 64] and CocaLoss().caption_rows(128) == 128
     for bad in (0, 4):
         with pytest.raises(ValueError, match="caption_rows must be in"):
             model(images, tokens, caption_rows=bad)

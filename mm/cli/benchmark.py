@@ -10,7 +10,8 @@ import argparse
 import sys
 from typing import Any
 
-from ..eval.benchmark import TASKS, BenchmarkError, ModelRef, Suite, entries, load_suite, run_benchmark, write_summary
+from ..eval.benchmark import (TASKS, BenchmarkError, ModelRef, Suite, check_task, entries, load_suite, run_benchmark,
+                              write_summary)
 from ..hub import load_model
 from ..utils.host import default_workers
 from ..utils.precision import PRECISIONS, autocast_dtype
@@ -63,8 +64,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.dataset and suite:
         raise ValueError("give --dataset or --suite, not both")
     for t in args.task or []:
-        if t not in TASKS:
-            raise BenchmarkError(f"unknown task {t!r} (mm benchmark runs: {', '.join(TASKS)})")
+        check_task(t)
     datasets = suite.datasets if suite else [(d, args.task or None) for d in args.dataset]
     if suite and args.task:
         datasets = [(d, args.task) for d, _ in datasets]

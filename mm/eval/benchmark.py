@@ -433,7 +433,7 @@ def run_benchmark(todo: Sequence[Entry], load: Callable[[ModelRef], Any], output
             outcomes.append(_plan(e, dataset_root, split, output))
         except catch as err:
             outcomes.append(Outcome(e, error=str(err)))
-    pending = [id(o) for o in outcomes if o.error is None and (overwrite or not o.path.is_file())]
+    pending = {id(o) for o in outcomes if o.error is None and (overwrite or not o.path.is_file())}
     models: dict[ModelRef, Any] = {}
     spent, done = 0.0, 0
     for i, o in enumerate(outcomes, 1):

@@ -181,7 +181,8 @@ class GradCache:
         """Each chunk again with its graph and its random state, back-propagating ``<embeddings, cached
         gradients>`` plus its share of the per-chunk losses; returns those losses (detached) and the last output."""
         n = images.shape[0]
-        rows = [self._caption_rows(b - a) for a, b in bounds]
+        # CoCa: the decoder trains on each chunk's first caption_rows (train.caption_fraction of the chunk)
+        rows = [self.loss_fn.caption_rows(b - a) if self.caption else b - a for a, b in bounds]
         n_tokens = sum(int(self._caption_tokens(tokens[a:a + r])) for (a, _), r in zip(bounds, rows)) \
             if self.caption else 0
         sums: dict[str, torch.Tensor] = {}
@@ -190,7 +191,7 @@ class GradCache:
             self.rng.set(states[i])
             with nullcontext() if sync and i == len(bounds) - 1 else self.no_sync():
                 with self.autocast():
-                    kw = {} if rows[i] == b - a else {"caption_rows": rows[i]}
+                    kw = {"caption_rows": rows[i]} if self.caption else {}
                     out = self.model(images[a:b] if self.run_img else None, tokens[a:b] if self.run_txt else None,
                                      **kw)
                 g_img, g_txt = cached["image_emb"], cached["text_emb"]
@@ -214,11 +215,6 @@ class GradCache:
                 if torch.is_tensor(total) and total.requires_grad:
                     total.backward()
         return sums, out
-
-    def _caption_rows(self, rows: int) -> int:
-        """How many of a chunk's rows train the decoder (``train.caption_fraction`` of each chunk)."""
-        n = self.loss_fn.caption_rows(rows) if self.caption else None
-        return rows if n is None else n
 
     def _caption_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """How many caption labels CoCa's forward makes of ``tokens`` (its ``predicts_real`` count)."""

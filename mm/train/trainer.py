@@ -381,7 +381,7 @@ class Trainer:
                 continue
             with nullcontext() if micro == accum - 1 else self.acc.no_sync(self.model):
                 with self.stepper.autocast():
-                    out = self.model(images, tokens, **self._caption_kw(images.shape[0]))
+                    out = self.model(images, tokens, **self._caption_kw(images.shape[0]))  # CoCa: decoder rows
                 losses = self.loss_fn(out) if self.distill is None else self.distill(out, batch, images, tokens)
                 self.stepper.backward(losses["loss"] / accum)
             self.samples_since += images.shape[0] * self.world
@@ -399,9 +399,8 @@ class Trainer:
         return losses, out
 
     def _caption_kw(self, rows: int) -> dict[str, int]:
-        """CoCa under ``train.caption_fraction`` < 1: the forward's ``caption_rows``."""
-        n = self.loss_fn.caption_rows(rows) if isinstance(self.loss_fn, CocaLoss) else None
-        return {} if n is None else {"caption_rows": n}
+        """CoCa: the forward's ``caption_rows`` (``train.caption_fraction`` of the batch); CLIP takes none."""
+        return {"caption_rows": self.loss_fn.caption_rows(rows)} if isinstance(self.loss_fn, CocaLoss) else {}
 
     def _periodic(self, end: int, losses: dict[str, torch.Tensor], out: ModelOutput) -> None:
         """What happens every ``train.log_every`` / ``checkpoint_every`` / ``eval.every`` steps."""
