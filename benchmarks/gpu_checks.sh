@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU (issues 5, 7, 8, 19, 20 and 21), as one prepared pass sized for one H200; the limits
+# Every check that needs a GPU (issues 5, 7, 8, 19, 20, 21 and 27), as one prepared pass sized for one H200; the limits
 # add up to more than one 10-minute command: run it as two (ONLY="info train infer data", then the rest). Each step has its own time limit, so one hang costs only its slot; logs go to
 # $OUT (the device tool's output folder) or benchmarks/runs/gpu.
 #
@@ -16,10 +16,16 @@
 # and the device command is (carry: [".whl"]):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
 #     PYTHONPATH=/tmp/site:. PY=python3 bash benchmarks/gpu_checks.sh
+# The probe step (issue 27: mm benchmark's linear probe = clip_benchmark's, which runs only on CUDA) needs
+# clip_benchmark with numpy < 2.3 and scikit-learn (61 MiB of wheels: a call of its own, carry [".whl-cb"]):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl-cb \
+#     clip-benchmark==1.6.2 'numpy<2.3' 'scikit-learn>=1,<2' scipy joblib threadpoolctl tqdm
+#   ONLY=probe PY=python3 bash benchmarks/gpu_checks.sh   # no other wheels needed: the probe reads features only
 set -u
 OUT=${OUT:-benchmarks/runs/gpu}
 PY=${PY:-.venv/bin/python}
-ONLY=${ONLY:-"info train infer data moe sparse lora gradcache serve tests"}
+ONLY=${ONLY:-"info train infer data moe sparse lora gradcache serve tests"}  # and probe, a call of its own
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
@@ -65,6 +71,11 @@ step gradcache_b16 80 $GC --model ViT-B-16 --batches 4096 --no-plain
 
 # Issue 21, acceptance 3: mm serve on the GPU, 1/8/32/128 clients, batching vs one call per request (ViT-B-32).
 step serve 90 $PY benchmarks/bench_serve.py --device cuda --duration 8 --rss-requests 0
+
+# Issue 27, acceptance 1: the linear probe equals clip_benchmark's own on CUDA (4 cases: wd search, no val, few-shot,
+# fp16 autocast); needs .whl-cb (above).
+step probe 150 bash -c "$PY -m pip install -q --no-index --no-deps --target /tmp/cb .whl-cb/*.whl && \
+    $PY benchmarks/check_probe_cuda.py --cb-path /tmp/cb"
 
 # The CUDA-only tests (compiled flex_attention) and the device paths of the rest.
 step tests 45 $PY -m pytest -x tests/test_sparse_attention.py tests/test_layers.py tests/test_device_decode.py

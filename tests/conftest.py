@@ -88,3 +88,20 @@ def model(model_dir):
     import mm
 
     return mm.load_pretrained(model_dir).eval()
+
+
+def write_wds(d: Path, samples: list[dict[str, bytes]], *, shards: int = 2, classes: list[str] | None = None,
+              templates: list[str] | None = None, dataset_type: str | None = None, split: str = "test") -> Path:
+    """clip_benchmark's layout: split/nshards.txt, split/0.tar.., classnames.txt, templates, dataset_type.txt."""
+    (d / split).mkdir(parents=True)
+    per = -(-len(samples) // shards)
+    for s in range(shards):
+        write_tar(d / split / f"{s}.tar", [(f"s{i:04d}", m) for i, m in enumerate(samples) if i // per == s])
+    (d / split / "nshards.txt").write_text(f"{shards}\n")
+    if classes is not None:
+        (d / "classnames.txt").write_text("\n".join(classes) + "\n")
+    if templates is not None:
+        (d / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+    if dataset_type is not None:
+        (d / "dataset_type.txt").write_text(dataset_type + "\n")
+    return d

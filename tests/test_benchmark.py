@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import png_bytes, write_tar
+from conftest import png_bytes, write_wds
 from PIL import Image
 
 import mm
@@ -90,23 +90,6 @@ def reference_retrieval(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tenso
         out[f"image_retrieval_recall@{k}"] = t2i.double().mean().item()
         out[f"text_retrieval_recall@{k}"] = i2t.double().mean().item()
     return out
-
-
-def write_wds(d: Path, samples: list[dict[str, bytes]], *, shards: int = 2, classes: list[str] | None = None,
-              templates: list[str] | None = None, dataset_type: str | None = None, split: str = "test") -> Path:
-    """clip_benchmark's layout: split/nshards.txt, split/0.tar.., classnames.txt, templates, dataset_type.txt."""
-    (d / split).mkdir(parents=True)
-    per = -(-len(samples) // shards)
-    for s in range(shards):
-        write_tar(d / split / f"{s}.tar", [(f"s{i:04d}", m) for i, m in enumerate(samples) if i // per == s])
-    (d / split / "nshards.txt").write_text(f"{shards}\n")
-    if classes is not None:
-        (d / "classnames.txt").write_text("\n".join(classes) + "\n")
-    if templates is not None:
-        (d / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
-    if dataset_type is not None:
-        (d / "dataset_type.txt").write_text(dataset_type + "\n")
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +273,7 @@ def test_bad_inputs(data, model_dir, tmp_path, capsys):
     img = png_bytes(random_images(1, 5)[0])
     no_names = write_wds(d / "no_names", [{"png": img, "cls": b"0"}], shards=1)
     assert run("--dataset", str(no_names)) == f"error: {no_names}: no classnames.txt (one class name per line, " \
-                                              "line i = class i), which zero-shot classification needs"
+                                              "line i = class i), which classification needs"
     too_few = write_wds(d / "too_few", [{"png": img, "cls": b"0"}, {"png": img, "cls": b"3"}], shards=1,
                         classes=["red", "green"])
     msg = run("--dataset", str(too_few))
@@ -303,10 +286,148 @@ def test_bad_inputs(data, model_dir, tmp_path, capsys):
     missing = write_wds(d / "missing", [{"png": img, "cls": b"0"}], shards=1, classes=["red"])
     (missing / "test" / "nshards.txt").write_text("2")
     assert str(missing / "test" / "1.tar") in run("--dataset", str(missing))
+    assert run("--dataset", "wds/cifar", "--dataset-root", str(root), "--task", "linear_regression") == \
+        "error: unknown task 'linear_regression' (mm benchmark runs: zeroshot_classification, zeroshot_retrieval, " \
+        "linear_probe, captioning, image_caption_selection)"
     assert run("--dataset", "wds/cifar", "--dataset-root", str(root), "--task", "linear_probe") == \
-        "error: unknown task 'linear_probe' (mm benchmark runs: zeroshot_classification, zeroshot_retrieval)"
+        f"error: {root / 'cifar'}: split 'train' has no shards (train/*.tar)"
+    assert run("--dataset", "wds/flickr", "--dataset-root", str(root), "--task", "captioning") == \
+        f"error: model {model_dir} has no captioning decoder: the captioning task needs a CoCa model"
     assert "wds/nothere" in run("--dataset", "wds/nothere", "--dataset-root", str(root))
     assert not list((tmp_path / "out").glob("*.json"))
+
+
+def test_linear_probe_equals_the_probe_on_the_models_features(model, model_dir, tmp_path, capsys):
+    """linear_probe: the train / val / test splits are encoded by the model (each image's unit features) and
+    given to clip_benchmark's probe procedure (mm.eval.benchmark_probe, compared with clip_benchmark itself and
+    scikit-learn in tests/test_benchmark_probe.py): the result file holds exactly what the procedure gives on the
+    features computed here; without a validation split the weight decay is 0, as clip_benchmark's."""
+    from mm.eval.benchmark_probe import linear_probe
+
+    root = tmp_path / "wds"
+    splits = {}
+    for split, n, seed in (("train", 60, 41), ("val", 20, 42), ("test", 24, 43)):
+        enc = [png_bytes(im) for im in random_images(n, seed)]
+        logits = class_logits(model, enc, CLASSES, TEMPLATES)
+        labels = logits.argsort(dim=1, descending=True)[:, 0]  # learnable: a function of the features
+        labels[::5] = torch.arange(len(labels[::5])) % len(CLASSES)  # and some noise
+        write_wds(root / "lp", [{"png": b, "cls": str(int(y)).encode()} for b, y in zip(enc, labels)],
+                  classes=CLASSES if split == "test" else None, templates=TEMPLATES if split == "test" else None,
+                  split=split)
+        splits[split] = (image_emb(model, enc), labels)
+    out = tmp_path / "out"
+    assert bench("--model", str(model_dir), "--dataset", "wds/lp", "--dataset-root", str(root), "--task",
+                 "linear_probe", "--val-split", "val", "--fewshot-epochs", "3", "--batch-size", "16",
+                 "--output", str(out)) == 0
+    r = read_result(out, f"lp__{slug(model_dir)}_en_linear_probe.json")
+    ref = linear_probe(*splits["train"], *splits["test"], *splits["val"], epochs=3, batch_size=16)
+    assert set(r["metrics"]) == set(ref) and r["metrics"] == pytest.approx(ref, abs=1e-6, nan_ok=True)
+    assert 0 < ref["lp_acc1"] < 1 and ref["weight_decay"] > 0
+    assert bench("--model", str(model_dir), "--dataset", "wds/lp", "--dataset-root", str(root), "--task",
+                 "linear_probe", "--fewshot-epochs", "3", "--batch-size", "16", "--output", str(out),
+                 "--overwrite") == 0
+    r = read_result(out, f"lp__{slug(model_dir)}_en_linear_probe.json")
+    ref = linear_probe(*splits["train"], *splits["test"], epochs=3, batch_size=16)
+    assert r["metrics"]["weight_decay"] == 0 and r["metrics"] == pytest.approx(ref, abs=1e-6, nan_ok=True)
+    rows = (out / "results.csv").read_text().splitlines()
+    assert float(rows[1].split(",")[4]) == pytest.approx(ref["lp_acc1"])  # the main metric
+
+
+def test_two_processes_give_the_results_of_one(data, model_dir, tmp_path):
+    """Under `accelerate launch` (two gloo ranks on the CPU) each process encodes every other shard and the features
+    are gathered: the results equal one process's; an unreadable shard in one process's share fails that entry on
+    both (no process waits for the other) and the other entries still run."""
+    import socket
+
+    root, ref = data
+    bad = root.parent / "bad2"
+    if not bad.exists():
+        import shutil
+
+        shutil.copytree(root / "cifar", bad)
+        (bad / "test" / "1.tar").write_bytes((bad / "test" / "1.tar").read_bytes()[:700] + b"\x07" * 700)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "mm.cli", "benchmark", "--model", str(model_dir), "--dataset", "wds/cifar", "wds/flickr", str(bad),
+           "--dataset-root", str(root), "--batch-size", "4", "--workers", "0", "--output", str(out)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "2 processes share the encoding" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert f"{bad / 'test' / '1.tar'}" in proc.stderr and "1 of 3 entries failed" in proc.stderr
+    for name, task in (("cifar", "zeroshot_classification"), ("flickr", "zeroshot_retrieval")):
+        r = read_result(out, f"{name}__{slug(model_dir)}_en_{task}.json")
+        assert r["metrics"] == pytest.approx(ref[name], abs=1e-6), name
+    assert len(list(out.glob("*.json"))) == 2
+
+
+def test_image_caption_selection_equals_reference(model, model_dir, tmp_path, capsys):
+    """SugarCrepe-style data (one image, its true caption first, then negatives): ``text_acc`` = ``acc`` = the share
+    of images whose most similar caption is the first, here half by construction (the model's best caption first
+    for even samples, its worst first for odd ones); ``image_acc`` is 1 (one image per sample), as clip_benchmark
+    computes it; the task is chosen from the dataset's name, as clip_benchmark's --task auto."""
+    imgs = [png_bytes(im) for im in random_images(10, 21)]
+    pool = ["a red thing", "a dark blue square", "noise of many colours", "a bright green field", "yellow light"]
+    sim = image_emb(model, imgs) @ text_emb(model, pool).T
+    caps = []
+    for i in range(len(imgs)):
+        order = sim[i].argsort(descending=True).tolist()
+        first = order[0] if i % 2 == 0 else order[-1]
+        caps.append([pool[first]] + [pool[j] for j in order if j != first][:2])
+    ref = sum((sim[i, pool.index(c[0])] >= sim[i, [pool.index(x) for x in c]].max()).item()
+              for i, c in enumerate(caps)) / len(caps)
+    assert ref == 0.5
+    root = tmp_path / "wds"
+    write_wds(root / "sugar_crepe_swap", [{"png": b, "txt": "\n".join(c).encode()} for b, c in zip(imgs, caps)],
+              dataset_type="retrieval")
+    out = tmp_path / "out"
+    assert bench("--model", str(model_dir), "--dataset", "wds/sugar_crepe_swap", "--dataset-root", str(root),
+                 "--output", str(out)) == 0
+    r = read_result(out, f"sugar_crepe_swap__{slug(model_dir)}_en_image_caption_selection.json")
+    assert r["task"] == "image_caption_selection" and r["metrics"] == {"image_acc": 1.0, "text_acc": ref, "acc": ref}
+
+
+@pytest.fixture(scope="module")
+def coca_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(3)
+    return mm.save_pretrained(mm.create_model("tiny-coca"), tmp_path_factory.mktemp("coca") / "coca")
+
+
+def test_captioning_scores_the_generated_captions(coca_dir, tmp_path, capsys):
+    """Captioning: a caption generated per image (greedy here) scored against the sample's captions with
+    coco-caption's BLEU / ROUGE-L / CIDEr-D under clip_benchmark's (pycocoevalcap's) names. The references hold
+    the image's own generated caption for some images, so the scores are neither 0 nor 1; the reference scores
+    come from mm.generate on the images decoded here and the metric functions (whose arithmetic
+    tests/test_caption_metrics.py checks against coco-caption's formulas)."""
+    from mm.eval.caption_metrics import caption_scores
+    from mm.inference.generate import generate
+
+    model = mm.load_pretrained(coca_dir).eval()
+    imgs = [png_bytes(im) for im in random_images(8, 31)]
+    tf, tok = mm.image_transform(model), mm.get_tokenizer(model)
+    x = torch.stack([tf(Image.open(io.BytesIO(b)).convert("RGB")) for b in imgs])
+    with torch.no_grad():
+        ids = generate(model, x, method="greedy", max_new_tokens=6).tolist()
+    eot = model.config.text.eot_id
+    gen = [tok.decode(r[: r.index(eot)] if eot in r else r) for r in ids]
+    refs = [([g] if i % 3 == 0 else []) + [f"a photo number {i}", "some colour noise"] for i, g in enumerate(gen)]
+    root = tmp_path / "wds"
+    write_wds(root / "flickr", [{"png": b, "txt": "\n".join(c).encode()} for b, c in zip(imgs, refs)],
+              dataset_type="retrieval")
+    out = tmp_path / "out"
+    assert bench("--model", str(coca_dir), "--dataset", "wds/flickr", "--dataset-root", str(root), "--task",
+                 "captioning", "--generation", "greedy", "--max-new-tokens", "6", "--output", str(out)) == 0
+    r = read_result(out, f"flickr__{slug(coca_dir)}_en_captioning.json")
+    s = caption_scores(gen, refs)
+    expected = {"Bleu_1": s["bleu1"], "Bleu_2": s["bleu2"], "Bleu_3": s["bleu3"], "Bleu_4": s["bleu4"],
+                "ROUGE_L": s["rouge_l"], "CIDEr": s["cider"]}
+    assert r["metrics"] == pytest.approx(expected, abs=1e-12)
+    assert 0 < r["metrics"]["Bleu_1"] < 1 and 0 < r["metrics"]["CIDEr"]
+    rows = (out / "results.csv").read_text().splitlines()
+    assert rows[0].split(",")[5:] == list(expected) and float(rows[1].split(",")[4]) == pytest.approx(s["cider"])
 
 
 # -- clip_benchmark itself -----------------------------------------------------------------------
@@ -359,12 +480,19 @@ def test_equals_clip_benchmark(tmp_path, capsys):
     caps = [[f"a picture number {i}", f"colour noise {i + 100}", f"{i} squares"][: 1 + i % 3] for i in range(n)]
     write_wds(root / "flickr", [{"png": b, "txt": "\n".join(c).encode()} for b, c in zip(enc, caps)], shards=3,
               dataset_type="retrieval")
+    pool = [f"a {c} square" for c in CLASSES]  # SugarCrepe-style: 3 candidates each, the "true" one first
+    sim = image_emb(model, enc) @ text_emb(model, pool).T
+    ranks = ([0, 3, 6], [3, 0, 6], [5, 1, 7])  # the first caption is the model's best of the three for i % 3 == 0
+    picks = [sim[i].argsort(descending=True)[ranks[i % 3]].tolist() for i in range(n)]
+    write_wds(root / "sugar_crepe_x", [{"png": b, "txt": "\n".join(pool[j] for j in p).encode()}
+                                       for b, p in zip(enc, picks)], dataset_type="retrieval")
     del model
 
     cb_out, mm_out = tmp_path / "cb", tmp_path / "mm"
     cb_out.mkdir()
     times = {}
-    for dataset, task in (("wds/cifar", "zeroshot_classification"), ("wds/flickr", "zeroshot_retrieval")):
+    for dataset, task in (("wds/cifar", "zeroshot_classification"), ("wds/flickr", "zeroshot_retrieval"),
+                          ("wds/sugar_crepe_x", "image_caption_selection")):
         t0 = time.perf_counter()
         _run([sys.executable, "-m", "clip_benchmark.cli", "eval", "--model", "ViT-S-32", "--pretrained",
               str(weights), "--dataset", dataset, "--dataset_root", f"{root}/{{dataset}}", "--task", task,
@@ -378,7 +506,7 @@ def test_equals_clip_benchmark(tmp_path, capsys):
              cwd=ROOT)
         times[dataset] = (t1 - t0, time.perf_counter() - t1)
     cb_files = sorted(p.name for p in cb_out.glob("*.json"))
-    assert sorted(p.name for p in mm_out.glob("*.json")) == cb_files and len(cb_files) == 2
+    assert sorted(p.name for p in mm_out.glob("*.json")) == cb_files and len(cb_files) == 3
     for name in cb_files:
         cb, ours = read_result(cb_out, name), read_result(mm_out, name)
         assert {k: v for k, v in ours.items() if k != "metrics"} == {k: v for k, v in cb.items() if k != "metrics"}
@@ -386,8 +514,9 @@ def test_equals_clip_benchmark(tmp_path, capsys):
         assert ours["metrics"] == pytest.approx(cb["metrics"], abs=1e-6), name
         with capsys.disabled():
             print(f"\n{name}\n  clip_benchmark {cb['metrics']}\n  mm             {ours['metrics']}")
-    cls = read_result(mm_out, cb_files[0] if "classification" in cb_files[0] else cb_files[1])["metrics"]
+    cls = read_result(mm_out, next(f for f in cb_files if "classification" in f))["metrics"]
     assert 0 < cls["acc1"] < cls["acc5"] < 1
+    assert 0 < read_result(mm_out, next(f for f in cb_files if "selection" in f))["metrics"]["acc"] < 1
     with capsys.disabled():
         for dataset, (t_cb, t_mm) in times.items():
             print(f"{dataset}: wall time clip_benchmark {t_cb:.1f} s, mm {t_mm:.1f} s (fresh processes, CPU)")
@@ -397,4 +526,47 @@ def test_equals_clip_benchmark(tmp_path, capsys):
     import csv
 
     rows = list(csv.DictReader(built.open()))
-    assert len(rows) == 4 and {r["model_fullname"] for r in rows} == {f"ViT-S-32 {weights}"}
+    assert len(rows) == 6 and {r["model_fullname"] for r in rows} == {f"ViT-S-32 {weights}"}
+
+
+@pytest.mark.benchmark_peer
+def test_caption_metrics_equal_pycocoevalcap(tmp_path):
+    """The captioning task's metrics (mm.eval.caption_metrics: tokenize, then BLEU-1..4, ROUGE-L, CIDEr-D) equal
+    pycocoevalcap's (clip_benchmark's captioning scorer) with its Java PTBTokenizer, on Flickr-style captions with
+    punctuation, capitals and clitics. METEOR and SPICE (Java + Stanford CoreNLP models) are not computed by mm."""
+    from mm.eval.caption_metrics import caption_scores
+
+    rng = np.random.default_rng(0)
+    words = "a the dog dogs man woman child red blue ball grass beach water runs jumps is sitting on in near with " \
+            "two three playing brown white black small large".split()
+    refs = [[" ".join(rng.choice(words, rng.integers(4, 12))).capitalize() + rng.choice([".", " .", "!", ""])
+             for _ in range(5)] for _ in range(30)]
+    refs[0][:4] = ["A dog's ball, on the grass.", "The man isn't sitting; he's running!", "Dogs at no. 5 run.",
+                   "Mr. Smith, i.e. a man, in the U.S. sees a."]  # PTB's abbreviations and initials
+    cands = [rng.choice(r).lower().rstrip(".!") if i % 3 else " ".join(rng.choice(words, 7)) for i, r in enumerate(refs)]
+    (tmp_path / "data.json").write_text(json.dumps({"cands": cands, "refs": refs}))
+    script = """
+import json, sys
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.cider.cider import Cider
+d = json.load(open(sys.argv[1]))
+tok = PTBTokenizer()
+gts = tok.tokenize({i: [{"caption": c} for c in r] for i, r in enumerate(d["refs"])})
+res = tok.tokenize({i: [{"caption": c}] for i, c in enumerate(d["cands"])})
+out = dict(zip(["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"], Bleu(4).compute_score(gts, res)[0]))
+out["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
+out["CIDEr"] = Cider().compute_score(gts, res)[0]
+print(json.dumps({k: float(v) for k, v in out.items()}))
+"""
+    env = {**os.environ, "PYTHONPATH": CB_PATH}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "data.json")], env=env, capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = json.loads(proc.stdout.strip().splitlines()[-1])
+    s = caption_scores(cands, refs)
+    ours = {"Bleu_1": s["bleu1"], "Bleu_2": s["bleu2"], "Bleu_3": s["bleu3"], "Bleu_4": s["bleu4"],
+            "ROUGE_L": s["rouge_l"], "CIDEr": s["cider"]}
+    assert ours == pytest.approx(ref, abs=1e-9)
+    assert 0 < ref["Bleu_4"] < 1 and 0 < ref["CIDEr"]

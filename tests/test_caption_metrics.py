@@ -1,4 +1,4 @@
-"""BLEU / CIDEr-D caption metrics. Expected values are worked out here from the coco-caption formulas."""
+"""BLEU / ROUGE-L / CIDEr-D caption metrics. Expected values are worked out here from the coco-caption formulas."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mm.eval.caption_metrics import bleu, caption_scores, cider, tokenize
+from mm.eval.caption_metrics import bleu, caption_scores, cider, rouge_l, tokenize
 
 # The reference's offsets (1e-15 on numerators, 1e-9 on denominators) move scores by far less than this.
 TOL = 1e-6
@@ -167,15 +167,37 @@ def test_cider_depends_on_corpus_and_single_image_is_zero():
 def test_caption_scores_tokenizes_first():
     refs = [["A dog runs on the beach.", "a brown dog running"], ["Two cats sleep on a sofa."]]
     raw = caption_scores(["A DOG, runs on the beach!", "two cats sleep..."], refs)
-    assert set(raw) == {"bleu1", "bleu2", "bleu3", "bleu4", "cider"}
+    assert set(raw) == {"bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider"}
     clean_refs = [[" ".join(tokenize(r)) for r in rs] for rs in refs]
     b = bleu(["a dog runs on the beach", "two cats sleep"], clean_refs)
     assert [raw[f"bleu{k}"] for k in range(1, 5)] == pytest.approx(b, abs=1e-12)
     clean_cider = cider(["a dog runs on the beach", "two cats sleep"], clean_refs)[0]
     assert raw["cider"] == pytest.approx(clean_cider, abs=1e-12)
+    assert raw["rouge_l"] == pytest.approx(rouge_l(["a dog runs on the beach", "two cats sleep"], clean_refs), abs=1e-12)
 
 
-@pytest.mark.parametrize("fn", [bleu, cider, caption_scores])
+# --- ROUGE-L ----------------------------------------------------------------------------------------------
+
+def test_rouge_l_hand_computed_best_precision_and_best_recall():
+    # Reference 1 "the cat sat on the mat" (6) and candidate "the cat on a mat" (5): LCS "the cat on mat" = 4.
+    # Reference 2 "a cat" (2): LCS "cat" = 1 (or "a"), so precision 1/5, recall 1/2.
+    # The F-measure takes the best precision (4/5, ref 1) and the best recall (4/6 vs 1/2: ref 1), beta 1.2.
+    p, r, b2 = 4 / 5, 4 / 6, 1.2 ** 2
+    assert rouge_l(["the cat on a mat"], [["the cat sat on the mat", "a cat"]]) == pytest.approx(
+        (1 + b2) * p * r / (r + b2 * p), abs=1e-12)
+    # "a b" against "a b c d" (precision 1, recall 2/4) and "x a b" (precision 1, recall 2/3): the maxima, 1 and 2/3
+    p, r = 1.0, 2 / 3
+    assert rouge_l(["a b"], [["a b c d", "x a b"]]) == pytest.approx((1 + b2) * p * r / (r + b2 * p), abs=1e-12)
+
+
+def test_rouge_l_is_the_mean_over_images_and_zero_without_overlap():
+    one = rouge_l(["a dog runs"], [["a dog runs fast"]])
+    assert rouge_l(["a dog runs", "x y"], [["a dog runs fast"], ["z w"]]) == pytest.approx(one / 2, abs=1e-12)
+    assert rouge_l(["x y"], [["z w"]]) == 0.0
+    assert rouge_l(["a dog"], [["a dog"]]) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("fn", [bleu, cider, rouge_l, caption_scores])
 def test_validation(fn):
     with pytest.raises(ValueError, match="2 candidates but 1"):
         fn(["a", "b"], [["a"]])

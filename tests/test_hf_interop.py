@@ -368,3 +368,77 @@ def test_mm_convert_wrapped_open_clip_model_to_open_clip(tmp_path):
         assert torch.equal(oc.encode_text(ids), model.encode_text(ids))
     with pytest.raises(ConversionError, match="runs through open_clip"):
         to_hf_clip(model, tmp_path / "hf")
+
+
+# ------------------------------------------------------------------------------------------------ mm benchmark
+
+def run_mm_command(*args: str) -> subprocess.CompletedProcess:
+    """``python -m mm ARGS`` (any command), which must succeed."""
+    proc = subprocess.run([sys.executable, "-m", "mm", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.hf
+def test_benchmark_of_an_imported_siglip_equals_transformers(transformers, tmp_path):
+    """A SigLIP imported from a Hugging Face directory (`mm convert --from hf:DIR`) gets an `mm benchmark` result
+    file, clip_benchmark's, whose metrics are those of the Hugging Face model itself: images prepared by the
+    directory's own SiglipImageProcessor (squashed to 36 px, bicubic, from PNGs of other sizes), class prompts by
+    its tokenizer padded to the context, ``get_image_features`` / ``get_text_features``, CLIP's zero-shot
+    classifier (per class the renormalised mean of its unit prompt features). Each image is labelled with the
+    class HF ranks 1st, 2nd, 4th or 6th for it, so that 0 < acc1 < acc5 < 1."""
+    from conftest import png_bytes, write_tar
+
+    pytest.importorskip("tokenizers", reason=NEEDS_TRANSFORMERS)
+    hf = tiny_siglip(transformers, "siglip", seed=7)
+    src = tmp_path / "siglip"
+    hf.save_pretrained(src)
+    save_word_tokenizer(src)
+    transformers.SiglipImageProcessor(size={"height": 36, "width": 36}).save_pretrained(src)
+    run_mm_command("convert", "--from", f"hf:{src}", "--to", tmp_path / "mm")
+
+    classes = ["cat", "dog", "sofa", "beach", "red", "square"]
+    templates = ["a photo of a {c}", "two {c} on the sofa"]
+    rng = np.random.default_rng(7)
+    sizes = [(40, 40), (48, 36), (30, 44)]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for i in range(14)
+              for w, h in [sizes[i % 3]]]
+    processor = transformers.SiglipImageProcessor.from_pretrained(src)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(
+            hf.get_image_features(pixel_values=processor(images=images, return_tensors="pt").pixel_values), dim=-1)
+        prompts = [t.format(c=c) for c in classes for t in templates]
+        ids = tokenizer(prompts, padding="max_length", max_length=16, return_tensors="pt").input_ids
+        txt = torch.nn.functional.normalize(hf.get_text_features(input_ids=ids), dim=-1)
+    W = torch.nn.functional.normalize(txt.view(len(classes), len(templates), -1).mean(1), dim=-1).T
+    logits = img @ W  # (images, classes)
+    labels = torch.stack([logits[i].argsort(descending=True)[(0, 1, 3, 5)[i % 4]] for i in range(len(images))])
+    rank = (logits > logits.gather(1, labels[:, None])).sum(1)  # classes HF scores above the label
+    recalls = [(rank[labels == c] == 0).double().mean().item() for c in labels.unique()]
+    expected = {"acc1": (rank < 1).double().mean().item(), "acc5": (rank < 5).double().mean().item(),
+                "mean_per_class_recall": sum(recalls) / len(recalls)}
+    assert 0 < expected["acc1"] < expected["acc5"] < 1
+
+    data = tmp_path / "noise"  # clip_benchmark's webdataset layout
+    (data / "test").mkdir(parents=True)
+    samples = [(f"s{i:03d}", {"png": png_bytes(im), "cls": str(int(y)).encode()})
+               for i, (im, y) in enumerate(zip(images, labels))]
+    write_tar(data / "test" / "0.tar", samples[:8])
+    write_tar(data / "test" / "1.tar", samples[8:])
+    (data / "test" / "nshards.txt").write_text("2\n")
+    (data / "classnames.txt").write_text("\n".join(classes) + "\n")
+    (data / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+    out = tmp_path / "out"
+    run_mm_command("benchmark", "--model", tmp_path / "mm", "--dataset", data, "--batch-size", "5", "--workers", "0",
+                   "--device", "cpu", "--output", out)
+    model = str(tmp_path / "mm")
+    name = "{dataset}_{pretrained}_{model}_{language}_{task}.json".format(  # clip_benchmark's default --output
+        dataset="noise", pretrained="", model=model.replace("/", "_"), language="en", task="zeroshot_classification")
+    assert [p.name for p in out.glob("*.json")] == [name]
+    got = json.loads((out / name).read_text())
+    assert {k: v for k, v in got.items() if k != "metrics"} == {
+        "dataset": "wds/noise", "model": model, "pretrained": "", "task": "zeroshot_classification", "language": "en"}
+    print(f"imported siglip: {got['metrics']}")
+    assert got["metrics"] == pytest.approx(expected, abs=1e-9)

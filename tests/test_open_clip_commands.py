@@ -15,6 +15,7 @@ import copy
 import io
 import itertools
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -28,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import COLOURS, colour_image, make_colour_shards
+from conftest import COLOURS, colour_image, make_colour_shards, write_tar
 from PIL import Image
 
 import mm
@@ -310,6 +311,88 @@ def test_eval_equals_open_clip(case, shards, tmp_path):
     expected = {"zeroshot_top1": (rank < 1).mean(), "zeroshot_top5": (rank < 5).mean(), "zeroshot_n": len(labels),
                 **{f"i2t_r{k}": (i2t < k).mean() for k in (1, 5, 10)}, **{f"t2i_r{k}": (t2i < k).mean() for k in (1, 5, 10)}}
     assert got == pytest.approx(expected)
+
+
+def shard_members(path: Path) -> list[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) of every sample of a shard, in order (what conftest's ``write_tar`` writes back)."""
+    members: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return list(members.items())
+
+
+def clip_benchmark_layout(d: Path, parts: list[list[tuple[str, dict[str, bytes]]]], **files: str) -> Path:
+    """clip_benchmark's webdataset layout (``clip_benchmark_export_wds``): ``test/0.tar ..`` with
+    ``test/nshards.txt``, and the text ``files`` beside them (classnames.txt, ...)."""
+    (d / "test").mkdir(parents=True)
+    for i, part in enumerate(parts):
+        write_tar(d / "test" / f"{i}.tar", part)
+    (d / "test" / "nshards.txt").write_text(f"{len(parts)}\n")
+    for name, text in files.items():
+        (d / f"{name}.txt").write_text(text)
+    return d
+
+
+def test_benchmark_equals_open_clip(case, shards, tmp_path):
+    """`mm benchmark` on the test shard in clip_benchmark's layout, as a classification set (13 of its 16 images
+    in two shards, each labelled with the colour open_clip's zero-shot classifier ranks 1st, 2nd or 3rd for it, so
+    that acc1 is neither 0 nor 1) and as a retrieval set (every other image with a second caption: image -> text
+    is a hit on ANY of its captions): clip_benchmark's result files, holding clip_benchmark's metrics of open_clip's
+    own embeddings. 4 classes: acc5 is NaN, as clip_benchmark has it."""
+    members = shard_members(shards / "test-0000.tar")
+    samples = shard_samples(shards / "test-0000.tar")
+    img = case.images([s[0] for s in samples])
+    n_cls = 13
+    logits = img[:n_cls] @ case.classifier(COLOURS, TEMPLATES)
+    labels = np.array([np.argsort(-row)[i % 3] for i, row in enumerate(logits)])
+    cls_dir = clip_benchmark_layout(
+        tmp_path / "colours", [[(k, {**m, "cls": str(y).encode()}) for (k, m), y in zip(part, ys)]
+                               for part, ys in ((members[:8], labels[:8]), (members[8:n_cls], labels[8:]))],
+        classnames="\n".join(COLOURS) + "\n",
+        zeroshot_classification_templates="\n".join(t.replace("{}", "{c}") for t in TEMPLATES) + "\n")
+    captions = [[s[1]] + ([f"{s[1]} seen from afar"] if i % 2 == 0 else []) for i, s in enumerate(samples)]
+    ret_dir = clip_benchmark_layout(
+        tmp_path / "colour_captions", [[(k, {"jpg": m["jpg"], "txt": "\n".join(c).encode()})
+                                        for (k, m), c in zip(members, captions)]], dataset_type="retrieval\n")
+    out = tmp_path / "out"
+    run_mm("benchmark", "--model", case.model_dir, "--dataset", cls_dir, ret_dir, "--batch-size", "5",
+           "--workers", "0", "--device", "cpu", "--output", out)
+
+    # classification: the position of each label among open_clip's zero-shot logits (no ties to rank either way)
+    rank = (logits > logits[np.arange(n_cls), labels][:, None]).sum(1)
+    recalls = [(rank[labels == c] == 0).mean() for c in np.unique(labels)]
+    classification = {"acc1": (rank == 0).mean(), "acc5": math.nan, "mean_per_class_recall": np.mean(recalls)}
+    assert len(COLOURS) < 5 and 0 < classification["acc1"] < 1
+    # retrieval: an image's best caption is a hit if fewer than k captions score above it; a caption if fewer
+    # than k images score above its own
+    texts = [c for cs in captions for c in cs]
+    owner = np.array([i for i, cs in enumerate(captions) for _ in cs])
+    txt = case.texts(texts)
+    assert (txt @ txt.T - np.eye(len(txt))).max() < 1 - 1e-4  # distinct captions: no ties to rank either way
+    sim = img @ txt.T  # (images, captions)
+    best_own = np.array([sim[i, owner == i].max() for i in range(len(samples))])
+    i2t = (sim > best_own[:, None]).sum(1)
+    t2i = (sim > sim[owner, np.arange(len(texts))][None, :]).sum(0)
+    retrieval = {**{f"image_retrieval_recall@{k}": (t2i < k).mean() for k in (1, 5, 10)},
+                 **{f"text_retrieval_recall@{k}": (i2t < k).mean() for k in (1, 5, 10)}}
+
+    model = str(case.model_dir)
+    expected = {}
+    for d, task, metrics in ((cls_dir, "zeroshot_classification", classification),
+                             (ret_dir, "zeroshot_retrieval", retrieval)):
+        # clip_benchmark's default --output, "/" -> "_" in the names
+        name = "{dataset}_{pretrained}_{model}_{language}_{task}.json".format(
+            dataset=d.name, pretrained="", model=model.replace("/", "_"), language="en", task=task)
+        expected[name] = {"dataset": f"wds/{d.name}", "model": model, "pretrained": "", "task": task,
+                          "metrics": metrics, "language": "en"}
+    assert sorted(p.name for p in out.glob("*.json")) == sorted(expected)
+    for name, ref in expected.items():
+        got = json.loads((out / name).read_text())
+        assert {k: v for k, v in got.items() if k != "metrics"} == {k: v for k, v in ref.items() if k != "metrics"}
+        assert got["metrics"] == pytest.approx(ref["metrics"], abs=1e-9, nan_ok=True), (case.name, name)
+        print(f"{case.name}: {ref['task']}: {got['metrics']}")
 
 
 def test_probe_equals_open_clip_features(case, shards, tmp_path):

@@ -1,5 +1,5 @@
-"""``mm benchmark``: LAION clip_benchmark's zero-shot evaluations (``clip_benchmark eval``) run by mm on any model
-mm loads, writing result files that merge with clip_benchmark's own.
+"""``mm benchmark``: LAION clip_benchmark's evaluations (``clip_benchmark eval``) run by mm on any model mm loads,
+writing result files that merge with clip_benchmark's own.
 
 Datasets are clip_benchmark's webdataset layout (``clip_benchmark_export_wds``): a directory holding
 ``{split}/*.tar`` (``{split}/nshards.txt`` + ``0.tar .. n-1.tar`` as clip_benchmark reads them; without
@@ -9,15 +9,29 @@ else classification). Samples hold an image (``webp``, ``png``, ``jpg``, ``jpeg`
 order), ``cls`` (class index) or ``txt`` (captions, one per line). A torchvision-style image folder (class
 sub-folders in sorted order, optionally under ``{split}/``; names from ``classnames.txt`` when there is one, else
 the folder names) is a classification dataset too. Missing templates fall back to OpenAI's 80 ImageNet prompts.
+The task defaults to clip_benchmark's ``--task auto``: ``sugar_crepe*`` / ``winoground`` select captions, a
+``retrieval`` dataset type retrieves, anything else classifies.
 
-Metrics, as clip_benchmark 1.6.2 defines them (``metrics/zeroshot_*.py``):
+Tasks and metrics, as clip_benchmark 1.6.2 defines them (``metrics/*.py``):
 
-- ``acc1``, ``acc5``: top-k accuracy over all images; ``acc5`` is NaN with fewer than 5 classes (written as
-  ``NaN``, which Python's json, and so clip_benchmark's ``build``, reads); ``mean_per_class_recall``: the mean
-  over the classes that occur in the labels of each class's top-1 recall (sklearn's ``balanced_accuracy_score``).
-- ``image_retrieval_recall@k`` (text -> image: a caption is a hit if its image is among its top k) and
-  ``text_retrieval_recall@k`` (image -> text: an image is a hit if ANY of its captions is among its top k), k in
-  1, 5, 10 (clip_benchmark's default is ``--recall_k 5`` only).
+- ``zeroshot_classification``: ``acc1``, ``acc5`` (top-k accuracy over all images; ``acc5`` is NaN with fewer than 5
+  classes, written as ``NaN``, which Python's json, and so clip_benchmark's ``build``, reads);
+  ``mean_per_class_recall`` (the mean over the classes that occur in the labels of each class's top-1 recall:
+  sklearn's ``balanced_accuracy_score``).
+- ``zeroshot_retrieval``: ``image_retrieval_recall@k`` (text -> image: a caption is a hit if its image is among its
+  top k) and ``text_retrieval_recall@k`` (image -> text: an image is a hit if ANY of its captions is among its top
+  k), k in 1, 5, 10 (clip_benchmark's default is ``--recall_k 5`` only).
+- ``linear_probe``: ``lp_acc1``, ``lp_acc5``, ``lp_mean_per_class_recall`` and the settings (``weight_decay``
+  chosen, ``epochs``, ``seed``, ``fewshot_k``, ``normalized``) of a linear classifier on the unit image features
+  of the train split (:mod:`mm.eval.benchmark_probe`: its AdamW training, cosine schedule and weight-decay search).
+- ``captioning``: ``Bleu_1`` .. ``Bleu_4``, ``ROUGE_L``, ``CIDEr`` as pycocoevalcap names them (coco-caption's
+  arithmetic, :mod:`mm.eval.caption_metrics`); METEOR and SPICE (Java + Stanford CoreNLP models) are not computed.
+- ``image_caption_selection``: ``acc`` / ``text_acc`` (the first of a sample's captions is its most similar),
+  ``image_acc``.
+
+Every task encodes its split(s) first (:func:`encode`) and computes its metrics from the features; under
+``accelerate launch`` each process encodes every world_size-th shard (or image file) and the features are gathered,
+so N GPUs encode N times as fast and the metrics are those of one process.
 
 Result files: one per (dataset, model, task), named as clip_benchmark's default ``--output`` template
 ``{dataset}_{pretrained}_{model}_{language}_{task}.json`` with its fields (dataset, model, pretrained, task,
@@ -29,7 +43,7 @@ an mm model directory -> (its path, ""). ``/`` in names becomes ``_`` in file na
 The summary (``results.csv`` / ``results.md``) has a row per (model, dataset, task) and, per model, an average
 of one main metric per task, as DataComp averages its 38 tasks: ``acc1`` for classification (not the mean
 per-class recall: acc1 is what papers and clip_benchmark's tables lead with), the mean of image and text
-recall@1 for retrieval (both directions count, and @1 is the least saturated).
+recall@1 for retrieval (both directions count, and @1 is the least saturated), ``lp_acc1``, ``CIDEr`` and ``acc``.
 """
 from __future__ import annotations
 
@@ -40,24 +54,33 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..data.folder import list_images
 from ..hub.spec import parse_spec
+from ..inference.generate import GenerationConfig, generate
 from ..tokenizer import get_tokenizer
+from ..utils import dist
 from ..utils.io import atomic_write, write_json_atomic
 from ..utils.nn import eval_mode, model_device
+from ..utils.precision import autocast
+from ..utils.progress import Progress
+from .caption_metrics import caption_scores
 from .classify import folder_batches
 from .config import ShardReading
-from .retrieval import retrieval_eval
+from .retrieval import recall_at_k
 from .runner import eval_batches
-from .zeroshot import zero_shot_classifier, zero_shot_eval
+from .zeroshot import zero_shot_classifier
 
-TASKS = ("zeroshot_classification", "zeroshot_retrieval")
+TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "captioning", "image_caption_selection")
+# the metric of each task that the average takes (retrieval: the mean of image and text recall@1)
+MAIN_METRIC = {"zeroshot_classification": "acc1", "linear_probe": "lp_acc1", "captioning": "CIDEr",
+               "image_caption_selection": "acc"}
 IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")  # clip_benchmark's order: the first present is the image
 RECALL_KS = (1, 5, 10)
 LANGUAGE = "en"
@@ -86,6 +109,10 @@ class Dataset:
 
     @property
     def default_task(self) -> str:
+        """clip_benchmark's ``--task auto``: SugarCrepe / Winoground select captions, a retrieval type retrieves."""
+        short = self.name.removeprefix("wds/")
+        if short.startswith("sugar_crepe") or short == "winoground":
+            return "image_caption_selection"
         return "zeroshot_retrieval" if self.dataset_type == "retrieval" else "zeroshot_classification"
 
 
@@ -126,12 +153,16 @@ def _split_shards(path: Path, split: str) -> list[Path] | None:
     return tars or None
 
 
-def shard_urls(ds: Dataset) -> list[str]:
-    """The split's shards in clip_benchmark's order; a missing one is an error naming it."""
-    paths = _split_shards(ds.path, ds.split) or []
+def shard_urls(ds: Dataset, split: str | None = None) -> list[str]:
+    """The shards of ``split`` (default: the dataset's) in clip_benchmark's order; a missing one (or a split with
+    none) is an error naming it."""
+    split = split or ds.split
+    paths = _split_shards(ds.path, split)
+    if paths is None:
+        raise BenchmarkError(f"{ds.path}: split {split!r} has no shards ({split}/*.tar)")
     for p in paths:
         if not p.is_file():
-            raise BenchmarkError(f"{ds.path}: shard {p} is missing ({ds.split}/nshards.txt lists {len(paths)})")
+            raise BenchmarkError(f"{ds.path}: shard {p} is missing ({split}/nshards.txt lists {len(paths)})")
     return [str(p) for p in paths]
 
 
@@ -150,7 +181,7 @@ def classnames(ds: Dataset) -> list[str]:
         return [d.name.replace("_", " ") for d in _class_dirs(_folder_root(ds.path, ds.split))]
     if not f.is_file():
         raise BenchmarkError(f"{ds.path}: no classnames.txt (one class name per line, line i = class i), which "
-                             "zero-shot classification needs")
+                             "classification needs")
     names = [line.strip() for line in f.read_text(encoding="utf-8").splitlines()]
     while names and not names[-1]:
         names.pop()
@@ -178,6 +209,45 @@ def templates(ds: Dataset) -> list[Callable[[str], str]] | None:
 
 
 # -- reading -------------------------------------------------------------------------------------
+# Every task first encodes its split(s) into an Encoded (image features and what the task needs beside them), then
+# computes its metrics from that alone. Under `accelerate launch` each process encodes its share of the shards (or
+# image files) and the shares are gathered on every process, so every process holds the same Encoded; the
+# metrics are computed from it the same way as in one process.
+@dataclass
+class Encoded:
+    """One split, encoded: unit fp32 image features on the CPU, and per image its key, its label (classification)
+    or its captions (retrieval, selection, captioning); ``texts`` the unit features of all captions in order,
+    ``owners`` the image of each; ``generated`` a caption per image (captioning)."""
+
+    keys: list[str]
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+    captions: list[list[str]] | None = None
+    texts: torch.Tensor | None = None
+    owners: torch.Tensor | None = None
+    generated: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """How the tasks run: batch size, loader processes, autocast; the linear probe's settings (clip_benchmark's
+    ``--train_split``, ``--val_split`` / ``--val_proportion``, ``--fewshot_k``, ``--fewshot_lr``, ``--fewshot_epochs``,
+    ``--seed``, with its defaults) and the captioning generation."""
+
+    batch_size: int = 64
+    workers: int = 0
+    autocast_dtype: torch.dtype | None = None
+    train_split: str = "train"
+    val_split: str | None = None
+    val_proportion: float | None = None
+    fewshot_k: int = -1
+    fewshot_lr: float = 0.1
+    fewshot_epochs: int = 10
+    seed: int = 0
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    progress: bool = True  # a bar (terminal) / lines (logs) while encoding
+
+
 def _check_meta(ds: Dataset) -> Callable[[dict[str, Any]], None]:
     """A benchmark scores the whole set or nothing: a cut-off shard or an unusable sample is an error."""
     def check(meta: dict[str, Any]) -> None:
@@ -188,72 +258,205 @@ def _check_meta(ds: Dataset) -> Callable[[dict[str, Any]], None]:
     return check
 
 
-def _shard_batches(model: Any, ds: Dataset, need: tuple[str, ...], batch_size: int,
-                   workers: int) -> Iterator[dict[str, Any]]:
-    return eval_batches(model, shard_urls(ds), need, batch_size=batch_size,
-                        reading=ShardReading(workers=workers, image_keys=IMAGE_KEYS), on_meta=_check_meta(ds))
-
-
-def _labelled(model: Any, ds: Dataset, n_classes: int, batch_size: int,
-              workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) batches, every label checked against the number of classes."""
+def _raw_batches(model: Any, ds: Dataset, split: str, need: str, opts: TaskOptions
+                 ) -> Iterator[tuple[torch.Tensor, list[Any], list[str]]]:
+    """(images, labels or caption lists, keys) of this process's share of ``split``: every world_size-th shard
+    (or image file), starting at its rank."""
+    rank, world = dist.rank(), dist.world_size()
     if ds.kind == "wds":
-        batches = ((b["images"], b["labels"], b["keys"]) for b in _shard_batches(model, ds, ("label",), batch_size,
-                                                                                  workers))
-    else:
-        dirs = _class_dirs(_folder_root(ds.path, ds.split))
-        if len(dirs) != n_classes:
-            raise BenchmarkError(f"{ds.path}: classnames.txt lists {n_classes} classes but there are {len(dirs)} "
-                                 "class folders")
-        items = [(f, i) for i, d in enumerate(dirs) for f in list_images([d])]
-        if not items:
-            raise BenchmarkError(f"{ds.path}: no images in its class folders")
-        batches = _folder_batches(model, items, batch_size, workers)
-    for images, labels, keys in batches:
-        labels = torch.as_tensor(labels)
-        bad = ((labels < 0) | (labels >= n_classes)).nonzero()
-        if len(bad):
-            i = int(bad[0])
-            raise BenchmarkError(f"{ds.path}: sample {keys[i]} has label {int(labels[i])}, but classnames.txt lists "
-                                 f"{n_classes} classes (labels 0..{n_classes - 1})")
-        yield images, labels
-
-
-def _folder_batches(model: Any, items: list[tuple[Path, int]], batch_size: int,
-                    workers: int) -> Iterator[tuple[torch.Tensor, list[int], list[str]]]:
-    for b in folder_batches(model, items, batch_size, workers):
+        urls = shard_urls(ds, split)[rank::world]
+        if not urls:
+            return
+        for b in eval_batches(model, urls, ("label",) if need == "label" else ("text",), batch_size=opts.batch_size,
+                              reading=ShardReading(workers=opts.workers, image_keys=IMAGE_KEYS),
+                              on_meta=_check_meta(ds)):
+            yield b["images"], (b["labels"].view(-1).tolist() if need == "label" else
+                                [t.splitlines() for t in b["texts"]]), b["keys"]
+        return
+    if need != "label":
+        raise BenchmarkError(f"{ds.path}: an image folder has no captions; this task needs webdataset shards with txt")
+    dirs = _class_dirs(_folder_root(ds.path, split))
+    n_classes = len(classnames(ds))
+    if len(dirs) != n_classes:
+        raise BenchmarkError(f"{ds.path}: classnames.txt lists {n_classes} classes but there are {len(dirs)} "
+                             "class folders")
+    items = [(f, i) for i, d in enumerate(dirs) for f in list_images([d])]
+    if not items:
+        raise BenchmarkError(f"{_folder_root(ds.path, split)}: no images in its class folders")
+    for b in folder_batches(model, items[rank::world], opts.batch_size, opts.workers):
         if b.skipped:
             raise BenchmarkError(f"unreadable image {b.skipped[0]}")
-        yield b.images, b.labels, b.names
+        yield b.images, list(b.labels), list(b.names)
+
+
+def _encode_share(model: Any, ds: Dataset, split: str, need: str, opts: TaskOptions, device: torch.device, tok: Any,
+                  n_classes: int | None, eot: int | None, progress: Progress, text_features: bool,
+                  generate_captions: bool) -> tuple:
+    keys, feats, labels, caps, texts, gen = [], [], [], [], [], []
+    for images, targets, bkeys in _raw_batches(model, ds, split, need, opts):
+        images = images.to(device)
+        with autocast(device, opts.autocast_dtype):
+            emb = model.encode_image(images, normalize=True)
+        feats.append(F.normalize(emb.float(), dim=-1))  # kept on the device: no sync per batch
+        keys += bkeys
+        if need == "label":
+            for key, y in zip(bkeys, targets):
+                if not 0 <= y < n_classes:
+                    raise BenchmarkError(f"{ds.path}: sample {key} has label {y}, but classnames.txt lists "
+                                         f"{n_classes} classes (labels 0..{n_classes - 1})")
+            labels += targets
+        else:
+            for key, c in zip(bkeys, targets):
+                if not c:
+                    raise BenchmarkError(f"{ds.name}: sample {key} has no caption (its txt is empty)")
+            caps += targets
+        if text_features:
+            flat = [c for cs in targets for c in cs]
+            for j in range(0, len(flat), 256):
+                with autocast(device, opts.autocast_dtype):
+                    t = model.encode_text(tok(flat[j:j + 256]).to(device), normalize=True)
+                texts.append(F.normalize(t.float(), dim=-1))
+        if generate_captions:
+            with autocast(device, opts.autocast_dtype):
+                ids = generate(model, images, opts.generation)
+            for row in ids.tolist():
+                gen.append(tok.decode(row[: row.index(eot)] if eot in row else row))
+        progress.update(len(bkeys))
+    return (keys, torch.cat(feats).cpu() if feats else None, labels, caps, torch.cat(texts).cpu() if texts else None,
+            gen)
+
+
+@torch.no_grad()
+def encode(model: Any, ds: Dataset, split: str, need: str, opts: TaskOptions, *, text_features: bool = False,
+           generate_captions: bool = False) -> Encoded:
+    """Encode ``split`` of ``ds``: ``need`` is ``label`` (labels checked against classnames.txt) or ``captions``;
+    ``text_features`` also encodes every caption, ``generate_captions`` captions every image."""
+    device = model_device(model)
+    tok = get_tokenizer(model) if text_features or generate_captions else None
+    n_classes = len(classnames(ds)) if need == "label" else None
+    eot = model.config.text.eot_id if generate_captions else None
+    progress = Progress(None, "image", enabled=opts.progress and dist.is_main(), every=30)
+    try:
+        part = _encode_share(model, ds, split, need, opts, device, tok, n_classes, eot, progress, text_features,
+                             generate_captions)
+    except BenchmarkError as e:  # shared, so that no process waits for one that failed
+        part = str(e)
+    finally:
+        progress.close()
+    shares = dist.gather_object(part) if dist.is_dist() else [part]
+    for share in shares:
+        if isinstance(share, str):
+            raise BenchmarkError(share)
+    keys = [k for s in shares for k in s[0]]
+    if not keys:
+        raise BenchmarkError(f"{ds.name}: split {split!r} has no samples")
+    out = Encoded(keys, torch.cat([s[1] for s in shares if s[1] is not None]))
+    if need == "label":
+        out.labels = torch.tensor([y for s in shares for y in s[2]], dtype=torch.long)
+    else:
+        out.captions = [c for s in shares for c in s[3]]
+    if text_features:
+        out.texts = torch.cat([s[4] for s in shares if s[4] is not None])
+        out.owners = torch.tensor([i for i, cs in enumerate(out.captions) for _ in cs], dtype=torch.long)
+    if generate_captions:
+        out.generated = [g for s in shares for g in s[5]]
+    return out
 
 
 # -- tasks ---------------------------------------------------------------------------------------
-def zeroshot_classification(model: Any, ds: Dataset, *, batch_size: int = 64, workers: int = 0,
-                            autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """clip_benchmark's ``acc1``, ``acc5`` and ``mean_per_class_recall`` (see the module docstring)."""
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """clip_benchmark's ``acc1``, ``acc5`` (NaN with fewer than 5 classes) and ``mean_per_class_recall`` (the mean,
+    over the classes present in ``labels``, of each class's top-1 recall: sklearn's ``balanced_accuracy_score``)."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit = top == labels[:, None]
+    present = labels.unique()
+    recall = [hit[labels == c, 0].double().mean().item() for c in present]
+    return {"acc1": hit[:, 0].double().mean().item(),
+            "acc5": hit.any(dim=1).double().mean().item() if logits.shape[1] >= 5 else math.nan,
+            "mean_per_class_recall": sum(recall) / len(recall)}
+
+
+def zeroshot_classification(model: Any, ds: Dataset, opts: TaskOptions) -> dict[str, float]:
+    """clip_benchmark's zero-shot classifier (per class the renormalised mean of its templates' unit text
+    features) scored with :func:`classification_metrics`; logits in fp32 (autocast only encodes)."""
     names = classnames(ds)
     W = zero_shot_classifier(model, get_tokenizer(model), names, templates(ds), device=model_device(model))
-    r = zero_shot_eval(model, W, _labelled(model, ds, len(names), batch_size, workers), autocast_dtype=autocast_dtype)
-    per_class = [c["top1"] for c in r["per_class"].values()]
-    return {"acc1": r["zeroshot_top1"], "acc5": r["zeroshot_top5"] if len(names) >= 5 else math.nan,
-            "mean_per_class_recall": sum(per_class) / len(per_class)}
+    enc = encode(model, ds, ds.split, "label", opts)
+    return classification_metrics(100.0 * enc.images @ W.float().cpu(), enc.labels)
 
 
-def zeroshot_retrieval(model: Any, ds: Dataset, *, batch_size: int = 64, workers: int = 0,
-                       autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+def zeroshot_retrieval(model: Any, ds: Dataset, opts: TaskOptions) -> dict[str, float]:
     """clip_benchmark's ``image_retrieval_recall@k`` / ``text_retrieval_recall@k``; a sample's ``txt`` holds its
     captions, one per line."""
-    if ds.kind != "wds":
-        raise BenchmarkError(f"{ds.path}: zeroshot_retrieval needs webdataset shards with captions (txt)")
-    batches = ((b["images"], [t.splitlines() for t in b["texts"]])
-               for b in _shard_batches(model, ds, ("text",), batch_size, workers))
-    r = retrieval_eval(model, get_tokenizer(model), batches, ks=RECALL_KS, autocast_dtype=autocast_dtype)
+    enc = encode(model, ds, ds.split, "captions", opts, text_features=True)
+    r = recall_at_k(enc.images, enc.texts, enc.owners, RECALL_KS)
     out = {f"image_retrieval_recall@{k}": r[f"t2i_r{k}"] for k in RECALL_KS}
     out.update({f"text_retrieval_recall@{k}": r[f"i2t_r{k}"] for k in RECALL_KS})
     return out
 
 
-TASK_FUNCTIONS = {"zeroshot_classification": zeroshot_classification, "zeroshot_retrieval": zeroshot_retrieval}
+def image_caption_selection(model: Any, ds: Dataset, opts: TaskOptions) -> dict[str, float]:
+    """clip_benchmark's ``image_caption_selection`` (SugarCrepe-style sets, in its webdataset layout: one image and
+    its candidate captions, the true one first): ``text_acc`` = the fraction of images whose most similar caption
+    is the first; ``image_acc`` = the fraction of first captions whose most similar image (of the sample's one)
+    is its own, always 1 here as in clip_benchmark; ``acc`` = both."""
+    enc = encode(model, ds, ds.split, "captions", opts, text_features=True)
+    text_ok = []
+    for i in range(len(enc.keys)):
+        scores = enc.texts[enc.owners == i] @ enc.images[i]
+        text_ok.append(int(scores.argmax()) == 0)
+    text_acc = sum(text_ok) / len(text_ok)
+    return {"image_acc": 1.0, "text_acc": text_acc, "acc": text_acc}
+
+
+def has_decoder(model: Any) -> bool:
+    return hasattr(model, "next_token_logits") and getattr(getattr(model, "config", None), "decoder", None) is not None
+
+
+def captioning(model: Any, ds: Dataset, opts: TaskOptions) -> dict[str, float]:
+    """clip_benchmark's captioning metrics as pycocoevalcap names them: ``Bleu_1`` .. ``Bleu_4``, ``ROUGE_L``,
+    ``CIDEr`` (CIDEr-D), from a caption generated per image (``opts.generation``) against the sample's captions
+    (:mod:`mm.eval.caption_metrics`: coco-caption's arithmetic). METEOR and SPICE, which need Java and Stanford
+    CoreNLP models, are not computed."""
+    if not has_decoder(model):
+        raise BenchmarkError("captioning needs a model with a captioning decoder (a CoCa model); this one has none")
+    enc = encode(model, ds, ds.split, "captions", opts, generate_captions=True)
+    s = caption_scores(enc.generated, enc.captions)
+    return {"Bleu_1": s["bleu1"], "Bleu_2": s["bleu2"], "Bleu_3": s["bleu3"], "Bleu_4": s["bleu4"],
+            "ROUGE_L": s["rouge_l"], "CIDEr": s["cider"]}
+
+
+def linear_probe(model: Any, ds: Dataset, opts: TaskOptions) -> dict[str, float]:
+    """clip_benchmark's linear probe (:mod:`mm.eval.benchmark_probe`): features of ``opts.train_split`` (a
+    ``opts.val_proportion`` share of it held out, or ``opts.val_split``, for the weight-decay search; neither: weight
+    decay 0, as clip_benchmark) train a linear classifier scored on the dataset's split."""
+    from .benchmark_probe import linear_probe as probe
+
+    train = encode(model, ds, opts.train_split, "label", opts)
+    val = encode(model, ds, opts.val_split, "label", opts) if opts.val_split else None
+    if val is None and opts.val_proportion is not None:
+        n = len(train.keys)
+        n_val = round(n * opts.val_proportion)
+        if not 0 < n_val < n:
+            raise BenchmarkError(f"--val-proportion {opts.val_proportion}: {n} training samples cannot be split so")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(opts.seed))
+        val = Encoded([train.keys[i] for i in perm[:n_val]], train.images[perm[:n_val]], train.labels[perm[:n_val]])
+        train = Encoded([train.keys[i] for i in perm[n_val:]], train.images[perm[n_val:]],
+                        train.labels[perm[n_val:]])
+    test = encode(model, ds, ds.split, "label", opts)
+    try:
+        return probe(train.images, train.labels, test.images, test.labels,
+                     val.images if val is not None else None, val.labels if val is not None else None,
+                     fewshot_k=opts.fewshot_k, lr=opts.fewshot_lr, epochs=opts.fewshot_epochs,
+                     batch_size=opts.batch_size, seed=opts.seed, device=model_device(model),
+                     autocast_dtype=opts.autocast_dtype)
+    except ValueError as e:  # e.g. a few-shot k larger than a class
+        raise BenchmarkError(f"{ds.name}: linear_probe: {e}") from None
+
+
+TASK_FUNCTIONS: dict[str, Callable[[Any, Dataset, TaskOptions], dict[str, Any]]] = {
+    "zeroshot_classification": zeroshot_classification, "zeroshot_retrieval": zeroshot_retrieval,
+    "linear_probe": linear_probe, "captioning": captioning, "image_caption_selection": image_caption_selection}
 
 
 def check_task(task: str) -> str:
@@ -264,9 +467,9 @@ def check_task(task: str) -> str:
 
 def main_metric(task: str, metrics: dict[str, float]) -> float:
     """The one number per task that the average takes (module docstring)."""
-    if task == "zeroshot_classification":
-        return metrics["acc1"]
-    return (metrics["image_retrieval_recall@1"] + metrics["text_retrieval_recall@1"]) / 2
+    if task == "zeroshot_retrieval":
+        return (metrics["image_retrieval_recall@1"] + metrics["text_retrieval_recall@1"]) / 2
+    return metrics[MAIN_METRIC[task]]
 
 
 # -- models and result files ---------------------------------------------------------------------
@@ -402,14 +605,29 @@ class Outcome:
     skipped: bool = False  # the result existed
 
 
-def _plan(entry: Entry, root: str | None, split: str, output: Path) -> Outcome:
+def _plan(entry: Entry, root: str | None, split: str, output: Path, opts: TaskOptions) -> Outcome:
+    """Resolve and check an entry before any model loads: a typo costs no model load."""
     ds = resolve_dataset(entry.dataset, root, split)
     task = check_task(entry.task) if entry.task else ds.default_task
-    if task == "zeroshot_classification":
-        classnames(ds)  # checked before any model loads
-    if ds.kind == "wds":
-        shard_urls(ds)
+    if task in ("zeroshot_classification", "linear_probe"):
+        classnames(ds)
+    splits = [split]
+    if task == "linear_probe":
+        splits += [opts.train_split] + ([opts.val_split] if opts.val_split else [])
+    for s in splits:
+        if ds.kind == "wds":
+            shard_urls(ds, s)
+        elif s != split and not (ds.path / s).is_dir():
+            raise BenchmarkError(f"{ds.path}: linear_probe needs a {s!r} split ({ds.path / s}/ with class folders)")
     return Outcome(entry, ds, task, output / result_name(ds, entry.model, task))
+
+
+def check_entry(entry: Entry, root: str | None = None, split: str = "test",
+                options: TaskOptions | None = None) -> tuple[Dataset, str]:
+    """What :func:`run_benchmark` checks of an entry before any model loads: its Dataset and task, or a
+    BenchmarkError naming the problem (``eval.benchmark`` checks a suite with it before training)."""
+    o = _plan(entry, root, split, Path("."), options or TaskOptions())
+    return o.dataset, o.task
 
 
 def _eta(seconds: float) -> str:
@@ -418,50 +636,63 @@ def _eta(seconds: float) -> str:
 
 def run_benchmark(todo: Sequence[Entry], load: Callable[[ModelRef], Any], output: str | Path, *,
                   dataset_root: str | None = None, split: str = "test", batch_size: int = 64, workers: int = 0,
-                  autocast_dtype: torch.dtype | None = None, overwrite: bool = False,
-                  errors: tuple[type[BaseException], ...] = (), log: Callable[[str], None] = print) -> list[Outcome]:
+                  autocast_dtype: torch.dtype | None = None, options: TaskOptions | None = None,
+                  overwrite: bool = False, errors: tuple[type[BaseException], ...] = (),
+                  log: Callable[[str], None] = print) -> list[Outcome]:
     """Run every entry whose result file is not in ``output`` yet (all with ``overwrite``), writing each result as
     it is done (a killed run resumes where it stopped). ``load(ref)`` gives a model; ``errors`` (besides
     BenchmarkError / FileNotFoundError) are the ones a bad entry may raise: it is reported in its outcome and the
-    others still run. Logs a line per entry with the time left, estimated from the entries computed so far."""
+    others still run. ``options`` sets the tasks' other settings (its batch size, workers and autocast are the
+    arguments'). Logs a line per entry with the time left, estimated from the entries computed so far.
+
+    Under ``accelerate launch`` every process calls this: each encodes its share of every split, all compute the
+    same metrics, and the main process (which decides what is pending) writes the files and logs."""
+    opts = replace(options or TaskOptions(), batch_size=batch_size, workers=workers, autocast_dtype=autocast_dtype)
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    main = dist.is_main()
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
     catch = (BenchmarkError, FileNotFoundError, *errors)
     outcomes = []
-    for e in todo:  # datasets checked first: a typo costs no model load
+    for e in todo:
         try:
-            outcomes.append(_plan(e, dataset_root, split, output))
+            outcomes.append(_plan(e, dataset_root, split, output, opts))
         except catch as err:
             outcomes.append(Outcome(e, error=str(err)))
-    pending = {id(o) for o in outcomes if o.error is None and (overwrite or not o.path.is_file())}
+    pending = [i for i, o in enumerate(outcomes) if o.error is None and (overwrite or not o.path.is_file())]
+    pending = set(dist.gather_object(pending)[0])  # the main process's view of the output directory
     models: dict[ModelRef, Any] = {}
     spent, done = 0.0, 0
-    for i, o in enumerate(outcomes, 1):
-        what = f"[{i}/{len(outcomes)}] {o.entry.dataset} {o.task or o.entry.task or ''} {o.entry.model.label}"
-        if o.error is None and id(o) not in pending:
+    say = log if main else (lambda line: None)
+    if dist.world_size() > 1:
+        say(f"{dist.world_size()} processes share the encoding")
+    for i, o in enumerate(outcomes):
+        what = f"[{i + 1}/{len(outcomes)}] {o.entry.dataset} {o.task or o.entry.task or ''} {o.entry.model.label}"
+        if o.error is None and i not in pending:
             o.skipped, o.record = True, json.loads(o.path.read_text())
-            log(f"{what}: skipped, result exists: {o.path}")
+            say(f"{what}: skipped, result exists: {o.path}")
             continue
         if o.error is None:
             t0 = time.perf_counter()
             try:
-                o.record = _compute(o, models, load, batch_size, workers, autocast_dtype, catch)
-                write_json_atomic(o.path, o.record, indent=None)
+                o.record = _compute(o, models, load, opts, catch)
+                if main:
+                    write_json_atomic(o.path, o.record, indent=None)
             except catch as err:
                 o.error = str(err)
             spent, done = spent + time.perf_counter() - t0, done + 1
         if o.error is not None:
-            log(f"{what}: error: {o.error}")
+            say(f"{what}: error: {o.error}")
             continue
-        left = sum(1 for p in outcomes[i:] if id(p) in pending and p.error is None)
-        main = main_metric(o.task, o.record["metrics"])
-        log(f"{what}: main metric {main:.4f} in {time.perf_counter() - t0:.1f} s"
+        left = sum(1 for j in range(i + 1, len(outcomes)) if j in pending and outcomes[j].error is None)
+        score = main_metric(o.task, o.record["metrics"])
+        say(f"{what}: main metric {score:.4f} in {time.perf_counter() - t0:.1f} s"
             + (f"; {left} to go, about {_eta(spent / done * left)} left" if left else ""))
     return outcomes
 
 
-def _compute(o: Outcome, models: dict[ModelRef, Any], load: Callable[[ModelRef], Any], batch_size: int, workers: int,
-             autocast_dtype: torch.dtype | None, catch: tuple[type[BaseException], ...]) -> dict[str, Any]:
+def _compute(o: Outcome, models: dict[ModelRef, Any], load: Callable[[ModelRef], Any], opts: TaskOptions,
+             catch: tuple[type[BaseException], ...]) -> dict[str, Any]:
     ref = o.entry.model
     if ref not in models:
         try:
@@ -471,9 +702,10 @@ def _compute(o: Outcome, models: dict[ModelRef, Any], load: Callable[[ModelRef],
     model = models[ref]
     if isinstance(model, BaseException):
         raise BenchmarkError(f"model {ref.label}: {model}")
+    if o.task == "captioning" and not has_decoder(model):
+        raise BenchmarkError(f"model {ref.label} has no captioning decoder: the captioning task needs a CoCa model")
     with eval_mode(model):
-        metrics = TASK_FUNCTIONS[o.task](model, o.dataset, batch_size=batch_size, workers=workers,
-                                         autocast_dtype=autocast_dtype)
+        metrics = TASK_FUNCTIONS[o.task](model, o.dataset, opts)
     return result_record(o.dataset, ref, o.task, metrics)
 
 
@@ -495,23 +727,25 @@ def summary_rows(outcomes: Iterable[Outcome]) -> list[dict[str, Any]]:
     return rows
 
 
-COLUMNS = ("model", "pretrained", "dataset", "task", "main_metric") + CLASSIFICATION_METRICS + RETRIEVAL_METRICS
+COLUMNS = ("model", "pretrained", "dataset", "task", "main_metric")
 
 
 def write_summary(outcomes: Iterable[Outcome], output: str | Path) -> tuple[Path, Path]:
-    """``results.csv`` (all digits) and ``results.md`` (a table, 4 digits) in ``output``."""
+    """``results.csv`` (all digits) and ``results.md`` (a table, 4 digits) in ``output``: the columns of
+    :data:`COLUMNS`, then every metric of the tasks run, in the order they first appear."""
     rows, output = summary_rows(outcomes), Path(output)
+    columns = list(COLUMNS) + list(dict.fromkeys(k for r in rows for k in r if k not in COLUMNS))
 
     def write_csv(f):
-        w = csv.DictWriter(f, COLUMNS, restval="")
+        w = csv.DictWriter(f, columns, restval="")
         w.writeheader()
         w.writerows(rows)
 
     def cell(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else re.sub(r"([|])", r"\\\1", str(v))
 
-    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(cell(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
+    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    md += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     csv_path = atomic_write(output / "results.csv", write_csv)
     md_path = atomic_write(output / "results.md", lambda f: f.write("\n".join(md) + "\n"))
     return csv_path, md_path

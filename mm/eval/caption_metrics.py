@@ -30,7 +30,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-__all__ = ["bleu", "caption_scores", "cider", "tokenize"]
+__all__ = ["bleu", "caption_scores", "cider", "rouge_l", "tokenize"]
 
 Ngram = tuple[str, ...]
 
@@ -43,6 +43,8 @@ _TOKEN = re.compile(
       n't | '(?:s|m|d|ll|re|ve)(?!\w)   # clitics, already separated by _CLITIC
     | (?:[^\W\d_]\.){2,}                # acronyms PTB keeps whole: u.s.  e.g.  a.m.
     | (?:mrs?|ms|dr|prof|st|mt|ave|vs|etc|jr|sr|inc|co|ltd)\.(?!\w)  # abbreviations PTB keeps: mr.
+    | no\.(?=\s*\d)                     # no. 5
+    | (?<!\w)[^\W\d_]\.(?!\w)            # a single letter and its period, an initial to PTB: "a b." -> a b.
     | \d+(?:[.,:]\d+)+                  # numbers: 3.5  1,000  10:30
     | \w+(?:['/-]\w+)*                  # words, keeping black-and-white, and/or, o'clock
     | \.\.\. | -- | \S                  # anything else goes one symbol at a time
@@ -59,7 +61,8 @@ def tokenize(caption: str) -> list[str]:
 
     Matches PTB where it affects n-grams. Clitics are split off ("dog's" -> ``dog 's``, "don't" ->
     ``do n't``), and hyphenated words, ``and/or``, ``o'clock``, numbers such as ``3.5`` and acronyms
-    such as ``u.s.`` stay one token, and so do common abbreviations such as ``mr.`` and ``st.`` Symbols
+    such as ``u.s.`` stay one token, and so do common abbreviations such as ``mr.`` and ``st.``, ``no.`` before a
+    number and a single letter with its period (PTB takes ``a.`` at the end of "... in a." for an initial). Symbols
     that PTB keeps as tokens (``& $ % #``) are kept.
 
     Known differences from coco-caption, all rare in captions:
@@ -68,7 +71,7 @@ def tokenize(caption: str) -> list[str]:
       then its filter, which lists ``-LRB-``, no longer matches them, so it keeps them as words. Here
       brackets are dropped, which is what that filter was written to do.
     * Runs of punctuation such as ``?!`` are dropped here. PTB makes them one token, which coco keeps.
-    * PTB knows more abbreviations (``jan.``, ``no.``) and more word-internal symbols (``x@y.com``,
+    * PTB knows more abbreviations (``jan.``) and more word-internal symbols (``x@y.com``,
       ``rock 'n' roll``) than the few rules here.
     """
     text = _CLITIC.sub(r" \1", caption.lower().translate(_QUOTES))
@@ -188,10 +191,36 @@ def cider(
     return sum(scores) / len(scores), scores
 
 
+def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two token lists."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev = 0  # row[j - 1] of the previous row
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l(candidates: list[str], references: list[list[str]], beta: float = 1.2) -> float:
+    """Mean ROUGE-L over images, as pycocoevalcap ``Rouge`` computes it: per image the LCS-based F-measure (beta
+    1.2) of the best precision and the best recall over its references; captions split on single spaces."""
+    _check(candidates, references)
+    scores = []
+    for cand, refs in zip(candidates, references):
+        c = cand.split(" ")
+        lcs = [_lcs(r.split(" "), c) for r in refs]
+        prec = max(n / len(c) for n in lcs)
+        rec = max(n / len(r.split(" ")) for n, r in zip(lcs, refs))
+        scores.append((1 + beta ** 2) * prec * rec / (rec + beta ** 2 * prec) if prec and rec else 0.0)
+    return sum(scores) / len(scores)
+
+
 def caption_scores(candidates: list[str], references: list[list[str]]) -> dict[str, float]:
-    """BLEU-1..4 and CIDEr-D of raw captions. Tokenizes with :func:`tokenize` first, as coco-caption does."""
+    """BLEU-1..4, ROUGE-L and CIDEr-D of raw captions. Tokenizes with :func:`tokenize` first, as coco-caption
+    does."""
     _check(candidates, references)
     cands = [" ".join(tokenize(c)) for c in candidates]
     refs = [[" ".join(tokenize(r)) for r in rs] for rs in references]
     b = bleu(cands, refs, max_n=4)
-    return {"bleu1": b[0], "bleu2": b[1], "bleu3": b[2], "bleu4": b[3], "cider": cider(cands, refs)[0]}
+    return {"bleu1": b[0], "bleu2": b[1], "bleu3": b[2], "bleu4": b[3], "rouge_l": rouge_l(cands, refs),
+            "cider": cider(cands, refs)[0]}

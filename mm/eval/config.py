@@ -45,6 +45,12 @@ class EvalConfig:
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     captioning: CaptioningConfig = field(default_factory=CaptioningConfig)
+    # an `mm benchmark --suite` YAML (datasets and tasks; no `models`: the model is the one training), scored in full
+    # at every evaluation (every_max_samples does not apply) by every process: results in RUN_DIR/benchmark/step_N/
+    # (clip_benchmark's JSON files, results.csv / .md); logged with the other evaluation metrics: each entry's main
+    # metric as benchmark/DATASET/TASK (DATASET without wds/), their mean as benchmark_average (when no entry
+    # failed; else benchmark_failed, the count); null = none
+    benchmark: str | None = None
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.every < 0:

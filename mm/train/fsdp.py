@@ -11,7 +11,8 @@ FSDP2 cannot shard 0-dim parameters (the logit scale and bias), so they stay who
 and their gradients are averaged by ``mm.utils.dist.average_gradients`` (what DDP would have done). Reading the model
 whole (checkpoints, evaluation, the final save) is collective: :func:`full_state_dict` gathers it to the main
 process on every rank's call. Evaluation runs on the main process on an unsharded copy built from that state
-(:class:`EvalCopy`), so it needs one extra copy of the weights there.
+(:class:`EvalCopy`), so it needs one extra copy of the weights there; an ``eval.benchmark`` suite, which every
+process scores its share of, needs that copy on every process.
 """
 from __future__ import annotations
 
@@ -43,18 +44,19 @@ def plain(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _options():
+def _options(everywhere: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # gathered to the main process, on the CPU: other ranks get empty dicts
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # gathered to the main process, on the CPU: other ranks get empty dicts; everywhere: on every rank, on its device
+    return StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's state dict on the main process (empty elsewhere). Every process must call it."""
+def full_state_dict(model: nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on the main process (empty elsewhere; ``everywhere``: on every process).
+    Every process must call it."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(model, options=_options())
+    return get_model_state_dict(model, options=_options(everywhere))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -80,15 +82,17 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_st
 
 
 class EvalCopy:
-    """An unsharded copy of the model on the main process, refreshed from the sharded one before each use."""
+    """An unsharded copy of the model on the main process (or on every process: an evaluation that every process
+    runs, ``eval.benchmark``), refreshed from the sharded one before each use."""
 
     def __init__(self, model: nn.Module, device: torch.device):
         self.sharded, self.device, self.copy = model, device, None
 
-    def refresh(self, is_main: bool) -> nn.Module | None:
-        """Collective: every process calls it; the main process gets the up-to-date copy, the others None."""
-        state = full_state_dict(self.sharded)
-        if not is_main:
+    def refresh(self, is_main: bool, everywhere: bool = False) -> nn.Module | None:
+        """Collective: every process calls it; the main process gets the up-to-date copy, the others None (with
+        ``everywhere``, a copy of their own too)."""
+        state = full_state_dict(self.sharded, everywhere)
+        if not (is_main or everywhere):
             return None
         if self.copy is None:
             cfg = self.sharded.config

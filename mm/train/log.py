@@ -87,7 +87,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def plot_run(output_dir: str | Path) -> list[Path]:
     """PNG plots against step: ``loss.png`` (the loss and its parts), ``lr.png``, ``eval.png`` (zero-shot
     accuracy, retrieval recall), ``caption.png`` (BLEU-4, CIDEr), ``attributes.png`` (the fraction of generated
-    captions that state each attribute right: the built-in set) and ``experts.png`` (MoE expert usage); each
+    captions that state each attribute right: the built-in set), ``benchmark.png`` (``eval.benchmark``'s average
+    and each entry's main metric) and ``experts.png`` (MoE expert usage); each
     only when metrics.jsonl has its values. Returns the files written. Uses matplotlib's object API, not
     pyplot: no backend is selected, so a notebook's inline backend is left alone."""
     from matplotlib.figure import Figure
@@ -99,7 +100,9 @@ def plot_run(output_dir: str | Path) -> list[Path]:
                         "feature_loss"]), ("lr", ["lr"]),
               ("eval", ["zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"]),
               ("caption", ["caption_bleu4", "caption_cider"]),
-              ("attributes", ["caption_attr_color", "caption_attr_shape", "caption_attr_size", "caption_attr_position"])]
+              ("attributes", ["caption_attr_color", "caption_attr_shape", "caption_attr_size", "caption_attr_position"]),
+              ("benchmark", ["benchmark_average",  # and each entry's main metric, benchmark/DATASET/TASK
+                             *sorted({k for r in records for k in r if k.startswith("benchmark/")})])]
     for name, keys in panels:
         series = {k: [(r["step"], r[k]) for r in records if k in r] for k in keys}
         series = {k: v for k, v in series.items() if v}

@@ -2,7 +2,7 @@
 ``section.key=value`` overrides into a RunConfig, validates every value, then checks what needs the file system
 or the model's names (the architecture resolves, ``train.init_from`` / ``train.resume`` exist, the teacher and
 precomputed embeddings fit, ``train.freeze`` / ``train.lr_mult`` select parameters, shards and class-name files
-exist). Every error names its key and is raised here, never mid-run."""
+exist, the ``eval.benchmark`` suite's datasets resolve). Every error names its key and is raised here, never mid-run."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,6 +20,7 @@ from ..config import (
 from ..data.wds import check_urls
 from ..hub.wrapped import native_only
 from .adapt import check_lora, check_selectors
+from .benchmark import check_suite
 from .config import RunConfig, init_from_problem, not_native
 from .distill import check_sources
 
@@ -82,6 +83,8 @@ def preflight(cfg: RunConfig) -> None:
         v = getattr(cfg.eval.zeroshot, key)
         if isinstance(v, str) and not Path(v).is_file():
             raise ConfigError(f"eval.zeroshot.{key}: file {v!r} not found")
+    if cfg.eval.benchmark:  # the suite's datasets, tasks, class names and shards, as mm benchmark checks them
+        check_suite(cfg.eval.benchmark, has_decoder=cfg.model_config().decoder is not None)
 
 
 def _model_problems(cfg: RunConfig):

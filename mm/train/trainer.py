@@ -37,6 +37,7 @@ from ..utils.precision import autocast
 from . import adapt
 from . import checkpoint as ckpt
 from . import fsdp as sharding
+from .benchmark import TrainingBenchmark
 from .fsdp import plain
 from .config import RunConfig
 from .distill import build_distiller
@@ -238,6 +239,10 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.rng_state = None
         self.results: dict[str, Any] = {}
+        # eval.benchmark: an mm benchmark suite scored at each evaluation, by every process
+        self.benchmark = None if not cfg.eval.benchmark else TrainingBenchmark(
+            cfg.eval.benchmark, cfg.output_dir, batch_size=cfg.eval.batch_size, workers=cfg.data.workers,
+            precision=t.precision, log=self._info)
 
     def _info(self, msg: str) -> None:
         if self.log is not None:
@@ -465,31 +470,36 @@ class Trainer:
 
     def evaluate(self, whole: ImageTextModel | None = None, gathered: bool = False,
                  periodic: bool = False) -> dict[str, Any]:
-        """Evaluation on the main process while the others wait. A sharded model is first gathered into an
-        unsharded copy, a collective step every process takes; ``gathered``: the caller already did (``whole``:
-        the copy on the main process, None on the others). ``periodic``: one during training, on at most
-        ``eval.every_max_samples`` samples of each set."""
+        """Evaluation of the shard sets on the main process while the others wait, then the ``eval.benchmark``
+        suite on every process (it shares the work out); one log record of both. A sharded model is first gathered
+        into an unsharded copy, a collective step every process takes (with a benchmark, a copy on every process);
+        ``gathered``: the caller already did (``whole``: the copy, None on processes that have none).
+        ``periodic``: one during training, on at most ``eval.every_max_samples`` samples of each set."""
         cfg, results = self.cfg, {}
         ecfg = cfg.eval.periodic() if periodic else cfg.eval
-        if not (cfg.eval.zeroshot.shards or cfg.eval.retrieval.shards or cfg.eval.captioning.shards):
+        shard_sets = cfg.eval.zeroshot.shards or cfg.eval.retrieval.shards or cfg.eval.captioning.shards
+        if not (shard_sets or self.benchmark is not None):
             return results
         if self.eval_copy is not None and not gathered:
-            whole = self.eval_copy.refresh(self.main)
-        if self.main:
-            results = evaluate(ecfg, whole if whole is not None else self.core, self.device,
-                               precision=cfg.train.precision, reading=cfg.data.reading(), output_dir=self.out_dir)
+            whole = self.eval_copy.refresh(self.main, everywhere=self.benchmark is not None)
+        model = whole if whole is not None else self.core
+        if self.main and shard_sets:
+            results = evaluate(ecfg, model, self.device, precision=cfg.train.precision, reading=cfg.data.reading(),
+                               output_dir=self.out_dir)
             for ex in results.pop("caption_examples", [])[: 0 if periodic else None]:  # examples at the end only
                 self.log.info(f"caption {ex['key']}: {ex['caption']!r}   (reference: {ex['references'][0]!r})")
-            if results:
-                self.log.log({"step": self.step, **results})
+        if self.benchmark is not None:
+            results.update(self.benchmark.run(model, self.step))
+        if self.main and results:
+            self.log.log({"step": self.step, **results})
         dist.barrier()
-        return results
+        return results if self.main else {}
 
     def finish(self) -> dict[str, Any]:
         """The last evaluation, ``final/`` (the trained model), every process's weight hash, plots."""
         whole = None
         if self.eval_copy is not None:  # sharded: the main process holds the one whole copy, so one hash
-            whole = self.eval_copy.refresh(self.main)
+            whole = self.eval_copy.refresh(self.main, everywhere=self.benchmark is not None)
             shas = {"param_sha256": [params_sha256(whole)] if self.main else []}
         else:
             shas = {"param_sha256": dist.gather_object(params_sha256(self.core))}
