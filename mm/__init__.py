@@ -44,6 +44,11 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'mm' has no attribute {name!r}")
+    if module != "mm.config":
+        # The first name that needs torch loads the interop layer too: importing mm.hub registers open_clip's
+        # registry as a preset source of mm.models (which imports nothing above itself), so that get_preset,
+        # list_models and get_tokenizer know open_clip's model names whichever name is used first.
+        importlib.import_module("mm.hub")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # looked up once
     return value

@@ -50,6 +50,20 @@ def outputs(model, images, tokens) -> list[torch.Tensor]:
     return [out.image_emb, out.text_emb, *extra]
 
 
+def same_outputs(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Whether two models' outputs are equal bit for bit, output by output (as many of them: a CoCa's caption logits
+    missing from one side is a difference, not a shorter comparison)."""
+    assert len(a) == len(b), (len(a), len(b))
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """The largest elementwise difference between two models' outputs (same count, same shapes: no broadcasting)."""
+    assert len(a) == len(b), (len(a), len(b))
+    assert [x.shape for x in a] == [y.shape for y in b]
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
+
+
 def randomise_adapters(model, seed: int = 1, std: float = 0.05) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -75,15 +89,15 @@ def test_adapted_model_equals_its_base_at_init_and_merged_equals_unmerged(preset
         assert {"w1", "w2"} <= kinds  # expert weights
     if preset == "tiny-coca":
         assert {"q", "kv"} <= kinds and any(n.startswith("decoder.") for n in names)  # cross-attention
-    assert all(torch.equal(a, b) for a, b in zip(outputs(model, images, tokens), base))  # exactly the base
+    assert same_outputs(outputs(model, images, tokens), base)  # exactly the base
     randomise_adapters(model)
     unmerged = outputs(model, images, tokens)
-    assert max((a - b).abs().max().item() for a, b in zip(unmerged, base)) > 1e-3  # the adapters do something
+    assert max_diff(unmerged, base) > 1e-3  # the adapters do something
     merge_lora(model)
     assert not has_lora(model) and not any(is_lora_param(k) for k in model.state_dict())
     assert set(model.state_dict()) == set(fresh(preset).state_dict())  # a plain model again
     merged = outputs(model, images, tokens)
-    assert max((a - b).abs().max().item() for a, b in zip(merged, unmerged)) < 1e-5
+    assert max_diff(merged, unmerged) < 1e-5
 
 
 def test_targets_select_towers_and_kinds():
@@ -98,6 +112,7 @@ def test_targets_select_towers_and_kinds():
     assert {n.rsplit(".", 1)[1] for n in qkv} == {"qkv", "q", "kv"}
     both = lora_targets(model, LoraConfig(targets=["vision.attn", "*.attn"]))
     assert len(both) == len(set(both))  # overlapping targets adapt each layer once
+    assert set(both) == set(lora_targets(model, LoraConfig(targets=["*.attn"])))  # ... and every layer of either
 
 
 @pytest.mark.parametrize("targets, rank, message", [
@@ -125,7 +140,7 @@ def test_adapter_files_round_trip_in_peft_layout_and_check_their_base(tmp_path):
     assert set(tensors) == {f"base_model.model.{k}" for k in lora_state_dict(model)}  # the adapters, no base
     images, tokens = batch(model.config)
     again = load_adapter(fresh("tiny-moe"), d)
-    assert all(torch.equal(a, b) for a, b in zip(outputs(again, images, tokens), outputs(model, images, tokens)))
+    assert same_outputs(outputs(again, images, tokens), outputs(model, images, tokens))
 
     other_weights = fresh("tiny-moe", seed=5)
     with pytest.raises(AdapterError, match=r"adapter: trained on other base weights"):
@@ -154,7 +169,7 @@ def test_peft_reads_the_adapter_onto_the_base_model(tmp_path):
     peft.PeftModel.from_pretrained(base, str(d))  # injects its own LoRA layers into the mm modules
     assert isinstance(base.vision.transformer.blocks[0].attn.qkv, peft.tuners.lora.LoraLayer)
     images, tokens = batch(model.config)
-    assert all(torch.equal(a, b) for a, b in zip(outputs(base, images, tokens), outputs(model, images, tokens)))
+    assert same_outputs(outputs(base, images, tokens), outputs(model, images, tokens))
 
 
 def test_an_adapter_directory_is_a_model_spec(tmp_path):
@@ -169,7 +184,7 @@ def test_an_adapter_directory_is_a_model_spec(tmp_path):
     via_option = load_model(base_dir, adapter=d)
     want = outputs(base, images, tokens)
     for m in (via_dir, via_option):
-        assert all(torch.equal(a, b) for a, b in zip(outputs(m, images, tokens), want))
+        assert same_outputs(outputs(m, images, tokens), want)
 
 
 # -- training ------------------------------------------------------------------------------------------------------
@@ -205,7 +220,11 @@ def test_lora_training_changes_only_the_adapters_and_resumes_bit_for_bit(model_d
     start = mm.load_pretrained(model_dir).state_dict()
     now = trained.state_dict()
     assert all(torch.equal(now[k], v) for k, v in start.items())  # base bit-identical
-    assert all(t.abs().max() > 0 for k, t in adapter_tensors(full).items() if ".lora_B." in k)  # B left zero: trained
+    saved = adapter_tensors(full)
+    layers = lora_targets(mm.load_pretrained(model_dir), LoraConfig(targets=["vision.attn", "text.mlp"]))
+    assert layers and set(saved) == {f"base_model.model.{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
+    lora_b = [t for k, t in saved.items() if ".lora_B." in k]  # one per targeted layer (just checked)
+    assert all(t.abs().max() > 0 for t in lora_b)  # B left zero at initialisation: trained
 
     run(run_config(colour_shards, tmp_path / "split", *ov, "train.stop_after=3"))
     run(run_config(colour_shards, tmp_path / "split", *ov))

@@ -1,11 +1,14 @@
-"""open_clip's model zoo in mm: every registry config translates (mm.models.open_clip_configs) into an mm model
+"""open_clip's model zoo in mm: every registry config translates (mm.hub.open_clip_configs) into an mm model
 that computes what open_clip computes, or runs through open_clip itself (mm.hub.wrapped).
 
 * parity: every distinct combination of config switches in open_clip's registry, at reduced width and depth,
   every tensor perturbed: encode_image / encode_text (and CoCa's caption logits) equal open_clip's to 1e-5, the
   state dict round-trips bit for bit, and a deliberately swapped mapping fails;
 * coverage (slow): every (model, tag) pair of ``open_clip.list_pretrained()`` is native (equal parameter count,
-  every key and shape mapped both ways, on the meta device) or wrapped; at least 128 native.
+  every key and shape mapped both ways, on the meta device) or wrapped, never both; at least 128 native, and the
+  counts are the ones docs/open_clip_zoo.md and the README state.
+
+The registry is translated when a test runs (the ``architectures`` fixture), not when the module is collected.
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ import dataclasses
 import functools
 import json
 import logging
+import re
 import warnings
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -26,13 +31,14 @@ from mm.hub import open_clip as oc_hub
 from mm.hub.wrapped import OpenClipModel, build_open_clip, is_wrapped, wrapped_config
 from mm.layers import text_valid_mask
 from mm.models import NotNative, model_class
-from mm.models import open_clip_configs as occ
+from mm.hub import open_clip_configs as occ
 
 open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")
 
 ATOL = 1e-5
 CLIP_VOCAB = 49408
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- reduced copies of the registry's configs --------------------------------------------------------------
@@ -172,7 +178,11 @@ def _reduced_trunk(name: str, num_classes: int, pool: str) -> torch.nn.Module:
     return timm.create_model(name, num_classes=num_classes, global_pool=pool, **_trunk_kwargs(name))
 
 
-ARCHITECTURES = _distinct_native_architectures()
+@pytest.fixture(scope="module")
+def architectures() -> list[str]:
+    """The distinct native architectures, translated when a test first asks (once per module): a translation error
+    is then that test's failure, not an error collecting the module, and collecting translates nothing."""
+    return _distinct_native_architectures()
 
 
 def _inputs(model: mm.CLIP, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,14 +219,25 @@ def _compare(ref: torch.nn.Module, model: mm.CLIP) -> dict[str, float]:
     return out
 
 
-def test_registry_has_every_native_family():
-    families = {_family(occ.registry_config(n)) for n in ARCHITECTURES}
+def test_registry_has_every_native_family(architectures):
+    families = {_family(occ.registry_config(n)) for n in architectures}
     assert families == NATIVE_FAMILIES | {"eva"}, families
-    assert len(ARCHITECTURES) >= 20  # the registry's switch combinations (quick_gelu, pools, norms, masks, ...)
+    assert len(architectures) >= 20  # the registry's switch combinations (quick_gelu, pools, norms, masks, ...)
 
 
-@pytest.mark.parametrize("name", ARCHITECTURES)
-def test_native_architecture_matches_open_clip(name):
+def test_native_architectures_match_open_clip(architectures):
+    """Every distinct architecture is checked (one test, as the list is known only once translated); the failures
+    are reported together, each under its registry name (``_check_architecture(name)`` reruns one)."""
+    failures: dict[str, str] = {}
+    for name in architectures:
+        try:
+            _check_architecture(name)
+        except Exception as e:  # recorded: the assertion below fails naming every architecture that differs
+            failures[name] = f"{type(e).__name__}: {e}"
+    assert not failures, f"{len(failures)} of {len(architectures)} architectures differ from open_clip's: {failures}"
+
+
+def _check_architecture(name: str) -> None:
     ref, cfg = _reduced_open_clip(name)
     model = from_open_clip(ref, cfg).eval()
     assert not is_wrapped(model)
@@ -361,50 +382,111 @@ def test_open_clip_config_of_a_translated_timm_model_is_the_registrys():
 
 
 # -- coverage: the whole pretrained list ---------------------------------------------------------------------
+# registry models with open_clip weights on either side (the docs' examples): each side is found on its own below
+KNOWN_NATIVE = {"ViT-B-32", "ViT-B-16-SigLIP2", "coca_ViT-B-32", "PE-Core-B-16", "EVA02-B-16", "MobileCLIP2-L-14"}
+KNOWN_WRAPPED = {"RN50", "convnext_base_w", "ViTamin-B", "MobileCLIP-S1", "EVA02-E-14", "xlm-roberta-base-ViT-B-32"}
+
+
 @pytest.mark.slow
 def test_every_pretrained_pair_is_native_or_wrapped(monkeypatch):
-    """Every (model, tag) of open_clip.list_pretrained() is native (mm's parameter count equals open_clip's and
-    every key and shape maps both ways, all on the meta device) or wrapped (its interface config builds); at least
-    128 native, and every pair of a native family among them. Hugging Face text towers are sorted from the config
-    dict: open_clip cannot build them without their Hub files."""
+    """Every (model, tag) of open_clip.list_pretrained() is native or wrapped, never both, each side found on its
+    own (all on the meta device):
+
+    * native: mm translates open_clip's config (read with the timm tower open_clip built) into its own blocks; the
+      model ``mm.create_model(name)`` builds has that config, open_clip's parameter count, and every key and shape
+      maps both ways;
+    * wrapped: ``mm.create_model(name)`` gives open_clip's own model (open_clip's parameter count) behind mm's
+      interface. Hugging Face text towers are sorted from the config dict (open_clip cannot build them without their
+      Hub files) and their interface config builds.
+
+    At least 128 native, every pair of a native family among them, and the counts are those the docs state."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    warnings.filterwarnings("ignore")
+    pairs = open_clip.list_pretrained()
+    names = sorted({n for n, _ in pairs})
+    native: set[str] = set()
+    wrapped: set[str] = set()
     logging.disable(logging.WARNING)
     try:
-        pairs = open_clip.list_pretrained()
-        kind: dict[str, str] = {}
-        for name in sorted({n for n, _ in pairs}):
-            cfg = occ.registry_config(name)
-            if cfg["text_cfg"].get("hf_model_name"):
-                wrapped_config(name)
-                kind[name] = "wrapped"
-                continue
-            with torch.device("meta"):
-                ref = open_clip.create_model(name, device="meta")
-            try:
-                mm_cfg = occ.from_open_clip_config(cfg, name, trunk=getattr(ref.visual, "trunk", None))
-            except NotNative:
-                assert wrapped_config(name, ref).embed_dim == cfg["embed_dim"]
-                kind[name] = "wrapped"
-                continue
-            with torch.device("meta"):
-                ours = model_class(mm_cfg)(mm_cfg)
-            assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()), name
-            sd = ref.state_dict()
-            converted = oc_hub.convert_state_dict(sd, mm_cfg)
-            assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in ours.state_dict().items()}
-            back = oc_hub.export_state_dict(converted, mm_cfg)
-            assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in sd.items()}, name
-            kind[name] = "native"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name in names:
+                cfg = occ.registry_config(name)
+                if cfg["text_cfg"].get("hf_model_name"):
+                    assert wrapped_config(name).embed_dim == cfg["embed_dim"], name
+                    wrapped.add(name)
+                    try:
+                        occ.from_open_clip_config(cfg, name)
+                        native.add(name)
+                    except NotNative:
+                        pass
+                    continue
+                with torch.device("meta"):
+                    ref = open_clip.create_model(name, device="meta")
+                    built = mm.create_model(name)  # what a user gets for the name
+                size = sum(p.numel() for p in ref.parameters())
+                if is_wrapped(built):
+                    assert wrapped_config(name, ref).embed_dim == built.config.embed_dim == cfg["embed_dim"], name
+                    assert sum(p.numel() for p in built.model.parameters()) == size, name
+                    wrapped.add(name)
+                try:
+                    mm_cfg = occ.from_open_clip_config(cfg, name, trunk=getattr(ref.visual, "trunk", None))
+                except NotNative:
+                    continue
+                native.add(name)
+                ours = built
+                if is_wrapped(ours):  # translated, yet create_model wraps it: in both sets (asserted below)
+                    with torch.device("meta"):
+                        ours = model_class(mm_cfg)(mm_cfg)
+                assert ours.config == mm_cfg, name  # the trunk timm builds for mm is the one open_clip built
+                assert sum(p.numel() for p in ours.parameters()) == size, name
+                sd = ref.state_dict()
+                converted = oc_hub.convert_state_dict(sd, mm_cfg)
+                assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in ours.state_dict().items()}
+                back = oc_hub.export_state_dict(converted, mm_cfg)
+                assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in sd.items()}, name
     finally:
         logging.disable(logging.NOTSET)
+    assert not native & wrapped, f"both native and wrapped: {sorted(native & wrapped)}"
+    assert native | wrapped == set(names), f"neither native nor wrapped: {sorted(set(names) - native - wrapped)}"
+    assert KNOWN_NATIVE <= native and KNOWN_WRAPPED <= wrapped, (KNOWN_NATIVE - native, KNOWN_WRAPPED - wrapped)
     by_family: dict[str, dict[str, int]] = {}
     for name, _ in pairs:
         fam = by_family.setdefault(_family(occ.registry_config(name)), {"native": 0, "wrapped": 0})
-        fam[kind[name]] += 1
+        fam["native" if name in native else "wrapped"] += 1
     print("\nopen_clip pretrained pairs by family:", json.dumps(by_family, sort_keys=True))
-    native = sum(f["native"] for f in by_family.values())
-    assert native >= 128, by_family
+    assert sum(n in native for n, _ in pairs) >= 128, by_family
     for family in NATIVE_FAMILIES:
         assert by_family[family]["wrapped"] == 0, (family, by_family[family])
-    assert native + sum(f["wrapped"] for f in by_family.values()) == len(pairs)
+    _check_documented_counts(pairs, native, wrapped)
+
+
+def _check_documented_counts(pairs: list[tuple[str, str]], native: set[str], wrapped: set[str]) -> None:
+    """docs/open_clip_zoo.md (its open_clip version and registry size, every row of its family table, its totals)
+    and the README's summary state the counts just computed: a change of open_clip or of what mm builds that
+    changes them fails here until the docs say so."""
+    doc = (ROOT / "docs" / "open_clip_zoo.md").read_text()
+    n_native, n_wrapped = sum(n in native for n, _ in pairs), sum(n in wrapped for n, _ in pairs)
+    head = re.search(r"open_clip (\S+): (\d+) model configs, (\d+) pretrained \(model, tag\) pairs", doc)
+    assert head, "docs/open_clip_zoo.md: no 'open_clip VERSION: N model configs, M pretrained (model, tag) pairs'"
+    assert head.groups() == (open_clip.__version__, str(len(occ.open_clip_model_names())), str(len(pairs)))
+    total = re.search(r"^\| \*\*total\*\* \| \*\*(\d+)\*\* \| \*\*(\d+) native, (\d+) through open_clip\*\* \|",
+                      doc, re.M)
+    assert total, "docs/open_clip_zoo.md: no totals row"
+    assert tuple(map(int, total.groups())) == (len(pairs), n_native, n_wrapped)
+    readme = re.search(r"(\d+) of open_clip's (\d+) pretrained weights", (ROOT / "README.md").read_text())
+    assert readme and tuple(map(int, readme.groups())) == (n_native, len(pairs)), readme
+    # each family row: its examples (open_clip names with weights) say which (family, way) it counts
+    how = {n: "native" if n in native else "through open_clip" for n, _ in pairs}
+    key = {n: (_family(occ.registry_config(n)), how[n]) for n in how}
+    rows = re.findall(r"^\| ([^|*]+?) \| (\d+) \| (native|through open_clip) \| (.+?) \|$", doc, re.M)
+    assert len(rows) >= 10, rows
+    counted: dict[tuple[str, str], str] = {}
+    for label, count, way, examples in rows:
+        names = re.findall(r"`([^`]+)`", examples)
+        assert names and set(names) <= set(how), (label, names)
+        assert {how[n] for n in names} == {way}, (label, {n: how[n] for n in names})
+        keys = {key[n] for n in names}
+        assert not keys & set(counted), (label, {k: counted[k] for k in keys & set(counted)})  # one row each
+        counted.update(dict.fromkeys(keys, label))
+        assert sum(key[n] in keys for n, _ in pairs) == int(count), (label, count)
+    assert {key[n] for n, _ in pairs} <= set(counted), {key[n] for n, _ in pairs} - set(counted)

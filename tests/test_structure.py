@@ -2,8 +2,11 @@
 
 Every module of ``mm`` belongs to a unit (the longest prefix in :data:`LAYERS`); a unit imports only units of
 earlier layers, and its own modules. Imports are read with ``ast`` from the source, wherever they stand (top of
-the file, inside a function, under ``TYPE_CHECKING``), so a deferred import cannot hide a wrong direction. The
-checker itself is tested: it must catch a deliberate upward import and a cycle planted in a copy of the package.
+the file, inside a function, under ``TYPE_CHECKING``), so a deferred import cannot hide a wrong direction. Some
+units are also held to a list of the packages from outside mm they may import (:data:`THIRD_PARTY`): ``mm.models``
+builds networks from torch and the standard library alone, other libraries' formats (open_clip, timm,
+transformers) being the interop layer's (``mm.hub``). The checker itself is tested: it must catch a deliberate
+upward import, a cycle and a foreign import planted in a copy of the package.
 """
 from __future__ import annotations
 
@@ -31,6 +34,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("mm.cli",),
 ]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+# The packages from outside mm (besides the standard library) that a unit may import; units not listed are not held
+# to a list. models/ depends on torch and mm's earlier layers alone: open_clip's configs and timm's modules are read
+# by mm.hub (open_clip_configs.py), which registers open_clip's registry as a preset source of mm.models.presets.
+THIRD_PARTY: dict[str, frozenset[str]] = {"mm.models": frozenset({"torch"})}
 TOP = len(LAYERS)
 MAX_FUNCTION_LINES = 80
 
@@ -75,6 +82,34 @@ def imports(path: Path, module: str, modules: set[str]) -> list[tuple[int, str]]
                 sub = f"{target}.{a.name}"
                 found.append((node.lineno, sub if sub in modules else target))
     return found
+
+
+def external_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level package) for every absolute import of a package other than mm in ``path``, wherever it
+    stands."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name.split(".")[0]) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.append((node.lineno, node.module.split(".")[0]))
+    return [(line, name) for line, name in found if name != "mm"]
+
+
+def third_party_violations(root: Path) -> list[str]:
+    """Imports of packages outside the standard library that a unit's :data:`THIRD_PARTY` list does not allow."""
+    files, _ = scan(root)
+    out = []
+    for module, path in files.items():
+        unit, _ = unit_of(module)
+        allowed = THIRD_PARTY.get(unit)
+        if allowed is None:
+            continue
+        for line, name in external_imports(path):
+            if name not in allowed and name not in sys.stdlib_module_names:
+                out.append(f"{path.relative_to(root)}:{line}: {module} imports {name}: {unit} may import only the "
+                           f"standard library, {', '.join(sorted(allowed))} and mm's earlier layers")
+    return out
 
 
 def scan(root: Path) -> tuple[dict[str, Path], dict[str, list[tuple[int, str]]]]:
@@ -142,6 +177,10 @@ def test_no_import_cycles():
     assert cycles(ROOT) == []
 
 
+def test_models_import_only_torch_and_the_standard_library():
+    assert third_party_violations(ROOT) == []
+
+
 def _copy_package(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "mm", tmp_path / "mm", ignore=shutil.ignore_patterns("__pycache__"))
     return tmp_path
@@ -160,6 +199,20 @@ def test_the_checker_catches_a_cycle(tmp_path):
     mlp = root / "mm" / "layers" / "mlp.py"
     mlp.write_text(mlp.read_text() + "\n\nfrom . import block  # noqa: E402,F401\n")  # block imports mlp
     assert any({"mm.layers.block", "mm.layers.mlp"} <= set(c) for c in cycles(root)), cycles(root)
+
+
+def test_the_checker_catches_a_foreign_import_in_models(tmp_path):
+    """open_clip or timm imported by models/ (here at the top of a file and deferred inside a function) fails, as does
+    models/ importing the interop layer that now holds them."""
+    root = _copy_package(tmp_path)
+    vision = root / "mm" / "models" / "vision.py"
+    vision.write_text("import open_clip  # noqa: F401\n" + vision.read_text()
+                      + "\n\ndef _planted():\n    from timm.layers import Mlp  # noqa: F401\n"
+                      + "    from ..hub import open_clip_configs  # noqa: F401\n")
+    found = third_party_violations(root)
+    assert len(found) == 2 and "mm.models.vision imports open_clip" in found[0] and "imports timm" in found[1], found
+    layers = layer_violations(root)
+    assert len(layers) == 1 and "mm.models.vision (layer 3) imports mm.hub.open_clip_configs (layer 4)" in layers[0]
 
 
 def test_long_functions_say_why():

@@ -12,9 +12,9 @@ import torch
 
 from ..config import ConfigError
 from ..hub import create_model
+from ..hub.open_clip_configs import open_clip_model_names, open_clip_preset
 from ..losses import ClipLoss
 from ..models import ModelConfig, NotNative, get_preset
-from ..models.open_clip_configs import open_clip_model_names, open_clip_preset
 from ..models.presets import list_models as mm_presets
 from ..tokenizer import get_tokenizer
 from .common import EXAMPLES, MODEL_ERRORS, guard

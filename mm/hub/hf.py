@@ -4,7 +4,8 @@
 ``transformers`` is an optional dependency: it is imported only to read a model directory; a module's
 ``state_dict()`` and ``config.to_dict()`` are enough otherwise, and writing a ``CLIPModel`` directory needs
 only safetensors. One table per model type, :func:`hf_rules`, says where every HF tensor goes, with a
-:class:`~mm.hub.open_clip.Transform` holding both directions. Layout differences the transforms bridge:
+:class:`~mm.hub.rules.Transform` holding both directions, read one way on import and the other on export by the
+engine open_clip conversion uses too (:mod:`mm.hub.rules`). Layout differences the transforms bridge:
 
 * HF keeps q, k and v apart (``self_attn.{q,k,v}_proj``); mm packs them in ``attn.qkv`` in that order.
 * SigLIP's attention-pooling head is an ``nn.MultiheadAttention`` (``in_proj_weight`` packs [q; k; v]); mm's
@@ -45,7 +46,9 @@ from ..config import validate
 from ..layers import TransformerConfig
 from ..models import CLIP, ModelConfig, TextConfig, VisionConfig
 from ..utils.io import atomic_path
-from .open_clip import COPY, PACKED_TO_Q_KV, SQUEEZE, ConversionError, Transform
+from .rules import COPY, PACKED_TO_Q_KV, SQUEEZE, ConversionError, Plan, Rule, Step, Transform, expand, packed, plan
+from .rules import params as _params
+from .rules import rule as _rule
 from .wrapped import is_wrapped
 
 HF_MODEL_TYPES = ("clip", "siglip", "siglip2")
@@ -54,10 +57,8 @@ _HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytor
 _LEGACY_EOS = 2  # HF CLIP's eos_token_id that selects argmax pooling (modeling_clip.CLIPTextTransformer)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model")
 
-Rule = tuple[tuple[str, ...], tuple[str, ...], Transform]
-
 # [q; k; v] kept apart (HF) <-> packed (mm): parts are cloned so no two tensors share storage
-SPLIT_QKV = Transform(lambda ts: [torch.cat(ts)], lambda ts: [t.clone() for t in ts[0].chunk(3)])
+SPLIT_QKV = packed(3)
 
 
 def _patches_to_conv(ts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -212,93 +213,95 @@ def _siglip_tokenizer(hf: dict[str, Any], directory: Path | None) -> str:
 
 # ------------------------------------------------------------------------------------------------ tensors
 
-def _params(hf: str, mm: str, transform: Transform = COPY) -> list[Rule]:
-    return [((f"{hf}.{n}",), (f"{mm}.{n}",), transform) for n in ("weight", "bias")]
-
-
-def _layer(hf: str, mm: str) -> list[Rule]:
-    """One HF encoder layer (CLIPEncoderLayer / SiglipEncoderLayer: the same names) <-> an mm Block."""
+def _layer(hf: str, mm: str, tower: str) -> list[Rule]:
+    """One HF encoder layer (CLIPEncoderLayer / SiglipEncoderLayer: the same names) <-> an mm Block; ``{i}`` is the
+    layer of the ``tower``'s stack."""
     return [
-        *_params(f"{hf}.layer_norm1", f"{mm}.norm1"),
-        *[(tuple(f"{hf}.self_attn.{x}_proj.{n}" for x in "qkv"), (f"{mm}.attn.qkv.{n}",), SPLIT_QKV)
+        *_params(f"{hf}.layer_norm1", f"{mm}.norm1", layers=tower),
+        *[_rule(tuple(f"{hf}.self_attn.{x}_proj.{n}" for x in "qkv"), f"{mm}.attn.qkv.{n}", SPLIT_QKV, layers=tower)
           for n in ("weight", "bias")],
-        *_params(f"{hf}.self_attn.out_proj", f"{mm}.attn.proj"),
-        *_params(f"{hf}.layer_norm2", f"{mm}.norm2"),
-        *_params(f"{hf}.mlp.fc1", f"{mm}.ffn.fc1"),
-        *_params(f"{hf}.mlp.fc2", f"{mm}.ffn.fc2"),
+        *_params(f"{hf}.self_attn.out_proj", f"{mm}.attn.proj", layers=tower),
+        *_params(f"{hf}.layer_norm2", f"{mm}.norm2", layers=tower),
+        *_params(f"{hf}.mlp.fc1", f"{mm}.ffn.fc1", layers=tower),
+        *_params(f"{hf}.mlp.fc2", f"{mm}.ffn.fc2", layers=tower),
     ]
 
 
-def _clip_rules() -> list[Rule]:
-    return [
-        (("logit_scale",), ("logit_scale",), COPY),
-        (("vision_model.embeddings.patch_embedding.weight",), ("vision.patch_embed.weight",), COPY),
-        (("vision_model.embeddings.class_embedding",), ("vision.cls_token",), COPY),
-        (("vision_model.embeddings.position_embedding.weight",), ("vision.pos_embed",), COPY),
-        *_params("vision_model.pre_layrnorm", "vision.norm_pre"),  # sic: HF's spelling
-        *_params("vision_model.post_layernorm", "vision.norm"),
-        (("visual_projection.weight",), ("vision.proj.weight",), COPY),
-        (("text_model.embeddings.token_embedding.weight",), ("text.token_embedding.weight",), COPY),
-        (("text_model.embeddings.position_embedding.weight",), ("text.pos_embed",), COPY),
-        *_params("text_model.final_layer_norm", "text.norm"),
-        (("text_projection.weight",), ("text.proj.weight",), COPY),
-    ]
+# every layer of both towers' stacks
+LAYER_RULES: list[Rule] = [r for t in ("vision", "text")
+                           for r in _layer(f"{t}_model.encoder.layers.{{i}}", f"{t}.transformer.blocks.{{i}}", t)]
+
+CLIP_RULES: list[Rule] = [
+    _rule("logit_scale", "logit_scale"),
+    _rule("vision_model.embeddings.patch_embedding.weight", "vision.patch_embed.weight"),
+    _rule("vision_model.embeddings.class_embedding", "vision.cls_token"),
+    _rule("vision_model.embeddings.position_embedding.weight", "vision.pos_embed"),
+    *_params("vision_model.pre_layrnorm", "vision.norm_pre"),  # sic: HF's spelling
+    *_params("vision_model.post_layernorm", "vision.norm"),
+    _rule("visual_projection.weight", "vision.proj.weight"),
+    _rule("text_model.embeddings.token_embedding.weight", "text.token_embedding.weight"),
+    _rule("text_model.embeddings.position_embedding.weight", "text.pos_embed"),
+    *_params("text_model.final_layer_norm", "text.norm"),
+    _rule("text_projection.weight", "text.proj.weight"),
+]
 
 
 def _siglip_rules(kind: str) -> list[Rule]:
     head, pool = "vision_model.head", "vision.attn_pool"
     return [
-        (("logit_scale",), ("logit_scale",), SQUEEZE),
-        (("logit_bias",), ("logit_bias",), SQUEEZE),
-        (("vision_model.embeddings.patch_embedding.weight",), ("vision.patch_embed.weight",),
-         LINEAR_PATCHES if kind == "siglip2" else COPY),
-        (("vision_model.embeddings.patch_embedding.bias",), ("vision.patch_embed.bias",), COPY),
-        (("vision_model.embeddings.position_embedding.weight",), ("vision.pos_embed",), COPY),
+        _rule("logit_scale", "logit_scale", SQUEEZE),
+        _rule("logit_bias", "logit_bias", SQUEEZE),
+        _rule("vision_model.embeddings.patch_embedding.weight", "vision.patch_embed.weight",
+              LINEAR_PATCHES if kind == "siglip2" else COPY),
+        _rule("vision_model.embeddings.patch_embedding.bias", "vision.patch_embed.bias"),
+        _rule("vision_model.embeddings.position_embedding.weight", "vision.pos_embed"),
         *_params("vision_model.post_layernorm", "vision.norm"),
-        ((f"{head}.probe",), (f"{pool}.latent",), SQUEEZE),
-        ((f"{head}.attention.in_proj_weight",), (f"{pool}.attn.q.weight", f"{pool}.attn.kv.weight"), PACKED_TO_Q_KV),
-        ((f"{head}.attention.in_proj_bias",), (f"{pool}.attn.q.bias", f"{pool}.attn.kv.bias"), PACKED_TO_Q_KV),
+        _rule(f"{head}.probe", f"{pool}.latent", SQUEEZE),
+        _rule(f"{head}.attention.in_proj_weight", (f"{pool}.attn.q.weight", f"{pool}.attn.kv.weight"), PACKED_TO_Q_KV),
+        _rule(f"{head}.attention.in_proj_bias", (f"{pool}.attn.q.bias", f"{pool}.attn.kv.bias"), PACKED_TO_Q_KV),
         *_params(f"{head}.attention.out_proj", f"{pool}.attn.proj"),
         *_params(f"{head}.layernorm", f"{pool}.norm"),
         *_params(f"{head}.mlp.fc1", f"{pool}.mlp.fc1"),
         *_params(f"{head}.mlp.fc2", f"{pool}.mlp.fc2"),
-        (("text_model.embeddings.token_embedding.weight",), ("text.token_embedding.weight",), COPY),
-        (("text_model.embeddings.position_embedding.weight",), ("text.pos_embed",), COPY),
+        _rule("text_model.embeddings.token_embedding.weight", "text.token_embedding.weight"),
+        _rule("text_model.embeddings.position_embedding.weight", "text.pos_embed"),
         *_params("text_model.final_layer_norm", "text.norm"),
         *_params("text_model.head", "text.proj"),
     ]
 
 
-def hf_rules(cfg: ModelConfig, model_type: str = "clip") -> list[Rule]:
+def rules(model_type: str = "clip") -> list[Rule]:
+    """The rule table of a HF ``model_type`` model (:mod:`mm.hub.rules`)."""
+    return [*(CLIP_RULES if model_type == "clip" else _siglip_rules(model_type)), *LAYER_RULES]
+
+
+def _depths(cfg: ModelConfig) -> dict[str, int]:
+    return {tower: getattr(cfg, tower).transformer.depth for tower in ("vision", "text")}
+
+
+def hf_rules(cfg: ModelConfig, model_type: str = "clip") -> list[Step]:
     """(HF keys, mm keys, transform) for every tensor of a HF ``model_type`` model of mm config ``cfg``."""
-    rules = _clip_rules() if model_type == "clip" else _siglip_rules(model_type)
-    for tower in ("vision", "text"):
-        for i in range(getattr(cfg, tower).transformer.depth):
-            rules += _layer(f"{tower}_model.encoder.layers.{i}", f"{tower}.transformer.blocks.{i}")
-    return rules
+    return expand(rules(model_type), cfg, _depths(cfg))
+
+
+def _plan(cfg: ModelConfig, model_type: str, mm_tensors: dict[str, torch.Tensor],
+          unmatched: str = "mm tensor {key!r} has no counterpart in the Hugging Face model") -> Plan:
+    return plan(rules(model_type), cfg, mm_tensors, _depths(cfg), unmatched=unmatched)
+
+
+def _derived(key: str) -> bool:
+    """position_ids are index buffers HF derives from the config: not weights, and not needed."""
+    return key.endswith("position_ids")
 
 
 def convert_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, model_type: str = "clip"
                           ) -> dict[str, torch.Tensor]:
-    """HF state dict -> mm state dict; errors name the first missing key, shape mismatch or unused tensor."""
+    """HF state dict -> mm state dict (new tensors); errors name the mis-shaped, missing and unused tensors."""
     with torch.device("meta"):
         ref = CLIP(cfg).state_dict()
-    out, used = {}, set()
-    for hf_keys, mm_keys, t in hf_rules(cfg, model_type):
-        missing = [k for k in hf_keys if k not in sd]
-        if missing:
-            raise ConversionError(f"HF state dict has no {missing[0]!r} (needed for mm {mm_keys[0]!r})")
-        for mm_key, x in zip(mm_keys, t.to_mm([sd[k] for k in hf_keys])):
-            if tuple(x.shape) != tuple(ref[mm_key].shape):
-                raise ConversionError(f"HF {hf_keys[0]!r} gives shape {tuple(x.shape)} for mm {mm_key!r}, "
-                                      f"expected {tuple(ref[mm_key].shape)}")
-            out[mm_key] = x.detach().clone()
-        used.update(hf_keys)
-    # position_ids are index buffers HF derives from the config; anything else unused means a mismatch
-    extra = sorted(k for k in sd if k not in used and not k.endswith("position_ids"))
-    if extra:
-        raise ConversionError(f"HF state dict has {len(extra)} tensors mm does not use, first {extra[0]!r}")
-    return out
+    out = _plan(cfg, model_type, ref).to_mm(sd, f"HF {model_type} state dict does not fit the mm config",
+                                            ignore=_derived)
+    return {k: x.detach().clone() for k, x in out.items()}
 
 
 def _load_hf_dir(d: Path) -> Any:
@@ -445,17 +448,11 @@ def hf_clip_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
     for tower in ("vision", "text"):
         if getattr(cfg, tower).proj == "none":
             sd[f"{tower}.proj.weight"] = torch.eye(cfg.embed_dim)
-    rules = hf_rules(cfg, "clip")
     # a tensor no rule takes is an mm feature the checks above do not know: refuse rather than drop it
-    left = sorted(set(sd) - {k for _, mm_keys, _ in rules for k in mm_keys})
-    if left:
-        raise ConversionError(f"not convertible to a Hugging Face CLIPModel: mm tensor {left[0]!r} has no "
-                              "counterpart in HF's CLIP")
-    out = {}
-    for hf_keys, mm_keys, t in rules:
-        for k, x in zip(hf_keys, t.to_open_clip([sd[m] for m in mm_keys])):
-            out[k] = x.detach().to("cpu", copy=True).contiguous()
-    return out
+    steps = _plan(cfg, "clip", sd, "not convertible to a Hugging Face CLIPModel: mm tensor {key!r} has no counterpart "
+                                   "in HF's CLIP")
+    out = steps.from_mm(sd, "mm state dict does not fit the mm config")
+    return {k: x.detach().to("cpu", copy=True).contiguous() for k, x in out.items()}
 
 
 def hf_clip_processor_files(cfg: ModelConfig) -> dict[str, str]:

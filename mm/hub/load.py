@@ -10,13 +10,13 @@ import torch
 
 from ..config import ConfigError, load_file
 from ..models import ImageTextModel, ModelConfig, NotNative, build_model
-from ..models.open_clip_configs import (
+from .adapter import AdapterError, is_adapter_dir, load_adapter, read_adapter_meta
+from .open_clip import from_open_clip
+from .open_clip_configs import (
     is_open_clip_config,
     open_clip_model_names,
     registry_config,
 )
-from .adapter import AdapterError, is_adapter_dir, load_adapter, read_adapter_meta
-from .open_clip import from_open_clip
 from .pretrained import (
     PretrainedError,
     load_pretrained,

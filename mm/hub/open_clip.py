@@ -1,9 +1,10 @@
 """Exact weight conversion between open_clip and mm models (CLIP ViTs and CoCa).
 
-One table, :data:`RULES`, says where every open_clip tensor goes: each rule names open_clip key
-patterns, mm key patterns and a :class:`Transform` with both directions, and rules inside a
-Transformer stack are expanded over its layers. Both directions read the same table, so
-``to_open_clip(from_open_clip(sd, name))`` gives back every tensor of ``sd`` bit for bit.
+One table per layout, :func:`rules`, says where every open_clip tensor goes: each rule names open_clip key
+patterns, mm key patterns and a :class:`~mm.hub.rules.Transform` with both directions, and rules inside a
+Transformer stack are expanded over its layers (the engine shared with Hugging Face conversion,
+:mod:`mm.hub.rules`). Both directions read the same table, so ``to_open_clip(from_open_clip(sd, name))`` gives
+back every tensor of ``sd`` bit for bit.
 
 Layout differences the transforms bridge:
 
@@ -26,8 +27,7 @@ the config. :func:`open_clip_config` gives the open_clip constructor arguments f
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -35,84 +35,35 @@ from torch import nn
 from ..config import validate
 from ..layers import TransformerConfig
 from ..models import CLIP, ModelConfig, OpenClipSource, model_class, resolve_config
-from ..models.open_clip_configs import (
+from ..models.presets import list_models as mm_presets
+from .open_clip_configs import (
     from_open_clip_config,
     open_clip_model_names,
     open_clip_preset,
     registry_config,
 )
-from ..models.presets import list_models as mm_presets
+from .rules import (
+    COPY,
+    FLATTEN,
+    PACKED_TO_Q_KV,
+    SEPARATE_TO_Q_KV,
+    SQUEEZE,
+    TRANSPOSE,
+    ConversionError,
+    Plan,
+    Rule,
+    Transform,
+    packed,
+    plan,
+)
+from .rules import params as _params
+from .rules import rule as _rule
 
-Tensors = list[torch.Tensor]
-
-
-class ConversionError(ValueError):
-    """A state dict or config does not fit the conversion; the message names the offending key."""
-
-
-@dataclass(frozen=True)
-class Transform:
-    """How the tensors of one rule turn into each other: ``to_mm`` maps the open_clip tensors (in the
-    rule's key order) to the mm tensors, ``to_open_clip`` is its exact inverse."""
-
-    to_mm: Callable[[Tensors], Tensors]
-    to_open_clip: Callable[[Tensors], Tensors]
-
-
-# Transforms copy only what they must: a plain COPY returns its input (as ``state_dict()`` returns the
-# model's own tensors), while split parts are cloned so that no two results share storage (safetensors
-# refuses to save tensors that do) and transposes are made contiguous.
-
-def _split_q_kv(ts: Tensors) -> Tensors:
-    d = ts[0].shape[0] // 3
-    return [ts[0][:d].clone(), ts[0][d:].clone()]
-
-
-def _transpose(ts: Tensors) -> Tensors:
-    return [ts[0].t().contiguous()]
-
-
-COPY = Transform(lambda ts: ts, lambda ts: ts)
-# timm keeps tokens and position tables with leading singleton dims: (1, N, W) <-> mm's (N, W), (1, 1, W) <-> (W)
-SQUEEZE = Transform(lambda ts: [ts[0].squeeze(0)], lambda ts: [ts[0].unsqueeze(0)])
-FLATTEN = Transform(lambda ts: [ts[0].reshape(-1)], lambda ts: [ts[0].reshape(1, 1, -1)])
-# x @ P (open_clip) == Linear with weight P.T (mm)
-TRANSPOSE = Transform(_transpose, _transpose)
-# packed [q; k; v] (weights or biases) <-> mm cross-attention's q and packed [k; v]
-PACKED_TO_Q_KV = Transform(_split_q_kv, lambda ts: [torch.cat(ts)])
-# MultiheadAttention with kdim != embed_dim keeps q, k, v weights apart; mm packs [k; v]
-SEPARATE_TO_Q_KV = Transform(lambda ts: [ts[0], torch.cat(ts[1:])],
-                             lambda ts: [ts[0], *(t.clone() for t in ts[1].chunk(2))])
-
-
-@dataclass(frozen=True)
-class Rule:
-    """open_clip keys <-> mm keys through ``transform``.
-
-    Patterns are ``str.format`` templates: ``{i}`` is the layer index when ``layers`` names a stack
-    (``vision``, ``text`` or ``decoder``); ``{self_block}`` / ``{cross_block}`` are the indices (2i,
-    2i + 1) of layer i's two blocks in mm's "separate" decoder; ``{text}`` is the prefix of open_clip's
-    text tower (``""`` for CLIP, ``"text."`` for CoCa / CustomTextCLIP). A rule applies when ``when``
-    (if set) holds for the config and its mm keys exist in the mm model (optional parts: logit bias,
-    LayerScale, class tokens, attentional pooling, decoder)."""
-
-    open_clip: tuple[str, ...]
-    mm: tuple[str, ...]
-    transform: Transform | Callable[[ModelConfig], Transform] = COPY  # or the config's transform (RoPE channels)
-    layers: str | None = None
-    when: Callable[[ModelConfig], bool] | None = None
-
-
-def _rule(oc: str | tuple[str, ...], mm: str | tuple[str, ...],
-          transform: Transform | Callable[[ModelConfig], Transform] = COPY, *,
-          layers: str | None = None, when: Callable[[ModelConfig], bool] | None = None) -> Rule:
-    return Rule((oc,) if isinstance(oc, str) else oc, (mm,) if isinstance(mm, str) else mm, transform, layers, when)
-
-
-def _params(oc: str, mm: str, *, layers: str | None = None,
-            when: Callable[[ModelConfig], bool] | None = None) -> list[Rule]:
-    """COPY rules for the weight and bias of a LayerNorm or Linear."""
-    return [_rule(f"{oc}.{n}", f"{mm}.{n}", layers=layers, when=when) for n in ("weight", "bias")]
+# The tables below are read by the shared engine (mm.hub.rules): a rule's ``foreign`` keys are open_clip's.
+# Patterns are ``str.format`` templates: ``{i}`` is the layer index when ``layers`` names a stack (``vision``,
+# ``text`` or ``decoder``); ``{self_block}`` / ``{cross_block}`` are the indices (2i, 2i + 1) of layer i's two blocks
+# in mm's "separate" decoder; ``{text}`` is the prefix of open_clip's text tower (``""`` for CLIP, ``"text."`` for
+# CoCa / CustomTextCLIP).
 
 
 def _ffn(oc: str, mm: str, layers: str) -> list[Rule]:
@@ -254,11 +205,11 @@ def _separate_qkv(cfg: ModelConfig) -> Transform:
     """EVA02's separate q / k / v projection weights <-> mm's packed qkv (RoPE channel order as _rope_qkv)."""
     rope = _rope_qkv(cfg)
     return Transform(lambda ts: rope.to_mm([torch.cat(ts)]),
-                     lambda ts: [t.clone() for t in rope.to_open_clip(ts)[0].chunk(3)])
+                     lambda ts: [t.clone() for t in rope.from_mm(ts)[0].chunk(3)])
 
 
 # timm's SwiGLU keeps the gate (fc1_g) and up (fc1_x) projections apart; mm packs [gate; up] in fc1
-GATE_UP = Transform(lambda ts: [torch.cat(ts)], lambda ts: [t.clone() for t in ts[0].chunk(2)])
+GATE_UP = packed(2)
 
 
 def _swiglu(cfg: ModelConfig) -> bool:
@@ -472,45 +423,14 @@ def _reference(cfg: ModelConfig) -> dict[str, torch.Tensor]:
         return model_class(cfg)(cfg).state_dict()
 
 
-Step = tuple[list[str], list[str], Transform]
+def _plan(cfg: ModelConfig, text_prefix: str, mm_ref: dict[str, torch.Tensor]) -> Plan:
+    """:func:`rules` expanded for ``cfg`` (rules whose mm keys ``mm_ref`` has), covering every mm key."""
+    def fields(i: int) -> dict:
+        return {"i": i, "self_block": 2 * i, "cross_block": 2 * i + 1, "text": text_prefix}
 
-
-def _plan(cfg: ModelConfig, text_prefix: str, mm_ref: dict[str, torch.Tensor]) -> list[Step]:
-    """:data:`RULES` expanded for ``cfg``: (open_clip keys, mm keys, transform) for every rule that
-    applies, covering every mm key."""
-    stacks = _stacks(cfg)
-    steps: list[Step] = []
-    for rule in rules(cfg):
-        if (rule.when is not None and not rule.when(cfg)) or (rule.layers and rule.layers not in stacks):
-            continue
-        transform = rule.transform if isinstance(rule.transform, Transform) else rule.transform(cfg)
-        for i in range(stacks[rule.layers].depth) if rule.layers else (0,):
-            fmt = {"i": i, "self_block": 2 * i, "cross_block": 2 * i + 1, "text": text_prefix}
-            mm_keys = [p.format(**fmt) for p in rule.mm]
-            if all(k in mm_ref for k in mm_keys):
-                steps.append(([p.format(**fmt) for p in rule.open_clip], mm_keys, transform))
-    covered = {k for _, mm_keys, _ in steps for k in mm_keys}
-    uncovered = [k for k in mm_ref if k not in covered]
-    if uncovered:  # an mm feature that _check_supported does not know and the table does not describe
-        raise ConversionError(f"no open_clip counterpart for mm key {uncovered[0]!r}")
-    return steps
-
-
-def _check_keys(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str) -> None:
-    """Raise one error naming the first tensor of ``sd`` whose shape differs, then missing and
-    unexpected keys by name."""
-    problems = []
-    bad = [k for k, v in sd.items() if k in expected and tuple(v.shape) != expected[k]]
-    if bad:
-        problems.append(f"{bad[0]!r} has shape {tuple(sd[bad[0]].shape)}, expected {expected[bad[0]]}"
-                        + (f" ({len(bad)} tensors have wrong shapes)" if len(bad) > 1 else ""))
-    for label, keys in (("missing", [k for k in expected if k not in sd]),
-                        ("unexpected", [k for k in sd if k not in expected])):
-        if keys:
-            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
-            problems.append(f"{len(keys)} {label} key(s): {', '.join(map(repr, keys[:5]))}{more}")
-    if problems:
-        raise ConversionError(f"{what}: " + "; ".join(problems))
+    # an mm tensor no rule takes: an mm feature that _check_supported does not know and the table does not describe
+    return plan(rules(cfg), cfg, mm_ref, {k: s.depth for k, s in _stacks(cfg).items()}, fields=fields,
+                unmatched="no open_clip counterpart for mm key {key!r}")
 
 
 def _label(cfg: ModelConfig | str | dict) -> str:
@@ -527,16 +447,7 @@ def convert_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig | str) -> d
     label, cfg = _label(cfg), resolve_config(cfg)
     _check_supported(cfg)
     text_prefix = "text." if any(k.startswith("text.") for k in sd) else ""
-    mm_ref = _reference(cfg)
-    steps = _plan(cfg, text_prefix, mm_ref)
-    expected = {}
-    for oc_keys, mm_keys, t in steps:
-        expected.update(zip(oc_keys, (tuple(x.shape) for x in t.to_open_clip([mm_ref[k] for k in mm_keys]))))
-    _check_keys(sd, expected, f"open_clip state dict does not fit mm model {label}")
-    out = {}
-    for oc_keys, mm_keys, t in steps:
-        out.update(zip(mm_keys, t.to_mm([sd[k] for k in oc_keys])))
-    return out
+    return _plan(cfg, text_prefix, _reference(cfg)).to_mm(sd, f"open_clip state dict does not fit mm model {label}")
 
 
 def export_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig | str, *,
@@ -550,13 +461,8 @@ def export_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig | str, *,
     _check_supported(cfg)
     if custom_text is None:
         custom_text = _source(cfg).custom_text
-    mm_ref = _reference(cfg)
-    steps = _plan(cfg, "text." if custom_text else "", mm_ref)
-    _check_keys(sd, {k: tuple(v.shape) for k, v in mm_ref.items()}, f"mm state dict does not fit mm model {label}")
-    out = {}
-    for oc_keys, mm_keys, t in steps:
-        out.update(zip(oc_keys, t.to_open_clip([sd[k] for k in mm_keys])))
-    return out
+    return _plan(cfg, "text." if custom_text else "", _reference(cfg)).from_mm(
+        sd, f"mm state dict does not fit mm model {label}")
 
 
 def _check_module(model: nn.Module, cfg: ModelConfig) -> None:
@@ -668,7 +574,7 @@ def from_open_clip(model_or_state_dict: nn.Module | dict[str, torch.Tensor], nam
     """An mm model with the weights of an open_clip model (or its state dict).
 
     ``name``: the open_clip model name (``ViT-B-32``, ``coca_ViT-B-32``, ``ViT-SO400M-14-SigLIP``...: its
-    registry config is translated, :mod:`mm.models.open_clip_configs`), an open_clip config dict, or an mm
+    registry config is translated, :mod:`mm.hub.open_clip_configs`), an open_clip config dict, or an mm
     ModelConfig. Given the open_clip module, its preprocessing comes along (:func:`open_clip_model_config`). The
     mm model's tensors are new (never shared with the source), with the source's dtype and device."""
     module = model_or_state_dict if isinstance(model_or_state_dict, nn.Module) else None

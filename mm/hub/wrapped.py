@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import ConfigError, validate
 from ..models import ModelOutput, NotNative, TextConfig, VisionConfig
-from ..models.open_clip_configs import (
+from .open_clip_configs import (
     from_open_clip_config,
     interface_config,
     registry_config,

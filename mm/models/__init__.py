@@ -11,8 +11,7 @@ from .config import (
 )
 from .decoder import CaptionDecoder
 from .limoe import LIMoE
-from .open_clip_configs import NotNative
-from .presets import get_preset
+from .presets import NotNative, get_preset
 from .text import TextEmbedHead, TextTower
 from .vision import TowerOutput, VisionEmbedHead, VisionTower
 

@@ -1,7 +1,8 @@
 """From a name, a file, a dict or a config object to a model: ``resolve_config`` and ``build_model``.
 
 Weights are not this layer's business: ``mm.create_model`` (``mm.hub``) also loads saved directories and
-weights files, through this module.
+weights files, through this module. Nor are other libraries' formats: open_clip's registry names and config dicts
+resolve through the preset source ``mm.hub`` registers (:func:`mm.models.presets.register_source`).
 """
 from __future__ import annotations
 
@@ -12,12 +13,7 @@ from ..config import ConfigError, apply_overrides, from_dict, load_file, validat
 from .clip import CLIP, CoCa, ImageTextModel
 from .config import ModelConfig
 from .limoe import LIMoE
-from .open_clip_configs import (
-    from_open_clip_config,
-    is_open_clip_config,
-    open_clip_model_names,
-)
-from .presets import get_preset
+from .presets import get_preset, source_names, translate_config
 from .presets import list_models as mm_presets
 
 
@@ -25,11 +21,11 @@ def list_models() -> list[str]:
     """Every model name mm builds from a name: mm's own presets and open_clip's registry (``ViT-B-32``,
     ``ViT-SO400M-14-SigLIP``, ...; those mm does not build natively run through open_clip, ``mm.create_model``)."""
     own = mm_presets()
-    return own + sorted(set(open_clip_model_names()) - set(own))
+    return own + sorted(set(source_names()) - set(own))
 
 
 def _is_name(spec: str) -> bool:
-    return spec in mm_presets() or spec in open_clip_model_names()
+    return spec in mm_presets() or spec in source_names()
 
 
 def _flatten_overrides(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -45,24 +41,25 @@ def _flatten_overrides(overrides: dict[str, Any], prefix: str = "") -> dict[str,
 
 
 def resolve_config(spec: str | Path | dict | ModelConfig, **overrides: Any) -> ModelConfig:
-    """A preset name (mm's or open_clip's registry's), a YAML/JSON file, a dict or a ModelConfig -> validated
-    ModelConfig. A dict or JSON file in open_clip's model config format is translated. An open_clip model mm does not build natively raises ``NotNative`` (a ConfigError)."""
+    """A preset name (mm's or a registered source's: open_clip's registry), a YAML/JSON file, a dict or a
+    ModelConfig -> validated ModelConfig. A dict or JSON file in a source's format (open_clip's model config) is
+    translated. An open_clip model mm does not build natively raises ``NotNative`` (a ConfigError)."""
     if isinstance(spec, ModelConfig):
         cfg = spec
-    elif is_open_clip_config(spec):
-        cfg = from_open_clip_config(spec)
+    elif isinstance(spec, dict) and (foreign := translate_config(spec)) is not None:
+        cfg = foreign
     elif isinstance(spec, dict):
         cfg = from_dict(ModelConfig, spec)
     elif isinstance(spec, (str, Path)) and _is_name(str(spec)):
         cfg = get_preset(str(spec))
     elif isinstance(spec, (str, Path)) and Path(spec).is_file():
         data = load_file(spec)
-        if is_open_clip_config(data):
-            try:
-                cfg = from_open_clip_config(data)
-            except ConfigError as e:  # NotNative stays NotNative
-                raise type(e)(f"{spec}: {e}") from None
-            return apply_overrides(cfg, _flatten_overrides(overrides)) if overrides else cfg
+        try:
+            foreign = translate_config(data)
+        except ConfigError as e:  # NotNative stays NotNative
+            raise type(e)(f"{spec}: {e}") from None
+        if foreign is not None:
+            return apply_overrides(foreign, _flatten_overrides(overrides)) if overrides else foreign
         cfg = from_dict(ModelConfig, data.get("model", data) if "model" in data and isinstance(data["model"], dict) else data)
     else:
         raise ConfigError(

@@ -1,18 +1,62 @@
 """Named model configs: mm's own presets (``tiny-*`` for tests, the demo and CPU benchmarks; MoE and LIMoE
-models), and every model of open_clip's registry by its open_clip name (``ViT-B-32``, ``coca_ViT-L-14``,
-``ViT-SO400M-14-SigLIP``...), translated from open_clip's own config (``open_clip_configs.py``): no open_clip
-architecture is written out here."""
+models), and the names of registered preset sources: every model of open_clip's registry by its open_clip name
+(``ViT-B-32``, ``coca_ViT-L-14``, ``ViT-SO400M-14-SigLIP``...), translated from open_clip's own config by the
+interop layer (``mm.hub.open_clip_configs``, which registers itself here when ``mm.hub`` is imported: this layer
+imports nothing of open_clip or timm). No open_clip architecture is written out here."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable, Protocol
 
-from ..config import validate
+from ..config import ConfigError, validate
 from ..layers.config import MoEConfig, TransformerConfig
 from .config import DecoderConfig, ModelConfig, TextConfig, VisionConfig
-from .open_clip_configs import open_clip_model_names, open_clip_preset
 
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {}
+
+
+class NotNative(ConfigError):
+    """A model (of open_clip's, or another preset source's) whose architecture mm does not build with its own
+    blocks; the message says which part (an open_clip model still runs through open_clip: ``--model
+    open_clip:NAME``)."""
+
+
+class PresetSource(Protocol):
+    """Model names and config dicts in another library's format, translated into ModelConfigs by a higher layer
+    (``mm.hub`` registers open_clip's registry): what :func:`get_preset` and ``resolve_config`` fall back to."""
+
+    def names(self) -> list[str]:
+        """The model names the source knows."""
+
+    def config(self, name: str) -> ModelConfig:
+        """A fresh, validated config of model ``name`` (one of :meth:`names`); NotNative for what mm does not
+        build."""
+
+    def translate(self, data: Any) -> ModelConfig | None:
+        """The validated config of ``data`` when it is a config dict in the source's format, else None."""
+
+
+_SOURCES: dict[str, PresetSource] = {}
+
+
+def register_source(name: str, source: PresetSource) -> None:
+    """Make ``source``'s model names and config format known to :func:`get_preset` and ``resolve_config``, after
+    mm's own presets and the sources registered before it (registering a name again replaces that source)."""
+    _SOURCES[name] = source
+
+
+def source_names() -> list[str]:
+    """Every registered source's model names, in registration order (mm's own presets not included)."""
+    return [n for source in _SOURCES.values() for n in source.names()]
+
+
+def translate_config(data: Any) -> ModelConfig | None:
+    """``data`` translated by the first registered source whose config format it is, else None."""
+    for source in _SOURCES.values():
+        cfg = source.translate(data)
+        if cfg is not None:
+            return cfg
+    return None
 
 
 def preset(name: str):
@@ -28,19 +72,22 @@ def list_models() -> list[str]:
 
 
 def get_preset(name: str) -> ModelConfig:
-    """A fresh, validated config: mm's preset ``name``, else open_clip's registry model ``name`` translated
-    (``NotNative`` names what mm does not build of it). KeyError for a name neither knows."""
+    """A fresh, validated config: mm's preset ``name``, else a registered source's model ``name`` translated
+    (open_clip's registry; ``NotNative`` names what mm does not build of it). KeyError for a name none knows."""
     if name in _PRESETS:
         return validate(_PRESETS[name]())
-    if name in open_clip_model_names():
-        return open_clip_preset(name)
+    for source in _SOURCES.values():
+        if name in source.names():
+            return source.config(name)
+    hint = "" if _SOURCES else " (open_clip's names are known once mm.hub is imported: `import mm.hub`)"
     raise KeyError(f"unknown model preset {name!r}: not one of mm's ({', '.join(list_models())}) nor of open_clip's "
-                   "registry (`mm models --open-clip` lists those)")
+                   f"registry (`mm models --open-clip` lists those){hint}")
 
 
 def _open_clip_based(name: str) -> ModelConfig:
-    """open_clip's ``name`` as the starting point of an mm preset (no longer open_clip's: its source is cleared)."""
-    cfg = open_clip_preset(name)
+    """open_clip's ``name`` (through its registered source) as the starting point of an mm preset (no longer
+    open_clip's: its source is cleared)."""
+    cfg = get_preset(name)
     cfg.open_clip = None
     return cfg
 

@@ -9,6 +9,10 @@ timm on the meta device (no memory, no weights) and read module by module: its s
 decides what mm builds; a structure mm's blocks do not express raises :class:`NotNative` naming it. Models that
 are not native (ConvNeXt, ViTamin, FastViT, ResNet and Hugging Face text towers) still run in mm through
 open_clip itself (``mm.hub``'s wrapper).
+
+This is interop code (it builds timm modules), so it lives in ``mm.hub``, above ``mm.models``: importing it
+registers open_clip's registry as a preset source of ``mm.models.presets`` (:data:`SOURCE`), which is how
+``get_preset`` / ``resolve_config`` / ``list_models`` know open_clip's names without ``mm.models`` importing it.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from torch import nn
 
 from ..config import ConfigError, validate
 from ..layers import TransformerConfig
-from .config import (
+from ..models.config import (
     AxialRopeConfig,
     DecoderConfig,
     ModelConfig,
@@ -33,14 +37,10 @@ from .config import (
     TextConfig,
     VisionConfig,
 )
+from ..models.presets import NotNative, register_source
 
 CLIP_VOCAB, CLIP_EOT, CLIP_SOT = 49408, 49407, 49406
 _CUSTOM_BLOCK_KEYS = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
-
-
-class NotNative(ConfigError):
-    """An open_clip model whose architecture mm does not build with its own blocks; the message says which part
-    (it still runs through open_clip: ``--model open_clip:NAME``)."""
 
 
 # open_clip 3.3's defaults for what a model config leaves out (its dataclasses; tests/test_open_clip_zoo.py
@@ -489,3 +489,21 @@ def interface_config(cfg: dict[str, Any]) -> tuple[int, VisionConfig, TextConfig
                       sot_id=eot if hf else CLIP_SOT, eot_id=eot, tokenizer=f"hf:{hf}" if hf else "clip",
                       tokenizer_kwargs=dict(t.tokenizer_kwargs or {}))
     return int(cfg["embed_dim"]), vision, text
+
+
+class OpenClipRegistry:
+    """open_clip's registry and config format as a preset source of ``mm.models.presets``
+    (:class:`~mm.models.presets.PresetSource`)."""
+
+    def names(self) -> list[str]:
+        return open_clip_model_names()
+
+    def config(self, name: str) -> ModelConfig:
+        return open_clip_preset(name)
+
+    def translate(self, data: Any) -> ModelConfig | None:
+        return from_open_clip_config(data) if is_open_clip_config(data) else None
+
+
+SOURCE = OpenClipRegistry()
+register_source("open_clip", SOURCE)
