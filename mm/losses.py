@@ -404,7 +404,7 @@ class DistillLoss(nn.Module):
     result adds ``task_loss``, ``kl_loss`` and ``feature_loss`` to the task loss's own entries.
     """
 
-    def __init__(self, task: nn.Module, student_dim: int, teacher_dim: int, *, task_weight: float = 1.0,
+    def __init__(self, task: nn.Module | None, student_dim: int, teacher_dim: int, *, task_weight: float = 1.0,
                  kl_weight: float = 1.0, feature_weight: float = 0.0, feature_loss: str = "cosine",
                  temperature: float | None = None):
         super().__init__()
@@ -425,11 +425,10 @@ class DistillLoss(nn.Module):
             return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
         return (s - t).pow(2).sum(-1).mean()
 
-    def forward(self, out: Any, teacher: tuple[Tensor, Tensor, Tensor | float]) -> dict[str, Tensor]:
+    def teacher_terms(self, out: Any, teacher: tuple[Tensor, Tensor, Tensor | float]) -> dict[str, Tensor]:
+        """``kl_loss`` and ``feature_loss`` (0 when its weight is) of the student's ``out`` against ``teacher``."""
         t_img, t_txt, t_scale = teacher
         img, txt = _embeddings(out)
-        result = dict(self.task(out))
-        result["task_loss"] = result["loss"]
         if self.temperature is not None:
             s_scale = t_scale = 1.0 / self.temperature
         else:
@@ -437,8 +436,14 @@ class DistillLoss(nn.Module):
         kl = similarity_kl(t_scale * t_img.float() @ t_txt.float().T, s_scale * img.float() @ txt.float().T)
         feat = (self._feature(img, t_img) + self._feature(txt, t_txt)) / 2 if self.feature_weight > 0 \
             else kl.new_zeros(())
-        result["kl_loss"], result["feature_loss"] = kl, feat
-        result["loss"] = self.task_weight * result["task_loss"] + self.kl_weight * kl + self.feature_weight * feat
+        return {"kl_loss": kl, "feature_loss": feat}
+
+    def forward(self, out: Any, teacher: tuple[Tensor, Tensor, Tensor | float]) -> dict[str, Tensor]:
+        result = dict(self.task(out))
+        result["task_loss"] = result["loss"]
+        result.update(self.teacher_terms(out, teacher))
+        result["loss"] = self.task_weight * result["task_loss"] + self.kl_weight * result["kl_loss"] + \
+            self.feature_weight * result["feature_loss"]
         return result
 
 

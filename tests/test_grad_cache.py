@@ -17,6 +17,7 @@ from mm.config import ConfigError
 from mm.losses import CocaLoss, SigLipLoss, make_loss
 from mm.models.clip import ModelOutput
 from mm.train.grad_cache import GradCache, chunk_bounds
+from mm.train.tasks import CocaTask, ContrastiveTask
 from mm.train.preflight import load_run_config
 from mm.train.trainer import run
 
@@ -128,10 +129,24 @@ def _reference(model, loss_fn, images, tokens, chunk: int | None) -> dict[str, t
     return _grads(model)
 
 
+def _task(loss_fn, model):
+    """The training objective whose loss ``loss_fn`` (the reference, computed by mm.losses) is."""
+    if isinstance(loss_fn, CocaLoss):
+        return CocaTask(loss_fn.contrastive_loss, model.config.text, contrastive_weight=loss_fn.contrastive_weight,
+                        caption_weight=loss_fn.caption_weight, label_smoothing=loss_fn.label_smoothing,
+                        aux_weight=loss_fn.aux_weight, caption_fraction=loss_fn.caption_fraction)
+    return ContrastiveTask(loss_fn, loss_fn.aux_weight)
+
+
+def _batch_dict(images, tokens) -> dict:
+    return {"images": images, "tokens": tokens, "keys": [f"s{i}" for i in range(len(tokens))],
+            "texts": [f"caption {i}" for i in range(len(tokens))]}
+
+
 def _cached(model, loss_fn, images, tokens, chunk: int = CHUNK) -> tuple[dict[str, torch.Tensor], dict]:
     model.zero_grad(set_to_none=True)
-    gc = GradCache(model, model, loss_fn, chunk, device=torch.device("cpu"), autocast=nullcontext)
-    losses, _ = gc.step(images, tokens)
+    gc = GradCache(model, model, _task(loss_fn, model), chunk, device=torch.device("cpu"), autocast=nullcontext)
+    losses, _ = gc.step(_batch_dict(images, tokens))
     return _grads(model), losses
 
 
@@ -237,9 +252,9 @@ def _gc_worker(rank: int, init: str, preset: str, kind: str, out: str) -> None:
         ddp = DDP(model)
         model.zero_grad(set_to_none=True)
         torch.manual_seed(100 + rank)
-        gc = GradCache(ddp, model, loss_fn, CHUNK, device=torch.device("cpu"), autocast=nullcontext,
+        gc = GradCache(ddp, model, _task(loss_fn, model), CHUNK, device=torch.device("cpu"), autocast=nullcontext,
                        no_sync=ddp.no_sync)
-        gc.step(images, tokens)
+        gc.step(_batch_dict(images, tokens))
         torch.save({"want": want, "got": _grads(model)}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -319,3 +334,46 @@ def test_bad_grad_cache_settings_fail_before_work(colour_shards, tmp_path, overr
         run_config(colour_shards, tmp_path / "bad", override)
     assert not (tmp_path / "bad").exists()
 
+
+
+def test_gradient_caching_with_distillation_equals_the_plain_step(tmp_path):
+    """Distillation is a task like any other: its KL (in-batch, so a batch term) and feature loss are computed once
+    on the cached embeddings, its projection gets its gradient there. The gradients of every student parameter and
+    of the projection, and every logged term, equal the plain step's over the whole batch (teacher of another
+    width: the projection exists)."""
+    from mm.train.config import DistillConfig
+    from mm.train.distill import Distiller
+    from mm.train.executors import PlainStep
+    from mm.train.tasks import DistillTask
+
+    torch.manual_seed(3)
+    teacher = mm.save_pretrained(mm.create_model("tiny-clip", embed_dim=48), tmp_path / "teacher")
+    student = _model("tiny-clip")
+    distiller = Distiller(DistillConfig(teacher=str(teacher), kl_weight=0.7, feature_weight=0.5, task_weight=0.9),
+                          student, "cpu")
+    distiller.teacher.double()
+    distiller.loss.double()
+    assert distiller.loss.proj is not None
+    task = DistillTask(ContrastiveTask(make_loss("clip")), distiller)
+    batch = _batch_dict(*_batch(student))
+
+    def grads() -> dict[str, torch.Tensor]:
+        g = _grads(student)
+        g.update({f"proj.{i}": p.grad.clone() for i, p in enumerate(task.parameters())})
+        return g
+
+    runs = {}
+    for name, executor in (("plain", PlainStep(student, task, autocast=nullcontext, backward=lambda x: x.backward())),
+                           ("cached", GradCache(student, student, task, CHUNK, device=torch.device("cpu"),
+                                                autocast=nullcontext))):
+        student.zero_grad(set_to_none=True)
+        for p in task.parameters():
+            p.grad = None
+        losses, _ = executor.step(batch)
+        runs[name] = (grads(), losses)
+    (want, want_losses), (got, got_losses) = runs["plain"], runs["cached"]
+    assert_grads_close(got, want)
+    assert any(k.startswith("proj.") for k in got) and got["proj.0"].abs().max() > 0
+    assert set(got_losses) == set(want_losses) == {"contrastive_loss", "kl_loss", "feature_loss", "task_loss", "loss"}
+    for k in want_losses:
+        torch.testing.assert_close(got_losses[k], want_losses[k].detach(), rtol=1e-9, atol=0)

@@ -539,7 +539,7 @@ def test_distiller_sees_open_clips_embeddings(which, request, photos):
     teacher: Case = request.getfixturevalue(which)
     size = mm.load_pretrained(teacher.model_dir).config.vision.image_size
     student = mm.create_model("tiny-clip", vision__image_size=size, text__context_length=16)
-    distiller = Distiller(DistillConfig(teacher=str(teacher.model_dir)), student, ClipLoss(), "cpu")
+    distiller = Distiller(DistillConfig(teacher=str(teacher.model_dir)), student, "cpu")
     pictures = [im for _, im in photo_list(photos)]
     images = torch.stack([mm.image_transform(student)(im) for im in pictures])
     tokens = mm.get_tokenizer(student)(TEXTS)

@@ -91,6 +91,11 @@ class ImageTextModel(nn.Module):
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> ModelOutput:
+        return self.embed(images, tokens)
+
+    def embed(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> ModelOutput:
+        """The towers' outputs alone (normalised embeddings, logit scale / bias, MoE statistics): what a
+        contrastive loss needs, without any decoder a subclass runs in ``forward``."""
         return self._output(*self._encode(images, tokens))
 
     def _output(self, embs: dict[str, torch.Tensor], stats: dict[str, list[RouterStats]],

@@ -221,8 +221,6 @@ class RunConfig:
         if self.distill is not None and self.distill.text_embeddings and self.data.random_caption:
             yield "distill.text_embeddings", ("precomputed text embeddings match the shards' text_key captions; "
                                               "data.random_caption trains on others (give distill.teacher instead)")
-        if self.distill is not None and self.train.grad_cache_chunk is not None:
-            yield "train.grad_cache_chunk", "gradient caching with distillation is not supported yet; unset one"
         if self.distill is not None and self.train.fsdp:
             yield "train.fsdp", "distillation with train.fsdp is not supported yet (its projection trains outside FSDP)"
 

@@ -12,7 +12,7 @@ the text itself). Precomputed image embeddings are of the teacher's eval view of
 not of the student's augmented crop.
 
 The only trained part is the feature loss's projection (student width -> teacher width, when they differ):
-its own optimizer group, its gradient averaged over processes here (it is not inside DDP), and its weights
+its own optimizer group, its gradient averaged over processes by the task (it is not inside DDP), and its weights
 saved in each checkpoint as ``distill.safetensors`` (a resumed run continues it; ``final/`` holds the
 student alone).
 """
@@ -34,9 +34,8 @@ from ..hub import PretrainedError, load_config, load_model, parse_spec
 from ..hub.wrapped import WrappedConfig, wrapped_config
 from ..losses import DistillLoss
 from ..models import ModelConfig, NotNative, list_models, resolve_config
-from ..models.open_clip_configs import open_clip_model_names
+from ..hub.open_clip_configs import open_clip_model_names
 from ..tokenizer import get_tokenizer
-from ..utils.dist import average_gradients
 from .config import DistillConfig, RunConfig
 
 STATE_NAME = "distill.safetensors"
@@ -182,11 +181,10 @@ class EmbeddingStore:
 
 # -- the run's distiller ------------------------------------------------------------------------------
 class Distiller:
-    """Teacher embeddings for a batch + :class:`DistillLoss` around the run's ``task`` loss.
-    ``distiller(out, batch, images, tokens)`` returns the loss dict the trainer logs."""
+    """Teacher embeddings for a batch and the :class:`DistillLoss` terms against them (its weights, KL, feature
+    loss and projection); :class:`mm.train.tasks.DistillTask` puts them around the run's other objective."""
 
-    def __init__(self, d: DistillConfig, student: nn.Module, task: nn.Module, device: torch.device,
-                 autocast=nullcontext):
+    def __init__(self, d: DistillConfig, student: nn.Module, device: torch.device, autocast=nullcontext):
         self.cfg, self.device, self.autocast = d, torch.device(device), autocast
         self.teacher = None
         if d.teacher is not None:
@@ -205,7 +203,7 @@ class Distiller:
         if self.teacher is not None and _tokenizer_of(self.teacher.config) != _tokenizer_of(s_cfg):
             self.tokenizer = get_tokenizer(self.teacher)
         self.image_fix = _image_adapter(s_cfg, self.teacher.config) if self.teacher is not None else None
-        self.loss = DistillLoss(task, s_cfg.embed_dim, teacher_dim, task_weight=d.task_weight,
+        self.loss = DistillLoss(None, s_cfg.embed_dim, teacher_dim, task_weight=d.task_weight,
                                 kl_weight=d.kl_weight, feature_weight=d.feature_weight,
                                 feature_loss=d.feature_loss, temperature=d.temperature).to(self.device)
 
@@ -238,15 +236,6 @@ class Distiller:
                 txt = self.teacher.encode_text(t_tokens)
             txt = F.normalize(txt.float(), dim=-1)
         return img, txt
-
-    def __call__(self, out: Any, batch: dict[str, Any], images: torch.Tensor,
-                 tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        img, txt = self.teacher_embeddings(batch, images, tokens)
-        return self.loss(out, (img, txt, self.scale))
-
-    def sync_grads(self) -> None:
-        """Average the projection's gradient over processes (DDP only syncs the student)."""
-        average_gradients(self.parameters())
 
     def save(self, directory: str | Path) -> None:
         """The projection into a checkpoint directory (nothing without one)."""
@@ -296,13 +285,13 @@ def _image_adapter(student: ModelConfig, teacher: ModelConfig):
     return adapt
 
 
-def build_distiller(cfg: RunConfig, student: nn.Module, task: nn.Module, optimizer: torch.optim.Optimizer | None,
+def build_distiller(cfg: RunConfig, student: nn.Module, optimizer: torch.optim.Optimizer | None,
                     device: torch.device, autocast=nullcontext) -> Distiller | None:
     """The run's distiller (None without a ``distill`` section); its projection, if any, joins ``optimizer``
     as its own group (call before the scheduler is made: it reads the groups)."""
     if cfg.distill is None:
         return None
-    d = Distiller(cfg.distill, student, task, device, autocast)
+    d = Distiller(cfg.distill, student, device, autocast)
     params = d.parameters()
     if params and optimizer is not None:
         optimizer.add_param_group({"params": params, "weight_decay": cfg.train.weight_decay, "lr": cfg.train.lr,

@@ -14,12 +14,16 @@ work instead (``train.grad_cache_chunk``, per process):
    back-propagate ``<embedding, cached gradient>`` through it; the chain rule makes the sum over chunks the full
    batch's parameter gradient.
 
-Per-sample losses (CoCa's caption cross-entropy) are computed per chunk in step 3, weighted by the chunk's share
-of the batch's caption tokens, so their sum is the batch's token mean. MoE auxiliary losses are computed per
-chunk and weighted by its share of the samples: the mean of chunk aux losses (as across processes, where every
-process's aux loss is its own), not the aux loss of the whole batch, which is not a sum over samples; likewise an
-expert capacity counts a chunk's tokens, so MoE layers route per chunk as they route per process. A tower
-that trains nothing (``train.freeze``, LiT) is not run again in step 3: its embeddings from step 1 are final.
+The objective is a task (:mod:`mm.train.tasks`): step 2 computes its batch terms (``batch_terms``: contrastive,
+distillation's KL and feature loss) once for the whole batch, and step 3 its local terms (``local_terms``: CoCa's
+caption cross-entropy, MoE's aux loss) per chunk, each weighted by the chunk's share of the batch's units
+(``local_units``: caption tokens, samples), so that a token mean over the batch is the sum of the chunks' shares.
+An MoE aux loss so becomes the mean of the chunks' aux losses weighted by their samples (as across processes, where
+every process's aux loss is its own), not the aux loss of the whole batch, which is not a sum over samples; likewise
+an expert capacity counts a chunk's tokens, so MoE layers route per chunk as they route per process. Parameters
+the task trains itself (distillation's projection) get their gradient in step 2. A tower that trains nothing
+(``train.freeze``, LiT) is not run again in step 3 unless the task's forward joins the towers (``Task.joint``:
+CoCa's decoder reads both): its embeddings from step 1 are final.
 
 The cost: one more forward per step without graph (about a third of a training step); the memory: one chunk's
 activations plus the batch's embeddings and the loss's logits (see ``SigLipLoss(block=...)`` for a sigmoid loss
@@ -34,9 +38,8 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
-from ..layers.pool import text_valid_mask
-from ..losses import CocaLoss, caption_loss
-from ..models.clip import ImageTextModel, ModelOutput
+from ..models import ModelOutput
+from .tasks import Batch, Task
 
 __all__ = ["GradCache", "chunk_bounds"]
 
@@ -77,25 +80,20 @@ def _dot(a: torch.Tensor | None, g: torch.Tensor | None) -> torch.Tensor | float
 
 
 class GradCache:
-    """One contrastive step over a batch in chunks (see the module docstring).
+    """One step of a task over a batch in chunks (see the module docstring).
 
     ``model`` is what the step runs in the second pass (the DDP-wrapped or compiled model), ``core`` the plain
-    model (the graph-free first pass), ``loss_fn`` a ClipLoss / SigLipLoss / CocaLoss, ``autocast`` the step's
-    autocast context, ``scale`` the gradient scaler's ``scale`` (identity without fp16), ``no_sync`` DDP's
-    no-sync context for all but the step's last backward."""
+    model (the graph-free first pass), ``task`` the run's objective, ``autocast`` the step's autocast context,
+    ``scale`` the gradient scaler's ``scale`` (identity without fp16), ``no_sync`` DDP's no-sync context for all
+    but the step's last backward."""
 
-    def __init__(self, model: nn.Module, core: ImageTextModel, loss_fn: nn.Module, chunk: int, *,
-                 device: torch.device, autocast: Callable[[], AbstractContextManager],
+    def __init__(self, model: nn.Module, core: nn.Module, task: Task, chunk: int, *, device: torch.device,
+                 autocast: Callable[[], AbstractContextManager],
                  scale: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
                  no_sync: Callable[[], AbstractContextManager] = nullcontext):
-        self.model, self.core, self.loss_fn, self.chunk = model, core, loss_fn, chunk
+        self.model, self.core, self.task, self.chunk = model, core, task, chunk
         self.autocast, self.scale, self.no_sync = autocast, scale, no_sync
         self.rng = _Rng(torch.device(device))
-        coca = isinstance(loss_fn, CocaLoss)
-        self.contrastive = loss_fn.contrastive_loss if coca else loss_fn
-        self.contrastive_weight = loss_fn.contrastive_weight if coca else 1.0
-        self.caption = coca
-        self.aux_weight = getattr(loss_fn, "aux_weight", 1.0)
         self.times = {"first_pass_s": 0.0, "loss_s": 0.0, "second_pass_s": 0.0}  # summed since the last log_record()
         self.chunks = 0
 
@@ -113,37 +111,30 @@ class GradCache:
             torch.cuda.synchronize(self.rng.cuda)
         return time.perf_counter()
 
-    def step(self, images: torch.Tensor, tokens: torch.Tensor, *, divide: int = 1,
-             sync: bool = True) -> tuple[dict[str, torch.Tensor], ModelOutput]:
+    def step(self, batch: Batch, *, divide: int = 1, sync: bool = True) -> tuple[dict[str, torch.Tensor], ModelOutput]:
         """Forward + backward of one batch; gradients are accumulated into the parameters (``/ divide``: the
         trainer's gradient accumulation). ``sync``: whether this is the optimizer step's last backward (DDP
-        reduces the gradients in it). Returns the detached losses (as the loss function names them) and the last
-        chunk's model output (MoE routing statistics for the log)."""
-        bounds = chunk_bounds(images.shape[0], self.chunk)
+        reduces the gradients in it). Returns the detached terms, their derived entries and ``loss`` (as the plain
+        step names them) and the last chunk's model output (MoE routing statistics for the log)."""
+        bounds = chunk_bounds(batch["tokens"].shape[0], self.chunk)
         self.chunks = len(bounds)
         t0 = self._now()
-        states, full = self._first_pass(images, tokens, bounds)
+        states, full = self._first_pass(batch, bounds)
         after = self.rng.get()  # where the step's random stream continues
         t1 = self._now()
-        contrastive, cached = self._batch_loss(full, divide)
+        terms, cached = self._batch_loss(full, batch, divide)
         t2 = self._now()
-        parts, out = self._second_pass(images, tokens, bounds, states, cached, divide, sync)
+        local, out = self._second_pass(batch, bounds, states, cached, divide, sync)
         self.rng.set(after)
         t3 = self._now()
         for k, dt in zip(self.times, (t1 - t0, t2 - t1, t3 - t2)):
             self.times[k] += dt
+        terms.update(local)
+        terms.update(self.task.log_terms(terms))
+        terms["loss"] = self.task.combine(terms)
+        return terms, out
 
-        losses = {"contrastive_loss": contrastive.detach(), **parts}
-        loss = self.contrastive_weight * losses["contrastive_loss"]
-        if "caption_loss" in parts:
-            loss = loss + self.loss_fn.caption_weight * parts["caption_loss"]
-        if "aux_loss" in parts:
-            loss = loss + self.aux_weight * parts["aux_loss"]
-        losses["loss"] = loss
-        return losses, out
-
-    def _first_pass(self, images: torch.Tensor, tokens: torch.Tensor, bounds: list[tuple[int, int]]
-                    ) -> tuple[list, ModelOutput]:
+    def _first_pass(self, batch: Batch, bounds: list[tuple[int, int]]) -> tuple[list, ModelOutput]:
         """Every chunk's embeddings without a graph, and the random state each chunk started from; returns the
         states and the batch's embeddings as leaves (requiring a gradient where the second pass uses it) with the
         logit scale / bias as leaves."""
@@ -153,47 +144,51 @@ class GradCache:
             for a, b in bounds:
                 states.append(self.rng.get())
                 with self.autocast():
-                    out = ImageTextModel.forward(core, images[a:b], tokens[a:b])  # embeddings only (CoCa too)
+                    out = self.task.forward(core, _chunk(batch, a, b), embed_only=True)
                 img_parts.append(out.image_emb)
                 txt_parts.append(out.text_emb)
-        self.run_img = self.caption or _trains(core, "vision")  # CoCa's decoder needs both towers' outputs
-        self.run_txt = self.caption or _trains(core, "text")
+        self.run_img = self.task.joint or _trains(core, "vision")  # a decoder needs both towers' outputs
+        self.run_txt = self.task.joint or _trains(core, "text")
         scale_p, bias_p = core.logit_scale, getattr(core, "logit_bias", None)
         return states, ModelOutput(image_emb=_leaf(torch.cat(img_parts), self.run_img),
                                    text_emb=_leaf(torch.cat(txt_parts), self.run_txt),
                                    logit_scale=_leaf(scale_p.exp(), scale_p.requires_grad),
                                    logit_bias=_leaf(bias_p, bias_p is not None and bias_p.requires_grad))
 
-    def _batch_loss(self, full: ModelOutput, divide: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-        """The batch's contrastive loss and its (scaled) gradient with respect to each leaf of ``full``."""
-        contrastive = self.contrastive.contrastive(full)
+    def _batch_loss(self, full: ModelOutput, batch: Batch, divide: int
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+        """The batch terms (detached) and the (scaled) gradient of their share of the loss with respect to each
+        leaf of ``full``; the task's own parameters receive theirs here."""
+        terms = self.task.batch_terms(full, batch)
         names = [k for k in ("image_emb", "text_emb", "logit_scale", "logit_bias")
                  if getattr(full, k) is not None and getattr(full, k).requires_grad]
-        weighted = self.scale(self.contrastive_weight * contrastive / divide)
-        grads = torch.autograd.grad(weighted, [getattr(full, k) for k in names], allow_unused=True) if names else ()
         cached: dict[str, torch.Tensor | None] = dict.fromkeys(("image_emb", "text_emb", "logit_scale", "logit_bias"))
-        cached.update(zip(names, grads))
-        return contrastive, cached
+        loss = self.task.combine(terms)
+        params = [p for p in self.task.parameters() if p.requires_grad]
+        if loss is not None and loss.requires_grad and (names or params):
+            leaves = [getattr(full, k) for k in names]
+            weighted = self.scale(loss / divide)
+            torch.autograd.backward(weighted, inputs=leaves + params)
+            cached.update((k, t.grad) for k, t in zip(names, leaves))
+        return {k: v.detach() for k, v in terms.items()}, cached
 
-    def _second_pass(self, images: torch.Tensor, tokens: torch.Tensor, bounds: list[tuple[int, int]], states: list,
+    def _second_pass(self, batch: Batch, bounds: list[tuple[int, int]], states: list,
                      cached: dict[str, torch.Tensor | None], divide: int, sync: bool
                      ) -> tuple[dict[str, torch.Tensor], ModelOutput]:
         """Each chunk again with its graph and its random state, back-propagating ``<embeddings, cached
-        gradients>`` plus its share of the per-chunk losses; returns those losses (detached) and the last output."""
-        n = images.shape[0]
-        # CoCa: the decoder trains on each chunk's first caption_rows (train.caption_fraction of the chunk)
-        rows = [self.loss_fn.caption_rows(b - a) if self.caption else b - a for a, b in bounds]
-        n_tokens = sum(int(self._caption_tokens(tokens[a:a + r])) for (a, _), r in zip(bounds, rows)) \
-            if self.caption else 0
+        gradients>`` plus its share of the local terms; returns those terms (detached) and the last output."""
+        chunks = [_chunk(batch, a, b) for a, b in bounds]
+        units = [self.task.local_units(c) for c in chunks]
+        totals = {k: sum(u[k] for u in units) for k in units[0]}
         sums: dict[str, torch.Tensor] = {}
         out = None
-        for i, (a, b) in enumerate(bounds):
+        for i, ((a, b), chunk) in enumerate(zip(bounds, chunks)):
             self.rng.set(states[i])
             with nullcontext() if sync and i == len(bounds) - 1 else self.no_sync():
                 with self.autocast():
-                    kw = {"caption_rows": rows[i]} if self.caption else {}
-                    out = self.model(images[a:b] if self.run_img else None, tokens[a:b] if self.run_txt else None,
-                                     **kw)
+                    run = {**chunk, "images": chunk["images"] if self.run_img else None,
+                           "tokens": chunk["tokens"] if self.run_txt else None}
+                    out = self.task.forward(self.model, run)
                 g_img, g_txt = cached["image_emb"], cached["text_emb"]
                 surrogate = _dot(out.image_emb, None if g_img is None else g_img[a:b]) + \
                     _dot(out.text_emb, None if g_txt is None else g_txt[a:b])
@@ -201,25 +196,17 @@ class GradCache:
                 # trained parameter is used in every backward (DDP needs it) and their gradients sum to the cached
                 surrogate = surrogate + (_dot(out.logit_scale, cached["logit_scale"]) +
                                          _dot(out.logit_bias, cached["logit_bias"])) / len(bounds)
-                extra = []  # per-chunk losses, weighted by the chunk's share
-                if self.caption:
-                    cap = caption_loss(out.caption_logits, out.caption_labels, self.loss_fn.label_smoothing)
-                    share = out.caption_labels.numel() / max(n_tokens, 1)
-                    extra.append(self.loss_fn.caption_weight * cap * share)
-                    sums["caption_loss"] = sums.get("caption_loss", 0) + cap.detach() * share
-                if out.aux_loss is not None:
-                    share = (b - a) / n
-                    extra.append(self.aux_weight * out.aux_loss * share)
-                    sums["aux_loss"] = sums.get("aux_loss", 0) + out.aux_loss.detach() * share
+                extra = []  # the chunk's local terms, each weighted by the chunk's share of its units
+                for k, term in self.task.local_terms(out, chunk).items():
+                    share = units[i][k] / max(totals[k], 1)
+                    extra.append(self.task.combine({k: term}) * share)
+                    sums[k] = sums.get(k, 0) + term.detach() * share
                 total = surrogate + (self.scale(sum(extra) / divide) if extra else 0.0)
                 if torch.is_tensor(total) and total.requires_grad:
                     total.backward()
         return sums, out
 
-    def _caption_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """How many caption labels CoCa's forward makes of ``tokens`` (its ``predicts_real`` count)."""
-        cfg = self.core.config.text
-        valid = text_valid_mask(tokens, eot_id=cfg.eot_id, pad_id=cfg.pad_id)
-        n = int(valid.sum(1).max().clamp_min(2))
-        return valid[:, 1:n].sum()
 
+def _chunk(batch: Batch, a: int, b: int) -> Batch:
+    """Rows ``a:b`` of a batch's tensors and lists (images, tokens, keys, texts)."""
+    return {k: v[a:b] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}

@@ -77,8 +77,11 @@ class Stepper:
         return False
 
     def state_dict(self) -> dict:
-        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        """The skip counters and the fp16 scaler: what a resumed run continues from."""
+        state = {"skipped_steps": self.skipped, "bad_in_row": self.bad_in_row}
+        return {**state, "scaler": self.scaler.state_dict()} if self.scaler is not None else state
 
     def load_state_dict(self, state: dict) -> None:
+        self.skipped, self.bad_in_row = int(state.get("skipped_steps", 0)), int(state.get("bad_in_row", 0))
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -24,10 +23,7 @@ from ..data.gpu import DeferredTrainTransform, GpuImageDecoder, PendingImages
 from ..data.transforms import image_transform
 from ..data.wds import Collate, ShardStream, check_urls, make_loader
 from ..eval import evaluate
-from ..hub import base_sha256, load_state_dict_checked, save_adapter, save_pretrained
 from ..layers import RouterStats
-from ..layers.lora import lora_state_dict
-from ..losses import CocaLoss, make_loss
 from ..models import ImageTextModel, ModelOutput, model_class
 from ..tokenizer import get_tokenizer
 from ..utils import dist
@@ -40,14 +36,15 @@ from . import fsdp as sharding
 from .benchmark import TrainingBenchmark
 from .fsdp import plain
 from .config import RunConfig
-from .distill import build_distiller
-from .grad_cache import GradCache
+from .executors import make_executor
 from .log import RunLogger, plot_run
 from .optim import make_optimizer, make_scheduler
 from .preflight import load_run_config
+from .state import AdapterState, PlainState, ShardedState
 from .step import Stepper, TrainingError
+from .tasks import build_task
 
-__all__ = ["DataState", "StopFlag", "Trainer", "TrainingError", "build_loss", "build_model", "main", "run"]
+__all__ = ["DataState", "StopFlag", "Trainer", "TrainingError", "build_model", "main", "run"]
 
 
 @dataclass
@@ -140,19 +137,6 @@ def build_train_stream(cfg: RunConfig, model: ImageTextModel, rank: int, world: 
                        start=data.workers, rotation=data.batches % nw)
 
 
-def build_loss(cfg: RunConfig, model: ImageTextModel) -> torch.nn.Module:
-    """The configured contrastive loss; wrapped in the CoCa loss when the model has a decoder."""
-    t = cfg.train
-    loss_kw = {"local_loss": t.local_loss} if t.loss == "clip" else {}
-    loss_kw = {**loss_kw, "block": t.loss_block} if t.loss == "siglip" else loss_kw
-    loss = make_loss(t.loss, aux_weight=t.aux_weight, **loss_kw)
-    if model.config.decoder is not None:
-        loss = CocaLoss(loss, contrastive_weight=t.contrastive_weight, caption_weight=t.caption_weight,
-                        label_smoothing=t.label_smoothing, aux_weight=t.aux_weight,
-                        caption_fraction=t.caption_fraction)
-    return loss
-
-
 def routing_metrics(stats: dict[str, list[RouterStats]], layers: dict[str, list[int]]) -> dict[str, Any]:
     """``moe/<tower or modality>/<block>/load|dropped|entropy``: each MoE layer's fraction of assignments per
     expert (before capacity), fraction of assignments dropped over capacity and mean per-token router
@@ -190,9 +174,6 @@ def find_resume(cfg: RunConfig) -> Path | None:
     return Path(cfg.train.resume)
 
 
-LOSS_PARTS = ("contrastive_loss", "caption_loss", "aux_loss", "task_loss", "kl_loss", "feature_loss")
-
-
 class Trainer:
     """One training run. The constructor sets it up (process group, output directory, model with
     ``train.init_from`` / ``train.freeze`` / FSDP applied, optimizer, loss, distiller, scheduler); then
@@ -215,22 +196,23 @@ class Trainer:
         # train.init_from weights, train.freeze, lr_mult / layer_decay; frozen modules stay in eval mode for the
         # whole run (evaluation restores every module's mode)
         self.frozen, lr_scales = adapt.prepare(self.core, cfg)
-        # LoRA: the frozen base's hash, recorded in checkpoints (a resume must rebuild the same base) and final/
-        self.base_hash = base_sha256(self.core) if t.lora is not None else None
         adapt.set_train_mode(self.core, self.frozen)
-        self.sharded = t.fsdp and self.world > 1  # one process: nothing to shard
-        self.replicated, self.eval_copy = [], None
-        if self.sharded:  # before the optimizer exists: it must hold the sharded parameters
+        sharded, replicated = t.fsdp and self.world > 1, []  # one process: nothing to shard
+        if sharded:  # before the optimizer exists: it must hold the sharded parameters
             self.core.to(self.device)
-            self.replicated = sharding.shard_model(self.core)
-            self.eval_copy = sharding.EvalCopy(self.core, self.device)
+            replicated = sharding.shard_model(self.core)
         self.opt = make_optimizer(self.core, t.lr, t.weight_decay, tuple(t.betas), t.eps, self.device, lr_scales)
-        # distill: a frozen teacher around the usual loss (its task loss); a learned projection joins the
-        # optimizer before the scheduler reads its groups
-        self.loss_fn = build_loss(cfg, self.core)
-        self.distill = build_distiller(cfg, self.core, self.loss_fn, self.opt, self.device,
-                                       partial(autocast, self.device, t.precision))
-        trained = [*self.core.parameters(), *(self.distill.parameters() if self.distill is not None else [])]
+        # how the run's state is saved, resumed and finished: sharded, adapters only, or plain
+        if sharded:
+            self.state = ShardedState(self.core, self.opt, sharding.EvalCopy(self.core, self.device), replicated)
+        elif t.lora is not None:
+            self.state = AdapterState(self.core, self.opt, t.lora, lora_base(cfg))
+        else:
+            self.state = PlainState(self.core, self.opt)
+        # the objective; what it trains itself (distillation's projection) joins the optimizer before the
+        # scheduler reads its groups
+        self.task = build_task(cfg, self.core, self.opt, self.device, partial(autocast, self.device, t.precision))
+        trained = [*self.core.parameters(), *self.task.parameters()]
         self.log: RunLogger | None = None
         self.stepper = Stepper(self.opt, trained, device=self.device, precision=t.precision, grad_clip=t.grad_clip,
                                max_bad_steps=t.max_bad_steps, log=self._info)
@@ -256,28 +238,15 @@ class Trainer:
         if path is None:
             return
         state = ckpt.load(path, self.rank)
-        if bool(state["state"].get("fsdp", False)) != self.sharded:
-            raise TrainingError(f"{path} was written {'without' if self.sharded else 'with'} a sharded model "
-                                f"(train.fsdp={not self.sharded} over several processes); resume it the same way "
-                                "(the optimizer state is stored differently)")
-        if self.sharded:
-            sharding.load_full_state(self.core, self.opt, state["model"], state["optimizer"])
-        elif self.base_hash is not None:  # LoRA: the checkpoint holds the adapters; the base is init_from's
-            if state["state"].get("lora_base_sha256") != self.base_hash:
-                raise TrainingError(f"{path} was trained on other base weights than train.init_from gives now "
-                                    "(train.lora's base changed); resume with the same base")
-            if set(state["model"]) != set(lora_state_dict(self.core)):
-                raise TrainingError(f"{path}: its adapter tensors are not this run's train.lora layers")
-            load_state_dict_checked(self.core, {**self.core.state_dict(), **state["model"]}, source=str(path))
-            self.opt.load_state_dict(state["optimizer"])
-        else:
-            self.core.load_state_dict(state["model"])
-            self.opt.load_state_dict(state["optimizer"])
-        if self.distill is not None:
-            self.distill.load(path)
+        if bool(state["state"].get("fsdp", False)) != self.state.sharded:
+            raise TrainingError(f"{path} was written {'without' if self.state.sharded else 'with'} a sharded model "
+                                f"(train.fsdp={not self.state.sharded} over several processes); resume it the same "
+                                "way (the optimizer state is stored differently)")
+        self.state.load(state, path)
+        self.task.load(path)
         self.sched.load_state_dict(state["scheduler"])
         self.stepper.load_state_dict(state["state"])
-        self.step, self.stepper.skipped = state["state"]["step"], state["state"]["skipped_steps"]
+        self.step = state["state"]["step"]
         if state["data"] and state["data"]["workers_per_process"] == max(1, self.cfg.data.workers) \
                 and state["state"]["world_size"] == self.world:
             self.data = DataState.from_json(state["data"])
@@ -326,13 +295,13 @@ class Trainer:
     def _start(self):
         """Wrap the model for the processes and open the data stream; returns the batch iterator."""
         cfg = self.cfg
-        if self.sharded:  # FSDP already synchronises the gradients: no DDP wrapper
+        if self.state.sharded:  # FSDP already synchronises the gradients: no DDP wrapper
             self.model = self.core
         else:
             self.model = self.acc.prepare(torch.compile(self.core) if cfg.train.compile else self.core)
-        self.grad_cache = None if cfg.train.grad_cache_chunk is None else GradCache(
-            self.model, self.core, self.loss_fn, cfg.train.grad_cache_chunk, device=self.device,
-            autocast=self.stepper.autocast, scale=self.stepper.scale, no_sync=partial(self.acc.no_sync, self.model))
+        self.executor = make_executor(self.model, self.core, self.task, chunk=cfg.train.grad_cache_chunk,
+                                      device=self.device, autocast=self.stepper.autocast, scale=self.stepper.scale,
+                                      backward=self.stepper.backward, no_sync=partial(self.acc.no_sync, self.model))
         loader = make_loader(build_train_stream(cfg, self.core, self.rank, self.world, self.data), cfg.data.workers,
                              cfg.data.prefetch_factor, pin_memory=self.device.type == "cuda")
         v = self.core.config.vision
@@ -357,11 +326,11 @@ class Trainer:
             f"{f', frozen: {cfg.train.freeze}' if self.frozen and cfg.train.freeze else ''}"
             f"{f', LoRA rank {cfg.train.lora.rank} on {cfg.train.lora.targets}' if cfg.train.lora else ''}), "
             f"{self.world} process(es)"
-            f"{' (FSDP)' if self.sharded else ''} on {self.device}, "
+            f"{' (FSDP)' if self.state.sharded else ''} on {self.device}, "
             f"batch {cfg.data.batch_size} x {self.world} x accum {cfg.train.grad_accum}, steps {self.step} -> {end}"
             f"{f', gradient caching in chunks of {cfg.train.grad_cache_chunk}' if cfg.train.grad_cache_chunk else ''}")
-        if self.distill is not None:
-            self.log.info(self.distill.describe())
+        if self.task.describe():
+            self.log.info(self.task.describe())
         if self.step == 0:
             self.log.log({"step": 0, "world_size": self.world, "device": str(self.device)}, show=False)
 
@@ -380,20 +349,11 @@ class Trainer:
             else:
                 images = images.to(self.device, non_blocking=True)
             tokens = batch["tokens"].to(self.device, non_blocking=True)
-            if self.grad_cache is not None:  # the whole batch's contrastive loss, a chunk's activations
-                losses, out = self.grad_cache.step(images, tokens, divide=accum, sync=micro == accum - 1)
-                self.samples_since += images.shape[0] * self.world
-                continue
-            with nullcontext() if micro == accum - 1 else self.acc.no_sync(self.model):
-                with self.stepper.autocast():
-                    out = self.model(images, tokens, **self._caption_kw(images.shape[0]))  # CoCa: decoder rows
-                losses = self.loss_fn(out) if self.distill is None else self.distill(out, batch, images, tokens)
-                self.stepper.backward(losses["loss"] / accum)
+            work = {"images": images, "tokens": tokens, "keys": batch["keys"], "texts": batch["texts"]}
+            losses, out = self.executor.step(work, divide=accum, sync=micro == accum - 1)
             self.samples_since += images.shape[0] * self.world
-        if self.distill is not None:
-            self.distill.sync_grads()
-        if self.sharded:
-            dist.average_gradients(self.replicated)  # the scalars FSDP2 cannot shard
+        self.task.sync_grads()  # what the task trains itself is outside DDP
+        self.state.sync_grads()
         self.stepper.step(self.step + 1)
         self.sched.step()
         if self.core.logit_scale.requires_grad:  # a frozen scale stays bit-identical
@@ -402,10 +362,6 @@ class Trainer:
         self.step += 1
         self.log.advance()
         return losses, out
-
-    def _caption_kw(self, rows: int) -> dict[str, int]:
-        """CoCa: the forward's ``caption_rows`` (``train.caption_fraction`` of the batch); CLIP takes none."""
-        return {"caption_rows": self.loss_fn.caption_rows(rows)} if isinstance(self.loss_fn, CocaLoss) else {}
 
     def _periodic(self, end: int, losses: dict[str, torch.Tensor], out: ModelOutput) -> None:
         """What happens every ``train.log_every`` / ``checkpoint_every`` / ``eval.every`` steps."""
@@ -426,9 +382,8 @@ class Trainer:
                "skipped_steps": self.stepper.skipped, "logit_scale": self.core.logit_scale.exp().item(),
                "grad_norm": float(plain(self.stepper.norm)) if self.stepper.norm is not None else None,
                "eta_s": (end - self.step) * dt / self.cfg.train.log_every}
-        rec.update({k: losses[k].item() for k in LOSS_PARTS if k in losses})
-        if self.grad_cache is not None:  # the chunks, and the share of the step time each pass took
-            rec.update(self.grad_cache.log_record(dt))
+        rec.update({k: v.item() for k, v in losses.items() if k != "loss"})  # the task's terms
+        rec.update(self.executor.log_record(dt))  # gradient caching: its chunks, each pass's share of the time
         self.log.log(rec)
         if self.main and out.router_stats:  # own record: per-layer lists would crowd the console line
             self.log.log({"step": self.step, **routing_metrics(out.router_stats, self.core.moe_layers())}, show=False)
@@ -447,20 +402,14 @@ class Trainer:
     # -- checkpoints, evaluation, the end --------------------------------------------------------------------
     def save(self, at: int) -> None:
         """Checkpoint ``step_{at}``: written under a temporary name by every process, then published."""
-        gathered, extra = {}, {}
-        if self.sharded:  # collective: every process takes part, the main one receives the whole state
-            gathered = {"model_state": sharding.full_state_dict(self.core),
-                        "optimizer_state": sharding.full_optimizer_state(self.core, self.opt)}
-        if self.base_hash is not None:  # LoRA: the adapters alone (the frozen base is train.init_from's)
-            gathered, extra = {"model_state": lora_state_dict(self.core)}, {"lora_base_sha256": self.base_hash}
+        gathered = self.state.gather()  # collective where sharded: every process takes part
         if self.main:
             ckpt.save_main(self.ckpt_root, at, self.core, self.opt, self.sched,
-                           {"step": at, "skipped_steps": self.stepper.skipped, "world_size": self.world,
-                            "fsdp": self.sharded, "batches": self.data.batches, **self.stepper.state_dict(),
-                            **extra},
+                           {"step": at, "world_size": self.world,
+                            "fsdp": self.state.sharded, "batches": self.data.batches, **self.stepper.state_dict(),
+                            **self.state.record()},
                            **gathered)
-            if self.distill is not None:
-                self.distill.save(ckpt.tmp_dir(self.ckpt_root, at))
+            self.task.save(ckpt.tmp_dir(self.ckpt_root, at))
         dist.barrier()
         ckpt.save_rank(self.ckpt_root, at, self.rank, self.data.to_json(max(1, self.cfg.data.workers)))
         dist.barrier()
@@ -480,8 +429,8 @@ class Trainer:
         shard_sets = cfg.eval.zeroshot.shards or cfg.eval.retrieval.shards or cfg.eval.captioning.shards
         if not (shard_sets or self.benchmark is not None):
             return results
-        if self.eval_copy is not None and not gathered:
-            whole = self.eval_copy.refresh(self.main, everywhere=self.benchmark is not None)
+        if not gathered:
+            whole = self.state.whole(self.main, everywhere=self.benchmark is not None)
         model = whole if whole is not None else self.core
         if self.main and shard_sets:
             results = evaluate(ecfg, model, self.device, precision=cfg.train.precision, reading=cfg.data.reading(),
@@ -497,25 +446,17 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         """The last evaluation, ``final/`` (the trained model), every process's weight hash, plots."""
-        whole = None
-        if self.eval_copy is not None:  # sharded: the main process holds the one whole copy, so one hash
-            whole = self.eval_copy.refresh(self.main, everywhere=self.benchmark is not None)
-            shas = {"param_sha256": [params_sha256(whole)] if self.main else []}
-        else:
-            shas = {"param_sha256": dist.gather_object(params_sha256(self.core))}
-        proj = self.distill.loss.proj if self.distill is not None else None
-        if proj is not None:  # trained outside DDP: its gradient sync is ours to get right
-            shas["distill_sha256"] = dist.gather_object(params_sha256(proj))
+        whole = self.state.whole(self.main, everywhere=self.benchmark is not None)
+        shas = {"param_sha256": self.state.hashes(whole)}
+        if self.task.parameters():  # trained outside DDP: its gradient sync is ours to get right
+            shas[f"{self.task.name}_sha256"] = dist.gather_object(
+                params_sha256(torch.nn.ParameterList(self.task.parameters())))
         results = self.evaluate(whole, gathered=True)
         if self.main:
             for what, values in shas.items():
                 if len(set(values)) != 1:
                     self.log.info(f"WARNING: {what}: parameters differ between processes: {values}")
-            if self.base_hash is not None:  # the adapter alone, with its base named and hashed
-                save_adapter(self.core, self.out_dir / "final", self.cfg.train.lora, base=lora_base(self.cfg),
-                             base_hash=self.base_hash)
-            else:
-                save_pretrained(whole if whole is not None else self.core, self.out_dir / "final")
+            self.state.save_final(self.out_dir / "final", whole)
             self.log.log({"step": self.step, "final": True, **shas, "skipped_by_reason": self.data.skipped},
                          show=False)
             plots = plot_run(self.out_dir)

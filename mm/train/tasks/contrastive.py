@@ -1,0 +1,86 @@
+"""Image-text objectives: contrastive (CLIP's softmax or SigLIP's sigmoid loss, :mod:`mm.losses`) and CoCa
+(contrastive + the decoder's caption cross-entropy), with MoE's auxiliary loss when the model has MoE layers."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ...layers.pool import text_valid_mask
+from ...losses import caption_loss
+from ...models import ModelOutput, TextConfig
+from .base import Batch, Task, Terms, weighted_sum
+
+
+def _aux(out: ModelOutput) -> Terms:
+    return {"aux_loss": out.aux_loss} if out.aux_loss is not None else {}
+
+
+class ContrastiveTask(Task):
+    """``contrastive + aux_weight * aux``. ``loss`` is a ClipLoss / SigLipLoss (its ``contrastive(out)``)."""
+
+    name = "contrastive"
+
+    def __init__(self, loss: nn.Module, aux_weight: float = 1.0):
+        self.loss, self.aux_weight = loss, aux_weight
+
+    def batch_terms(self, out: ModelOutput, batch: Batch) -> Terms:
+        return {"contrastive_loss": self.loss.contrastive(out)}
+
+    def local_terms(self, out: ModelOutput, batch: Batch) -> Terms:
+        return _aux(out)
+
+    def local_units(self, batch: Batch) -> dict[str, float]:
+        return {"aux_loss": float(batch["tokens"].shape[0])}
+
+    def combine(self, terms: Terms) -> torch.Tensor | None:
+        return weighted_sum(terms, [("contrastive_loss", 1.0), ("aux_loss", self.aux_weight)])
+
+
+class CocaTask(ContrastiveTask):
+    """CoCa: ``contrastive_weight * contrastive + caption_weight * caption CE (+ aux_weight * aux)``; the decoder
+    trains on the first ``ceil(caption_fraction * batch)`` rows of each batch (at least one). The caption term is a
+    mean over the caption tokens the decoder predicts (padding left out by the model)."""
+
+    name = "coca"
+    joint = True  # the decoder reads the image tower's tokens and the text tower's
+
+    def __init__(self, loss: nn.Module, text: TextConfig, *, contrastive_weight: float = 1.0,
+                 caption_weight: float = 2.0, label_smoothing: float = 0.0, aux_weight: float = 1.0,
+                 caption_fraction: float = 1.0):
+        super().__init__(loss, aux_weight)
+        self.eot_id, self.pad_id = text.eot_id, text.pad_id
+        if not 0.0 < caption_fraction <= 1.0:
+            raise ValueError(f"caption_fraction must be in (0, 1], got {caption_fraction}")
+        self.contrastive_weight, self.caption_weight = contrastive_weight, caption_weight
+        self.label_smoothing, self.caption_fraction = label_smoothing, caption_fraction
+
+    def caption_rows(self, batch: int) -> int:
+        """The decoder's rows of a batch of ``batch``: ceil(caption_fraction * batch), at least 1."""
+        return max(1, math.ceil(self.caption_fraction * batch))
+
+    def forward(self, module: nn.Module, batch: Batch, embed_only: bool = False) -> ModelOutput:
+        if embed_only:
+            return module.embed(batch["images"], batch["tokens"])
+        return module(batch["images"], batch["tokens"], caption_rows=self.caption_rows(batch["tokens"].shape[0]))
+
+    def local_terms(self, out: ModelOutput, batch: Batch) -> Terms:
+        if out.caption_logits is None or out.caption_labels is None:
+            raise ValueError("the CoCa objective needs out.caption_logits and out.caption_labels (a CoCa model "
+                             "called with images and tokens)")
+        return {"caption_loss": caption_loss(out.caption_logits, out.caption_labels, self.label_smoothing),
+                **_aux(out)}
+
+    def local_units(self, batch: Batch) -> dict[str, float]:
+        """Caption tokens: how many labels the decoder's forward makes of the batch's caption rows (the positions
+        up to the rows' longest caption whose next token is real)."""
+        tokens = batch["tokens"]
+        rows = tokens[: self.caption_rows(tokens.shape[0])]
+        valid = text_valid_mask(rows, eot_id=self.eot_id, pad_id=self.pad_id)
+        n = int(valid.sum(1).max().clamp_min(2))
+        return {"caption_loss": float(valid[:, 1:n].sum()), "aux_loss": float(tokens.shape[0])}
+
+    def combine(self, terms: Terms) -> torch.Tensor | None:
+        return weighted_sum(terms, [("contrastive_loss", self.contrastive_weight),
+                                    ("caption_loss", self.caption_weight), ("aux_loss", self.aux_weight)])
