@@ -25,7 +25,16 @@ from torch import nn
 
 from ..config import ConfigError, from_dict, to_dict, validate
 from ..layers.config import LoraConfig
-from ..layers.lora import adapted_layers, add_lora, is_lora_param, lora_state_dict
+from ..layers.lora import (
+    LoraError,
+    LoRALinear,
+    adapted_layers,
+    add_lora,
+    lora_modules,
+    lora_parameters,
+    lora_state_dict,
+    lora_tensor_shapes,
+)
 from ..utils.io import atomic_path
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -47,8 +56,9 @@ def base_sha256(model: nn.Module) -> str:
     """SHA-256 over the base weights (every tensor but the adapters', by name, in fp32): what an adapter was
     trained on, recorded in it and checked when it is put on a base."""
     h = hashlib.sha256()
+    adapters = lora_parameters(model)  # found by module type
     for name, t in sorted(model.state_dict().items()):
-        if is_lora_param(name):
+        if name in adapters:
             continue
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
@@ -77,7 +87,7 @@ def save_adapter(model: nn.Module, directory: str | Path, lora: LoraConfig, *, b
         "peft_type": "LORA", "task_type": None, "r": lora.rank, "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
-        "target_modules": [n for n in layers if not n.endswith((".w1", ".w2"))],
+        "target_modules": [n for n, m in lora_modules(model) if isinstance(m, LoRALinear)],  # peft has no expert layer
         "base_model_name_or_path": base, "revision": None,
     }
     mm_meta = {"format_version": FORMAT_VERSION, "base": base, "base_sha256": base_hash,
@@ -149,24 +159,7 @@ def load_adapter(model: nn.Module, directory: str | Path, *, check_base: bool = 
 def _adapter_shapes(model: nn.Module, layers: list[str], rank: int, d: Path) -> dict[str, tuple[int, ...]]:
     """The adapter tensors (mm names) and shapes that ``layers`` of ``model`` need at ``rank``; AdapterError
     naming a layer this model does not have or that is not adaptable."""
-    from ..layers.moe import MoE
-
-    out: dict[str, tuple[int, ...]] = {}
-    for name in layers:
-        parent, _, leaf = name.rpartition(".")
-        try:
-            owner = model.get_submodule(parent)
-        except AttributeError:
-            raise AdapterError(f"{d}: adapted layer {name} does not exist in this model (another architecture?)") \
-                from None
-        if isinstance(owner, MoE) and leaf in ("w1", "w2"):
-            e, d_in, d_out = getattr(owner, leaf).shape
-            out[f"{parent}.lora_{leaf}.A"], out[f"{parent}.lora_{leaf}.B"] = (e, d_in, rank), (e, rank, d_out)
-            continue
-        lin = getattr(owner, leaf, None)
-        if not isinstance(lin, nn.Linear):
-            raise AdapterError(f"{d}: adapted layer {name} is not a linear layer in this model (another "
-                               "architecture?)")
-        out[f"{name}.lora_A.weight"] = (rank, lin.in_features)
-        out[f"{name}.lora_B.weight"] = (lin.out_features, rank)
-    return out
+    try:
+        return lora_tensor_shapes(model, layers, rank)
+    except LoraError as e:
+        raise AdapterError(f"{d}: adapted {e} (another architecture?)") from None

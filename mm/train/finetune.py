@@ -50,7 +50,7 @@ from ..hub import (
 )
 from ..hub.wrapped import refuse_wrapped
 from ..layers.config import LoraConfig
-from ..layers.lora import LoraError, add_lora, has_lora, is_lora_param, lora_targets
+from ..layers.lora import LoraError, add_lora, has_lora, lora_parameters, lora_targets
 from ..utils.dist import rank, world_size
 from ..utils.nn import eval_mode, params_sha256
 from ..utils.precision import PRECISIONS, autocast, autocast_dtype
@@ -120,9 +120,9 @@ def trainable_names(classifier: Classifier) -> list[str]:
     """Classifier parameter names fine-tuning trains (and WiSE-FT interpolates): image encoder and head; with
     LoRA adapters on the model, the image encoder's adapters (its base weights frozen) and the head."""
     prefixes = tuple("model." + p for p in image_encoder_prefixes(classifier.model))
-    lora = has_lora(classifier.model)
+    adapters = lora_parameters(classifier) if has_lora(classifier.model) else None  # found by module type
     return [n for n, _ in classifier.named_parameters()
-            if n.startswith("head.") or (n.startswith(prefixes) and (not lora or is_lora_param(n)))]
+            if n.startswith("head.") or (n.startswith(prefixes) and (adapters is None or n in adapters))]
 
 
 def add_image_adapters(model: nn.Module, lora: LoraConfig) -> list[str]:
@@ -141,18 +141,14 @@ def add_image_adapters(model: nn.Module, lora: LoraConfig) -> list[str]:
     return add_lora(model, lora, targets=names)
 
 
-def is_lora_zero_factor(name: str) -> bool:
-    """The adapter factor that starts at zero (``lora_B``; an MoE expert adapter's ``B``): the update is linear in
-    it, so scaling it scales the update."""
-    return ".lora_B." in name or name.endswith((".lora_w1.B", ".lora_w2.B"))
-
-
-def lora_zero_shot_endpoint(finetuned: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def lora_zero_shot_endpoint(classifier: Classifier, finetuned: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """WiSE-FT's zero-shot endpoint for LoRA-fine-tuned adapters: the fine-tuned adapters with their zero factor at
-    zero (the update ``scale * B A`` vanishes: exactly the base). ``wise_interpolate(this, finetuned, alpha)`` then
-    keeps every ``A`` and gives ``alpha * B``: update ``alpha * delta``, i.e. ``(1 - alpha) W0 + alpha (W0 +
-    delta)``. Entries that are not adapters (the head) are left to the caller's zero-shot snapshot."""
-    return {n: torch.zeros_like(v) if is_lora_zero_factor(n) else v for n, v in finetuned.items() if is_lora_param(n)}
+    zero (``lora_B``, an MoE expert adapter's ``B``: the update ``scale * B A`` vanishes, exactly the base).
+    ``wise_interpolate(this, finetuned, alpha)`` then keeps every ``A`` and gives ``alpha * B``: update ``alpha *
+    delta``, i.e. ``(1 - alpha) W0 + alpha (W0 + delta)``. Entries that are not adapters (the head) are left to the
+    caller's zero-shot snapshot. The adapters and their zero factors are ``classifier``'s, found by module type."""
+    adapters, zero = lora_parameters(classifier), lora_parameters(classifier, zero_only=True)
+    return {n: torch.zeros_like(v) if n in zero else v for n, v in finetuned.items() if n in adapters}
 
 
 def wise_interpolate(zeroshot: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
@@ -333,7 +329,7 @@ def run(model: nn.Module, train_urls: list[str], test_urls: list[str], classname
     train_s = time.time() - t0
     finetuned = snapshot(classifier, names)
     if cfg.lora is not None:  # WiSE-FT scales the adapters' update (lora_zero_shot_endpoint says why it is exact)
-        zeroshot.update(lora_zero_shot_endpoint(finetuned))
+        zeroshot.update(lora_zero_shot_endpoint(classifier, finetuned))
     shas = [params_sha256(classifier)]
     if world > 1:
         gathered: list[Any] = [None] * world
