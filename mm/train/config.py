@@ -6,6 +6,8 @@ a YAML file + ``section.key=value`` overrides into a validated RunConfig (``load
 """
 from __future__ import annotations
 
+import re
+
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +77,10 @@ class TrainConfig:
     grad_cache_chunk: int | None = None
     seed: int = 0  # initial weights, data order, augmentation and dropout
     loss: str = "clip"  # clip | siglip
+    # an objective of your own, "module:factory" (factory(cfg, model, device) -> mm.train.tasks.Task, module
+    # importable from the run's working directory); null = the model's own: contrastive (train.loss), CoCa's
+    # with a decoder; docs/training_tasks.md shows one
+    objective: str | None = None
     local_loss: bool = False  # clip loss: each process scores only its own rows against all (less memory)
     # siglip loss: compute the (local x world batch) logits in tiles of this size, forward and backward, so the
     # loss's memory does not grow with the batch (same value and gradients); null = all logits at once
@@ -163,6 +169,8 @@ class TrainConfig:
             yield "grad_cache_chunk", f"must be >= 1 or null, got {self.grad_cache_chunk}"
         if self.grad_cache_chunk is not None and self.fsdp:
             yield "grad_cache_chunk", "gradient caching with train.fsdp is not supported yet; use DDP (fsdp: false)"
+        if self.objective is not None and not re.fullmatch(r"[\w.]+:\w+", self.objective):
+            yield "objective", f"must be 'module:factory' (e.g. my_tasks:make_task), got {self.objective!r}"
         if self.loss_block is not None and (self.loss_block < 1 or self.loss != "siglip"):
             yield "loss_block", f"must be >= 1 and goes with loss: siglip (got {self.loss_block}, loss {self.loss})"
         if self.lora is not None and self.fsdp:

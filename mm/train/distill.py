@@ -285,15 +285,9 @@ def _image_adapter(student: ModelConfig, teacher: ModelConfig):
     return adapt
 
 
-def build_distiller(cfg: RunConfig, student: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    device: torch.device, autocast=nullcontext) -> Distiller | None:
-    """The run's distiller (None without a ``distill`` section); its projection, if any, joins ``optimizer``
-    as its own group (call before the scheduler is made: it reads the groups)."""
+def build_distiller(cfg: RunConfig, student: nn.Module, device: torch.device,
+                    autocast=nullcontext) -> Distiller | None:
+    """The run's distiller (None without a ``distill`` section)."""
     if cfg.distill is None:
         return None
-    d = Distiller(cfg.distill, student, device, autocast)
-    params = d.parameters()
-    if params and optimizer is not None:
-        optimizer.add_param_group({"params": params, "weight_decay": cfg.train.weight_decay, "lr": cfg.train.lr,
-                                   "lr_scale": 1.0})
-    return d
+    return Distiller(cfg.distill, student, device, autocast)

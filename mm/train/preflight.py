@@ -71,6 +71,10 @@ def preflight(cfg: RunConfig) -> None:
                           "path)")
     if cfg.distill is not None:
         _raise_first(check_sources(cfg.distill), "distill.")
+    if t.objective is not None:
+        from .tasks import load_objective
+
+        load_objective(t.objective)  # importable, callable: before any work
     _raise_first(_model_problems(cfg), "")
     check_selectors(cfg)  # train.freeze / train.lr_mult entries must name parameters of this model
     check_lora(cfg)  # train.lora targets must select layers of this model, wide enough for the rank

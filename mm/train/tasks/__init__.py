@@ -16,24 +16,55 @@ from .base import Batch, Task, Terms, weighted_sum
 from .contrastive import CocaTask, ContrastiveTask
 from .distill import DistillTask
 
-__all__ = ["Batch", "CocaTask", "ContrastiveTask", "DistillTask", "Task", "Terms", "build_task", "weighted_sum"]
+__all__ = ["Batch", "CocaTask", "ContrastiveTask", "DistillTask", "Task", "Terms", "build_task", "load_objective",
+           "weighted_sum"]
+
+
+def load_objective(spec: str) -> Callable[..., Task]:
+    """The factory ``train.objective`` names (``module:factory``); ConfigError naming what is missing."""
+    import importlib
+    import sys
+
+    from ...config import ConfigError
+
+    module, _, name = spec.partition(":")
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # the run's working directory, as `python -m` would have it
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        raise ConfigError(f"train.objective: cannot import {module!r} ({e})") from None
+    except AttributeError:
+        raise ConfigError(f"train.objective: module {module!r} has no {name!r}") from None
+    if not callable(factory):
+        raise ConfigError(f"train.objective: {spec} is not callable")
+    return factory
 
 
 def build_task(cfg: RunConfig, model: ImageTextModel, optimizer: torch.optim.Optimizer | None = None,
                device: torch.device | str = "cpu",
                autocast: Callable[[], AbstractContextManager] = nullcontext) -> Task:
-    """The configured contrastive loss (``train.loss``); CoCa's when the model has a decoder; inside distillation
-    when the run has a ``distill`` section (its projection, if any, joins ``optimizer`` as its own group: call
-    before the scheduler is made)."""
+    """``train.objective``'s task, else the configured contrastive loss (``train.loss``), CoCa's when the model has
+    a decoder; inside distillation when the run has a ``distill`` section. What the task trains itself joins
+    ``optimizer`` as its own group (call before the scheduler is made: it reads the groups)."""
+    t = cfg.train
+    distiller = build_distiller(cfg, model, torch.device(device), autocast)
+    task = load_objective(t.objective)(cfg, model, torch.device(device)) if t.objective else _own_task(cfg, model)
+    task = task if distiller is None else DistillTask(task, distiller)
+    params = task.parameters()
+    if params and optimizer is not None:  # its own group: plain weight decay, the base learning rate
+        optimizer.add_param_group({"params": params, "weight_decay": t.weight_decay, "lr": t.lr, "lr_scale": 1.0})
+    return task
+
+
+def _own_task(cfg: RunConfig, model: ImageTextModel) -> Task:
+    """The model's own objective: CoCa's with a decoder, else contrastive (``train.loss``)."""
     t = cfg.train
     loss_kw = {"local_loss": t.local_loss} if t.loss == "clip" else {}
     loss_kw = {**loss_kw, "block": t.loss_block} if t.loss == "siglip" else loss_kw
     loss = make_loss(t.loss, aux_weight=t.aux_weight, **loss_kw)
     if model.config.decoder is not None:
-        task: Task = CocaTask(loss, model.config.text, contrastive_weight=t.contrastive_weight,
-                              caption_weight=t.caption_weight, label_smoothing=t.label_smoothing,
-                              aux_weight=t.aux_weight, caption_fraction=t.caption_fraction)
-    else:
-        task = ContrastiveTask(loss, t.aux_weight)
-    distiller = build_distiller(cfg, model, optimizer, torch.device(device), autocast)
-    return task if distiller is None else DistillTask(task, distiller)
+        return CocaTask(loss, model.config.text, contrastive_weight=t.contrastive_weight,
+                        caption_weight=t.caption_weight, label_smoothing=t.label_smoothing, aux_weight=t.aux_weight,
+                        caption_fraction=t.caption_fraction)
+    return ContrastiveTask(loss, t.aux_weight)

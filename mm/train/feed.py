@@ -1,0 +1,118 @@
+"""The run's data: the training stream of this process, where it stands (resumed exactly), and the batches the
+executors get (on the device, decoded there with ``data.decode: device``); skipped samples are named in
+``skipped_samples.rank{R}.txt`` and counted."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.decode import SampleDecoder
+from ..data.gpu import DeferredTrainTransform, GpuImageDecoder, PendingImages
+from ..data.transforms import image_transform
+from ..data.wds import Collate, ShardStream, check_urls, make_loader
+from ..models import ImageTextModel
+from ..tokenizer import get_tokenizer
+from .config import RunConfig
+
+
+@dataclass
+class DataState:
+    """What this process has consumed: batches, each worker's stream position, skipped samples."""
+
+    batches: int = 0
+    workers: dict[int, tuple[int, int]] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def consume(self, meta: dict[str, Any]) -> None:
+        self.batches += 1
+        self.workers[meta["worker"]] = (meta["epoch"], meta["pos"])
+        for reason, n in meta["skipped"].items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+    def to_json(self, workers_per_process: int) -> dict[str, Any]:
+        return {"batches": self.batches, "workers_per_process": workers_per_process,
+                "positions": {str(k): list(v) for k, v in self.workers.items()}, "skipped": self.skipped}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DataState:
+        return cls(d["batches"], {int(k): tuple(v) for k, v in d["positions"].items()}, dict(d["skipped"]))
+
+
+def build_train_stream(cfg: RunConfig, model: ImageTextModel, rank: int, world: int, data: DataState) -> ShardStream:
+    mcfg = model.config
+    transform = image_transform(mcfg, train=True, scale=tuple(cfg.data.crop_scale))
+    on_device = cfg.data.decode == "device"
+    if on_device:
+        transform = DeferredTrainTransform(transform, cfg.data.max_pixels)
+    decoder = SampleDecoder(transform, image_keys=cfg.data.image_keys, text_key=cfg.data.text_key,
+                            need=("text",), max_pixels=cfg.data.max_pixels,
+                            random_caption=cfg.data.random_caption, raw_image=on_device)
+    nw = max(1, cfg.data.workers)
+    tok = get_tokenizer(model)
+    if callable(getattr(tok, "load", None)):
+        tok.load()  # a Hugging Face tokenizer that cannot load: one line here, not a traceback from each worker
+    return ShardStream(check_urls(cfg.data.train, "data.train"), decoder, Collate(tok),
+                       cfg.data.batch_size, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                       train=True, resampled=cfg.data.resampled, rank=rank, world=world,
+                       start=data.workers, rotation=data.batches % nw)
+
+
+class Feed:
+    """``open()`` starts the loader (its workers draw their base seed from the global RNG: before the run's RNG
+    state is restored); ``next()`` gives the next batch as the executors take it; ``state`` is what checkpoints
+    record. ``note(msg)`` reports a skipped sample or a warning."""
+
+    def __init__(self, cfg: RunConfig, core: ImageTextModel, rank: int, world: int, device: torch.device,
+                 out_dir: Path):
+        self.cfg, self.core, self.rank, self.world, self.device = cfg, core, rank, world, device
+        self.out_dir = out_dir
+        self.state = DataState()
+        self.batches = self.skip_log = self.gpu_decoder = None
+
+    @property
+    def workers_per_process(self) -> int:
+        return max(1, self.cfg.data.workers)
+
+    def restore(self, data: dict[str, Any] | None, batches: int, same_layout: bool) -> bool:
+        """Continue the stream a checkpoint recorded (``same_layout``: as many processes x workers); otherwise
+        only count its batches. Returns whether the position was restored."""
+        if data and same_layout and data["workers_per_process"] == self.workers_per_process:
+            self.state = DataState.from_json(data)
+            return True
+        self.state.batches = batches
+        return False
+
+    def open(self) -> None:
+        cfg = self.cfg
+        self.skip_log = open(self.out_dir / f"skipped_samples.rank{self.rank}.txt", "a", buffering=1)  # noqa: SIM115 (open for the run; close() closes it)
+        loader = make_loader(build_train_stream(cfg, self.core, self.rank, self.world, self.state), cfg.data.workers,
+                             cfg.data.prefetch_factor, pin_memory=self.device.type == "cuda")
+        v = self.core.config.vision
+        self.gpu_decoder = GpuImageDecoder(v.image_size, v.image_mean, v.image_std) \
+            if cfg.data.decode == "device" else None
+        self.batches = iter(loader)
+
+    def next(self, note) -> dict[str, Any]:
+        """The next batch: ``images`` and ``tokens`` on the device, ``keys``, ``texts``; its skipped samples and
+        warnings go to ``note`` and the skip log."""
+        batch = next(self.batches)
+        self.state.consume(batch["meta"])
+        for line in batch["meta"]["bad"]:
+            self.skip_log.write(line + "\n")
+            note(f"skipped sample {line}")
+        for w in batch["meta"]["warnings"]:
+            note(f"warning: {w}")
+        images = batch["images"]
+        if isinstance(images, PendingImages):
+            images = self.gpu_decoder(images, self.device)
+        else:
+            images = images.to(self.device, non_blocking=True)
+        return {"images": images, "tokens": batch["tokens"].to(self.device, non_blocking=True),
+                "keys": batch["keys"], "texts": batch["texts"]}
+
+    def close(self) -> None:
+        if self.skip_log is not None:
+            self.skip_log.close()
