@@ -167,8 +167,6 @@ class TrainConfig:
             yield "freeze", "does not apply with train.lora (everything but the adapters is frozen); leave it empty"
         if self.grad_cache_chunk is not None and self.grad_cache_chunk < 1:
             yield "grad_cache_chunk", f"must be >= 1 or null, got {self.grad_cache_chunk}"
-        if self.grad_cache_chunk is not None and self.fsdp:
-            yield "grad_cache_chunk", "gradient caching with train.fsdp is not supported yet; use DDP (fsdp: false)"
         if self.objective is not None and not re.fullmatch(r"[\w.]+:\w+", self.objective):
             yield "objective", f"must be 'module:factory' (e.g. my_tasks:make_task), got {self.objective!r}"
         if self.loss_block is not None and (self.loss_block < 1 or self.loss != "siglip"):

@@ -36,6 +36,10 @@ def shard_model(model: nn.Module) -> list[nn.Parameter]:
         if isinstance(module, Block):
             fully_shard(module)
     fully_shard(model, ignored_params=set(replicated))
+    if hasattr(model, "embed"):  # the towers without a decoder (gradient caching's first pass) gather like forward
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(model, "embed")
     return replicated
 
 
