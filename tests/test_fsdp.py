@@ -131,3 +131,36 @@ def test_gradient_caching_under_fsdp_trains_like_ddp(model, colour_shards, tmp_p
     assert all(r["grad_cache_chunks"] == 2 for r in b if "loss" in r)
     wa, wb = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "fsdp")
     assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+def test_distillation_under_fsdp_trains_like_ddp_and_resumes(colour_shards, tmp_path):
+    """Distillation's projection (the objective's own parameter: replicated, its gradient averaged by the task, its
+    optimizer state saved under "task") trains under FSDP as under DDP; a sharded run stopped and resumed ends
+    where the uninterrupted one does (teacher of another width: the projection exists)."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(5)
+    teacher = mm.save_pretrained(mm.create_model("tiny-clip", embed_dim=48), tmp_path / "teacher")
+    sections = {"train": {"steps": 4, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1},
+                "distill": {"teacher": str(teacher), "kl_weight": 1.0, "feature_weight": 0.5}}
+    fsdp_sections = {**sections, "train": {**sections["train"], "fsdp": True}}
+    launch(write_config(tmp_path, colour_shards, "ddp", **sections))
+    proc = launch(write_config(tmp_path, colour_shards, "fsdp", **fsdp_sections))
+    assert "2 process(es) (FSDP)" in proc.stdout + proc.stderr and "distilling" in proc.stdout + proc.stderr
+    a, b = metrics(tmp_path / "ddp"), metrics(tmp_path / "fsdp")
+    for key in ("loss", "kl_loss", "feature_loss"):
+        va, vb = [r[key] for r in a if key in r], [r[key] for r in b if key in r]
+        assert len(va) == len(vb) == 4 and vb == pytest.approx(va, rel=1e-4), key
+    wa, wb = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "fsdp")
+    assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    pa, pb = (load_file(str(tmp_path / run / "checkpoints" / "step_4" / "distill.safetensors")) for run in ("ddp", "fsdp"))
+    assert max((pa[k] - pb[k]).abs().max().item() for k in pa) < 1e-4
+    final = next(r for r in b if r.get("final"))
+    assert len(set(final["distill_sha256"])) == 1  # the projection identical on both ranks
+    resumed = write_config(tmp_path, colour_shards, "fsdp_resumed", **fsdp_sections)
+    launch(resumed, "train.stop_after=2")
+    assert "resumed from" in (lambda p: p.stdout + p.stderr)(launch(resumed))
+    wr = final_weights(tmp_path / "fsdp_resumed")
+    assert max((wr[k] - wb[k]).abs().max().item() for k in wb) == 0.0
+    pr = load_file(str(tmp_path / "fsdp_resumed" / "checkpoints" / "step_4" / "distill.safetensors"))
+    assert all(torch.equal(pr[k], pb[k]) for k in pb)

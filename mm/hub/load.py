@@ -1,8 +1,9 @@
 """Models with their weights: ``create_model`` (the public constructor) and ``load_model`` (what every command's
-``--model`` names)."""
+``--model`` names, and a config's ``train.init_from`` / ``distill.teacher``)."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,9 @@ def create_model(spec: str | Path | dict | ModelConfig, pretrained: str | Path |
 
 
 def load_model(spec: str | Path, pretrained: str | Path | None = None, device: str | torch.device = "cpu",
-               warn_random: bool = True, adapter: str | Path | None = None) -> ImageTextModel:
-    """The model a command's ``--model`` names, in eval mode on ``device``:
+               warn_random: bool = True, adapter: str | Path | None = None,
+               names: Mapping[str, str] | None = None) -> ImageTextModel:
+    """The model ``spec`` names (a command's ``--model``, ``distill.teacher``), in eval mode on ``device``:
 
     * an mm model directory (``save_pretrained`` / a run's ``final/``);
     * ``open_clip:NAME`` or ``open_clip:NAME:TAG``: built with open_clip's own registry (TAG: one of its
@@ -79,19 +81,24 @@ def load_model(spec: str | Path, pretrained: str | Path | None = None, device: s
     * a LoRA adapter directory (a LoRA run's ``final/``): its base model (recorded in it) with the adapter.
 
     ``adapter``: a LoRA adapter directory put on the model unmerged (its base weights checked).
+
+    ``names``: what the caller calls ``spec`` / ``pretrained`` / ``adapter``, for the messages (default: these
+    parameter names; the commands pass ``--model`` / ``--pretrained`` / ``--adapter``, a config its keys).
     """
+    n = {"spec": "spec", "pretrained": "pretrained", "adapter": "adapter", **(names or {})}
     s = parse_spec(spec)
     if s.kind == "dir" and is_adapter_dir(s.text) and not (s.path / "config.json").is_file():
         if adapter is not None:
-            raise AdapterError(f"{s.text} is an adapter directory; give its base as --model and it as --adapter")
+            raise AdapterError(f"{s.text} is an adapter directory; give its base as {n['spec']} and it as "
+                               f"{n['adapter']}")
         base = read_adapter_meta(s.text)["base"]
         if base is None:
             raise AdapterError(f"{s.text}: the adapter names no base model (trained from random weights); "
-                               "give the base as --model and the adapter as --adapter")
-        return load_model(base, pretrained, device, warn_random, adapter=s.text)
+                               f"give the base as {n['spec']} and the adapter as {n['adapter']}")
+        return load_model(base, pretrained, device, warn_random, adapter=s.text, names=names)
     if s.kind == "dir":
         if pretrained is not None:
-            raise PretrainedError(f"{s.text} is a model directory and holds its weights; drop --pretrained")
+            raise PretrainedError(f"{s.text} is a model directory and holds its weights; drop {n['pretrained']}")
         model = load_pretrained(s.text)
     elif s.kind == "open_clip":
         import open_clip
@@ -108,9 +115,9 @@ def load_model(spec: str | Path, pretrained: str | Path | None = None, device: s
         if pretrained is not None:
             load_weights(model, pretrained)
         elif warn_random:
-            print(f"warning: {s.text!r} is not a model directory and no --pretrained file was given: random weights",
-                  file=sys.stderr)
+            print(f"warning: {s.text!r} is not a model directory and no {n['pretrained']} file was given: random "
+                  "weights", file=sys.stderr)
     if adapter is not None:
-        refuse_wrapped(model, "an adapter (--adapter)")
+        refuse_wrapped(model, f"an adapter ({n['adapter']})")
         load_adapter(model, adapter)
     return model.to(device).eval()

@@ -227,8 +227,6 @@ class RunConfig:
         if self.distill is not None and self.distill.text_embeddings and self.data.random_caption:
             yield "distill.text_embeddings", ("precomputed text embeddings match the shards' text_key captions; "
                                               "data.random_caption trains on others (give distill.teacher instead)")
-        if self.distill is not None and self.train.fsdp:
-            yield "train.fsdp", "distillation with train.fsdp is not supported yet (its projection trains outside FSDP)"
 
     def model_config(self) -> ModelConfig:
         """The run's architecture: ``model``; unset, the one ``train.init_from`` names; else tiny-clip. An open_clip

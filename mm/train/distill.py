@@ -253,7 +253,8 @@ class Distiller:
             raise DistillError(f"{path}: missing; the checkpoint was written without distillation's projection")
         from safetensors.torch import load_file
 
-        self.loss.proj.load_state_dict(load_file(str(path), device=str(self.device)))
+        where = "cpu" if self.device.type == "cpu" else str(self.device)  # safetensors refuses "cpu:0"
+        self.loss.proj.load_state_dict(load_file(str(path), device=where))
 
 
 def _tokenizer_of(cfg: ModelConfig | WrappedConfig) -> tuple[Any, ...]:

@@ -71,9 +71,10 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, torch.Tensor],
-                    optimizer_state: dict[str, Any]) -> None:
+                    optimizer_state: dict[str, Any], optimized: nn.Module | None = None) -> None:
     """Load whole state dicts (as saved from :func:`full_state_dict` / :func:`full_optimizer_state`) into the
-    sharded model and its optimizer; every process passes the full dicts and keeps its shard."""
+    sharded model and its optimizer; every process passes the full dicts and keeps its shard. ``optimized``: the
+    module whose parameters name the optimizer's (default: the model)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -82,7 +83,7 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_st
 
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=opts)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=opts)
+    set_optimizer_state_dict(optimized if optimized is not None else model, optimizer, optimizer_state, options=opts)
 
 
 class EvalCopy:

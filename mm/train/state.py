@@ -45,6 +45,11 @@ class PlainState:
         self.core.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
 
+    def adopt(self, params: list[nn.Parameter]) -> None:
+        """Parameters the optimizer holds beside the model's (the objective's own, e.g. distillation's
+        projection): the model's state strategy saves the model; the task saves these."""
+        return None
+
     def sync_grads(self) -> None:
         """Gradients the data-parallel wrapper does not average (FSDP2's replicated scalars)."""
         return None
@@ -69,16 +74,23 @@ class ShardedState(PlainState):
                  replicated: list[nn.Parameter]):
         super().__init__(core, optimizer)
         self.eval_copy, self.replicated = eval_copy, replicated
+        self.optimized = core  # what names the optimizer's parameters in its sharded state dict
+
+    def adopt(self, params: list[nn.Parameter]) -> None:
+        # torch's sharded optimizer state dict names every optimizer parameter by a module path: the objective's
+        # parameters get theirs under "task" (the model's under "model"; a run without any keeps plain names)
+        if params:
+            self.optimized = nn.ModuleDict({"model": self.core, "task": nn.ParameterList(params)})
 
     def sync_grads(self) -> None:
         dist.average_gradients(self.replicated)  # the 0-dim scalars FSDP2 cannot shard
 
     def gather(self) -> dict[str, Any]:
         return {"model_state": sharding.full_state_dict(self.core),
-                "optimizer_state": sharding.full_optimizer_state(self.core, self.opt)}
+                "optimizer_state": sharding.full_optimizer_state(self.optimized, self.opt)}
 
     def load(self, state: dict[str, Any], path: Path) -> None:
-        sharding.load_full_state(self.core, self.opt, state["model"], state["optimizer"])
+        sharding.load_full_state(self.core, self.opt, state["model"], state["optimizer"], self.optimized)
 
     def whole(self, main: bool, everywhere: bool = False) -> nn.Module | None:
         return self.eval_copy.refresh(main, everywhere=everywhere)

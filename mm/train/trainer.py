@@ -166,6 +166,7 @@ class Trainer:
         # scheduler reads its groups
         self.task = build_task(cfg, self.core, self.state.opt, self.proc.device,
                                partial(autocast, self.proc.device, t.precision))
+        self.state.adopt(self.task.parameters())
         self.metrics = RunMetrics(out_dir, t.steps, self.proc.rank, self.proc.main)
         self.stepper = Stepper(self.state.opt, [*self.core.parameters(), *self.task.parameters()],
                                device=self.proc.device, precision=t.precision, grad_clip=t.grad_clip,
