@@ -11,12 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from mm.cli.shards import add_builtin_arguments, run_builtin
-from mm.data import synthetic
+from mm.cli.shards import BUILTIN_DESCRIPTION, add_builtin_arguments, run_builtin
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="make_builtin.py", description=synthetic.DESCRIPTION,
+    parser = argparse.ArgumentParser(prog="make_builtin.py", description=BUILTIN_DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_builtin_arguments(parser)
     parser.set_defaults(out_dir=str(Path(__file__).resolve().parent / "builtin"))  # data/builtin from any cwd

@@ -28,6 +28,7 @@ from PIL import Image
 
 import mm
 from mm.cli import main
+from mm.eval.benchmark import ModelRef
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
@@ -294,6 +295,10 @@ def test_bad_inputs(data, model_dir, tmp_path, capsys):
     assert run("--dataset", "wds/flickr", "--dataset-root", str(root), "--task", "captioning") == \
         f"error: model {model_dir} has no captioning decoder: the captioning task needs a CoCa model"
     assert "wds/nothere" in run("--dataset", "wds/nothere", "--dataset-root", str(root))
+    assert run("--dataset", "wds/cifar") == "error: dataset 'wds/cifar': no such directory, and no dataset root to " \
+                                            "find it under"
+    assert run("--suite", str(tmp_path / "nowhere.yaml")) == f"error: --suite {tmp_path / 'nowhere.yaml'}: no such file"
+    assert ModelRef("m", "w.pt", "a/").label == "m (pretrained w.pt, adapter a/)"  # a suite's keys, not options
     assert not list((tmp_path / "out").glob("*.json"))
 
 

@@ -174,3 +174,23 @@ def test_load_model_resolves_every_model_spec(tmp_path):
     assert from_registry.config == mm.get_preset("ViT-B-32") and not from_registry.training
     with pytest.raises(mm.PretrainedError, match="model directory"):
         mm.load_model(tmp_path / "dir", pretrained=tmp_path / "oc.pt")
+
+
+def test_load_model_messages_name_the_arguments_as_the_caller_does(tmp_path, capsys):
+    """load_model's messages name its parameters (``spec`` / ``pretrained`` / ``adapter``), or what ``names`` says
+    the caller calls them: a config's keys, a command's options (as the commands pass them)."""
+    from mm.cli import main
+
+    d = mm.save_pretrained(mm.create_model("tiny-clip"), tmp_path / "dir")
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    with pytest.raises(mm.PretrainedError, match=r"is a model directory and holds its weights; drop pretrained$"):
+        mm.load_model(d, pretrained=weights)
+    with pytest.raises(mm.PretrainedError, match=r"; drop distill\.teacher_pretrained$"):
+        mm.load_model(d, pretrained=weights, names={"pretrained": "distill.teacher_pretrained"})
+    mm.load_model("tiny-clip")
+    assert "and no pretrained file was given: random weights" in capsys.readouterr().err
+    (tmp_path / "t.txt").write_text("a dog\n")
+    assert main(["embed", "--model", str(d), "--pretrained", str(weights), "--texts", str(tmp_path / "t.txt"),
+                 "--out", str(tmp_path / "emb")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {d} is a model directory and holds its weights; drop --pretrained"

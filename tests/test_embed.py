@@ -19,7 +19,7 @@ from PIL import Image
 
 import mm
 from mm.cli import main as mm_main
-from mm.inference.embed import embed_images, load_index, read_texts
+from mm.inference.embed import EmbedError, embed_images, load_index, read_texts
 from mm.inference.search import search
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,11 +250,18 @@ def test_texts_equal_encode_text(model_dir, model, tmp_path, capsys):
     (tmp_path / "t.json").write_text('["x", "y"]')
     assert read_texts(tmp_path / "t.jsonl") == [("1: a", "a"), ("3: b", "b")]
     assert read_texts(tmp_path / "t.json") == [("1: x", "x"), ("2: y", "y")]
+    # called from Python, the errors name the parameters (mm embed passes its options' names: test below)
+    with pytest.raises(EmbedError, match=r"^texts: no such file: "):
+        read_texts(tmp_path / "nope.txt")
+    with pytest.raises(EmbedError, match=r"^inputs: shard .* not found"):
+        embed_images(mm.create_model("tiny-clip"), [str(tmp_path / "nope-{0..1}.tar")], tmp_path / "o")
+    with pytest.raises(EmbedError, match=r"^batch_size must be >= 1"):
+        mm.inference.embed_texts(mm.create_model("tiny-clip"), ["a"], tmp_path / "o", batch_size=0)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--images", "{tmp}/nope"], "no such image file or folder: {tmp}/nope"),
-    (["--images", "{tmp}/shard-{{000..001}}.tar"], "shard '{tmp}/shard-000.tar' not found"),
+    (["--images", "{tmp}/shard-{{000..001}}.tar"], "--images: shard '{tmp}/shard-000.tar' not found"),
     (["--texts", "{tmp}/nope.txt"], "--texts: no such file: {tmp}/nope.txt"),
     (["--texts", "{tmp}/bad.jsonl"], "bad.jsonl:2: expected a JSON object with a \"text\" field"),
     (["--images", "{tmp}/empty"], "no images found in {tmp}/empty"),

@@ -164,3 +164,34 @@ def test_distillation_under_fsdp_trains_like_ddp_and_resumes(colour_shards, tmp_
     assert max((wr[k] - wb[k]).abs().max().item() for k in wb) == 0.0
     pr = load_file(str(tmp_path / "fsdp_resumed" / "checkpoints" / "step_4" / "distill.safetensors"))
     assert all(torch.equal(pr[k], pb[k]) for k in pb)
+
+
+def test_lora_under_fsdp_trains_like_ddp_and_resumes(colour_shards, tmp_path):
+    """train.lora with train.fsdp: the adapters sharded with their layers train as under DDP; checkpoints hold
+    them whole (gathered) with their optimizer state, a stopped run resumes exactly, and final/ is the adapter
+    directory (the same files as DDP's, to the FSDP-vs-DDP tolerance), naming the same base hash."""
+    import json
+
+    from safetensors.torch import load_file
+
+    torch.manual_seed(7)
+    base = mm.save_pretrained(mm.create_model("tiny-clip"), tmp_path / "base")
+    sections = {"train": {"steps": 4, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1, "lr": 1e-2,
+                          "init_from": str(base), "lora": {"rank": 4, "targets": ["*.attn", "*.mlp"]}}}
+    fsdp_sections = {"train": {**sections["train"], "fsdp": True}}
+    launch(write_config(tmp_path, colour_shards, "ddp", **sections))
+    proc = launch(write_config(tmp_path, colour_shards, "fsdp", **fsdp_sections))
+    assert "(FSDP)" in proc.stdout + proc.stderr and "LoRA rank 4" in proc.stdout + proc.stderr
+    a, b = metrics(tmp_path / "ddp"), metrics(tmp_path / "fsdp")
+    loss_a, loss_b = [r["loss"] for r in a if "loss" in r], [r["loss"] for r in b if "loss" in r]
+    assert len(loss_a) == len(loss_b) == 4 and loss_b == pytest.approx(loss_a, rel=1e-4)
+    fa, fb = (load_file(str(tmp_path / run / "final" / "adapter_model.safetensors")) for run in ("ddp", "fsdp"))
+    assert fa.keys() == fb.keys() and fa and max((fa[k] - fb[k]).abs().max().item() for k in fa) < 1e-4
+    assert any(k.endswith("lora_B.weight") and fb[k].abs().max() > 0 for k in fb)  # the adapters trained
+    meta = [json.loads((tmp_path / run / "final" / "adapter_config.json").read_text()) for run in ("ddp", "fsdp")]
+    assert meta[0] == meta[1]
+    resumed = write_config(tmp_path, colour_shards, "fsdp_resumed", **fsdp_sections)
+    launch(resumed, "train.stop_after=2")
+    assert "resumed from" in (lambda p: p.stdout + p.stderr)(launch(resumed))
+    fr = load_file(str(tmp_path / "fsdp_resumed" / "final" / "adapter_model.safetensors"))
+    assert all(torch.equal(fr[k], fb[k]) for k in fb)

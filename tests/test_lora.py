@@ -15,6 +15,7 @@ from conftest import make_colour_shards
 from safetensors.torch import load_file
 
 import mm
+from mm.cli.common import MODEL_ARGS
 from mm.config import ConfigError
 from mm.hub import AdapterError, base_sha256, load_adapter, load_model, save_adapter
 from mm.layers.config import LoraConfig
@@ -185,6 +186,11 @@ def test_an_adapter_directory_is_a_model_spec(tmp_path):
     want = outputs(base, images, tokens)
     for m in (via_dir, via_option):
         assert same_outputs(outputs(m, images, tokens), want)
+    # an adapter directory with another adapter: the message names the arguments as its caller does
+    with pytest.raises(AdapterError, match=r"is an adapter directory; give its base as spec and it as adapter$"):
+        load_model(d, adapter=d)
+    with pytest.raises(AdapterError, match=r"give its base as --model and it as --adapter$"):
+        load_model(d, adapter=d, names=MODEL_ARGS)
 
 
 # -- training ------------------------------------------------------------------------------------------------------

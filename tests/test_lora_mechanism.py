@@ -239,8 +239,7 @@ dist.destroy_process_group()
 @pytest.mark.slow  # two processes: ~20 s
 def test_fsdp2_shards_an_adapted_model_and_computes_what_the_whole_one_does(tmp_path):
     """mm's FSDP2 units (one per Block) over LoRA Linears and expert weights on 2 gloo CPU ranks: the loss and every
-    adapter gradient equal the unsharded model's (train.lora + train.fsdp is refused by the run config for now; the
-    layers support it)."""
+    adapter gradient equal the unsharded model's (the trainer's train.lora + train.fsdp: tests/test_fsdp.py)."""
     script = tmp_path / "worker.py"
     script.write_text(_FSDP_WORKER)
     with socket.socket() as s:

@@ -449,6 +449,9 @@ def test_library_refusals_name_what_mm_does_not_build(resnet, shards, tmp_path):
         assert msg.startswith(f"{what} needs a model built with mm's own blocks") and RESNET_REASON in msg, msg
         assert "\n" not in msg
     assert not (tmp_path / "x").exists() and not (tmp_path / "ft").exists()  # refused before any work
+    with pytest.raises(mm.hub.ConversionError, match=r"runs through open_clip \(mm does not build its towers\); its "
+                                                     r"weights are open_clip's own \(model\.model\)$"):
+        mm.hub.to_hf_clip(model, tmp_path / "hf")  # mm convert says "use --to-open-clip" (test below)
     # MoE upcycling / any architecture override: only a model mm builds takes one
     with pytest.raises(mm.models.NotNative, match=RESNET_REASON):
         mm.create_model(RESNET, vision__transformer__moe__num_experts=4)
@@ -501,6 +504,9 @@ def test_commands_refuse_with_one_line(resnet, shards, photos, tmp_path, capsys)
         rc = mm_main(argv)
         assert_one_line_error(rc, capsys.readouterr().err, what, RESNET_REASON)
     assert not any((tmp_path / n).exists() for n in ("ft", "x", "e"))
+    rc = mm_main(["convert", "--model", d, "--to-hf", str(tmp_path / "hf")])
+    assert_one_line_error(rc, capsys.readouterr().err, "runs through open_clip", "use --to-open-clip")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_unavailable_tokenizer_is_one_line(resnet, tmp_path, capsys):

@@ -300,6 +300,16 @@ def test_the_commands_do_not_import_the_server():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_index_specs_are_named_as_the_caller_names_them(capsys):
+    from mm.inference.embed import EmbedError
+    from mm.serve.indexes import parse_index_specs
+
+    with pytest.raises(EmbedError, match=r"^a=y: two indexes named 'a' \(give one as NAME=DIR\)$"):
+        parse_index_specs(["a=x", "a=y"])
+    assert mm_main(["serve", "--model", "tiny-clip", "--index", "a=x", "--index", "a=y"]) == 2
+    assert "error: --index a=y: two indexes named 'a'" in capsys.readouterr().err
+
+
 def test_a_non_loopback_host_needs_an_api_key(data, capsys):
     assert mm_main(["serve", "--model", str(data.model_dir), "--host", "0.0.0.0"]) == 2
     assert "--api-key" in capsys.readouterr().err

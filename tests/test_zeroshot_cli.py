@@ -223,8 +223,8 @@ def test_unlabelled_shards_and_files(model_dir, ranked_shards, photos, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["zeroshot", "--classes", "a,b", "{tmp}/nope"], "no such image file or folder: {tmp}/nope"),
     (["zeroshot", "--classes", "red,green", "{tmp}/pets"], "folder {tmp}/pets/cat: 'cat' is not one of the classes"),
-    (["zeroshot", "{tmp}/pets/cat"], "no class names"),
-    (["zeroshot", "{shards}/train-0000.tar"], "no class names"),
+    (["zeroshot", "{tmp}/pets/cat"], "no class names: give --classes, or a folder"),
+    (["zeroshot", "{shards}/train-0000.tar"], "shards: no class names: give --classes, or put"),
     (["zeroshot", "--classes", "{tmp}/classes.txt", "{tmp}/pets"], "--classes '{tmp}/classes.txt': no such file"),
     (["zeroshot", "--templates", "a photo", "{tmp}/pets"], "--templates 'a photo': no such file"),
     (["zeroshot", "{tmp}/pets", "{shards}/train-0000.tar"], "not both"),
@@ -232,7 +232,7 @@ def test_unlabelled_shards_and_files(model_dir, ranked_shards, photos, capsys):
     (["zeroshot", "-k", "0", "{tmp}/pets"], "-k must be >= 1"),
     (["eval"], "nothing to evaluate"),
     (["eval", "--zeroshot", "{tmp}/x-{{0..1}}.tar"], "--zeroshot: shard '{tmp}/x-0.tar' not found"),
-    (["eval", "--zeroshot", "{shards}/test-0000.tar"], "--zeroshot: no class names"),
+    (["eval", "--zeroshot", "{shards}/test-0000.tar"], "--zeroshot: no class names: give --classes"),
     (["eval", "--retrieval", "{shards}/test-0000.tar", "--max-samples", "0"], "--max-samples must be >= 1"),
 ])
 def test_bad_inputs_fail_before_loading_the_model(argv, message, colour_shards, tmp_path, capsys):

@@ -17,7 +17,7 @@ from ..hub import load_model
 from ..utils import dist
 from ..utils.host import default_workers
 from ..utils.precision import PRECISIONS, autocast_dtype
-from .common import EXAMPLES, MODEL_ERRORS, default_device, guard
+from .common import EXAMPLES, MODEL_ARGS, MODEL_ERRORS, default_device, guard
 
 DESCRIPTION = """\
 LAION clip_benchmark's evaluations, run by mm on any model it loads, with clip_benchmark's definitions:
@@ -69,7 +69,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    suite = load_suite(args.suite) if args.suite else None
+    suite = load_suite(args.suite, "--suite") if args.suite else None
     if not (args.dataset or suite):
         raise ValueError("no dataset: give --dataset (or a --suite file)")
     if args.dataset and suite:
@@ -96,7 +96,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     device = args.device or (str(started) if dist.is_dist() else default_device(None))
     outcomes = run_benchmark(
         entries(_models(args, suite), datasets),
-        lambda ref: load_model(ref.spec, ref.pretrained, device, adapter=ref.adapter), args.output,
+        lambda ref: load_model(ref.spec, ref.pretrained, device, adapter=ref.adapter, names=MODEL_ARGS), args.output,
         dataset_root=args.dataset_root or (suite.dataset_root if suite else None), split=args.split,
         batch_size=args.batch_size, workers=args.workers, autocast_dtype=autocast_dtype(args.precision),
         options=options, overwrite=args.overwrite, errors=MODEL_ERRORS, log=lambda line: print(line, flush=True))

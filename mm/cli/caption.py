@@ -18,6 +18,7 @@ from ..inference.plots import caption_sheet
 from ..tokenizer import get_tokenizer
 from .common import (
     EXAMPLES,
+    MODEL_ARGS,
     MODEL_ERRORS,
     UsageError,
     add_model_options,
@@ -40,7 +41,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         min_new_tokens=args.min_new_tokens, length_penalty=args.length_penalty, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
         no_repeat_ngram_size=args.no_repeat_ngram))
-    model = load_model(args.model, args.pretrained, args.device, adapter=args.adapter)
+    model = load_model(args.model, args.pretrained, args.device, adapter=args.adapter, names=MODEL_ARGS)
     if getattr(model.config, "decoder", None) is None:
         raise UsageError(f"{args.model} has no captioning decoder: mm caption needs a CoCa model (e.g. "
                          "open_clip:coca_ViT-B-32:laion2b_s13b_b90k, or train tiny-coca)")

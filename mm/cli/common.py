@@ -23,6 +23,10 @@ MODEL_HELP = ("an mm model directory (a run's final/ or save_pretrained), open_c
 PRETRAINED_HELP = "weights file for a preset --model (mm or open_clip checkpoint)"
 ADAPTER_HELP = ("a LoRA adapter directory (a LoRA run's final/, mm finetune --lora's finetuned/) put on --model, "
                 "its base: the base weights are checked against the ones it was trained on")
+# what the commands call load_model's arguments, so that its messages name the options (``names=MODEL_ARGS``)
+MODEL_ARGS = {"spec": "--model", "pretrained": "--pretrained", "adapter": "--adapter"}
+# what the commands call the class names of mm.eval.classify's label_images / resolve_shards (``names=CLASSES_ARG``)
+CLASSES_ARG = {"classnames": "--classes"}
 EXAMPLES = argparse.RawDescriptionHelpFormatter  # descriptions end with examples, laid out as written
 
 Command = Callable[[argparse.Namespace], int]
@@ -57,7 +61,7 @@ def guard(*errors: type[BaseException]) -> Callable[[Command], Command]:
 def add_model_options(p: argparse.ArgumentParser, *, required: bool = True, model_help: str = MODEL_HELP,
                       pretrained_help: str = PRETRAINED_HELP, adapter_help: str = ADAPTER_HELP) -> None:
     """``--model``, ``--pretrained`` and ``--adapter``, as every command that loads a model takes them (each
-    passes them on as ``load_model(args.model, args.pretrained, ..., adapter=args.adapter)``)."""
+    passes them on as ``load_model(args.model, args.pretrained, ..., adapter=args.adapter, names=MODEL_ARGS)``)."""
     p.add_argument("--model", required=required, help=model_help)
     p.add_argument("--pretrained", help=pretrained_help)
     p.add_argument("--adapter", metavar="DIR", help=adapter_help)

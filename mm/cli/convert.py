@@ -33,6 +33,7 @@ from ..layers.lora import merge_lora
 from .common import (
     ADAPTER_HELP,
     EXAMPLES,
+    MODEL_ARGS,
     MODEL_ERRORS,
     UsageError,
     add_model_options,
@@ -60,7 +61,7 @@ def _write_open_clip(args: argparse.Namespace) -> int:
     if not args.model or not Path(args.model).is_dir():
         raise UsageError("--to-open-clip needs --model DIR (an mm model directory)")
     # with an adapter (--adapter, or an adapter directory as --model) merged: open_clip reads a plain model
-    sd, how = _open_clip_state_dict(merge_lora(load_model(args.model, adapter=args.adapter)))
+    sd, how = _open_clip_state_dict(merge_lora(load_model(args.model, adapter=args.adapter, names=MODEL_ARGS)))
     out = Path(args.to_open_clip)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".safetensors":
@@ -76,7 +77,11 @@ def _write_open_clip(args: argparse.Namespace) -> int:
 def _write_hf(args: argparse.Namespace) -> int:
     if not args.model:
         raise UsageError("--to-hf needs --model MODEL (an mm model directory, open_clip:NAME[:TAG], or a preset)")
-    model = merge_lora(load_model(args.model, adapter=args.adapter))  # an adapter folded in: a plain CLIPModel
+    # an adapter folded in: a plain CLIPModel
+    model = merge_lora(load_model(args.model, adapter=args.adapter, names=MODEL_ARGS))
+    if is_wrapped(model):  # the command's way out: open_clip's own weights file
+        raise ConversionError("not convertible to a Hugging Face CLIPModel: the model runs through open_clip "
+                              "(mm does not build its towers); use --to-open-clip")
     out = to_hf_clip(model, args.to_hf)
     print(f"wrote {out} (a transformers CLIPModel: config.json + model.safetensors); load it with "
           f"transformers.CLIPModel.from_pretrained({str(out)!r})")
@@ -104,7 +109,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:  # a weights file: the architecture comes from --model (a preset name or config file)
         if not args.model:
             raise UsageError("converting a weights file needs --model PRESET (e.g. ViT-B-32)")
-        model = load_model(args.model, pretrained=args.source)
+        model = load_model(args.model, pretrained=args.source, names={**MODEL_ARGS, "pretrained": "--from"})
     save_pretrained(model, args.to)
     print(f"wrote {args.to} ({sum(p.numel() for p in model.parameters()):,} parameters)")
     return 0
@@ -148,7 +153,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.to == "onnx":
         require_packages("onnx", "onnxscript", what="--to onnx")  # before the model loads
     # an adapter is merged first: the exported graphs are those of an ordinary model (no adapter branches)
-    model = merge_lora(load_model(args.model, args.pretrained, "cpu", adapter=args.adapter))
+    model = merge_lora(load_model(args.model, args.pretrained, "cpu", adapter=args.adapter, names=MODEL_ARGS))
     spec = f"{args.model} + adapter {args.adapter} (merged)" if args.adapter else args.model
     manifest = export_model(model, args.out, args.to, towers=towers, normalize=not args.no_normalize,
                             verify=not args.no_verify, atol=args.atol, opset=args.opset, model_spec=spec)
@@ -231,7 +236,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if Path(args.out).resolve() in _protected_dirs(args):
         raise UsageError(f"--out {args.out} is the base model's or the adapter's directory: write the merged model "
                          "to a new one")
-    model = load_model(args.model, args.pretrained, "cpu", adapter=args.adapter)  # the base checked, or AdapterError
+    # the base checked, or AdapterError
+    model = load_model(args.model, args.pretrained, "cpu", adapter=args.adapter, names=MODEL_ARGS)
     # the comparison batch: random pixels and random token ids, fp32 (the model's dtype as loaded), fixed seed
     g = torch.Generator().manual_seed(0)
     size, text = model.config.vision.image_size, model.config.text

@@ -34,6 +34,7 @@ from ..utils.host import default_workers
 from ..utils.io import write_json_atomic
 from .common import (
     EXAMPLES,
+    MODEL_ARGS,
     MODEL_ERRORS,
     MODEL_HELP,
     add_model_options,
@@ -63,7 +64,8 @@ def _check_adapter(out: Path, adapter: str | None) -> str | None:
 def cmd_embed(args: argparse.Namespace) -> int:
     if args.chunk_size < 1 or args.batch_size < 1:
         raise EmbedError("--chunk-size and --batch-size must be >= 1")
-    chunks = plan_texts(args.texts, args.chunk_size) if args.texts else plan_images(args.images, args.chunk_size)
+    chunks = plan_texts(args.texts, args.chunk_size, "--texts") if args.texts else \
+        plan_images(args.images, args.chunk_size, "--images")
     kind = "texts" if args.texts else "images"
     normalize = not args.no_normalize
     # fail on a mismatched output directory before the model is loaded
@@ -74,7 +76,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     device = args.device or str(started)
     if args.quantize == "int8" and not device.startswith("cpu"):
         raise EmbedError(f"--quantize int8 runs on the CPU (--device cpu); on {device} use int8-weight")
-    model = load_model(args.model, args.pretrained, device, adapter=args.adapter)
+    model = load_model(args.model, args.pretrained, device, adapter=args.adapter, names=MODEL_ARGS)
     if dist.is_main():  # before any part is written: an interrupted run keeps the record
         side = Path(args.out) / ADAPTER_NAME
         if adapter is not None:
@@ -139,7 +141,7 @@ def _embed_queries(index: dict[str, Any], args: argparse.Namespace) -> np.ndarra
     pretrained = args.pretrained if args.model else index.get("pretrained")
     adapter = args.adapter or (None if args.model else index.get("adapter"))
     device = default_device(args.device)
-    model = load_model(spec, pretrained, device, adapter=adapter)
+    model = load_model(spec, pretrained, device, adapter=adapter, names=MODEL_ARGS)
     with torch.inference_mode():
         if args.image:
             pre = image_transform(model, train=False)
@@ -158,7 +160,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise EmbedError(f"-k must be >= 1, got {args.k}")
     if args.faiss:
-        require_faiss()
+        require_faiss("--faiss")
     index = read_index(args.index)
     scores, ids = search(args.index, _embed_queries(index, args), args.k, use_faiss=args.faiss)
     for query, s, found in zip(args.image or args.queries, scores, ids):

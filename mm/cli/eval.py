@@ -38,7 +38,9 @@ from ..hub import load_model
 from ..utils.host import default_workers
 from ..utils.precision import PRECISIONS, autocast_dtype
 from .common import (
+    CLASSES_ARG,
     EXAMPLES,
+    MODEL_ARGS,
     MODEL_ERRORS,
     add_model_and_labelled_shards,
     add_model_options,
@@ -70,10 +72,11 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     if shards and len(shards) != len(args.inputs):
         raise ValueError("give image files and folders, or shards, not both in one call")
     if shards:
-        urls, classnames, templates = resolve_shards(shards, classnames, templates, "shards")
+        urls, classnames, templates = resolve_shards(shards, classnames, templates, "shards", names=CLASSES_ARG)
     else:
-        classnames, items = label_images(args.inputs, classnames)
-    model = load_model(args.model, args.pretrained, default_device(args.device), adapter=args.adapter)
+        classnames, items = label_images(args.inputs, classnames, names=CLASSES_ARG)
+    model = load_model(args.model, args.pretrained, default_device(args.device), adapter=args.adapter,
+                       names=MODEL_ARGS)
     batches = shard_batches(model, urls, label_key, args.batch_size, args.workers) if shards \
         else folder_batches(model, items, args.batch_size, args.workers)
     result = zeroshot(model, classnames, templates, batches, args.k, autocast_dtype=autocast_dtype(args.precision),
@@ -100,13 +103,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     zs, rt = ZeroShotConfig(), RetrievalConfig()
     if args.zeroshot:
         _, classnames, templates = resolve_shards(args.zeroshot, parse_classes(args.classes),
-                                                  parse_templates(args.templates), "--zeroshot")
+                                                  parse_templates(args.templates), "--zeroshot",
+                                                  names=CLASSES_ARG)
         zs = ZeroShotConfig(shards=args.zeroshot, classnames=classnames, templates=templates,
                             label_key=args.label_key, max_samples=args.max_samples)
     if args.retrieval:
         check_urls(args.retrieval, "--retrieval")
         rt = RetrievalConfig(shards=args.retrieval, max_samples=args.max_samples)
-    model = load_model(args.model, args.pretrained, default_device(args.device), adapter=args.adapter)
+    model = load_model(args.model, args.pretrained, default_device(args.device), adapter=args.adapter,
+                       names=MODEL_ARGS)
     cfg = EvalConfig(batch_size=args.batch_size, zeroshot=zs, retrieval=rt)
     results = evaluate(cfg, model, next(model.parameters()).device, precision=args.precision,
                        reading=ShardReading(workers=args.workers))
@@ -212,7 +217,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.out and not Path(args.out).resolve().parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: folder {Path(args.out).parent} does not exist")
     device = default_device(args.device)
-    model = load_model(args.model, args.pretrained, device, adapter=args.adapter)
+    model = load_model(args.model, args.pretrained, device, adapter=args.adapter, names=MODEL_ARGS)
     t0, skipped = time.time(), []
     feats = {}
     for name, urls, cap in (("train", train_urls, args.max_train), ("test", test_urls, args.max_test)):

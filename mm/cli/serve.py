@@ -13,6 +13,7 @@ from ..inference.embed import EmbedError
 from ..utils.precision import PRECISIONS
 from .common import (
     EXAMPLES,
+    MODEL_ARGS,
     MODEL_ERRORS,
     UsageError,
     add_model_options,
@@ -74,12 +75,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UsageError(f"mm serve needs the serve extra ({e.name} is missing): pip install 'mm[serve]'") from None
     settings = _settings(args)
-    specs = parse_index_specs(args.index or [])
+    specs = parse_index_specs(args.index or [], "--index")
     indexes = {name: ServedIndex(name, path) for name, path in specs.items()}  # EmbedError: unfinished / missing
     sock = bind(args.host, args.port)  # before the model loads: a port in use fails at once
     from ..hub import load_model
 
-    model = load_model(args.model, args.pretrained, default_device(args.device), adapter=args.adapter)
+    model = load_model(args.model, args.pretrained, default_device(args.device), adapter=args.adapter,
+                       names=MODEL_ARGS)
     engine = Engine(model, precision=args.precision)
     for name, index in indexes.items():
         if index.info["embed_dim"] != engine.dim:

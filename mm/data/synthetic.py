@@ -113,12 +113,6 @@ def attribute_accuracy(captions: list[str], truths: list[dict[str, Any]]) -> dic
     return acc
 
 
-DESCRIPTION = ("Draw the built-in synthetic captioned data set: one coloured shape per image on a noisy\n"
-               "gradient; 30 zero-shot classes '{colour} {shape}'. Writes train-*.tar.gz, test-*.tar.gz and\n"
-               "info.json (both splits, classes, zero-shot templates) into OUT_DIR.\n\n"
-               "example: mm shards builtin data/builtin --n-train 20000 --n-test 2000")
-
-
 def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
     """Vertices of ``shape`` centred at (cx, cy) with outer radius r, rotated by ``rot`` radians."""
     if shape == "square":

@@ -127,7 +127,7 @@ def resolve_dataset(spec: str, root: str | None = None, split: str = "test") -> 
     else:
         short = spec.removeprefix("wds/")
         if root is None:
-            raise BenchmarkError(f"dataset {spec!r}: no such directory, and no --dataset-root to find it under")
+            raise BenchmarkError(f"dataset {spec!r}: no such directory, and no dataset root to find it under")
         if "{dataset" in root:
             path = Path(root.format(dataset=short, dataset_cleaned=short.replace("/", "-")))
         else:
@@ -438,7 +438,7 @@ def linear_probe(model: Any, ds: Dataset, opts: TaskOptions) -> dict[str, float]
         n = len(train.keys)
         n_val = round(n * opts.val_proportion)
         if not 0 < n_val < n:
-            raise BenchmarkError(f"--val-proportion {opts.val_proportion}: {n} training samples cannot be split so")
+            raise BenchmarkError(f"val_proportion {opts.val_proportion}: {n} training samples cannot be split so")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(opts.seed))
         val = Encoded([train.keys[i] for i in perm[:n_val]], train.images[perm[:n_val]], train.labels[perm[:n_val]])
         train = Encoded([train.keys[i] for i in perm[n_val:]], train.images[perm[n_val:]],
@@ -475,7 +475,8 @@ def main_metric(task: str, metrics: dict[str, float]) -> float:
 # -- models and result files ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelRef:
-    """A ``--model`` with its ``--pretrained`` / ``--adapter``, and the (model, pretrained) names results record."""
+    """A model spec with its weights file / adapter (a command's ``--model`` / ``--pretrained`` / ``--adapter``, a
+    suite's ``{model, pretrained, adapter}``), and the (model, pretrained) names results record."""
 
     spec: str
     pretrained: str | None = None
@@ -494,8 +495,8 @@ class ModelRef:
 
     @property
     def label(self) -> str:
-        return " ".join(x for x in (self.spec, self.pretrained and f"--pretrained {self.pretrained}",
-                                    self.adapter and f"--adapter {self.adapter}") if x)
+        extra = [f"{k} {v}" for k, v in (("pretrained", self.pretrained), ("adapter", self.adapter)) if v]
+        return f"{self.spec} ({', '.join(extra)})" if extra else self.spec
 
 
 def result_name(ds: Dataset, ref: ModelRef, task: str) -> str:
@@ -546,8 +547,9 @@ def _tasks(value: Any, where: str) -> list[str] | None:
     return [check_task(str(t)) for t in value]
 
 
-def load_suite(path: str | Path) -> Suite:
-    """A suite YAML::
+def load_suite(path: str | Path, what: str | None = None) -> Suite:
+    """A suite YAML (errors start with the path, after ``what``, the caller's name for it: ``mm benchmark``'s
+    ``--suite``)::
 
         dataset_root: /data/wds            # optional (``--dataset-root`` overrides it)
         models: [open_clip:ViT-B-32:openai, {model: ViT-B-32, pretrained: b32.safetensors}]   # optional
@@ -559,17 +561,18 @@ def load_suite(path: str | Path) -> Suite:
     import yaml
 
     path = Path(path)
+    where = f"{what} {path}" if what else str(path)
     if not path.is_file():
-        raise BenchmarkError(f"--suite {path}: no such file")
+        raise BenchmarkError(f"{where}: no such file")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise BenchmarkError(f"--suite {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise BenchmarkError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("datasets"), list) or not data["datasets"]:
-        raise BenchmarkError(f"--suite {path}: needs a non-empty 'datasets' list")
+        raise BenchmarkError(f"{where}: needs a non-empty 'datasets' list")
     unknown = set(data) - {"dataset_root", "models", "tasks", "datasets"}
     if unknown:
-        raise BenchmarkError(f"--suite {path}: unknown key {sorted(unknown)[0]!r} (keys: dataset_root, models, "
+        raise BenchmarkError(f"{where}: unknown key {sorted(unknown)[0]!r} (keys: dataset_root, models, "
                              "tasks, datasets)")
     default = _tasks(data.get("tasks"), f"{path}: tasks")
     datasets = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -117,15 +117,16 @@ def _key(name: str) -> str:
     return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
 
 
-def label_images(inputs: Sequence[str | Path], classnames: Sequence[str] | None = None,
-                 ) -> tuple[list[str], list[tuple[Path, int | None]]]:
+def label_images(inputs: Sequence[str | Path], classnames: Sequence[str] | None = None, *,
+                 names: Mapping[str, str] | None = None) -> tuple[list[str], list[tuple[Path, int | None]]]:
     """The class names and the images of ``inputs`` with their labels (``None`` = unknown).
 
     A folder with sub-folders is a class folder: each immediate sub-folder holds one class's images
     (searched recursively); images lying directly in it are unlabelled. With ``classnames`` every
     sub-folder must name one of them; without, the sub-folder names (``_`` read as a space) become the
     classes. Image files and folders without sub-folders are unlabelled. Raises FileNotFoundError /
-    ValueError naming the problem: a missing path, a sub-folder that is no class, no classes at all.
+    ValueError naming the problem: a missing path, a sub-folder that is no class, no classes at all (``names``:
+    the caller's name for ``classnames`` there, ``{"classnames": "--classes"}`` for the commands).
     """
     classes = list(classnames or [])
     index: dict[str, int] = {}
@@ -153,8 +154,8 @@ def label_images(inputs: Sequence[str | Path], classnames: Sequence[str] | None 
                 classes.append(d.name.replace("_", " "))
             items += [(f, index[_key(d.name)]) for f in list_images([d])]
     if not classes:
-        raise ValueError("no class names: give --classes (a file, or a,b,c), or a folder whose sub-folders are "
-                         "named after the classes")
+        raise ValueError(f"no class names: give {(names or {}).get('classnames', 'classnames')}, or a folder whose "
+                         "sub-folders are named after the classes")
     if not items:
         raise ValueError(f"no images found in {', '.join(map(str, inputs))}")
     return classes, items
@@ -193,15 +194,17 @@ def folder_batches(model: Any, items: Sequence[tuple[Path, int | None]], batch_s
 
 # -- shards --------------------------------------------------------------------------------------
 def resolve_shards(spec: str | list[str], classnames: Sequence[str] | None, templates: Sequence[Template] | None,
-                   what: str) -> tuple[list[str], list[str], Sequence[Template] | None]:
+                   what: str, *, names: Mapping[str, str] | None = None,
+                   ) -> tuple[list[str], list[str], Sequence[Template] | None]:
     """Shard URLs (local files checked), class names and templates, the last two defaulting to the
-    ``info.json`` beside the shards (templates then to OpenAI's)."""
+    ``info.json`` beside the shards (templates then to OpenAI's). Errors name the shards by ``what`` and
+    ``classnames`` by ``names["classnames"]`` (default: ``classnames``): the caller's names for them."""
     urls = check_urls(spec, what)
     info = shard_info(urls)
     if classnames is None:
         if not info.get("classes"):
-            raise ValueError(f"{what}: no class names: give --classes, or put \"classes\" into the info.json beside "
-                             f"the shards ({urls[0]})")
+            raise ValueError(f"{what}: no class names: give {(names or {}).get('classnames', 'classnames')}, or put "
+                             f"\"classes\" into the info.json beside the shards ({urls[0]})")
         classnames = load_names(info["classes"], "classnames")
     if templates is None and info.get("templates"):
         templates = load_names(info["templates"], "templates")

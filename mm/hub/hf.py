@@ -398,7 +398,7 @@ def check_hf_clip(model: Any) -> None:
     """Raise :class:`ConversionError` naming the first config field a HF ``CLIPModel`` cannot express."""
     if is_wrapped(model):
         raise ConversionError("not convertible to a Hugging Face CLIPModel: the model runs through open_clip "
-                              "(mm does not build its towers); use --to-open-clip")
+                              "(mm does not build its towers); its weights are open_clip's own (model.model)")
     cfg = model.config
     problems = []
     if cfg.one_tower is not None:

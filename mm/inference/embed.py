@@ -71,15 +71,16 @@ class Chunk:
 
 
 # -- planning: inputs -> chunks ----------------------------------------------------------------------
-def plan_images(inputs: Sequence[str | Path], chunk_size: int) -> list[Chunk]:
+def plan_images(inputs: Sequence[str | Path], chunk_size: int, what: str = "inputs") -> list[Chunk]:
     """Chunks over image files, folders and webdataset shards (brace-expanded). Raises EmbedError naming a
-    missing input, two inputs with the same id, or an input list with no image."""
+    missing input, two inputs with the same id, or an input list with no image; ``what``: the caller's name for
+    ``inputs`` in those messages (``mm embed``: ``--images``)."""
     files: dict[str, str] = {}
     urls: set[str] = set()
     for item in map(str, inputs):
         if is_shard_spec(item):
             try:
-                urls.update(check_urls(item, "--images"))
+                urls.update(check_urls(item, what))
             except ConfigError as e:
                 raise EmbedError(str(e)) from None
             continue
@@ -99,13 +100,14 @@ def plan_images(inputs: Sequence[str | Path], chunk_size: int) -> list[Chunk]:
     return chunks + [Chunk(len(chunks) + i, "shard", url=u) for i, u in enumerate(sorted(urls))]
 
 
-def read_texts(path: str | Path) -> list[tuple[str, str]]:
+def read_texts(path: str | Path, what: str = "texts") -> list[tuple[str, str]]:
     """(id, text) pairs from a text file (one text a line), a ``.json`` list of strings or a ``.jsonl`` file
     of objects with a ``"text"`` field. Ids are ``"LINE: text"`` (list position for ``.json``); blank texts
-    are left out. Raises EmbedError naming the file and line of a malformed entry."""
+    are left out. Raises EmbedError naming the file and line of a malformed entry (a missing file by ``what``, the
+    caller's name for it: ``mm embed``'s ``--texts``)."""
     path = Path(path)
     if not path.is_file():
-        raise EmbedError(f"--texts: no such file: {path}")
+        raise EmbedError(f"{what}: no such file: {path}")
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -139,9 +141,10 @@ def _jsonl_text(path: Path, n: int, line: str) -> str:
     return text
 
 
-def plan_texts(texts: str | Path | Sequence[str], chunk_size: int) -> list[Chunk]:
-    """Chunks over a texts file (see :func:`read_texts`) or a list of strings (ids "POSITION: text")."""
-    pairs = read_texts(texts) if isinstance(texts, (str, Path)) else \
+def plan_texts(texts: str | Path | Sequence[str], chunk_size: int, what: str = "texts") -> list[Chunk]:
+    """Chunks over a texts file (see :func:`read_texts`; ``what`` as there) or a list of strings (ids
+    "POSITION: text")."""
+    pairs = read_texts(texts, what) if isinstance(texts, (str, Path)) else \
         [(f"{n}: {t.strip()}", t.strip()) for n, t in enumerate(texts, 1) if t.strip()]
     if not pairs:
         raise EmbedError("no texts to embed")
@@ -150,7 +153,7 @@ def plan_texts(texts: str | Path | Sequence[str], chunk_size: int) -> list[Chunk
 
 def _cut(kind: str, items: list[tuple[str, str]], size: int) -> list[Chunk]:
     if size < 1:
-        raise EmbedError(f"--chunk-size must be >= 1, got {size}")
+        raise EmbedError(f"chunk_size must be >= 1, got {size}")
     return [Chunk(i, kind, tuple(items[o:o + size])) for i, o in enumerate(range(0, len(items), size))]
 
 
@@ -261,7 +264,7 @@ def _check_plan(out: Path, plan: dict[str, Any], write: bool) -> None:
         diff = [k for k in plan if old.get(k) != plan[k]]
         if diff:
             raise EmbedError(f"{out} holds an embed run with different {', '.join(diff)} (was "
-                             f"{', '.join(repr(old.get(k)) for k in diff)}); use a new --out directory, or "
+                             f"{', '.join(repr(old.get(k)) for k in diff)}); use a new output directory, or "
                              "the same inputs and options to resume")
     elif write:
         out.mkdir(parents=True, exist_ok=True)
@@ -360,9 +363,9 @@ def run_embed(model: torch.nn.Module, chunks: list[Chunk], out_dir: str | Path, 
     change the embeddings)."""
     workers = default_workers() if workers is None else workers
     if batch_size < 1:
-        raise EmbedError(f"--batch-size must be >= 1, got {batch_size}")
+        raise EmbedError(f"batch_size must be >= 1, got {batch_size}")
     if dtype not in ("float32", "float16"):
-        raise EmbedError(f"--dtype must be float32 or float16, got {dtype!r}")
+        raise EmbedError(f"dtype must be float32 or float16, got {dtype!r}")
     dist.start()  # joins the launcher's process group: chunk c is rank c % world's
     out = Path(out_dir)
     kind = "texts" if chunks and chunks[0].kind == "texts" else "images"
@@ -372,7 +375,7 @@ def run_embed(model: torch.nn.Module, chunks: list[Chunk], out_dir: str | Path, 
         try:
             model = quantize_model(model, quantize)
         except QuantizeError as e:
-            raise EmbedError(f"--quantize: {e}") from None
+            raise EmbedError(f"quantize: {e}") from None
     if kind == "texts":
         load_tokenizer(model)  # fails here, in one line, rather than inside every worker
     _check_plan(out, plan, write=dist.is_main())

@@ -45,11 +45,13 @@ def _merge(best: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarra
     return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
 
 
-def require_faiss() -> None:
+def require_faiss(what: str = "use_faiss") -> None:
+    """EmbedError, naming ``what`` (the caller's name for asking for faiss: ``mm search``'s ``--faiss``), if faiss
+    cannot be imported."""
     try:
         import faiss  # noqa: F401
     except ImportError:
-        raise EmbedError("--faiss: faiss is not installed (pip install faiss-cpu, or faiss-gpu)") from None
+        raise EmbedError(f"{what}: faiss is not installed (pip install faiss-cpu, or faiss-gpu)") from None
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -64,7 +64,7 @@ def resolve_config(spec: str | Path | dict | ModelConfig, **overrides: Any) -> M
     else:
         raise ConfigError(
             f"unknown model {str(spec)!r}: not a preset ({', '.join(mm_presets())}), not a model of open_clip's "
-            "registry (mm models --open-clip) and not a config file")
+            "registry (mm.list_models() lists both) and not a config file")
     if overrides:
         return apply_overrides(cfg, _flatten_overrides(overrides))
     return validate(cfg)

@@ -81,7 +81,7 @@ def get_preset(name: str) -> ModelConfig:
             return source.config(name)
     hint = "" if _SOURCES else " (open_clip's names are known once mm.hub is imported: `import mm.hub`)"
     raise KeyError(f"unknown model preset {name!r}: not one of mm's ({', '.join(list_models())}) nor of open_clip's "
-                   f"registry (`mm models --open-clip` lists those){hint}")
+                   f"registry (mm.list_models() lists both){hint}")
 
 
 def _open_clip_based(name: str) -> ModelConfig:

@@ -188,7 +188,7 @@ class Service:
         if body.index is not None and body.index not in self.indexes:
             raise RequestError(404, f"no index named {body.index!r} (loaded: {', '.join(self.indexes) or 'none'})")
         if not self.indexes:
-            raise RequestError(404, "no index is loaded (mm serve --index DIR)")
+            raise RequestError(404, "no index is loaded (the server was started without one)")
         k = check_k(body.k, self.limits)
         if body.text is not None:
             (emb,) = await self._model("text", check_texts([body.text], self.limits, "text"), deadline)

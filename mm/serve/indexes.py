@@ -30,17 +30,19 @@ BROWSER_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
                  "BMP": "image/bmp"}  # served as stored; other formats (TIFF) are re-encoded as PNG
 
 
-def parse_index_specs(specs: list[str]) -> dict[str, Path]:
-    """``[NAME=]DIR`` options -> {name: directory}; the name defaults to the directory's own name."""
+def parse_index_specs(specs: list[str], what: str | None = None) -> dict[str, Path]:
+    """``[NAME=]DIR`` specs -> {name: directory}; the name defaults to the directory's own name. Errors start with
+    the spec, after ``what``, the caller's name for it (``mm serve``'s ``--index``)."""
     out: dict[str, Path] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not NAME_RE.match(name):
             name, path = Path(spec.rstrip("/")).name, spec
+        where = f"{what} {spec}" if what else spec
         if not NAME_RE.match(name):
-            raise EmbedError(f"--index {spec}: name the index (NAME=DIR; letters, digits, . _ -)")
+            raise EmbedError(f"{where}: name the index (NAME=DIR; letters, digits, . _ -)")
         if name in out:
-            raise EmbedError(f"--index {spec}: two indexes named {name!r} (give one as NAME=DIR)")
+            raise EmbedError(f"{where}: two indexes named {name!r} (give one as NAME=DIR)")
         out[name] = Path(path)
     return out
 

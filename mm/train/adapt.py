@@ -40,7 +40,7 @@ def load_init_weights(model: nn.Module, spec: str) -> None:
     if parse_spec(spec).kind not in ("dir", "open_clip"):  # a weights file
         load_weights(model, spec)
         return
-    source = load_model(spec)  # an mm directory (hash-checked) or open_clip's registry
+    source = load_model(spec, names={"spec": "train.init_from"})  # an mm directory (hash-checked) or open_clip's registry
     refuse_wrapped(source, f"train.init_from {spec}")  # the preflight says so first; library callers see it here
     load_state_dict_checked(model, source.state_dict(), source=spec)
 

@@ -43,7 +43,7 @@ def check_suite(path: str, has_decoder: bool = True) -> Suite:
                 raise BenchmarkError(f"dataset {entry.dataset!r}: task captioning needs a model with a decoder "
                                      "(e.g. model: tiny-coca)")
     except BenchmarkError as e:
-        raise ConfigError(f"{KEY}: {str(e).removeprefix('--suite ')}") from None
+        raise ConfigError(f"{KEY}: {e}") from None
     return suite
 
 

@@ -171,8 +171,6 @@ class TrainConfig:
             yield "objective", f"must be 'module:factory' (e.g. my_tasks:make_task), got {self.objective!r}"
         if self.loss_block is not None and (self.loss_block < 1 or self.loss != "siglip"):
             yield "loss_block", f"must be >= 1 and goes with loss: siglip (got {self.loss_block}, loss {self.loss})"
-        if self.lora is not None and self.fsdp:
-            yield "fsdp", "train.lora with train.fsdp is not supported yet (the adapters are small: use DDP)"
 
 
 @dataclass

@@ -86,7 +86,7 @@ def read_embed_index(directory: str | Path, kind: str) -> dict[str, Any]:
     index = json.loads(path.read_text())
     if index.get("kind") != kind:
         raise ConfigError(f"{directory}: holds {index.get('kind')} embeddings, expected {kind} "
-                          f"(`mm embed --{kind} ...`)")
+                          f"(an `mm embed` output of {kind}: mm.inference.embed_{kind})")
     return index
 
 
@@ -173,7 +173,7 @@ class EmbeddingStore:
                 what = "sample key" if self.kind == "images" else "caption"
                 raise DistillError(f"{what} {k!r} of a training batch is not in {self.directory} (embed the "
                                    f"training {'shards' if self.kind == 'images' else 'captions'} with the teacher: "
-                                   f"`mm embed --{self.kind} ...`)")
+                                   f"mm.inference.embed_{self.kind} or `mm embed`)")
             out[j] = self.parts[at[0]][at[1]]
         x = torch.from_numpy(out).to(device)
         return x if self.normalized else F.normalize(x, dim=-1)
@@ -188,7 +188,8 @@ class Distiller:
         self.cfg, self.device, self.autocast = d, torch.device(device), autocast
         self.teacher = None
         if d.teacher is not None:
-            self.teacher = load_model(d.teacher, d.teacher_pretrained, self.device).eval()
+            names = {"spec": "distill.teacher", "pretrained": "distill.teacher_pretrained"}  # for its messages
+            self.teacher = load_model(d.teacher, d.teacher_pretrained, self.device, names=names).eval()
             self.teacher.requires_grad_(False)
         self.images = EmbeddingStore(d.image_embeddings, "images") if d.image_embeddings else None
         self.texts = EmbeddingStore(d.text_embeddings, "texts") if d.text_embeddings else None

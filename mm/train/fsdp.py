@@ -90,8 +90,8 @@ class EvalCopy:
     """An unsharded copy of the model on the main process (or on every process: an evaluation that every process
     runs, ``eval.benchmark``), refreshed from the sharded one before each use."""
 
-    def __init__(self, model: nn.Module, device: torch.device):
-        self.sharded, self.device, self.copy = model, device, None
+    def __init__(self, model: nn.Module, device: torch.device, lora: Any = None):
+        self.sharded, self.device, self.copy, self.lora = model, device, None, lora  # lora: the copy's adapters
 
     def refresh(self, is_main: bool, everywhere: bool = False) -> nn.Module | None:
         """Collective: every process calls it; the main process gets the up-to-date copy, the others None (with
@@ -102,6 +102,10 @@ class EvalCopy:
         if self.copy is None:
             cfg = self.sharded.config
             self.copy = model_class(cfg)(cfg)
+            if self.lora is not None:
+                from ..layers.lora import add_lora
+
+                add_lora(self.copy, self.lora)
         self.copy.load_state_dict(state)
         self.copy.to(self.device)
         self.copy.train(False)

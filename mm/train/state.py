@@ -7,6 +7,7 @@ trainer's save / resume / finish hold no branches of their own.
   use an unsharded copy (:class:`mm.train.fsdp.EvalCopy`).
 - :class:`AdapterState` (``train.lora``): the adapters alone (the frozen base is ``train.init_from``'s, its hash
   recorded and checked on resume); ``final/`` is a peft-layout adapter directory naming its base.
+  :class:`ShardedAdapterState`: the same under ``train.fsdp``, the adapters gathered from their shards.
 """
 from __future__ import annotations
 
@@ -102,10 +103,12 @@ class ShardedState(PlainState):
 class AdapterState(PlainState):
     """LoRA: the adapters are the run's weights; ``base`` is what the adapter names as its base."""
 
-    def __init__(self, core: nn.Module, optimizer: torch.optim.Optimizer, lora: Any, base: str | None):
+    def __init__(self, core: nn.Module, optimizer: torch.optim.Optimizer, lora: Any, base: str | None,
+                 base_hash: str | None = None):
         super().__init__(core, optimizer)
         self.lora, self.base = lora, base
-        self.base_hash = base_sha256(core)  # the frozen base's: a resume must rebuild the same one
+        # the frozen base's: a resume must rebuild the same one
+        self.base_hash = base_hash if base_hash is not None else base_sha256(core)
 
     def gather(self) -> dict[str, Any]:
         return {"model_state": lora_state_dict(self.core)}
@@ -114,13 +117,54 @@ class AdapterState(PlainState):
         return {"lora_base_sha256": self.base_hash}
 
     def load(self, state: dict[str, Any], path: Path) -> None:
+        self._check(state, path)
+        load_state_dict_checked(self.core, {**self.core.state_dict(), **state["model"]}, source=str(path))
+        self.opt.load_state_dict(state["optimizer"])
+
+    def _check(self, state: dict[str, Any], path: Path) -> None:
         if state["state"].get("lora_base_sha256") != self.base_hash:
             raise TrainingError(f"{path} was trained on other base weights than train.init_from gives now "
                                 "(train.lora's base changed); resume with the same base")
         if set(state["model"]) != set(lora_state_dict(self.core)):
             raise TrainingError(f"{path}: its adapter tensors are not this run's train.lora layers")
-        load_state_dict_checked(self.core, {**self.core.state_dict(), **state["model"]}, source=str(path))
-        self.opt.load_state_dict(state["optimizer"])
 
     def save_final(self, directory: Path, whole: nn.Module | None) -> None:
         save_adapter(self.core, directory, self.lora, base=self.base, base_hash=self.base_hash)
+
+
+class ShardedAdapterState(AdapterState):
+    """LoRA under ``train.fsdp``: the adapters sharded with their layers; checkpoints hold them whole (gathered:
+    collective) with their optimizer state by name, ``final/`` is the adapter directory of the unsharded copy."""
+
+    sharded = True
+
+    def __init__(self, core: nn.Module, optimizer: torch.optim.Optimizer, lora: Any, base: str | None,
+                 base_hash: str, eval_copy: sharding.EvalCopy, replicated: list[nn.Parameter]):
+        super().__init__(core, optimizer, lora, base, base_hash)
+        self.eval_copy, self.replicated = eval_copy, replicated
+
+    def gather(self) -> dict[str, Any]:
+        adapters = {k: sharding.plain(v) for k, v in lora_state_dict(self.core).items()}
+        if not dist.is_main():
+            adapters = {}
+        return {"model_state": adapters, "optimizer_state": sharding.full_optimizer_state(self.core, self.opt)}
+
+    def load(self, state: dict[str, Any], path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        self._check(state, path)
+        set_model_state_dict(self.core, state["model"], options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(self.core, self.opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+
+    def sync_grads(self) -> None:
+        dist.average_gradients(self.replicated)
+
+    def whole(self, main: bool, everywhere: bool = False) -> nn.Module | None:
+        return self.eval_copy.refresh(main, everywhere=everywhere)
+
+    def hashes(self, whole: nn.Module | None) -> list[str]:
+        return [params_sha256(whole)] if whole is not None else []
+
+    def save_final(self, directory: Path, whole: nn.Module | None) -> None:
+        save_adapter(whole, directory, self.lora, base=self.base, base_hash=self.base_hash)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..config import to_dict
+from ..hub import base_sha256
 from ..models import ImageTextModel, ModelOutput, model_class
 from ..utils import dist
 from ..utils.host import tune_malloc
@@ -46,7 +47,7 @@ from .log import plot_run
 from .metrics import RunMetrics, routing_metrics
 from .optim import make_optimizer, make_scheduler
 from .preflight import load_run_config
-from .state import AdapterState, PlainState, ShardedState
+from .state import AdapterState, PlainState, ShardedAdapterState, ShardedState
 from .step import Stepper, TrainingError
 from .tasks import build_task
 
@@ -130,14 +131,18 @@ def build_state(cfg: RunConfig, core: ImageTextModel, proc: Processes, lr_scales
     before the optimizer exists, which must hold the sharded parameters), adapters only (LoRA), or plain."""
     t = cfg.train
     sharded, replicated = t.fsdp and proc.world > 1, []  # one process: nothing to shard
+    base_hash = base_sha256(core) if t.lora is not None else None  # of the whole base, before any sharding
     if sharded:
         core.to(proc.device)
         replicated = sharding.shard_model(core)
     opt = make_optimizer(core, t.lr, t.weight_decay, tuple(t.betas), t.eps, proc.device, lr_scales)
+    if sharded and t.lora is not None:
+        return ShardedAdapterState(core, opt, t.lora, lora_base(cfg), base_hash,
+                                   sharding.EvalCopy(core, proc.device, t.lora), replicated)
     if sharded:
         return ShardedState(core, opt, sharding.EvalCopy(core, proc.device), replicated)
     if t.lora is not None:
-        return AdapterState(core, opt, t.lora, lora_base(cfg))
+        return AdapterState(core, opt, t.lora, lora_base(cfg), base_hash)
     return PlainState(core, opt)
 
 
