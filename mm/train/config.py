@@ -151,8 +151,6 @@ class TrainConfig:
             yield "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}"
         if self.max_bad_steps < 1:
             yield "max_bad_steps", f"must be >= 1, got {self.max_bad_steps}"
-        if self.fsdp and self.compile:
-            yield "fsdp", "train.fsdp with train.compile is not supported yet; set one of them to false"
         if self.fsdp and self.precision == "fp16":
             yield "fsdp", "train.fsdp needs fp32 or bf16 (fp16's gradient scaler does not handle sharded gradients)"
         for i, sel in enumerate(self.freeze):

@@ -227,10 +227,9 @@ class Trainer:
     def _start(self) -> None:
         """Wrap the model for the processes, make the executor, open the data stream, restore the RNG."""
         cfg, acc = self.cfg, self.proc.acc
-        if self.state.sharded:  # FSDP already synchronises the gradients: no DDP wrapper
-            self.model = self.core
-        else:
-            self.model = acc.prepare(torch.compile(self.core) if cfg.train.compile else self.core)
+        model = torch.compile(self.core) if cfg.train.compile else self.core
+        # FSDP already synchronises the gradients: no DDP wrapper
+        self.model = model if self.state.sharded else acc.prepare(model)
         self.executor = make_executor(self.model, self.core, self.task, chunk=cfg.train.grad_cache_chunk,
                                       device=self.proc.device, autocast=self.stepper.autocast,
                                       scale=self.stepper.scale, backward=self.stepper.backward,
