@@ -7,9 +7,14 @@ raised before any model is built or any data is read.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
 import json
 import re
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -146,6 +151,17 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def parse_typed(text: str, tp: Any, key: str) -> Any:
+    """A command-line value for a field of type ``tp``: YAML as :func:`parse_value` reads it, a bare comma list
+    (``0.9,1.0``) for a list or tuple, ``none`` as well as ``null`` for an optional value; ConfigError naming ``key``
+    if it is not of the type."""
+    value = None if _allows_none(tp) and text.strip().lower() in ("none", "null") else parse_value(text)
+    sequence = any(typing.get_origin(a) in (list, tuple) for a in (tp, *typing.get_args(tp)))
+    if isinstance(value, str) and "," in value and sequence:
+        value = [parse_value(v) for v in value.split(",")]
+    return _coerce(value, tp, key)
+
+
 def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     """Return a copy of ``cfg`` with dotted keys replaced: ``{"vision.patch_dropout": 0.5}``.
 
@@ -222,3 +238,28 @@ def load_file(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """{field name: its description}, read from the dataclass's source (the configs describe their keys there, for
+    the generated docs and for command-line flags made from a config): the comment lines directly above the field
+    (no blank line between) followed by the comment(s) on the field's own lines."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
+    comments: dict[int, str] = {}  # 1-based line -> comment text
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    out = {}
+    body = ast.parse(source).body[0].body
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above, n = [], node.lineno - 1
+        while n >= 1 and n in comments and lines[n - 1].lstrip().startswith("#"):
+            above.insert(0, comments[n])
+            n -= 1
+        trailing = [comments[i] for i in range(node.lineno, node.end_lineno + 1) if i in comments]
+        text = " ".join(above + trailing)
+        out[node.target.id] = text.replace("noqa: E501", "").strip()
+    return out

@@ -114,3 +114,42 @@ def check_out(out: str | None, suffixes: tuple[str, ...]) -> Path | None:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: folder {path.parent} does not exist")
     return path
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
+                     choices: dict[str, list[str]] | None = None) -> list[str]:
+    """One ``--field-name`` option per field of the dataclass ``cls`` (``skip`` aside), so that a command's options
+    are its config's keys, as ``mm train``'s ``section.key=value`` are: the value is read as such an override is
+    (YAML: ``1e-3``, ``null``; ``0.9,1.0`` for a pair), then checked against the field's type; the default is the
+    field's and the help the comment beside it in the source. Returns the names of the fields given options."""
+    import dataclasses
+    import typing
+
+    from ..config import field_comments
+
+    hints, comments, names = typing.get_type_hints(cls), field_comments(cls), []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "null" if default is None else default
+        shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else shown
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=_config_value(hints[f.name], f.name), default=default,
+                       choices=(choices or {}).get(f.name),
+                       help=f"{comments.get(f.name, '')} (default: {shown})".strip().replace("%", "%%"))
+        names.append(f.name)
+    return names
+
+
+def _config_value(tp: object, key: str) -> Callable[[str], object]:
+    """A flag's parser for a config field of type ``tp`` (argparse names ``tp`` in its message when it fails)."""
+    from ..config import parse_typed
+
+    def parse(text: str) -> object:
+        try:
+            return parse_typed(text, tp, key)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{key}: ")) from None
+
+    parse.__name__ = getattr(tp, "__name__", str(tp))
+    return parse

@@ -10,20 +10,17 @@ fixed width with colour off.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import dataclasses
 import inspect
-import io
 import json
 import os
 import sys
-import textwrap
-import tokenize
 import typing
 from collections.abc import Iterator
 from typing import Any
 
+from ..config import field_comments
 from ..models import ModelConfig
 from ..train.config import RunConfig
 from . import build_parser
@@ -32,30 +29,6 @@ HELP_COLUMNS = 100  # the width help is rendered at in docs/cli.md
 
 
 # -- config reference ----------------------------------------------------------------------------------
-def field_comments(cls: type) -> dict[str, str]:
-    """{field name: its description}: the comment lines directly above the field (no blank line between)
-    followed by the comment(s) on the field's own lines."""
-    source = textwrap.dedent(inspect.getsource(cls))
-    lines = source.splitlines()
-    comments: dict[int, str] = {}  # 1-based line -> comment text
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = tok.string.lstrip("#").strip()
-    out = {}
-    body = ast.parse(source).body[0].body
-    for node in body:
-        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
-            continue
-        above, n = [], node.lineno - 1
-        while n >= 1 and n in comments and lines[n - 1].lstrip().startswith("#"):
-            above.insert(0, comments[n])
-            n -= 1
-        trailing = [comments[i] for i in range(node.lineno, node.end_lineno + 1) if i in comments]
-        text = " ".join(above + trailing)
-        out[node.target.id] = text.replace("noqa: E501", "").strip()
-    return out
-
-
 def _dataclass_in(tp: Any) -> type | None:
     if dataclasses.is_dataclass(tp):
         return tp
