@@ -427,7 +427,7 @@ RESNET_REASON = "a ResNet image tower"  # what mm does not build of RESNET (NotN
 def test_library_refusals_name_what_mm_does_not_build(resnet, shards, tmp_path):
     from mm.inference.export import ExportError, export_model
     from mm.train.adapt import load_init_weights
-    from mm.train.finetune import FinetuneConfig, run
+    from mm.train.finetune import FinetuneConfig, run, run_config
     from mm.train.fsdp import shard_model
 
     model = mm.load_pretrained(resnet.model_dir)
@@ -436,9 +436,9 @@ def test_library_refusals_name_what_mm_does_not_build(resnet, shards, tmp_path):
         (WrappedModelError, "int8-weight quantization", lambda: mm.quantize(model, "int8-weight")),
         (ExportError, "export (torch-export)", lambda: export_model(model, tmp_path / "x", "torch-export")),
         (WrappedModelError, "FSDP (train.fsdp: one unit per mm Block)", lambda: shard_model(model)),
-        (WrappedModelError, "fine-tuning (mm finetune)", lambda: run(model, [str(shards / "train-0000.tar")],
-                                                       [str(shards / "test-0000.tar")], COLOURS, None,
-                                                       FinetuneConfig(steps=1), [0.0], tmp_path / "ft")),
+        (WrappedModelError, "fine-tuning (mm finetune)", lambda: run(run_config(
+            FinetuneConfig(steps=1), model=str(resnet.model_dir), train=str(shards / "train-0000.tar"),
+            test=str(shards / "test-0000.tar"), out=tmp_path / "ft", classes=COLOURS))),
         (WrappedModelError, f"train.init_from {resnet.model_dir}",
          lambda: load_init_weights(mm.create_model("tiny-clip"), str(resnet.model_dir))),
     ]

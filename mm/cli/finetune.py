@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -11,17 +13,16 @@ from typing import Any
 from ..config import validate
 from ..data.wds import check_urls
 from ..eval.classify import resolve_shards
-from ..hub import is_adapter_dir, load_model, parse_spec
+from ..hub import is_adapter_dir
 from ..hub.wrapped import WrappedModelError, native_only
 from ..layers.config import LoraConfig
-from ..layers.lora import merge_lora
 from ..train.config import not_native
-from ..train.finetune import FinetuneConfig, run
-from ..utils import dist
+from ..train.finetune import FinetuneConfig, run, run_config
 from ..utils.precision import PRECISIONS
 from .common import (
     EXAMPLES,
     MODEL_ERRORS,
+    add_config_flags,
     add_model_and_labelled_shards,
     guard,
     parse_classes,
@@ -35,7 +36,13 @@ templates; --templates, default: info.json, else OpenAI's ImageNet prompts), so 
 zero-shot classification does. After training, WiSE-FT: every trained tensor is interpolated,
 (1 - alpha) * zero-shot + alpha * fine-tuned, and the test accuracy is printed for each --wise-alpha (0 = the
 zero-shot model, 1 = the fine-tuned one). Writes OUT/finetuned/ (an mm model directory plus
-classifier.safetensors and classes.json), OUT/wise-A/ with --save-alpha A, OUT/metrics.jsonl, OUT/results.json.
+classifier.safetensors and classes.json), OUT/wise-A/ with --save-alpha A, OUT/results.json, and what every mm
+train run writes: OUT/config.yaml, OUT/metrics.jsonl, TensorBoard events, plots, OUT/checkpoints/step_N/.
+
+It runs on mm train's trainer (the options below from --steps on are its settings): checkpoints every
+--checkpoint-every steps, exact resume (--resume auto, the default, continues OUT's newest checkpoint), --precision
+bf16, several processes under accelerate launch (DDP), and mm train's log records. SIGTERM / SIGINT stop it at the
+next step with a checkpoint (exit 0); the same command then continues, bit for bit as if never stopped.
 
 --lora: low-rank adapters on the image encoder (--lora-targets, default vision.attn) train with the head; the
 base weights stay frozen (bit-identical, out of the optimizer). OUT/finetuned/ is then a LoRA adapter directory
@@ -86,25 +93,11 @@ def _lora_config(args: argparse.Namespace) -> LoraConfig | None:
     return LoraConfig(**{"targets": [DEFAULT_LORA_TARGETS], **given})
 
 
-def _adapter_base(args: argparse.Namespace) -> str | None:
-    """What a LoRA fine-tune's adapter names as its base: a model directory (absolute, found from anywhere),
-    open_clip:NAME[:TAG], or a preset / config with --pretrained (which must be given again to reload it);
-    None for random weights, which no spec reproduces."""
-    s = parse_spec(args.model)
-    if s.kind == "dir":
-        return str(s.path.resolve())
-    if s.kind == "open_clip" or args.pretrained:
-        return args.model
-    return None
-
-
 @guard(FileNotFoundError, ValueError, *MODEL_ERRORS)
 def cmd_finetune(args: argparse.Namespace) -> int:
-    cfg = validate(FinetuneConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, grad_clip=args.grad_clip or None, label_smoothing=args.label_smoothing,
-        layer_decay=args.layer_decay, head_lr_mult=args.head_lr_mult, workers=args.workers, precision=args.precision,
-        seed=args.seed, log_every=args.log_every, lora=_lora_config(args)))
+    values = {name: getattr(args, name) for name in CONFIG_FLAGS}
+    values["grad_clip"] = values["grad_clip"] or None  # 0: off
+    cfg = validate(FinetuneConfig(**values, lora=_lora_config(args)))
     adapted = args.adapter is not None or (is_adapter_dir(args.model) and not Path(args.model, "config.json").is_file())
     if cfg.lora is not None and adapted:
         raise ValueError("--lora trains adapters of its own on a plain base: fold the adapter in first (mm merge "
@@ -113,22 +106,32 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-test must be >= 1, got {args.max_test}")
     if args.save_alpha is not None and not 0 <= args.save_alpha <= 1:
         raise ValueError(f"--save-alpha must lie in [0, 1], got {args.save_alpha}")
-    train_urls, classnames, templates = resolve_shards(args.train, parse_classes(args.classes),
-                                                       parse_templates(args.templates), "--train")
-    test_urls = check_urls(args.test, "--test")
+    if args.device not in (None, "cpu", "cuda"):
+        raise ValueError(f"--device {args.device}: mm finetune runs on the CPU (cpu) or on each process's GPU (cuda, "
+                         "the default where there is one); choose GPUs with CUDA_VISIBLE_DEVICES")
+    _, classnames, templates = resolve_shards(args.train, parse_classes(args.classes), parse_templates(args.templates),
+                                              "--train")
+    check_urls(args.test, "--test")
     reason = not_native(args.model)  # before loading (or downloading) a model fine-tuning cannot use
     if reason:
         raise WrappedModelError(native_only("fine-tuning (mm finetune)", reason))
-    device = args.device or str(dist.start())  # forms the process group under `accelerate launch`
-    model = load_model(args.model, args.pretrained, device, adapter=args.adapter)
-    if adapted:  # fine-tuning trains (and saves) ordinary weights: the adapter folded in
-        merge_lora(model)
-    result = run(model, train_urls, test_urls, classnames, templates, cfg, args.wise_alpha, args.out,
-                 label_key=args.label_key, max_test=args.max_test, save_alpha=args.save_alpha,
-                 log=lambda s: print(s, file=sys.stderr if args.json else sys.stdout, flush=True),
-                 base=_adapter_base(args) if cfg.lora else None)
-    if result is None:  # not the main process
-        return 0
+    run_cfg = run_config(cfg, model=args.model, train=args.train, test=args.test, out=args.out, classes=classnames,
+                         templates=templates, pretrained=args.pretrained, adapter=args.adapter,
+                         label_key=args.label_key, max_test=args.max_test, wise_alpha=args.wise_alpha,
+                         save_alpha=args.save_alpha, device=args.device)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():  # --json: stdout's alone
+        result = run(run_cfg)
+    if result is not None:  # the main process
+        _report(args, cfg, result)
+    return 0
+
+
+def _report(args: argparse.Namespace, cfg: FinetuneConfig, result: dict[str, Any]) -> None:
+    if "stopped_at" in result:
+        how = "the same command" if cfg.resume == "auto" else "the same command with --resume auto"
+        print(f"stopped at step {result['stopped_at']} of {cfg.steps} with a checkpoint; {how} continues",
+              file=sys.stderr)
+        return
     if args.json:
         print(json.dumps({k: result[k] for k in ("wise", "train_s", "steps", "world_size")}))
     else:
@@ -141,15 +144,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if cfg.lora and args.pretrained:
         print(f"note: the adapter names its base as {args.model!r}: load it with --pretrained {args.pretrained} "
               "again", file=sys.stderr)
-    return 0
 
 
 def add_parser(sub: Any) -> None:
-    d = FinetuneConfig()
     p = sub.add_parser("finetune", help="fine-tune the image tower for classification, with WiSE-FT interpolation",
                        description=DESCRIPTION, formatter_class=EXAMPLES)
     add_model_and_labelled_shards(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (the run directory: resumed when "
+                                                                 "it holds checkpoints, see --resume)")
     p.add_argument("--classes", help="class names: a .txt / .json file or a,b,c (default: the shards' info.json)")
     p.add_argument("--templates", help="zero-shot head prompts: a .txt / .json file or one template with {} "
                                        "(default: the shards' info.json, else OpenAI's ImageNet prompts)")
@@ -158,23 +160,10 @@ def add_parser(sub: Any) -> None:
                    help="comma-separated interpolation weights to evaluate (default: 0,0.25,0.5,0.75,1)")
     p.add_argument("--save-alpha", type=float, default=None, help="also save the model at this alpha (OUT/wise-A/)")
     p.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test samples")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    p.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay of the image encoder, "
-                                                                   "e.g. 0.65 (default: off)")
-    p.add_argument("--head-lr-mult", type=float, default=d.head_lr_mult, help="the head's lr = --lr x this "
-                                                                             "(default: 1)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--workers", type=int, default=d.workers, help="image loading processes (0: load in this one)")
-    p.add_argument("--device", default=None, help="default: this process's accelerator device, else cpu")
-    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="autocast (default: fp32, none)")
+    p.add_argument("--device", default=None, help="cpu: on the CPU even where a GPU is (default: each process's "
+                                                  "accelerator device, else cpu)")
     p.add_argument("--json", action="store_true", help="print the WiSE-FT results as one JSON object (log to stderr)")
+    add_config_flags(p, FinetuneConfig, skip=("lora",), choices={"precision": list(PRECISIONS)})
     lora = LoraConfig()
     p.add_argument("--lora", action="store_true", help="train LoRA adapters on the image encoder (base frozen) and "
                                                        "the head; saves an adapter directory + head (see above)")
@@ -187,3 +176,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lora-dropout", type=float, default=None, help=f"dropout on the adapters' input "
                                                                    f"(default: {lora.dropout:g})")
     p.set_defaults(fn=cmd_finetune)
+
+
+# FinetuneConfig's fields that are options of their own (--batch-size: batch_size); lora is --lora and its options
+CONFIG_FLAGS = [f.name for f in dataclasses.fields(FinetuneConfig) if f.name != "lora"]

@@ -56,16 +56,32 @@ def save_classifier(classifier: Classifier, classnames: Sequence[str], directory
     """An mm model directory (``save_pretrained``) plus the head and the class names. With ``lora`` (a LoRA
     fine-tune): an adapter directory instead (``save_adapter``: the adapters alone, naming ``base``, the base model
     spec, and ``base_hash``, its ``base_sha256``), which loads on that base."""
-    from safetensors.torch import save_file
-
     if lora is not None:
         d = save_adapter(classifier.model, directory, lora, base=base, base_hash=str(base_hash))
     else:
         d = save_pretrained(classifier.model, directory)
-    head = {k: v.detach().contiguous().cpu() for k, v in classifier.head.state_dict().items()}
-    save_file(head, str(d / HEAD_NAME))
-    (d / CLASSES_NAME).write_text(json.dumps({"classes": list(classnames), **(extra or {})}, indent=1))
+    save_head(classifier.head, d)
+    save_classes(classnames, d, extra)
     return d
+
+
+def save_head(head: nn.Linear, directory: str | Path) -> None:
+    """The head's weight and bias as ``classifier.safetensors`` (a classifier directory's, a checkpoint's)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+    save_file(state, str(Path(directory) / HEAD_NAME))
+
+
+def load_head(head: nn.Linear, directory: str | Path) -> None:
+    from safetensors.torch import load_file
+
+    head.load_state_dict(load_file(str(Path(directory) / HEAD_NAME)))
+
+
+def save_classes(classnames: Sequence[str], directory: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """``classes.json``: the class names in label order, plus ``extra`` (what the classifier was trained with)."""
+    (Path(directory) / CLASSES_NAME).write_text(json.dumps({"classes": list(classnames), **(extra or {})}, indent=1))
 
 
 def load_classifier(directory: str | Path, device: str | torch.device = "cpu",

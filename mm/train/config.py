@@ -1,4 +1,4 @@
-"""The training run's config: ``model``, ``data``, ``train``, ``eval``, ``distill`` and ``output_dir``.
+"""The training run's config: ``model``, ``data``, ``train``, ``eval``, ``distill``, ``finetune`` and ``output_dir``.
 
 Plain dataclasses whose ``check()`` judges their own values only; what needs the file system or the model
 (shards, checkpoints, teachers, parameter selectors) is checked by :mod:`mm.train.preflight`, which also reads
@@ -89,7 +89,7 @@ class TrainConfig:
     # CoCa models (model.decoder set): loss = contrastive_weight * (clip|siglip) + caption_weight * token CE
     contrastive_weight: float = 1.0
     caption_weight: float = 2.0  # CoCa: weight of the caption token cross-entropy
-    label_smoothing: float = 0.0  # of the caption cross-entropy
+    label_smoothing: float = 0.0  # of the caption cross-entropy (a fine-tuning run's: of the class cross-entropy)
     # CoCa: the share of each (micro-)batch's rows the captioning decoder is trained on (the first
     # ceil(f * rows), a random subset of a shuffled stream); the contrastive loss still uses every row. The
     # decoder, LM head and caption loss cost scale with it (half of a tiny-coca step on the CPU at 1.0)
@@ -208,6 +208,49 @@ class DistillConfig:
 
 
 @dataclass
+class FinetuneSection:
+    """Classification fine-tuning (``mm finetune``, mm/train/finetune.py, which sets this section from its flags):
+    the run trains ``head(encode_image(images))`` on the labelled shards of ``data.train``, the head started as the
+    zero-shot classifier over ``classes``, then scores WiSE-FT interpolations on ``test``. Its own trained parts:
+    the image encoder (or LoRA adapters on it) and the head; the text tower is not used."""
+
+    # the model to fine-tune: an mm model directory, a preset or config file (weights: pretrained), open_clip:NAME
+    model: str | None = None
+    pretrained: str | None = None  # weights file (mm or open_clip) for a preset / config-file model
+    adapter: str | None = None  # a LoRA adapter directory put on model and merged into it before fine-tuning
+    classes: list[str] = field(default_factory=list)  # class names, in label order
+    templates: list[str] | None = None  # zero-shot head prompts, {} for the class name; null: OpenAI's ImageNet ones
+    label_key: str = "cls"  # the shard member holding the class index
+    test: str | None = None  # labelled test shards, on which WiSE-FT is scored after training
+    max_test: int | None = None  # score on the first N test samples; null: all
+    # WiSE-FT interpolation weights to score: (1 - alpha) * zero-shot + alpha * fine-tuned
+    wise_alpha: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    save_alpha: float | None = None  # also save the classifier at this alpha (wise-ALPHA/ beside finetuned/)
+    head_lr_mult: float = 1.0  # the head's learning rate is train.lr times this
+    # LoRA adapters on the image encoder's layers (targets there) train with the head, the base frozen
+    lora: LoraConfig | None = None
+    device: str | None = None  # cpu: on the CPU even where a GPU is; null: the process's accelerator device
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not self.model:
+            yield "model", "the model to fine-tune is not set"
+        if not self.classes:
+            yield "classes", "no class names"
+        if not self.test:
+            yield "test", "no test shards"
+        if not self.wise_alpha or any(not 0 <= a <= 1 for a in self.wise_alpha):
+            yield "wise_alpha", f"alphas must lie in [0, 1], got {self.wise_alpha}"
+        if self.save_alpha is not None and not 0 <= self.save_alpha <= 1:
+            yield "save_alpha", f"must lie in [0, 1], got {self.save_alpha}"
+        if self.max_test is not None and self.max_test < 1:
+            yield "max_test", f"must be >= 1, got {self.max_test}"
+        if self.head_lr_mult <= 0:
+            yield "head_lr_mult", f"must be > 0, got {self.head_lr_mult}"
+        if self.device not in (None, "cpu", "cuda"):
+            yield "device", f"must be cpu or cuda (choose a GPU with CUDA_VISIBLE_DEVICES), got {self.device!r}"
+
+
+@dataclass
 class RunConfig:
     # preset name, config file or mapping; null: the architecture of train.init_from, else tiny-clip
     model: str | dict[str, Any] | None = None
@@ -215,6 +258,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distill: DistillConfig | None = None  # distillation from a teacher model; null = off
+    # classification fine-tuning of the image encoder (mm finetune); null = an image-text run
+    finetune: FinetuneSection | None = None
     output_dir: str = "runs/default"  # the run directory: config, metrics, checkpoints, final/, plots
 
     def check(self) -> Iterator[tuple[str, str]]:

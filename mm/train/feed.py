@@ -47,17 +47,24 @@ def build_train_stream(cfg: RunConfig, model: ImageTextModel, rank: int, world: 
     on_device = cfg.data.decode == "device"
     if on_device:
         transform = DeferredTrainTransform(transform, cfg.data.max_pixels)
+    labelled = cfg.finetune is not None  # a fine-tuning run's samples are images and class labels
     decoder = SampleDecoder(transform, image_keys=cfg.data.image_keys, text_key=cfg.data.text_key,
-                            need=("text",), max_pixels=cfg.data.max_pixels,
+                            label_key=cfg.finetune.label_key if labelled else "cls",
+                            need=("label",) if labelled else ("text",), max_pixels=cfg.data.max_pixels,
                             random_caption=cfg.data.random_caption, raw_image=on_device)
     nw = max(1, cfg.data.workers)
+    collate = Collate() if labelled else Collate(_tok(model))
+    return ShardStream(check_urls(cfg.data.train, "data.train"), decoder, collate, cfg.data.batch_size,
+                       seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, train=True,
+                       resampled=cfg.data.resampled, rank=rank, world=world, start=data.workers,
+                       rotation=data.batches % nw)
+
+
+def _tok(model: ImageTextModel):
     tok = get_tokenizer(model)
     if callable(getattr(tok, "load", None)):
         tok.load()  # a Hugging Face tokenizer that cannot load: one line here, not a traceback from each worker
-    return ShardStream(check_urls(cfg.data.train, "data.train"), decoder, Collate(tok),
-                       cfg.data.batch_size, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                       train=True, resampled=cfg.data.resampled, rank=rank, world=world,
-                       start=data.workers, rotation=data.batches % nw)
+    return tok
 
 
 class Feed:
@@ -96,8 +103,8 @@ class Feed:
         self.batches = iter(loader)
 
     def next(self, note) -> dict[str, Any]:
-        """The next batch: ``images`` and ``tokens`` on the device, ``keys``, ``texts``; its skipped samples and
-        warnings go to ``note`` and the skip log."""
+        """The next batch: ``images`` and ``tokens`` (a fine-tuning run's: ``labels``) on the device, ``keys``,
+        ``texts``; its skipped samples and warnings go to ``note`` and the skip log."""
         batch = next(self.batches)
         self.state.consume(batch["meta"])
         for line in batch["meta"]["bad"]:
@@ -110,8 +117,11 @@ class Feed:
             images = self.gpu_decoder(images, self.device)
         else:
             images = images.to(self.device, non_blocking=True)
-        return {"images": images, "tokens": batch["tokens"].to(self.device, non_blocking=True),
-                "keys": batch["keys"], "texts": batch["texts"]}
+        out = {"images": images, "keys": batch["keys"]}
+        for k in ("tokens", "labels"):
+            if k in batch:
+                out[k] = batch[k].to(self.device, non_blocking=True)
+        return {**out, "texts": batch["texts"]} if "texts" in batch else out
 
     def close(self) -> None:
         if self.skip_log is not None:

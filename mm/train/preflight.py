@@ -18,7 +18,8 @@ from ..config import (
     validate,
 )
 from ..data.wds import check_urls
-from ..hub.wrapped import native_only
+from ..hub.wrapped import WrappedModelError, native_only
+from . import classify
 from .adapt import check_lora, check_selectors
 from .benchmark import check_suite
 from .config import RunConfig, init_from_problem, not_native
@@ -75,7 +76,7 @@ def preflight(cfg: RunConfig) -> None:
         from .tasks import load_objective
 
         load_objective(t.objective)  # importable, callable: before any work
-    _raise_first(_model_problems(cfg), "")
+    _raise_first(_model_problems(cfg) if cfg.finetune is None else _finetune_problems(cfg), "")
     check_selectors(cfg)  # train.freeze / train.lr_mult entries must name parameters of this model
     check_lora(cfg)  # train.lora targets must select layers of this model, wide enough for the rank
     check_urls(cfg.data.train, "data.train")
@@ -89,6 +90,29 @@ def preflight(cfg: RunConfig) -> None:
             raise ConfigError(f"eval.zeroshot.{key}: file {v!r} not found")
     if cfg.eval.benchmark:  # the suite's datasets, tasks, class names and shards, as mm benchmark checks them
         check_suite(cfg.eval.benchmark, has_decoder=cfg.model_config().decoder is not None)
+
+
+def _finetune_problems(cfg: RunConfig):
+    """A fine-tuning run (``finetune`` section) takes its model and objective from that section and is scored on its
+    test shards: the image-text run's keys for them must stay unset."""
+    t, e = cfg.train, cfg.eval
+    for key, value in (("model", cfg.model), ("train.init_from", t.init_from), ("train.lora", t.lora),
+                       ("train.freeze", t.freeze), ("train.lr_mult", t.lr_mult), ("train.objective", t.objective),
+                       ("distill", cfg.distill), ("eval.zeroshot.shards", e.zeroshot.shards),
+                       ("eval.retrieval.shards", e.retrieval.shards), ("eval.captioning.shards", e.captioning.shards),
+                       ("eval.benchmark", e.benchmark)):
+        if value:
+            yield key, ("does not apply to a fine-tuning run, whose model, adapters and evaluation are the finetune "
+                        "section's; leave it unset")
+    if t.grad_cache_chunk is not None:
+        yield "train.grad_cache_chunk", ("a fine-tuning run's objective couples no samples: gradient caching has "
+                                         "nothing to cache (lower data.batch_size, raise train.grad_accum)")
+    if t.fsdp:
+        yield "train.fsdp", "a fine-tuning run does not shard its model (WiSE-FT mixes whole tensors): use DDP"
+    check_urls(cfg.finetune.test, "finetune.test")
+    reason = not_native(cfg.finetune.model)  # before loading (or downloading) a model fine-tuning cannot use
+    if reason:
+        raise WrappedModelError(native_only(classify.WHAT, reason))
 
 
 def _model_problems(cfg: RunConfig):

@@ -5,7 +5,8 @@ from the newest checkpoint, ``train`` (the step loop with its periodic logs, che
 ``finish`` (final evaluation, ``final/``, plots). The parts, each in its own module:
 
 =================  ====================================================================================
-task               what is optimised (:mod:`mm.train.tasks`: contrastive, CoCa, distillation around either)
+task               what is optimised (:mod:`mm.train.tasks`: contrastive, CoCa, distillation around either;
+                   classification in a fine-tuning run, ``mm finetune``)
 executor           how one micro-step runs it (:mod:`mm.train.executors`: plain, gradient caching)
 state              how the run's weights are kept, saved, resumed, finished (:mod:`mm.train.state`)
 stepper            the numerics of an optimizer step (:mod:`mm.train.step`: autocast, fp16 scaler, clipping)
@@ -35,7 +36,7 @@ from ..utils import dist
 from ..utils.host import tune_malloc
 from ..utils.nn import params_sha256
 from ..utils.precision import autocast
-from . import adapt
+from . import adapt, classify
 from . import checkpoint as ckpt
 from . import fsdp as sharding
 from .checkpointer import Checkpointer, find_resume
@@ -49,7 +50,7 @@ from .optim import make_optimizer, make_scheduler
 from .preflight import load_run_config
 from .state import AdapterState, PlainState, ShardedAdapterState, ShardedState
 from .step import Stepper, TrainingError
-from .tasks import build_task
+from .tasks import Task, build_task
 
 __all__ = ["DataState", "StopFlag", "Trainer", "TrainingError", "build_model", "build_train_stream", "find_resume",
            "main", "routing_metrics", "run"]
@@ -82,7 +83,8 @@ def make_accelerator(cfg: RunConfig):
 
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    acc = Accelerator(cpu=dist.use_cpu(), mixed_precision="no")
+    on_cpu = cfg.finetune is not None and cfg.finetune.device == "cpu"  # a fine-tuning run can ask for the CPU
+    acc = Accelerator(cpu=dist.use_cpu() or on_cpu, mixed_precision="no")
     from accelerate.utils import DistributedType
 
     if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
@@ -94,8 +96,12 @@ def make_accelerator(cfg: RunConfig):
     return acc
 
 
-def build_model(cfg: RunConfig) -> ImageTextModel:
+def build_model(cfg: RunConfig, device: torch.device | str = "cpu") -> ImageTextModel:
+    """The model the run trains: built from ``model`` (on the CPU: the launch moves it), or in a fine-tuning run
+    the model it names, loaded on ``device`` with only its image encoder trainable (:func:`classify.build_base`)."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every process
+    if cfg.finetune is not None:
+        return classify.build_base(cfg, torch.device(device))
     mcfg = cfg.model_config()
     model = model_class(mcfg)(mcfg)
     if cfg.train.grad_checkpointing:
@@ -105,7 +111,10 @@ def build_model(cfg: RunConfig) -> ImageTextModel:
 
 def lora_base(cfg: RunConfig) -> str | None:
     """What a LoRA run's adapter names as its base: ``train.init_from`` (a directory made absolute, so the adapter
-    finds it from anywhere), else the model preset or config (random weights: None)."""
+    finds it from anywhere), else the model preset or config (random weights: None); a fine-tuning run's, the
+    model it fine-tunes (:func:`classify.adapter_base`)."""
+    if cfg.finetune is not None:
+        return classify.adapter_base(cfg.finetune)
     spec = cfg.train.init_from
     if spec is None:
         return None
@@ -130,19 +139,20 @@ def build_state(cfg: RunConfig, core: ImageTextModel, proc: Processes, lr_scales
     """The optimizer, inside the run's state strategy: FSDP-sharded (over several processes: the model is sharded
     before the optimizer exists, which must hold the sharded parameters), adapters only (LoRA), or plain."""
     t = cfg.train
+    lora = t.lora if cfg.finetune is None else cfg.finetune.lora  # a fine-tuning run's: on the image encoder
     sharded, replicated = t.fsdp and proc.world > 1, []  # one process: nothing to shard
-    base_hash = base_sha256(core) if t.lora is not None else None  # of the whole base, before any sharding
+    base_hash = base_sha256(core) if lora is not None else None  # of the whole base, before any sharding
     if sharded:
         core.to(proc.device)
         replicated = sharding.shard_model(core)
     opt = make_optimizer(core, t.lr, t.weight_decay, tuple(t.betas), t.eps, proc.device, lr_scales)
-    if sharded and t.lora is not None:
-        return ShardedAdapterState(core, opt, t.lora, lora_base(cfg), base_hash,
-                                   sharding.EvalCopy(core, proc.device, t.lora), replicated)
+    if sharded and lora is not None:
+        return ShardedAdapterState(core, opt, lora, lora_base(cfg), base_hash,
+                                   sharding.EvalCopy(core, proc.device, lora), replicated)
     if sharded:
         return ShardedState(core, opt, sharding.EvalCopy(core, proc.device), replicated)
-    if t.lora is not None:
-        return AdapterState(core, opt, t.lora, lora_base(cfg), base_hash)
+    if lora is not None:
+        return AdapterState(core, opt, lora, lora_base(cfg), base_hash)
     return PlainState(core, opt)
 
 
@@ -161,7 +171,7 @@ class Trainer:
 
             (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         dist.barrier()
-        self.core = build_model(cfg)
+        self.core = build_model(cfg, self.proc.device)
         # train.init_from weights, train.freeze, lr_mult / layer_decay; frozen modules stay in eval mode for the
         # whole run (evaluation restores every module's mode)
         frozen, lr_scales = adapt.prepare(self.core, cfg)
@@ -179,7 +189,7 @@ class Trainer:
         self.sched = make_scheduler(self.state.opt, t.warmup_steps, t.steps, t.lr, t.min_lr)
         self.feed = Feed(cfg, self.core, self.proc.rank, self.proc.world, self.proc.device, out_dir)
         self.checkpointer = Checkpointer(cfg, self.state, self.task, self.stepper, self.sched, self.feed)
-        self.evaluator = RunEvaluator(cfg, self.proc.device, self.metrics)
+        self.evaluator = make_evaluator(cfg, self.proc.device, self.metrics, self.state, self.task)
         self.step = 0
         self.model = self.executor = None  # set when the loop starts (_start)
 
@@ -268,7 +278,7 @@ class Trainer:
         for micro in range(accum):
             batch = self.feed.next(self.metrics.note)
             losses, out = self.executor.step(batch, divide=accum, sync=micro == accum - 1)
-            self.metrics.count(batch["tokens"].shape[0] * self.proc.world)
+            self.metrics.count(len(batch["keys"]) * self.proc.world)
         self.task.sync_grads()  # what the task trains itself is outside DDP
         self.state.sync_grads()
         self.stepper.step(self.step + 1)
@@ -322,17 +332,32 @@ class Trainer:
         return results
 
     def _save_final(self, whole: torch.nn.Module | None, shas: dict[str, list[str]]) -> None:
-        out_dir = Path(self.cfg.output_dir)
+        out_dir, final = Path(self.cfg.output_dir), final_dir(self.cfg)
         for what, values in shas.items():
             if len(set(values)) != 1:
                 self.metrics.info(f"WARNING: {what}: parameters differ between processes: {values}")
-        self.state.save_final(out_dir / "final", whole)
+        self.state.save_final(final, whole)
+        self.task.save_final(final)
         skipped = self.feed.state.skipped
         self.metrics.log({"step": self.step, "final": True, **shas, "skipped_by_reason": skipped}, show=False)
         plots = plot_run(out_dir)
-        self.metrics.info(f"final model: {out_dir / 'final'}; plots: {', '.join(p.name for p in plots)}")
+        self.metrics.info(f"final model: {final}; plots: {', '.join(p.name for p in plots)}")
         if skipped:
             self.metrics.info(f"skipped samples by reason: {skipped} (names in skipped_samples.rank*.txt)")
+
+
+def make_evaluator(cfg: RunConfig, device: torch.device, metrics: RunMetrics, state: PlainState,
+                   task: Task) -> RunEvaluator | classify.WiseEvaluator:
+    """The ``eval`` section's evaluation, or a fine-tuning run's: WiSE-FT on its test split (made before a resume:
+    it keeps the zero-shot endpoint)."""
+    if cfg.finetune is not None:
+        return classify.WiseEvaluator(cfg, device, metrics, state, task)
+    return RunEvaluator(cfg, device, metrics)
+
+
+def final_dir(cfg: RunConfig) -> Path:
+    """Where the trained model goes: ``final/``; a fine-tuning run's classifier: ``finetuned/``."""
+    return Path(cfg.output_dir) / ("finetuned" if cfg.finetune is not None else "final")
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""A run's objective as a task (:mod:`.base` says what a task answers): contrastive (CLIP / SigLIP), CoCa, and
-distillation around either. :func:`build_task` makes the run's from its config; executors and the trainer see only
-the :class:`Task` interface."""
+"""A run's objective as a task (:mod:`.base` says what a task answers): contrastive (CLIP / SigLIP), CoCa,
+distillation around either, and classification (a fine-tuning run's). :func:`build_task` makes the run's from its
+config; executors and the trainer see only the :class:`Task` interface."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,16 +8,19 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from ...config import to_dict
 from ...losses import make_loss
 from ...models import ImageTextModel
+from ..classifier import zero_shot_head
 from ..config import RunConfig
 from ..distill import build_distiller
 from .base import Batch, Task, Terms, weighted_sum
+from .classify import ClassifierOutput, ClassifyTask
 from .contrastive import CocaTask, ContrastiveTask
 from .distill import DistillTask
 
-__all__ = ["Batch", "CocaTask", "ContrastiveTask", "DistillTask", "Task", "Terms", "build_task", "load_objective",
-           "weighted_sum"]
+__all__ = ["Batch", "ClassifierOutput", "ClassifyTask", "CocaTask", "ContrastiveTask", "DistillTask", "Task", "Terms",
+           "build_task", "load_objective", "weighted_sum"]
 
 
 def load_objective(spec: str) -> Callable[..., Task]:
@@ -45,16 +48,27 @@ def build_task(cfg: RunConfig, model: ImageTextModel, optimizer: torch.optim.Opt
                device: torch.device | str = "cpu",
                autocast: Callable[[], AbstractContextManager] = nullcontext) -> Task:
     """``train.objective``'s task, else the configured contrastive loss (``train.loss``), CoCa's when the model has
-    a decoder; inside distillation when the run has a ``distill`` section. What the task trains itself joins
-    ``optimizer`` as its own group (call before the scheduler is made: it reads the groups)."""
+    a decoder, classification in a fine-tuning run; inside distillation when the run has a ``distill`` section. What
+    the task trains itself joins ``optimizer`` as its own groups (call before the scheduler is made: it reads the
+    groups)."""
     t = cfg.train
     distiller = build_distiller(cfg, model, torch.device(device), autocast)
-    task = load_objective(t.objective)(cfg, model, torch.device(device)) if t.objective else _own_task(cfg, model)
+    if t.objective:
+        task = load_objective(t.objective)(cfg, model, torch.device(device))
+    else:
+        task = classify_task(cfg, model, device) if cfg.finetune is not None else _own_task(cfg, model)
     task = task if distiller is None else DistillTask(task, distiller)
-    params = task.parameters()
-    if params and optimizer is not None:  # its own group: plain weight decay, the base learning rate
-        optimizer.add_param_group({"params": params, "weight_decay": t.weight_decay, "lr": t.lr, "lr_scale": 1.0})
+    for group in task.param_groups(t.lr, t.weight_decay) if optimizer is not None else []:
+        optimizer.add_param_group(group)
     return task
+
+
+def classify_task(cfg: RunConfig, model: ImageTextModel, device: torch.device | str) -> ClassifyTask:
+    """A fine-tuning run's (``finetune`` section): the head starts as the zero-shot classifier of its classes."""
+    f = cfg.finetune
+    head = zero_shot_head(model, f.classes, f.templates, device=device)
+    return ClassifyTask(head, f.classes, label_smoothing=cfg.train.label_smoothing, lr_mult=f.head_lr_mult,
+                        meta={"templates": f.templates, "config": to_dict(cfg)})
 
 
 def _own_task(cfg: RunConfig, model: ImageTextModel) -> Task:

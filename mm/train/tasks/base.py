@@ -13,10 +13,12 @@ A task answers what the executors ask of it, and nothing else:
   samples), so that chunks of a batch weigh their local terms by their share.
 - ``combine(terms)``: the loss, a fixed linear combination of the terms present (absent terms count 0; None when
   none is present); ``log_terms(terms)``: derived entries the log shows (distillation's ``task_loss``).
-- what the task itself trains: ``parameters()``, ``sync_grads()`` (averaged over processes: they are outside
-  DDP), ``save(dir)`` / ``load(dir)`` in a checkpoint directory, ``describe()`` for the run's log.
+- what the task itself trains: ``parameters()``, ``param_groups(lr, weight_decay)`` (how they join the optimizer),
+  ``sync_grads()`` (averaged over processes: they are outside DDP), ``save(dir)`` / ``load(dir)`` in a checkpoint
+  directory, ``save_final(dir)`` (what it adds to the run's final directory), ``describe()`` for the run's log.
 
-A batch is a dict: ``images`` and ``tokens`` on the device, ``keys`` (sample keys), ``texts`` (captions).
+A batch is a dict: ``images`` on the device, ``keys`` (sample keys), and what the data holds: ``tokens`` (on the
+device) and ``texts`` (captions) for an image-text run, ``labels`` (on the device) for a classification run.
 """
 from __future__ import annotations
 
@@ -80,10 +82,19 @@ class Task:
     def parameters(self) -> list[nn.Parameter]:
         return []
 
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """The optimizer groups of :meth:`parameters`: one, with plain weight decay and the base learning rate."""
+        params = self.parameters()
+        return [{"params": params, "weight_decay": weight_decay, "lr": lr, "lr_scale": 1.0}] if params else []
+
     def sync_grads(self) -> None:
         average_gradients(self.parameters())
 
     def save(self, directory: str | Path) -> None:
+        return None
+
+    def save_final(self, directory: str | Path) -> None:
+        """What the task adds to the run's final directory (beside the model the run's state writes there)."""
         return None
 
     def load(self, directory: str | Path) -> None:
