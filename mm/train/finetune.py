@@ -191,13 +191,14 @@ def run(cfg: RunConfig) -> dict[str, Any] | None:
         return {"stopped_at": trainer.step} if dist.is_main() else None
     # every process's hash of the whole classifier (model and head): DDP keeps them equal
     shas = dist.gather_object(params_sha256(Classifier(trainer.core, trainer.task.head)))
-    if not dist.is_main():
-        return None
-    f = cfg.finetune
-    result = {"wise": trainer.evaluator.results["wise"], "train_s": round(time.time() - t0, 1),
-              "steps": cfg.train.steps, "world_size": dist.world_size(), "param_sha256": shas,
-              "classes": list(f.classes), "templates": f.templates, "config": to_dict(cfg)}
-    (Path(cfg.output_dir) / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    result = None
+    if dist.is_main():
+        f = cfg.finetune
+        result = {"wise": trainer.evaluator.results["wise"], "train_s": round(time.time() - t0, 1),
+                  "steps": cfg.train.steps, "world_size": dist.world_size(), "param_sha256": shas,
+                  "classes": list(f.classes), "templates": f.templates, "config": to_dict(cfg)}
+        (Path(cfg.output_dir) / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    dist.barrier()  # the processes end together, once the main one has written (none leaves the group early)
     return result
 
 
