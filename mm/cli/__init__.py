@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..utils import dist
 from ..utils.host import tune_malloc
 from . import benchmark, caption, convert, embed, eval, finetune, models, serve, shards, train
 
@@ -22,4 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tune_malloc()  # a command owns its process: reuse freed activations' pages (mm/utils/host.py says why)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    finally:
+        dist.shutdown()  # under `accelerate launch`: the process group's threads end before the interpreter does

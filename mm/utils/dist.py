@@ -27,6 +27,7 @@ __all__ = [
     "is_main",
     "rank",
     "start",
+    "shutdown",
     "use_cpu",
     "world_size",
 ]
@@ -64,6 +65,13 @@ def world_size() -> int:
 def is_main() -> bool:
     """True on rank 0 (and when not distributed): the process that writes shared files and logs."""
     return rank() == 0
+
+
+def shutdown() -> None:
+    """Destroy the default process group, if any: its communication threads are joined now rather than torn down
+    with the interpreter (which can abort a finished process: "terminate called without an active exception")."""
+    if is_dist():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
