@@ -132,9 +132,7 @@ def _reference(model, loss_fn, images, tokens, chunk: int | None) -> dict[str, t
 def _task(loss_fn, model):
     """The training objective whose loss ``loss_fn`` (the reference, computed by mm.losses) is."""
     if isinstance(loss_fn, CocaLoss):
-        return CocaTask(loss_fn.contrastive_loss, model.config.text, contrastive_weight=loss_fn.contrastive_weight,
-                        caption_weight=loss_fn.caption_weight, label_smoothing=loss_fn.label_smoothing,
-                        aux_weight=loss_fn.aux_weight, caption_fraction=loss_fn.caption_fraction)
+        return CocaTask(loss_fn, model.config.text)
     return ContrastiveTask(loss_fn, loss_fn.aux_weight)
 
 

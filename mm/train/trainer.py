@@ -39,21 +39,20 @@ from ..utils.precision import autocast
 from . import adapt, classify
 from . import checkpoint as ckpt
 from . import fsdp as sharding
-from .checkpointer import Checkpointer, find_resume
+from .checkpointer import Checkpointer
 from .config import RunConfig
 from .evaluator import RunEvaluator
 from .executors import make_executor
-from .feed import DataState, Feed, build_train_stream
+from .feed import Feed
 from .log import plot_run
-from .metrics import RunMetrics, routing_metrics
+from .metrics import RunMetrics
 from .optim import make_optimizer, make_scheduler
 from .preflight import load_run_config
 from .state import AdapterState, PlainState, ShardedAdapterState, ShardedState
 from .step import Stepper, TrainingError
 from .tasks import Task, build_task
 
-__all__ = ["DataState", "StopFlag", "Trainer", "TrainingError", "build_model", "build_train_stream", "find_resume",
-           "main", "routing_metrics", "run"]
+__all__ = ["StopFlag", "Trainer", "TrainingError", "build_model", "main", "run"]
 
 
 class StopFlag:
@@ -305,9 +304,6 @@ class Trainer:
             self.checkpointer.save(step)
         if cfg.eval.every and step % cfg.eval.every == 0 and step < end:
             self.evaluate(periodic=True)
-
-    def save(self, at: int) -> None:
-        self.checkpointer.save(at)
 
     def evaluate(self, whole: torch.nn.Module | None = None, periodic: bool = False) -> dict[str, Any]:
         """Evaluate ``whole`` (default: the run's whole model, gathered from the shards where sharded: a collective

@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 from ...config import to_dict
-from ...losses import make_loss
+from ...losses import CocaLoss, make_loss
 from ...models import ImageTextModel
 from ..classifier import zero_shot_head
 from ..config import RunConfig
@@ -78,7 +78,7 @@ def _own_task(cfg: RunConfig, model: ImageTextModel) -> Task:
     loss_kw = {**loss_kw, "block": t.loss_block} if t.loss == "siglip" else loss_kw
     loss = make_loss(t.loss, aux_weight=t.aux_weight, **loss_kw)
     if model.config.decoder is not None:
-        return CocaTask(loss, model.config.text, contrastive_weight=t.contrastive_weight,
-                        caption_weight=t.caption_weight, label_smoothing=t.label_smoothing, aux_weight=t.aux_weight,
-                        caption_fraction=t.caption_fraction)
+        return CocaTask(CocaLoss(loss, contrastive_weight=t.contrastive_weight, caption_weight=t.caption_weight,
+                                 label_smoothing=t.label_smoothing, aux_weight=t.aux_weight,
+                                 caption_fraction=t.caption_fraction), model.config.text)
     return ContrastiveTask(loss, t.aux_weight)

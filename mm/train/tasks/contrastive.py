@@ -2,13 +2,11 @@
 (contrastive + the decoder's caption cross-entropy), with MoE's auxiliary loss when the model has MoE layers."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ...layers.pool import text_valid_mask
-from ...losses import caption_loss
+from ...losses import CocaLoss, caption_loss
 from ...models import ModelOutput, TextConfig
 from .base import Batch, Task, Terms, weighted_sum
 
@@ -39,26 +37,20 @@ class ContrastiveTask(Task):
 
 
 class CocaTask(ContrastiveTask):
-    """CoCa: ``contrastive_weight * contrastive + caption_weight * caption CE (+ aux_weight * aux)``; the decoder
-    trains on the first ``ceil(caption_fraction * batch)`` rows of each batch (at least one). The caption term is a
+    """CoCa (:class:`mm.losses.CocaLoss`'s weights, label smoothing and caption fraction):
+    ``contrastive_weight * contrastive + caption_weight * caption CE (+ aux_weight * aux)``, the decoder training on
+    the loss's ``caption_rows`` of each batch, split into a batch term and per-sample terms. The caption term is a
     mean over the caption tokens the decoder predicts (padding left out by the model)."""
 
     name = "coca"
     joint = True  # the decoder reads the image tower's tokens and the text tower's
 
-    def __init__(self, loss: nn.Module, text: TextConfig, *, contrastive_weight: float = 1.0,
-                 caption_weight: float = 2.0, label_smoothing: float = 0.0, aux_weight: float = 1.0,
-                 caption_fraction: float = 1.0):
-        super().__init__(loss, aux_weight)
-        self.eot_id, self.pad_id = text.eot_id, text.pad_id
-        if not 0.0 < caption_fraction <= 1.0:
-            raise ValueError(f"caption_fraction must be in (0, 1], got {caption_fraction}")
-        self.contrastive_weight, self.caption_weight = contrastive_weight, caption_weight
-        self.label_smoothing, self.caption_fraction = label_smoothing, caption_fraction
+    def __init__(self, loss: CocaLoss, text: TextConfig):
+        super().__init__(loss.contrastive_loss, loss.aux_weight)
+        self.coca, self.eot_id, self.pad_id = loss, text.eot_id, text.pad_id
 
     def caption_rows(self, batch: int) -> int:
-        """The decoder's rows of a batch of ``batch``: ceil(caption_fraction * batch), at least 1."""
-        return max(1, math.ceil(self.caption_fraction * batch))
+        return self.coca.caption_rows(batch)
 
     def forward(self, module: nn.Module, batch: Batch, embed_only: bool = False) -> ModelOutput:
         if embed_only:
@@ -69,7 +61,7 @@ class CocaTask(ContrastiveTask):
         if out.caption_logits is None or out.caption_labels is None:
             raise ValueError("the CoCa objective needs out.caption_logits and out.caption_labels (a CoCa model "
                              "called with images and tokens)")
-        return {"caption_loss": caption_loss(out.caption_logits, out.caption_labels, self.label_smoothing),
+        return {"caption_loss": caption_loss(out.caption_logits, out.caption_labels, self.coca.label_smoothing),
                 **_aux(out)}
 
     def local_units(self, batch: Batch) -> dict[str, float]:
@@ -82,5 +74,6 @@ class CocaTask(ContrastiveTask):
         return {"caption_loss": float(valid[:, 1:n].sum()), "aux_loss": float(tokens.shape[0])}
 
     def combine(self, terms: Terms) -> torch.Tensor | None:
-        return weighted_sum(terms, [("contrastive_loss", self.contrastive_weight),
-                                    ("caption_loss", self.caption_weight), ("aux_loss", self.aux_weight)])
+        c = self.coca
+        return weighted_sum(terms, [("contrastive_loss", c.contrastive_weight), ("caption_loss", c.caption_weight),
+                                    ("aux_loss", c.aux_weight)])
