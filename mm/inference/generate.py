@@ -81,16 +81,19 @@ def _banned_ngram_tokens(row: list[int], n: int) -> list[int]:
 
 
 def process_logits(logits: torch.Tensor, tokens: torch.Tensor, n_new: int, cfg: GenerationConfig,
-                   *, sot_id: int, eot_id: int) -> torch.Tensor:
+                   *, sot_id: int, eot_id: int, banned: range | None = None) -> torch.Tensor:
     """Apply the rules shared by every method to next-token ``logits`` (N, V) (fp32) after ``tokens``
-    (N, T), of which ``n_new`` were generated."""
+    (N, T), of which ``n_new`` were generated; ``banned`` ids are never generated (a LocCa model's box tokens
+    in a caption)."""
+    if banned is not None and len(banned):
+        logits[:, banned.start:banned.stop] = float("-inf")
     if cfg.repetition_penalty != 1.0:
         logits = _repetition_penalty(logits, tokens, cfg.repetition_penalty)
     if cfg.no_repeat_ngram_size > 0:
         for i, row in enumerate(tokens.tolist()):
-            banned = _banned_ngram_tokens(row, cfg.no_repeat_ngram_size)
-            if banned:
-                logits[i, banned] = float("-inf")
+            repeats = _banned_ngram_tokens(row, cfg.no_repeat_ngram_size)
+            if repeats:
+                logits[i, repeats] = float("-inf")
     if n_new < cfg.min_new_tokens:
         logits[:, eot_id] = float("-inf")
     logits[:, sot_id] = float("-inf")
@@ -154,7 +157,8 @@ def _greedy_or_sample(stepper: _Stepper, tokens: torch.Tensor, max_new: int, cfg
                       ids: dict[str, int], generator: torch.Generator | None) -> torch.Tensor:
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     for step in range(max_new):
-        logits = process_logits(stepper.logits(tokens), tokens, step, cfg, sot_id=ids["sot"], eot_id=ids["eot"])
+        logits = process_logits(stepper.logits(tokens), tokens, step, cfg, sot_id=ids["sot"], eot_id=ids["eot"],
+                                banned=ids["banned"])
         nxt = _sample(logits, cfg, generator) if cfg.method == "sample" else logits.argmax(-1)
         nxt = nxt.masked_fill(done, ids["pad"])
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
@@ -178,7 +182,8 @@ def _beam_search(stepper: _Stepper, tokens: torch.Tensor, max_new: int, cfg: Gen
         del hyps[i][k:]
 
     # first step on one row per image; the beams start from its k best tokens
-    logits = process_logits(stepper.logits(tokens), tokens, 0, cfg, sot_id=ids["sot"], eot_id=eot)
+    logits = process_logits(stepper.logits(tokens), tokens, 0, cfg, sot_id=ids["sot"], eot_id=eot,
+                            banned=ids["banned"])
     stepper.expand(k)
     tokens = tokens.repeat_interleave(k, 0)
     scores = torch.full((b, k), float("-inf"), device=device)
@@ -186,7 +191,8 @@ def _beam_search(stepper: _Stepper, tokens: torch.Tensor, max_new: int, cfg: Gen
     logp = F.log_softmax(logits, -1).repeat_interleave(k, 0)
     for step in range(max_new):
         if step > 0:
-            logits = process_logits(stepper.logits(tokens), tokens, step, cfg, sot_id=ids["sot"], eot_id=eot)
+            logits = process_logits(stepper.logits(tokens), tokens, step, cfg, sot_id=ids["sot"], eot_id=eot,
+                                    banned=ids["banned"])
             logp = F.log_softmax(logits, -1)
         v = logp.shape[-1]
         cand = (scores.view(-1, 1) + logp).view(b, k * v)
@@ -255,7 +261,10 @@ def generate(model, images: torch.Tensor, cfg: GenerationConfig | None = None, *
         raise TypeError(f"{type(model).__name__} has no captioning decoder; use a CoCa model (e.g. tiny-coca)")
     cfg = validate(from_dict(GenerationConfig, {**(to_dict(cfg) if cfg is not None else {}), **kwargs}))
     t = model.config.text
-    ids = {"sot": t.sot_id, "eot": t.eot_id, "pad": t.pad_id}
+    dec = getattr(model.config, "decoder", None)
+    loc = dec.loc_bins if dec is not None else 0  # box tokens are not words: never generated in a caption
+    ids = {"sot": t.sot_id, "eot": t.eot_id, "pad": t.pad_id,
+           "banned": range(t.vocab_size - loc, t.vocab_size) if loc else None}
     b = images.shape[0]
     if prompt is None:
         prompt = torch.full((b, 1), ids["sot"], dtype=torch.long, device=images.device)

@@ -1,6 +1,6 @@
 """Models: configs, towers, the CLIP / CoCa / LIMoE compositions, presets, and building a model from a spec."""
 from .build import build_model, list_models, model_class, resolve_config
-from .clip import CLIP, CoCa, DecodeCache, ImageTextModel, ModelOutput
+from .clip import CLIP, CoCa, DecodeCache, ImageTextModel, ImageView, ModelOutput
 from .config import (
            AxialRopeConfig,
            DecoderConfig,
@@ -16,6 +16,6 @@ from .text import TextEmbedHead, TextTower
 from .vision import TowerOutput, VisionEmbedHead, VisionTower
 
 __all__ = ["AxialRopeConfig", "CLIP", "CaptionDecoder", "CoCa", "DecodeCache", "DecoderConfig", "ImageTextModel", "LIMoE",
-           "ModelConfig", "ModelOutput", "NotNative", "OpenClipSource", "TextConfig", "TextEmbedHead", "TextTower", "TowerOutput", "VisionConfig",
+           "ImageView", "ModelConfig", "ModelOutput", "NotNative", "OpenClipSource", "TextConfig", "TextEmbedHead", "TextTower", "TowerOutput", "VisionConfig",
            "VisionEmbedHead", "VisionTower", "build_model", "get_preset", "list_models", "model_class",
            "resolve_config"]

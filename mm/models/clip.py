@@ -33,6 +33,19 @@ class ModelOutput:
     # MoE only: per tower ("vision", "text", "decoder"; a one-tower model: per modality), per MoE layer in
     # order (the block indices are the model's ``moe_layers()``)
     router_stats: dict[str, list[RouterStats]] | None = None
+    # the image tower's outputs of the extra views forward(views=...) was given, by name (an objective's local
+    # crops or masked images, run in the same forward so that DDP sees one forward per backward)
+    views: dict[str, TowerOutput] | None = None
+
+
+@dataclass
+class ImageView:
+    """Extra images for the image tower in the same forward: ``images`` (B', 3, H, W), optionally a patch ``mask``
+    (B', N) with the ``mask_token`` that replaces the masked patches (:meth:`VisionTower.embed`)."""
+
+    images: torch.Tensor
+    mask: torch.Tensor | None = None
+    mask_token: torch.Tensor | None = None
 
 
 def _mean_aux(stats: dict[str, list[RouterStats]]) -> torch.Tensor | None:
@@ -90,8 +103,20 @@ class ImageTextModel(nn.Module):
         emb = self._encode(None, tokens)[0]["text"]
         return F.normalize(emb, dim=-1) if normalize else emb
 
-    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> ModelOutput:
-        return self.embed(images, tokens)
+    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None, *,
+                views: dict[str, ImageView] | None = None) -> ModelOutput:
+        out = self.embed(images, tokens)
+        out.views = self.image_views(views)
+        return out
+
+    def image_views(self, views: dict[str, ImageView] | None) -> dict[str, TowerOutput] | None:
+        """The image tower's output for each extra view (None without views)."""
+        if not views:
+            return None
+        tower = getattr(self, "vision", None)
+        if not isinstance(tower, VisionTower):
+            raise TypeError(f"{type(self).__name__} has no image tower of its own to run extra views through")
+        return {name: tower(v.images, v.mask, v.mask_token) for name, v in views.items()}
 
     def embed(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> ModelOutput:
         """The towers' outputs alone (normalised embeddings, logit scale / bias, MoE statistics): what a
@@ -172,29 +197,47 @@ class CoCa(CLIP):
         return {**super().stacks(), "decoder": self.decoder.transformer}
 
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
-                caption_rows: int | None = None) -> ModelOutput:
+                caption_rows: int | None = None, *, decoder_tokens: torch.Tensor | None = None,
+                decoder_targets: torch.Tensor | None = None,
+                views: dict[str, ImageView] | None = None) -> ModelOutput:
         """``caption_rows``: teacher-force the decoder on the first rows of the batch only (all by default;
-        ``train.caption_fraction``): the embeddings cover every row, the caption logits and labels those rows."""
+        ``train.caption_fraction``): the embeddings cover every row, the caption logits and labels those rows.
+
+        ``decoder_tokens`` (B, T) with ``decoder_targets`` (B, T) bool: the decoder reads these sequences instead of
+        the captions (LocCa's prompted tasks, mm/data/locca.py), through a second pass of the text tower, and is
+        trained only on the tokens marked as targets (not on a prompt); ``caption_rows`` applies to them alike."""
         v, t, stats = self._towers(images, tokens)
         logits = labels = None
         if v is not None and t is not None:
             rows = tokens.shape[0] if caption_rows is None else caption_rows
             if not 1 <= rows <= tokens.shape[0]:
                 raise ValueError(f"caption_rows must be in [1, {tokens.shape[0]}] (the batch), got {caption_rows}")
-            tokens, text_tokens, image_tokens = tokens[:rows], t.tokens[:rows], v.tokens[:rows]
-            valid = text_valid_mask(tokens, eot_id=self.config.text.eot_id, pad_id=self.config.text.pad_id)
-            # Positions after the batch's longest caption only predict padding and, the decoder being
-            # causal, change nothing before them: the decoder leaves them out, and the LM head also skips
-            # every other position that predicts padding. With short captions in a long context this
-            # removes most of the decoder's and LM head's work and most of the logits' memory.
-            n = int(valid.sum(1).max().clamp_min(2))
-            predicts_real = valid[:, 1:n]
-            logits, stats["decoder"] = self.decoder(text_tokens[:, : n - 1], image_tokens, valid=valid[:, : n - 1],
-                                                    select=predicts_real)
-            labels = tokens[:, 1:n][predicts_real]
+            if decoder_tokens is None:
+                seqs, feats, targets = tokens[:rows], t.tokens[:rows], None
+            else:
+                if decoder_targets is None or decoder_targets.shape != decoder_tokens.shape:
+                    raise ValueError("decoder_tokens need decoder_targets of the same shape")
+                seqs, targets = decoder_tokens[:rows], decoder_targets[:rows]
+                feats = self.text(seqs).tokens  # (an MoE text tower's routing of this pass is not logged)
+            logits, labels, stats["decoder"] = self._teacher_forced(seqs, feats, v.tokens[:rows], targets)
         out = self._output(_embeddings(v, t), stats, _mean_aux(stats))
         out.caption_logits, out.caption_labels = logits, labels
+        out.views = self.image_views(views)
         return out
+
+    def _teacher_forced(self, seqs: torch.Tensor, feats: torch.Tensor, image_tokens: torch.Tensor,
+                        targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
+        """The decoder over ``seqs``' text features: packed logits and labels at the positions whose next token is
+        real (and, with ``targets``, a target)."""
+        valid = text_valid_mask(seqs, eot_id=self.config.text.eot_id, pad_id=self.config.text.pad_id)
+        # Positions after the batch's longest caption only predict padding and, the decoder being
+        # causal, change nothing before them: the decoder leaves them out, and the LM head also skips
+        # every other position that predicts padding. With short captions in a long context this
+        # removes most of the decoder's and LM head's work and most of the logits' memory.
+        n = int(valid.sum(1).max().clamp_min(2))
+        predicts = valid[:, 1:n] if targets is None else valid[:, 1:n] & targets[:, 1:n]
+        logits, stats = self.decoder(feats[:, : n - 1], image_tokens, valid=valid[:, : n - 1], select=predicts)
+        return logits, seqs[:, 1:n][predicts], stats
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, S, context_dim): what the decoder cross-attends to."""

@@ -190,10 +190,15 @@ class DecoderConfig:
     # FFN (open_clip's MultimodalTransformer, needed for its weights). "fused": one block per layer with
     # self-attention, cross-attention and one FFN (the Transformer decoder of Vaswani et al.).
     layout: str = "separate"
+    # LocCa's box tokens (mm/data/locca.py): the last loc_bins ids of the text vocabulary stand for the bins of a
+    # quantised box coordinate (text.vocab_size counts them); 0 = none (a plain CoCa decoder)
+    loc_bins: int = 0
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.layout not in DECODER_LAYOUTS:
             yield "layout", f"must be one of {DECODER_LAYOUTS}, got {self.layout!r}"
+        if self.loc_bins < 0:
+            yield "loc_bins", f"must be >= 0, got {self.loc_bins}"
 
 
 OPEN_CLIP_VISION_LAYOUTS = ("vit", "timm_vit", "timm_pe", "timm_eva", "timm_eva02")
@@ -249,6 +254,14 @@ class ModelConfig:
             yield "decoder.transformer.width", (
                 f"must equal text.transformer.width ({self.text.transformer.width}): the decoder continues "
                 f"from the text tower's features, got {self.decoder.transformer.width}")
+        if self.decoder is not None and self.decoder.loc_bins:
+            first = self.text.vocab_size - self.decoder.loc_bins
+            special = max(self.text.sot_id, self.text.eot_id, self.text.pad_id)
+            if first <= special:
+                yield "decoder.loc_bins", (
+                    f"the box tokens are the last {self.decoder.loc_bins} ids of the text vocabulary "
+                    f"({self.text.vocab_size}), which would include the special token {special}: raise "
+                    f"text.vocab_size to at least {special + 1 + self.decoder.loc_bins}")
 
     def _check_stacks(self) -> Iterator[tuple[str, str]]:
         """Each tower has its own stack, or (one-tower) neither has and both use ``one_tower``."""

@@ -188,3 +188,18 @@ def demo_coca() -> ModelConfig:
     cfg.text.context_length = 20
     cfg.decoder = DecoderConfig(TransformerConfig(128, 2, 2), layout="separate")
     return cfg
+
+
+@preset("tiny-siglip2")
+def tiny_siglip2() -> ModelConfig:
+    """The SigLIP 2 recipe at tiny size (`mm shards builtin --scenes`, 64 px scenes): tiny-clip's widths with a
+    convolutional stem to patch 8 (64 tokens), no class token and SigLIP's MAP head, SigLIP's logit scale / bias
+    init, and a 2-layer LocCa decoder reading the patch tokens with 32 box-coordinate bins (2 px each), whose box
+    tokens are the last 32 ids of the text vocabulary (CLIP BPE + 32)."""
+    cfg = tiny_clip()
+    v = cfg.vision
+    v.image_size, v.stem, v.patch_size, v.class_token, v.pool, v.attn_pool_heads = 64, "conv", 8, False, "map", 4
+    cfg.init_logit_scale, cfg.init_logit_bias = math.log(10.0), -10.0
+    cfg.text.vocab_size = 49408 + 32
+    cfg.decoder = DecoderConfig(TransformerConfig(128, 2, 2), layout="separate", loc_bins=32)
+    return cfg

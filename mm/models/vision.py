@@ -114,10 +114,18 @@ class _VisionParts(nn.Module):
             keep = torch.cat([torch.arange(self.prefix, device=x.device).expand(b, -1), keep], dim=1)
         return x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])), keep
 
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+              mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, 3, H, W) -> the stack's input tokens (B, T, width) and, in training with patch dropout,
-        the kept positions (for RoPE)."""
+        the kept positions (for RoPE). ``mask`` (B, N) bool over the patch grid (row-major): those patches'
+        embeddings are replaced by ``mask_token`` (width,) before positions are added (masked image modelling:
+        BEiT / iBOT / TIPS)."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, W)
+        if mask is not None:
+            if mask_token is None or mask.shape != x.shape[:2]:
+                raise ValueError(f"a patch mask needs a mask_token and the shape (batch, patches) = "
+                                 f"{tuple(x.shape[:2])}, got {None if mask is None else tuple(mask.shape)}")
+            x = torch.where(mask.unsqueeze(-1), mask_token.to(x.dtype), x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         if self.pos_embed is not None:
@@ -168,9 +176,11 @@ class VisionTower(_VisionParts):
         self.transformer = Transformer(cfg.transformer)
         self._init_head(cfg, embed_dim, cfg.transformer)
 
-    def forward(self, images: torch.Tensor) -> TowerOutput:
-        """images: (B, 3, H, W) normalised pixels at ``cfg.image_size``."""
-        x, keep = self.embed(images)
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+                mask_token: torch.Tensor | None = None) -> TowerOutput:
+        """images: (B, 3, H, W) normalised pixels at ``cfg.image_size``; ``mask`` / ``mask_token``: patches
+        replaced by a learned token (:meth:`embed`)."""
+        x, keep = self.embed(images, mask, mask_token)
         rope = self.rope(keep) if self.rope is not None else None
         x, stats = self.transformer(x, rope=rope)
         emb, tokens = self.head(x)
