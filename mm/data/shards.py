@@ -114,7 +114,10 @@ class ShardWriter:
 
     # -- writing ---------------------------------------------------------------------------------
     def write(self, key: str, image_bytes: bytes, ext: str, caption: str | None = None,
-              label: int | None = None, meta: dict[str, Any] | None = None) -> None:
+              label: int | None = None, meta: dict[str, Any] | None = None,
+              extra_members: dict[str, bytes] | None = None) -> None:
+        """Write one sample. ``extra_members``: more members as ``{ext: bytes}`` (``{"seg.png": ...}`` becomes
+        ``KEY.seg.png``); an ext is letters, digits, ``_`` and inner dots, and may not repeat another member's."""
         if not key or re.search(r"[./\\]", key):
             raise ValueError(f"sample key must be non-empty without dots or slashes, got {key!r}")
         if self._last_key is not None and key <= self._last_key:
@@ -131,6 +134,10 @@ class ShardWriter:
             self.max_label = max(self.max_label, int(label))
         if meta is not None:
             members["json"] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        for ext_, data in (extra_members or {}).items():
+            if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", ext_) or ext_.lower() in members:
+                raise ValueError(f"extra member {ext_!r} of {key!r}: not a plain extension, or one already written")
+            members[ext_.lower()] = bytes(data)
         if self._tar is None:
             self._open_shard()
         for ext_ in sorted(members):  # members of a sample in name order, as in ../shared/datasets
