@@ -254,6 +254,7 @@ def bad_requests(data, big: int) -> list[tuple[str, str, dict, int]]:
                                                           "templates": ["a photo"]}}, 422),
         ("unknown method", "/v1/caption", {"json": {"image": b64(data.files[0]), "method": "telepathy"}}, 422),
         ("too many beams", "/v1/caption", {"json": {"image": b64(data.files[0]), "num_beams": 500}}, 422),
+        ("no box tokens", "/v1/ground", {"json": {"image": b64(data.files[0]), "text": "the red square"}}, 400),
     ]
 
 
@@ -290,6 +291,60 @@ def test_page_and_docs_are_served(server):
         assert "/v1/search" in c.get("/openapi.json").json()["paths"]
         assert c.get("/docs").status_code == 200
         assert "access-control-allow-origin" not in c.get("/healthz", headers={"Origin": "http://evil.example"}).headers
+
+
+# -- /v1/ground: a LocCa model's boxes ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def locca(data):
+    """A server of a random tiny-siglip2 (a LocCa decoder with box tokens) and the model itself."""
+    torch.manual_seed(0)
+    model_dir = mm.save_pretrained(mm.create_model("tiny-siglip2"), data.dir / "siglip2")
+    s = Server("--model", str(model_dir), "--max-pixels", "1000000")
+    yield SimpleNamespace(server=s, model=mm.load_pretrained(model_dir).eval())
+    assert s.stop() == 0, "".join(s.log)
+
+
+def test_ground_equals_the_library_and_refuses_bad_requests(locca, data, server):
+    from mm.inference.ground import locate
+
+    model, s = locca.model, locca.server
+    tok = mm.get_tokenizer(model)
+    texts = ["the red square", "a small thing on the left side", "x"]
+    with s.client() as c:
+        assert c.get("/v1/info").json()["ground"] is True
+        # multipart, repeated `text` fields; JSON, one string; several requests at once batch together
+        multi = c.post("/v1/ground", files=files_of(data.files[1]), data={"text": texts})
+        assert multi.status_code == 200, multi.text
+        one = c.post("/v1/ground", json={"image": b64(data.files[2]), "text": "x"})
+        with ThreadPoolExecutor(4) as pool:
+            many = list(pool.map(lambda p: c.post("/v1/ground", json={"image": b64(p), "text": texts}).json(),
+                                 data.files[:4]))
+        for path, got, want_texts in [(data.files[1], multi.json(), texts), (data.files[2], one.json(), ["x"])] + \
+                [(p, m, texts) for p, m in zip(data.files[:4], many)]:
+            want = locate(model, tok, [path] * len(want_texts), want_texts)
+            assert [b["text"] for b in got["boxes"]] == want_texts
+            np.testing.assert_allclose([b["box"] for b in got["boxes"]], [w.box for w in want], atol=1e-4)
+            np.testing.assert_allclose([b["score"] for b in got["boxes"]], [w.score for w in want], atol=1e-4)
+            size = Image.open(path).size
+            assert all(0 <= b["box"][0] <= b["box"][2] <= size[0] and 0 <= b["box"][1] <= b["box"][3] <= size[1]
+                       for b in got["boxes"])
+        # refusals: 4xx with a message, never 500
+        for body, status in [({"image": b64(data.files[0])}, 422), ({"text": "x"}, 422),
+                             ({"image": b64(data.files[0]), "text": []}, 422),
+                             ({"image": b64(data.files[0]), "text": ["a", " "]}, 422),
+                             ({"image": b64(data.files[0]), "text": ["x"] * 500}, 413),
+                             ({"image": "bm90IGFuIGltYWdl", "text": "x"}, 400),
+                             ({"image": b64(data.files[0]), "text": "x", "k": 3}, 422)]:
+            r = c.post("/v1/ground", json=body)
+            assert r.status_code == status and r.json()["detail"], (body.keys(), r.status_code, r.text)
+        assert c.get("/healthz").json() == {"status": "ok"}
+    assert not any(k.startswith("mm_requests_total") and 'status="5' in k for k in s.metrics())
+    assert s.metrics()['mm_requests_total{endpoint="/v1/ground",status="200"}'] >= 6
+    # a model without box tokens (tiny-coca): refused, naming what it lacks
+    with server.client() as c:
+        assert c.get("/v1/info").json()["ground"] is False
+        r = c.post("/v1/ground", json={"image": b64(data.files[0]), "text": "x"})
+        assert r.status_code == 400 and "decoder.loc_bins" in r.json()["detail"]
 
 
 # -- options: auth, CORS, refusing to listen on the network without a key ------------------------------------------

@@ -6,7 +6,7 @@ import argparse
 
 from ..utils import dist
 from ..utils.host import tune_malloc
-from . import benchmark, caption, convert, embed, eval, finetune, models, serve, shards, train
+from . import benchmark, caption, convert, embed, eval, finetune, ground, models, serve, shards, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (models.add_models_parser, train.add_parser, shards.add_parser, embed.add_embed_parser,
                 embed.add_search_parser, eval.add_zeroshot_and_eval_parsers, eval.add_probe_parser,
                 benchmark.add_parser, finetune.add_parser, convert.add_export_parser, caption.add_parser,
-                convert.add_convert_parser, convert.add_merge_parser, serve.add_parser, models.add_demo_parser):
+                ground.add_parser, convert.add_convert_parser, convert.add_merge_parser, serve.add_parser,
+                models.add_demo_parser):
         add(sub)
     return p
 

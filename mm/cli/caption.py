@@ -1,8 +1,10 @@
-"""``mm caption``: captions for image files and folders with a CoCa model (:mod:`mm.inference.generate`)."""
+"""``mm caption``: captions for image files and folders with a CoCa model (:mod:`mm.inference.generate`), or of one
+region of each (``--box``, a LocCa model: :func:`mm.inference.ground.caption_regions`)."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -14,7 +16,8 @@ from ..data.folder import list_images, load_image
 from ..data.transforms import image_transform
 from ..hub import load_model
 from ..inference.generate import GenerationConfig, generate
-from ..inference.plots import caption_sheet
+from ..inference.ground import GroundingError, box_tokens, caption_regions, region_in_input
+from ..inference.plots import box_sheet, caption_sheet
 from ..tokenizer import get_tokenizer
 from .common import (
     EXAMPLES,
@@ -29,9 +32,25 @@ from .common import (
 PLOT_MAX = 64  # images drawn by `mm caption --plot`
 
 
-@guard(FileNotFoundError, UsageError, *MODEL_ERRORS)
+def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
+    """``--box x0,y0,x1,y1``: four numbers, x0 < x1 and y0 < y1 (pixels of the image)."""
+    if text is None:
+        return None
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not all(math.isfinite(v) for v in box):
+        raise UsageError(f"--box {text!r}: expected x0,y0,x1,y1 (4 numbers, pixels of the image)")
+    if not (box[0] < box[2] and box[1] < box[3]):
+        raise UsageError(f"--box {text!r}: needs x0 < x1 and y0 < y1 (x1, y1: the right and bottom edges)")
+    return box  # type: ignore[return-value]
+
+
+@guard(FileNotFoundError, UsageError, GroundingError, *MODEL_ERRORS)
 def cmd_caption(args: argparse.Namespace) -> int:
     """One caption per image: "PATH<TAB>caption" lines (or JSON lines with --json)."""
+    box = parse_box(args.box)
     paths = list_images(args.images)
     if not paths:
         raise UsageError("no images found")
@@ -42,11 +61,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
         no_repeat_ngram_size=args.no_repeat_ngram))
     model = load_model(args.model, args.pretrained, args.device, adapter=args.adapter, names=MODEL_ARGS)
+    if box is not None:
+        box_tokens(model)  # no box tokens: one line naming decoder.loc_bins
     if getattr(model.config, "decoder", None) is None:
         raise UsageError(f"{args.model} has no captioning decoder: mm caption needs a CoCa model (e.g. "
                          "open_clip:coca_ViT-B-32:laion2b_s13b_b90k, or train tiny-coca)")
     tok, pre = get_tokenizer(model), image_transform(model, train=False)
-    eot = model.config.text.eot_id
     generator = torch.Generator(args.device).manual_seed(args.seed)
     bad, sheet = 0, []  # sheet: (image, caption) for --plot, the first PLOT_MAX images
     for start in range(0, len(paths), args.batch_size):
@@ -54,7 +74,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         for p in paths[start:start + args.batch_size]:
             try:
                 img = load_image(p)
-                images.append(pre(img))
+                images.append(pre(img) if box is None else img)
                 chunk.append(p)
                 pil.append(img if args.plot and len(sheet) + len(pil) < PLOT_MAX else None)
             except BadSample as e:
@@ -62,19 +82,37 @@ def cmd_caption(args: argparse.Namespace) -> int:
                 print(f"skipped {p}: {e}", file=sys.stderr)
         if not images:
             continue
-        with torch.no_grad():
-            ids = generate(model, torch.stack(images).to(args.device), gen, generator=generator)
-        for p, row, img in zip(chunk, ids.tolist(), pil):
-            text = tok.decode(row[: row.index(eot)] if eot in row else row)
-            print(json.dumps({"image": str(p), "caption": text}) if args.json else f"{p}\t{text}", flush=True)
+        for text, p, img in zip(_captions(args, model, tok, gen, generator, images, chunk, box), chunk, pil):
+            row = {"image": str(p), "caption": text} if box is None else {"image": str(p), "box": list(box),
+                                                                            "caption": text}
+            print(json.dumps(row) if args.json else f"{p}\t{text}", flush=True)
             if img is not None:
                 sheet.append((img, f"{p.name}\n{text}"))
     if bad:
         print(f"{bad} of {len(paths)} images could not be read and were skipped", file=sys.stderr)
     if args.plot:
-        out = caption_sheet(sheet, args.plot, title=f"{args.model} ({args.method})")
+        title = f"{args.model} ({args.method})"
+        out = caption_sheet(sheet, args.plot, title=title) if box is None else \
+            box_sheet([(img, [(box, "")], text) for img, text in sheet], args.plot, title=title)
         print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def _captions(args: argparse.Namespace, model: Any, tok: Any, gen: GenerationConfig, generator: torch.Generator,
+              images: list[Any], paths: list[Any], box: tuple[float, float, float, float] | None) -> list[str]:
+    """Captions of a batch: of the whole images (preprocessed tensors), or of ``box`` in each (PIL images)."""
+    eot = model.config.text.eot_id
+    if box is None:
+        with torch.no_grad():
+            ids = generate(model, torch.stack(images).to(args.device), gen, generator=generator)
+        return [tok.decode(row[: row.index(eot)] if eot in row else row) for row in ids.tolist()]
+    for p, img in zip(paths, images):
+        try:
+            region_in_input(model, box, img.width, img.height)
+        except GroundingError as e:
+            raise UsageError(f"--box {args.box}: {p}: {e}") from None
+    return caption_regions(model, tok, images, [box] * len(images), batch_size=len(images), device=args.device,
+                           config=gen, generator=generator)
 
 
 def add_parser(sub: Any) -> None:
@@ -84,7 +122,8 @@ def add_parser(sub: Any) -> None:
                     "images are skipped and counted.\n\nexamples:\n  mm caption --model runs/builtin/final photo.jpg\n"
                     "  mm caption --model runs/builtin/final --method sample --top-p 0.9 --seed 1 photos/\n"
                     "  mm caption --model runs/builtin/final --num-beams 5 --no-repeat-ngram 3 --json photos/\n"
-                    "  mm caption --model runs/builtin/final examples/ --plot captions.png",
+                    "  mm caption --model runs/builtin/final examples/ --plot captions.png\n"
+                    "  mm caption --model runs/siglip2/final --box 8,8,40,32 --method greedy scene.png",
         formatter_class=EXAMPLES)
     s.add_argument("images", nargs="+", help="image files or folders")
     add_model_options(s)
@@ -98,6 +137,9 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--no-repeat-ngram", type=int, default=0, help="forbid repeating n-grams of this size")
+    s.add_argument("--box", metavar="X0,Y0,X1,Y1",
+                   help="caption this region of each image (pixels of the image; x1, y1: its right and bottom edges) "
+                        "with a LocCa model (a decoder with box tokens, decoder.loc_bins > 0)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")

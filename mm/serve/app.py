@@ -28,7 +28,7 @@ from ..config import ConfigError, from_dict, validate
 from ..inference.generate import GenerationConfig
 from .batcher import Batcher, QueueFull, Timeout
 from .bodies import read_body
-from .engine import DEFAULT_PROMPTS, CaptionJob, Engine
+from .engine import DEFAULT_PROMPTS, CaptionJob, Engine, GroundJob
 from .indexes import ServedIndex
 from .limits import (
     BodyLimit,
@@ -45,6 +45,8 @@ from .schemas import (
     CaptionResponse,
     EmbedRequest,
     EmbedResponse,
+    GroundRequest,
+    GroundResponse,
     SearchRequest,
     SearchResponse,
     ZeroShotRequest,
@@ -59,7 +61,7 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' b
                                            "'unsafe-inline'; script-src 'self'; frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 ENDPOINTS = ("/", "/app.js", "/healthz", "/metrics", "/v1/info", "/v1/embed", "/v1/zeroshot", "/v1/caption",
-             "/v1/search", "/docs", "/openapi.json")
+             "/v1/ground", "/v1/search", "/docs", "/openapi.json")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ class Service:
                                      "classifier": self.engine.classifiers}
         if self.engine.can_caption:
             runs["caption"] = self.engine.captions
+        if self.engine.can_ground:
+            runs["ground"] = self.engine.ground
         for kind, run in runs.items():
             self.batchers[kind] = Batcher(kind, run, self.model_thread, max_batch=s.max_batch,
                                           max_wait=s.max_wait_ms / 1000, max_queue=s.max_queue, metrics=self.metrics,
@@ -116,6 +120,13 @@ class Service:
         def one(i: int, data: bytes) -> Any:
             return self.engine.preprocess(decode_image(data, self.limits, f"{what}[{i}]" if len(blobs) > 1 else what))
         return await asyncio.gather(*(self._off_loop(one, i, b) for i, b in enumerate(blobs)))
+
+    async def _image_and_size(self, blob: bytes, what: str) -> tuple[Any, tuple[int, int]]:
+        """One image decoded and preprocessed in the pool, with its (width, height) as uploaded (upright)."""
+        def one() -> tuple[Any, tuple[int, int]]:
+            img = decode_image(blob, self.limits, what)
+            return self.engine.preprocess(img), img.size
+        return await self._off_loop(one)
 
     # -- routes ------------------------------------------------------------------------------------------
     async def embed(self, request: Request) -> Response:
@@ -178,6 +189,22 @@ class Service:
         (text,) = await self._model("caption", [job], deadline, key=job.key())
         return JSONResponse({"caption": text})
 
+    async def ground(self, request: Request) -> Response:
+        """Find the box each text names in one image (LocCa models: a decoder with box tokens), as `mm ground` does:
+        boxes in pixels of the image, with their scores."""
+        deadline = time.monotonic() + self.settings.timeout
+        if "ground" not in self.batchers:
+            raise RequestError(400, f"{self.settings.model} cannot ground text: {self.engine.no_ground}")
+        body, files = await read_body(request, GroundRequest, ("image",), self.limits)
+        texts = check_texts([body.text] if isinstance(body.text, str) else body.text, self.limits, "text")
+        if not texts:
+            raise RequestError(422, "text: give at least one expression")
+        if len(texts) > self.limits.max_texts:
+            raise RequestError(413, f"{len(texts)} texts: at most {self.limits.max_texts} per request")
+        image, size = await self._image_and_size(_one(files["image"], "image")[0], "image")
+        boxes = await self._model("ground", [GroundJob(image, t, size) for t in texts], deadline)
+        return JSONResponse({"boxes": boxes})
+
     async def search(self, request: Request) -> Response:
         """Search loaded indexes with a text or an image: ids and scores (and the image URL when the index
         knows its images), as `mm search` ranks them."""
@@ -211,6 +238,7 @@ class Service:
     async def info(self) -> dict[str, Any]:
         """What is served: the model, its embedding width, whether it captions, the indexes, the limits."""
         return {"model": self.settings.model, "dim": self.engine.dim, "caption": self.engine.can_caption,
+                "ground": self.engine.can_ground,
                 "indexes": {n: i.describe() for n, i in self.indexes.items()}, "limits": self.limits.as_dict(),
                 "max_batch": self.settings.max_batch}
 
@@ -313,12 +341,14 @@ def create_app(engine: Engine, indexes: dict[str, ServedIndex], settings: ServeS
         await service.stop()  # uvicorn calls this after in-flight requests are answered
 
     app = FastAPI(title="mm serve", version="1", lifespan=lifespan,
-                  description="Embeddings, zero-shot classification, captions and search with one mm model.")
+                  description="Embeddings, zero-shot classification, captions, referring boxes and search with one "
+                              "mm model.")
     app.state.service = service
     auth = [Depends(_key_check(settings.api_key))]
     routes = [("/v1/embed", service.embed, EmbedResponse, EmbedRequest, {"images": True}),
               ("/v1/zeroshot", service.zeroshot, ZeroShotResponse, ZeroShotRequest, {"image": False}),
               ("/v1/caption", service.caption, CaptionResponse, CaptionRequest, {"image": False}),
+              ("/v1/ground", service.ground, GroundResponse, GroundRequest, {"image": False}),
               ("/v1/search", service.search, SearchResponse, SearchRequest, {"image": False})]
     for path, fn, response, request, files in routes:
         app.add_api_route(path, fn, methods=["POST"], response_model=response, dependencies=auth,

@@ -6,7 +6,9 @@ answer equals the library's:
   ``mm embed`` and ``mm search`` make them (fp32 rows);
 * zero-shot: :func:`mm.zero_shot_classifier` (cached per class list and templates) and :func:`mm.eval.zeroshot.predict`'s
   probabilities (softmax over ``100 * cos``);
-* captions: :func:`mm.inference.generate.generate`, as ``mm caption`` / :func:`mm.caption` run it.
+* captions: :func:`mm.inference.generate.generate`, as ``mm caption`` / :func:`mm.caption` run it;
+* referring (LocCa models): :func:`mm.inference.ground.locate` on the preprocessed images with their original sizes,
+  as ``mm ground`` runs it on the files.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from PIL import Image
 from ..data.transforms import image_transform
 from ..eval.zeroshot import zero_shot_classifier
 from ..inference.generate import GenerationConfig, generate
+from ..inference.ground import GroundingError, box_tokens, locate
 from ..tokenizer import get_tokenizer
 from ..utils.nn import model_device
 from ..utils.precision import autocast
@@ -44,6 +47,23 @@ class CaptionJob:
         return (cfg, self.seed, id(self)) if self.config.method == "sample" else (cfg,)
 
 
+@dataclass(frozen=True)
+class GroundJob:
+    """One expression to ground in a preprocessed image whose original size is ``size`` (width, height)."""
+
+    image: torch.Tensor
+    text: str
+    size: tuple[int, int]
+
+
+def _ground_problem(model: Any) -> str | None:
+    try:
+        box_tokens(model)
+    except GroundingError as e:
+        return str(e)
+    return None
+
+
 class Engine:
     def __init__(self, model: Any, *, precision: str = "fp32"):
         self.model = model.eval()
@@ -53,6 +73,8 @@ class Engine:
         self.transform = image_transform(model, train=False)
         self.can_caption = getattr(getattr(model, "config", None), "decoder", None) is not None \
             and hasattr(model, "next_token_logits")
+        self.no_ground = _ground_problem(model)  # why the model cannot ground text (None: it can)
+        self.can_ground = self.no_ground is None
         self._classifiers: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.dim = int(self.embed_texts(["warm up"])[0].shape[0])  # the first call pays one-off costs
         self.embed_images([self.preprocess(Image.new("RGB", (8, 8)))])
@@ -113,3 +135,11 @@ class Engine:
         ids = generate(self.model, images, jobs[0].config, generator=generator)
         eot = self.model.config.text.eot_id
         return [self.tokenizer.decode(row[: row.index(eot)] if eot in row else row) for row in ids.tolist()]
+
+    @torch.inference_mode()
+    def ground(self, jobs: Sequence[GroundJob]) -> list[dict[str, Any]]:
+        """``{"text", "box" (pixels of the original image), "score"}`` per job (any expressions, any images)."""
+        images = torch.stack([j.image for j in jobs]).to(self.device)
+        found = locate(self.model, self.tokenizer, images, [j.text for j in jobs], batch_size=len(jobs),
+                       device=self.device, sizes=[j.size for j in jobs])
+        return [{"text": j.text, "box": list(r.box), "score": r.score} for j, r in zip(jobs, found)]

@@ -61,6 +61,22 @@ class CaptionResponse(BaseModel):
     caption: str
 
 
+class GroundRequest(_Strict):
+    image: str | None = Field(default=None, description="base64 image, required (multipart: file part `image`)")
+    text: list[str] | str = Field(description="the referring expression(s) to find in the image: one string, or a "
+                                              "list (multipart: the field `text`, once or repeated)")
+
+
+class GroundedBox(BaseModel):
+    text: str
+    box: list[float] = Field(description="[x0, y0, x1, y1] in pixels of the image (x1, y1: right and bottom edges)")
+    score: float = Field(description="mean log-probability of the four box tokens among the box tokens (0: certain)")
+
+
+class GroundResponse(BaseModel):
+    boxes: list[GroundedBox] = Field(description="one per text, in request order")
+
+
 class SearchRequest(_Strict):
     text: str | None = Field(default=None, description="a text query (or an image: base64 here, multipart `image`)")
     image: str | None = None
