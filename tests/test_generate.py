@@ -296,9 +296,12 @@ def test_caption_rows_train_the_decoder_on_the_first_rows_and_embed_every_row(mo
     assert part.caption_labels.numel() < full.caption_labels.numel()
     loss = CocaLoss(caption_fraction=0.5)
     assert [loss.caption_rows(n) for n in (1, 3, 128)] == [1, 2, 64] and CocaLoss().caption_rows(128) == 128
-    for bad in (0, 4):
+    for bad in (-1, 4):
         with pytest.raises(ValueError, match="caption_rows must be in"):
             model(images, tokens, caption_rows=bad)
+    none = model(images, tokens, caption_rows=0)  # the decoder not run at all (an objective not started yet)
+    assert none.caption_logits is None and none.caption_labels is None
+    torch.testing.assert_close(none.image_emb, full.image_emb)
     with pytest.raises(ValueError, match="caption_fraction"):
         CocaLoss(caption_fraction=0.0)
 

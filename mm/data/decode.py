@@ -139,8 +139,13 @@ class SampleDecoder:
         if "info" in self.need:
             out["info"] = self._json(sample) or {}
         img = sample[key] if self.raw_image else decode_image(sample[key], self.max_pixels)
-        out["image"] = self.transform(img, rng)
+        out.update(self.image_fields(img, out, rng))
         return out
+
+    def image_fields(self, img: Any, out: dict[str, Any], rng: random.Random | None) -> dict[str, Any]:
+        """What the decoded image gives the sample (``out``: its fields so far): ``image``, the transform's output.
+        A subclass adds more views of the same image (mm.data.views)."""
+        return {"image": self.transform(img, rng)}
 
     @staticmethod
     def _json(sample: dict[str, Any]) -> dict[str, Any] | None:

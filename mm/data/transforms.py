@@ -145,7 +145,11 @@ class TrainTransform(_ToNormalizedTensor):
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         if img.mode != "RGB":
             img = img.convert("RGB")
-        i, j, h, w = self.crop_params(img.width, img.height, rng or random)
+        return self.apply(img, self.crop_params(img.width, img.height, rng or random))
+
+    def apply(self, img: Image.Image, crop: tuple[int, int, int, int]) -> torch.Tensor:
+        """The crop ``(top, left, height, width)`` of an RGB image, resized and normalised."""
+        i, j, h, w = crop
         img = img.crop((j, i, j + w, i + h)).resize((self.size, self.size), self.resample)
         return super().__call__(img)
 

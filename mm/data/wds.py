@@ -192,6 +192,7 @@ class ShardStream(IterableDataset):
         batch: list[dict[str, Any]] = []
         skipped: Counter[str] = Counter()
         bad: list[str] = []
+        parts: list[str] = []  # parts of samples left out (the samples themselves kept): "URL:KEY: why"
         emitted = 0
         while True:
             good_in_epoch, pos, resumed = 0, 0, skip > 0
@@ -207,15 +208,18 @@ class ShardStream(IterableDataset):
                     skipped[e.reason] += 1
                     bad.append(f"{raw['__url__']}:{raw['__key__']}: {e}")
                     continue
+                for problem in item.pop("__problems__", ()):  # a bad part (a region) left out, the sample kept
+                    skipped[problem[0]] += 1
+                    parts.append(f"{raw['__url__']}:{raw['__key__']}: {problem[1]}")
                 item["__key__"] = raw["__key__"]
                 batch.append(item)
                 good_in_epoch += 1
                 if len(batch) == self.batch_size or (limit and emitted + len(batch) >= limit):
                     out = self.collate(batch)
                     out["meta"] = {"worker": gid, "epoch": epoch, "pos": pos, "skipped": dict(skipped),
-                                   "bad": bad, "warnings": warnings[:]}
+                                   "bad": bad, "bad_parts": parts, "warnings": warnings[:]}
                     emitted += len(batch)
-                    batch, skipped, bad = [], Counter(), []
+                    batch, skipped, bad, parts = [], Counter(), [], []
                     warnings.clear()  # the list object is shared with the shard readers
                     yield out
                     if limit and emitted >= limit:
@@ -237,7 +241,7 @@ class ShardStream(IterableDataset):
         if batch or skipped or warnings:
             out = self.collate(batch) if batch else {}
             out["meta"] = {"worker": gid, "epoch": epoch, "pos": pos, "skipped": dict(skipped), "bad": bad,
-                           "warnings": warnings}
+                           "bad_parts": parts, "warnings": warnings}
             yield out
 
 
@@ -264,6 +268,9 @@ class Collate:
             out["captions"] = [it["captions"] for it in items]
         if "info" in items[0]:
             out["infos"] = [it["info"] for it in items]
+        for k, v in items[0].items():  # further per-sample tensors (mm.data.views: local crops, masks, sequences)
+            if k not in ("image", "label") and isinstance(v, torch.Tensor):
+                out[k] = torch.stack([it[k] for it in items])
         return out
 
 

@@ -201,17 +201,20 @@ class CoCa(CLIP):
                 decoder_targets: torch.Tensor | None = None,
                 views: dict[str, ImageView] | None = None) -> ModelOutput:
         """``caption_rows``: teacher-force the decoder on the first rows of the batch only (all by default;
-        ``train.caption_fraction``): the embeddings cover every row, the caption logits and labels those rows.
+        ``train.caption_fraction``; 0: not at all): the embeddings cover every row, the caption logits and labels
+        those rows.
 
         ``decoder_tokens`` (B, T) with ``decoder_targets`` (B, T) bool: the decoder reads these sequences instead of
         the captions (LocCa's prompted tasks, mm/data/locca.py), through a second pass of the text tower, and is
         trained only on the tokens marked as targets (not on a prompt); ``caption_rows`` applies to them alike."""
         v, t, stats = self._towers(images, tokens)
         logits = labels = None
+        rows = 0
         if v is not None and t is not None:
             rows = tokens.shape[0] if caption_rows is None else caption_rows
-            if not 1 <= rows <= tokens.shape[0]:
-                raise ValueError(f"caption_rows must be in [1, {tokens.shape[0]}] (the batch), got {caption_rows}")
+            if not 0 <= rows <= tokens.shape[0]:
+                raise ValueError(f"caption_rows must be in [0, {tokens.shape[0]}] (the batch), got {caption_rows}")
+        if rows:
             if decoder_tokens is None:
                 seqs, feats, targets = tokens[:rows], t.tokens[:rows], None
             else:

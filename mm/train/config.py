@@ -60,6 +60,128 @@ class DataConfig:
 
 
 @dataclass
+class DecoderObjective:
+    """LocCa's decoder (SigLIP 2; mm/data/locca.py): one decoder, three prompted tasks, drawn per sample with these
+    probabilities (a referring / grounded draw on a sample without a visible region trains its caption)."""
+
+    weight: float = 1.0  # of the decoder's token cross-entropy (it replaces train.caption_weight)
+    start: float = 0.0  # on from this fraction of train.steps (above 0: one process only)
+    caption: float = 0.5  # caption the image
+    referring: float = 0.25  # a region's caption -> its box (box tokens: model.decoder.loc_bins)
+    grounded: float = 0.25  # a region's box -> its caption
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from _weight_start(self)
+        probs = (self.caption, self.referring, self.grounded)
+        if any(p < 0 for p in probs) or sum(probs) <= 0:
+            yield "caption", f"task probabilities must be >= 0 with a positive sum, got {probs}"
+
+    def tasks(self) -> tuple[tuple[str, float], ...]:
+        return tuple((k, getattr(self, k)) for k in ("caption", "referring", "grounded") if getattr(self, k) > 0)
+
+
+@dataclass
+class SelfDistillObjective:
+    """Global-local self-distillation (SILC, as SigLIP 2 uses it): the student's embeddings of local crops match the
+    EMA teacher's embedding of the global view, through DINO-style heads (softmax over prototypes, the teacher's
+    centred and sharpened), mm/train/tasks/siglip2.py."""
+
+    weight: float = 1.0  # SigLIP 2: 1
+    start: float = 0.8  # SigLIP 2: the last 20% of training
+    local_views: int = 2  # local crops per sample, at the model's input size (SILC: 8 at a lower resolution)
+    local_scale: tuple[float, float] = (0.05, 0.4)  # their RandomResizedCrop area range (SILC's)
+    prototypes: int = 1024  # the heads' output width (DINO: 65536)
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    center_momentum: float = 0.9  # of the teacher outputs' running mean, subtracted before the softmax
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from _weight_start(self)
+        yield from _head_values(self)
+        if self.local_views < 1:
+            yield "local_views", f"must be >= 1, got {self.local_views}"
+        if not 0 < self.local_scale[0] <= self.local_scale[1] <= 1:
+            yield "local_scale", f"must satisfy 0 < min <= max <= 1, got {self.local_scale}"
+
+
+@dataclass
+class MaskedObjective:
+    """Masked prediction (TIPS / iBOT, as SigLIP 2 uses it): a share of the student's patches replaced by a learned
+    mask token; at the masked positions its patch features match the EMA teacher's of the unmasked image."""
+
+    weight: float = 0.25  # SigLIP 2: 0.25
+    start: float = 0.8  # SigLIP 2: the last 20% of training
+    ratio: float = 0.5  # share of the patches masked
+    prototypes: int = 1024
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    center_momentum: float = 0.9
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from _weight_start(self)
+        yield from _head_values(self)
+        if not 0 < self.ratio < 1:
+            yield "ratio", f"must be in (0, 1), got {self.ratio}"
+
+
+@dataclass
+class TeacherSettings:
+    """The EMA teacher of the image tower and the heads (self-distillation and masked prediction share it), made from
+    the student when the first of them starts."""
+
+    momentum: float = 0.996  # teacher = m * teacher + (1 - m) * student after each step
+    # rises on a cosine to this by the end of training; null = fixed (SILC: a momentum reaching 1 would stop the
+    # teacher following the image-text loss)
+    momentum_end: float | None = None
+    head_hidden: int = 512  # the heads' MLP width
+    head_bottleneck: int = 128  # the heads' last width before the prototypes
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        end = self.momentum if self.momentum_end is None else self.momentum_end
+        if not 0 <= self.momentum <= end <= 1:
+            yield "momentum", f"must satisfy 0 <= momentum <= momentum_end <= 1, got {self.momentum}, {end}"
+        if self.head_hidden < 1 or self.head_bottleneck < 1:
+            yield "head_hidden", f"head widths must be >= 1, got {self.head_hidden}, {self.head_bottleneck}"
+
+
+@dataclass
+class ObjectivesConfig:
+    """The SigLIP 2 recipe's objectives besides the contrastive loss, each on from its start (a fraction of
+    train.steps) with its weight; a null section is off. docs/training_tasks.md."""
+
+    decoder: DecoderObjective | None = None  # LocCa (needs a model with a decoder; referring / grounded: box tokens)
+    self_distill: SelfDistillObjective | None = None  # global-local self-distillation against the EMA teacher
+    masked: MaskedObjective | None = None  # masked prediction of the EMA teacher's patch features
+    teacher: TeacherSettings = field(default_factory=TeacherSettings)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.decoder is None and self.self_distill is None and self.masked is None:
+            yield "decoder", "no objective is set (decoder, self_distill, masked); leave train.objectives null instead"
+
+    def teacher_start(self) -> float | None:
+        """When the EMA teacher is made: the first of self_distill / masked to start (None: neither is set)."""
+        starts = [o.start for o in (self.self_distill, self.masked) if o is not None]
+        return min(starts) if starts else None
+
+
+def _weight_start(o: Any) -> Iterator[tuple[str, str]]:
+    if o.weight < 0:
+        yield "weight", f"must be >= 0, got {o.weight}"
+    if not 0 <= o.start < 1:
+        yield "start", f"must be a fraction of train.steps in [0, 1), got {o.start}"
+
+
+def _head_values(o: Any) -> Iterator[tuple[str, str]]:
+    if o.prototypes < 2:
+        yield "prototypes", f"must be >= 2, got {o.prototypes}"
+    for k in ("student_temp", "teacher_temp"):
+        if getattr(o, k) <= 0:
+            yield k, f"must be > 0, got {getattr(o, k)}"
+    if not 0 <= o.center_momentum < 1:
+        yield "center_momentum", f"must be in [0, 1), got {o.center_momentum}"
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000  # optimizer steps
     lr: float = 5e-4  # peak learning rate (AdamW), reached after warmup_steps
@@ -122,6 +244,9 @@ class TrainConfig:
     # only the adapters trained; checkpoints hold the adapters and their optimizer state, final/ the adapter alone
     # in peft's layout (`mm merge` folds it into a model directory), e.g. {rank: 8, targets: ["*.attn"]}
     lora: LoraConfig | None = None
+    # the SigLIP 2 recipe (mm/train/tasks/siglip2.py): LocCa's decoder tasks, self-distillation and masked
+    # prediction against an EMA teacher, each with its weight and start; null = the model's own objective
+    objectives: ObjectivesConfig | None = None
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.steps < 1:
@@ -167,6 +292,8 @@ class TrainConfig:
             yield "grad_cache_chunk", f"must be >= 1 or null, got {self.grad_cache_chunk}"
         if self.objective is not None and not re.fullmatch(r"[\w.]+:\w+", self.objective):
             yield "objective", f"must be 'module:factory' (e.g. my_tasks:make_task), got {self.objective!r}"
+        if self.objectives is not None and self.objective is not None:
+            yield "objectives", "train.objective names the run's whole objective; leave train.objectives null with it"
         if self.loss_block is not None and (self.loss_block < 1 or self.loss != "siglip"):
             yield "loss_block", f"must be >= 1 and goes with loss: siglip (got {self.loss_block}, loss {self.loss})"
 

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 
 from ..data.decode import SampleDecoder
+from ..data.locca import DecoderPrompts, LocTokens
+from ..data.views import ViewsDecoder, ViewsSpec
 from ..data.gpu import DeferredTrainTransform, GpuImageDecoder, PendingImages
 from ..data.transforms import image_transform
 from ..data.wds import Collate, ShardStream, check_urls, make_loader
@@ -48,16 +50,35 @@ def build_train_stream(cfg: RunConfig, model: ImageTextModel, rank: int, world: 
     if on_device:
         transform = DeferredTrainTransform(transform, cfg.data.max_pixels)
     labelled = cfg.finetune is not None  # a fine-tuning run's samples are images and class labels
-    decoder = SampleDecoder(transform, image_keys=cfg.data.image_keys, text_key=cfg.data.text_key,
-                            label_key=cfg.finetune.label_key if labelled else "cls",
-                            need=("label",) if labelled else ("text",), max_pixels=cfg.data.max_pixels,
-                            random_caption=cfg.data.random_caption, raw_image=on_device)
+    kw = dict(image_keys=cfg.data.image_keys, text_key=cfg.data.text_key,
+              label_key=cfg.finetune.label_key if labelled else "cls", need=("label",) if labelled else ("text",),
+              max_pixels=cfg.data.max_pixels, random_caption=cfg.data.random_caption, raw_image=on_device)
+    spec = views_spec(cfg, mcfg)
+    if spec is not None:  # train.objectives: local crops, patch masks, the decoder's sequences
+        prompts = DecoderPrompts(_tok(model), LocTokens.of(mcfg), mcfg.text.context_length) \
+            if spec.decoder_tasks else None
+        decoder: SampleDecoder = ViewsDecoder(transform, spec, prompts, **kw)
+    else:
+        decoder = SampleDecoder(transform, **kw)
     nw = max(1, cfg.data.workers)
     collate = Collate() if labelled else Collate(_tok(model))
     return ShardStream(check_urls(cfg.data.train, "data.train"), decoder, collate, cfg.data.batch_size,
                        seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, train=True,
                        resampled=cfg.data.resampled, rank=rank, world=world, start=data.workers,
                        rotation=data.batches % nw)
+
+
+def views_spec(cfg: RunConfig, mcfg) -> ViewsSpec | None:
+    """What ``train.objectives`` needs from the data workers (None: nothing beyond the image and caption)."""
+    o = cfg.train.objectives
+    if o is None:
+        return None
+    dec = o.decoder
+    # plain captions need no sequences of their own; referring / grounded tasks do
+    tasks = dec.tasks() if dec is not None and any(k != "caption" for k, _ in dec.tasks()) else ()
+    return ViewsSpec(local_views=o.self_distill.local_views if o.self_distill else 0,
+                     local_scale=tuple(o.self_distill.local_scale) if o.self_distill else (0.05, 0.4),
+                     grid=mcfg.vision.grid, mask_ratio=o.masked.ratio if o.masked else 0.0, decoder_tasks=tasks)
 
 
 def _tok(model: ImageTextModel):
@@ -110,6 +131,9 @@ class Feed:
         for line in batch["meta"]["bad"]:
             self.skip_log.write(line + "\n")
             note(f"skipped sample {line}")
+        for line in batch["meta"].get("bad_parts", ()):  # the sample trains without that part
+            self.skip_log.write(line + "\n")
+            note(f"left out {line}")
         for w in batch["meta"]["warnings"]:
             note(f"warning: {w}")
         images = batch["images"]
@@ -118,9 +142,9 @@ class Feed:
         else:
             images = images.to(self.device, non_blocking=True)
         out = {"images": images, "keys": batch["keys"]}
-        for k in ("tokens", "labels"):
-            if k in batch:
-                out[k] = batch[k].to(self.device, non_blocking=True)
+        for k, v in batch.items():  # tokens, labels, and what train.objectives reads (mm/data/views.py)
+            if k != "images" and isinstance(v, torch.Tensor):
+                out[k] = v.to(self.device, non_blocking=True)
         return {**out, "texts": batch["texts"]} if "texts" in batch else out
 
     def close(self) -> None:

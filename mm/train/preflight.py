@@ -98,6 +98,7 @@ def _finetune_problems(cfg: RunConfig):
     t, e = cfg.train, cfg.eval
     for key, value in (("model", cfg.model), ("train.init_from", t.init_from), ("train.lora", t.lora),
                        ("train.freeze", t.freeze), ("train.lr_mult", t.lr_mult), ("train.objective", t.objective),
+                       ("train.objectives", t.objectives),
                        ("distill", cfg.distill), ("eval.zeroshot.shards", e.zeroshot.shards),
                        ("eval.retrieval.shards", e.retrieval.shards), ("eval.captioning.shards", e.captioning.shards),
                        ("eval.benchmark", e.benchmark)):
@@ -122,8 +123,37 @@ def _model_problems(cfg: RunConfig):
         yield "train.loss", "siglip needs a model with a logit bias (set model.init_logit_bias, e.g. -10)"
     if cfg.eval.captioning.shards and mcfg.decoder is None:
         yield "eval.captioning.shards", "captioning needs a model with a decoder (e.g. model: tiny-coca)"
+    if cfg.train.objectives is not None:
+        yield from _objectives_problems(cfg, mcfg)
     gen = cfg.eval.captioning.generation
     if gen.max_new_tokens is not None and gen.max_new_tokens >= mcfg.text.context_length:
         yield "eval.captioning.generation.max_new_tokens", (
             f"{gen.max_new_tokens} does not fit the model's context length {mcfg.text.context_length} "
             "(start token included)")
+
+
+def _objectives_problems(cfg: RunConfig, mcfg):
+    """``train.objectives`` against the model and the run: each objective needs a part of the model it can run."""
+    o, key = cfg.train.objectives, "train.objectives"
+    if o.decoder is not None:
+        if mcfg.decoder is None:
+            yield f"{key}.decoder", "LocCa's tasks need a model with a decoder (model.decoder; e.g. model: tiny-siglip2)"
+        elif (o.decoder.referring or o.decoder.grounded) and not mcfg.decoder.loc_bins:
+            yield f"{key}.decoder.referring", ("referring and grounded tasks write boxes as box tokens, which the "
+                                               "model's decoder has none of (model.decoder.loc_bins); set them to 0 "
+                                               "or use a model with box tokens (e.g. tiny-siglip2)")
+    for name in ("self_distill", "masked"):
+        if getattr(o, name) is None:
+            continue
+        if mcfg.one_tower is not None:
+            yield f"{key}.{name}", "needs a model with an image tower of its own (the EMA teacher copies it), not a "\
+                                   "one-tower model"
+        if cfg.train.fsdp:
+            yield "train.fsdp", f"{key}.{name}'s EMA teacher copies the whole image tower, which a sharded model "\
+                                "does not hold; train it with DDP"
+    if o.masked is not None and mcfg.vision.pool == "attn":
+        yield f"{key}.masked", ("predicts the teacher's patch features: the model's image tower hands on pooled "
+                                "queries (vision.pool: attn) instead of patches; use cls, mean or map pooling")
+    if cfg.data.decode == "device":
+        yield "data.decode", f"{key} reads local crops, patch masks or regions the data workers make: use workers"
+

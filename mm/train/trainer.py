@@ -274,6 +274,7 @@ class Trainer:
         and model output."""
         accum = self.cfg.train.grad_accum
         losses = out = None
+        self.task.begin_step(self.step)  # a scheduled objective switches on here
         for micro in range(accum):
             batch = self.feed.next(self.metrics.note)
             losses, out = self.executor.step(batch, divide=accum, sync=micro == accum - 1)
@@ -281,6 +282,7 @@ class Trainer:
         self.task.sync_grads()  # what the task trains itself is outside DDP
         self.state.sync_grads()
         self.stepper.step(self.step + 1)
+        self.task.end_step(self.step + 1)  # what follows the weights (an EMA teacher)
         self.sched.step()
         if self.core.logit_scale.requires_grad:  # a frozen scale stays bit-identical
             with torch.no_grad():

@@ -11,6 +11,7 @@ import torch
 from ...config import to_dict
 from ...losses import CocaLoss, make_loss
 from ...models import ImageTextModel
+from ...utils.dist import world_size
 from ..classifier import zero_shot_head
 from ..config import RunConfig
 from ..distill import build_distiller
@@ -18,8 +19,9 @@ from .base import Batch, Task, Terms, weighted_sum
 from .classify import ClassifierOutput, ClassifyTask
 from .contrastive import CocaTask, ContrastiveTask
 from .distill import DistillTask
+from .siglip2 import Siglip2Task
 
-__all__ = ["Batch", "ClassifierOutput", "ClassifyTask", "CocaTask", "ContrastiveTask", "DistillTask", "Task", "Terms",
+__all__ = ["Batch", "ClassifierOutput", "ClassifyTask", "CocaTask", "ContrastiveTask", "DistillTask", "Siglip2Task", "Task", "Terms",
            "build_task", "load_objective", "weighted_sum"]
 
 
@@ -57,6 +59,15 @@ def build_task(cfg: RunConfig, model: ImageTextModel, optimizer: torch.optim.Opt
         task = load_objective(t.objective)(cfg, model, torch.device(device))
     else:
         task = classify_task(cfg, model, device) if cfg.finetune is not None else _own_task(cfg, model)
+    if t.objectives is not None:
+        dec = t.objectives.decoder
+        if dec is not None and dec.start > 0 and world_size() > 1:
+            from ...config import ConfigError
+
+            # DDP requires every parameter of the model to take part in every step's backward
+            raise ConfigError("train.objectives.decoder.start: a decoder that starts later sits out the first steps, "
+                              "which DDP does not allow over several processes; use 0")
+        task = Siglip2Task(task, t.objectives, model, t.steps, device)
     task = task if distiller is None else DistillTask(task, distiller)
     for group in task.param_groups(t.lr, t.weight_decay) if optimizer is not None else []:
         optimizer.add_param_group(group)
@@ -78,7 +89,9 @@ def _own_task(cfg: RunConfig, model: ImageTextModel) -> Task:
     loss_kw = {**loss_kw, "block": t.loss_block} if t.loss == "siglip" else loss_kw
     loss = make_loss(t.loss, aux_weight=t.aux_weight, **loss_kw)
     if model.config.decoder is not None:
-        return CocaTask(CocaLoss(loss, contrastive_weight=t.contrastive_weight, caption_weight=t.caption_weight,
+        # with train.objectives.decoder (LocCa) the caption term is the decoder's over its three tasks, weighted so
+        caption_weight = t.objectives.decoder.weight if t.objectives and t.objectives.decoder else t.caption_weight
+        return CocaTask(CocaLoss(loss, contrastive_weight=t.contrastive_weight, caption_weight=caption_weight,
                                  label_smoothing=t.label_smoothing, aux_weight=t.aux_weight,
                                  caption_fraction=t.caption_fraction), model.config.text)
     return ContrastiveTask(loss, t.aux_weight)

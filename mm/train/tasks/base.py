@@ -13,6 +13,7 @@ A task answers what the executors ask of it, and nothing else:
   samples), so that chunks of a batch weigh their local terms by their share.
 - ``combine(terms)``: the loss, a fixed linear combination of the terms present (absent terms count 0; None when
   none is present); ``log_terms(terms)``: derived entries the log shows (distillation's ``task_loss``).
+- ``begin_step(step)`` / ``end_step(step)``: around each optimizer step (a schedule of objectives, an EMA teacher).
 - what the task itself trains: ``parameters()``, ``param_groups(lr, weight_decay)`` (how they join the optimizer),
   ``sync_grads()`` (averaged over processes: they are outside DDP), ``save(dir)`` / ``load(dir)`` in a checkpoint
   directory, ``save_final(dir)`` (what it adds to the run's final directory), ``describe()`` for the run's log.
@@ -52,10 +53,19 @@ class Task:
     name = "task"
     joint = False  # whether the forward joins the towers (a decoder reading both): both run whenever one does
 
-    def forward(self, module: nn.Module, batch: Batch, embed_only: bool = False) -> ModelOutput:
+    def forward(self, module: nn.Module, batch: Batch, embed_only: bool = False, **model_kwargs: Any) -> ModelOutput:
+        """``model_kwargs``: further arguments of the model's forward a wrapping task adds (extra image views)."""
         if embed_only:
             return module.embed(batch["images"], batch["tokens"])
-        return module(batch["images"], batch["tokens"])
+        return module(batch["images"], batch["tokens"], **model_kwargs)
+
+    def begin_step(self, step: int) -> None:
+        """Before optimizer step ``step`` (0-based): a task whose objectives follow a schedule sets them here."""
+        return None
+
+    def end_step(self, step: int) -> None:
+        """After the optimizer has stepped (``step`` steps done): what follows the weights (an EMA teacher)."""
+        return None
 
     def batch_terms(self, out: ModelOutput, batch: Batch) -> Terms:
         return {}

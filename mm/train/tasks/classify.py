@@ -36,7 +36,7 @@ class ClassifyTask(Task):
         self.head, self.classes = head, list(classes)
         self.label_smoothing, self.lr_mult, self.meta = label_smoothing, lr_mult, dict(meta or {})
 
-    def forward(self, module: nn.Module, batch: Batch, embed_only: bool = False) -> ModelOutput:
+    def forward(self, module: nn.Module, batch: Batch, embed_only: bool = False, **model_kwargs) -> ModelOutput:
         labels = batch["labels"]
         bad = (labels < 0) | (labels >= self.head.out_features)
         if bool(bad.any()):

@@ -2,6 +2,8 @@
 (contrastive + the decoder's caption cross-entropy), with MoE's auxiliary loss when the model has MoE layers."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -48,16 +50,25 @@ class CocaTask(ContrastiveTask):
     def __init__(self, loss: CocaLoss, text: TextConfig):
         super().__init__(loss.contrastive_loss, loss.aux_weight)
         self.coca, self.eot_id, self.pad_id = loss, text.eot_id, text.pad_id
+        self.decoder_on = True  # a schedule (train.objectives.decoder.start) may keep the decoder off for a while
 
     def caption_rows(self, batch: int) -> int:
-        return self.coca.caption_rows(batch)
+        return self.coca.caption_rows(batch) if self.decoder_on else 0
 
-    def forward(self, module: nn.Module, batch: Batch, embed_only: bool = False) -> ModelOutput:
+    def forward(self, module: nn.Module, batch: Batch, embed_only: bool = False, **model_kwargs: Any) -> ModelOutput:
+        """The decoder reads the batch's ``decoder_tokens`` / ``decoder_targets`` when the data made them (LocCa's
+        prompted tasks, mm/data/views.py), else the captions."""
         if embed_only:
             return module.embed(batch["images"], batch["tokens"])
-        return module(batch["images"], batch["tokens"], caption_rows=self.caption_rows(batch["tokens"].shape[0]))
+        if "decoder_tokens" in batch:
+            model_kwargs = {**model_kwargs, "decoder_tokens": batch["decoder_tokens"],
+                            "decoder_targets": batch["decoder_targets"]}
+        return module(batch["images"], batch["tokens"], caption_rows=self.caption_rows(batch["tokens"].shape[0]),
+                      **model_kwargs)
 
     def local_terms(self, out: ModelOutput, batch: Batch) -> Terms:
+        if not self.decoder_on:
+            return _aux(out)
         if out.caption_logits is None or out.caption_labels is None:
             raise ValueError("the CoCa objective needs out.caption_logits and out.caption_labels (a CoCa model "
                              "called with images and tokens)")
@@ -66,12 +77,19 @@ class CocaTask(ContrastiveTask):
 
     def local_units(self, batch: Batch) -> dict[str, float]:
         """Caption tokens: how many labels the decoder's forward makes of the batch's caption rows (the positions
-        up to the rows' longest caption whose next token is real)."""
+        up to the rows' longest sequence whose next token is real and, with decoder sequences, a target)."""
         tokens = batch["tokens"]
-        rows = tokens[: self.caption_rows(tokens.shape[0])]
-        valid = text_valid_mask(rows, eot_id=self.eot_id, pad_id=self.pad_id)
+        units = {"aux_loss": float(tokens.shape[0])}
+        rows = self.caption_rows(tokens.shape[0])
+        if rows == 0:
+            return units
+        seqs = batch["decoder_tokens"][:rows] if "decoder_tokens" in batch else tokens[:rows]
+        valid = text_valid_mask(seqs, eot_id=self.eot_id, pad_id=self.pad_id)
         n = int(valid.sum(1).max().clamp_min(2))
-        return {"caption_loss": float(valid[:, 1:n].sum()), "aux_loss": float(tokens.shape[0])}
+        predicts = valid[:, 1:n]
+        if "decoder_tokens" in batch:
+            predicts = predicts & batch["decoder_targets"][:rows, 1:n]
+        return {"caption_loss": float(predicts.sum()), **units}
 
     def combine(self, terms: Terms) -> torch.Tensor | None:
         c = self.coca

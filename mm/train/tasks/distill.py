@@ -22,8 +22,14 @@ class DistillTask(Task):
         self.joint = inner.joint
         self.loss = distiller.loss  # DistillLoss: the weights, the KL and the feature terms
 
-    def forward(self, module: nn.Module, batch: Batch, embed_only: bool = False) -> ModelOutput:
-        return self.inner.forward(module, batch, embed_only)
+    def forward(self, module: nn.Module, batch: Batch, embed_only: bool = False, **model_kwargs) -> ModelOutput:
+        return self.inner.forward(module, batch, embed_only, **model_kwargs)
+
+    def begin_step(self, step: int) -> None:
+        self.inner.begin_step(step)
+
+    def end_step(self, step: int) -> None:
+        self.inner.end_step(step)
 
     def batch_terms(self, out: ModelOutput, batch: Batch) -> Terms:
         img, txt = self.distiller.teacher_embeddings(batch, batch["images"], batch["tokens"])
