@@ -190,7 +190,9 @@ class TrainConfig:
     weight_decay: float = 0.2  # AdamW; not applied to biases, norms, embeddings, logit scale/bias
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW
     eps: float = 1e-6  # AdamW
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    # fp32 | bf16 | fp16 | auto (bf16 on a GPU and on a CPU with native bf16 arithmetic, AVX-512 BF16 / AMX; fp32 on
+    # other CPUs, which emulate bf16 ~20x slower than fp32): resolved when the config is loaded
+    precision: str = "fp32"
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch: batch_size x processes x grad_accum)
     grad_clip: float | None = 1.0  # max global grad norm; null = off
     # gradient caching (mm/train/grad_cache.py): run the model in chunks of this many samples per process (two
@@ -255,8 +257,8 @@ class TrainConfig:
             yield "lr", f"must be > 0, got {self.lr}"
         if self.warmup_steps < 0:
             yield "warmup_steps", f"must be >= 0, got {self.warmup_steps}"
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            yield "precision", f"must be fp32, bf16 or fp16, got {self.precision!r}"
+        if self.precision not in ("fp32", "bf16", "fp16", "auto"):
+            yield "precision", f"must be fp32, bf16, fp16 or auto, got {self.precision!r}"
         if self.grad_accum < 1:
             yield "grad_accum", f"must be >= 1, got {self.grad_accum}"
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..config import (
     ConfigError,
     apply_overrides,
@@ -19,6 +21,7 @@ from ..config import (
 )
 from ..data.wds import check_urls
 from ..hub.wrapped import WrappedModelError, native_only
+from ..utils.precision import emulated_on_cpu
 from . import classify
 from .adapt import check_lora, check_selectors
 from .benchmark import check_suite
@@ -40,6 +43,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] | dict[str, An
         cfg.model = to_dict(apply_overrides(mcfg, {k[len("model."):]: v for k, v in model_items.items()}))
         _model_config(cfg)
     validate(cfg)
+    if cfg.train.precision == "auto":  # what this machine computes fastest at (the run's config.yaml records it)
+        cfg.train.precision = "bf16" if torch.cuda.is_available() or not emulated_on_cpu("bf16") else "fp32"
     preflight(cfg)
     return cfg
 

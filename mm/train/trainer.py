@@ -35,7 +35,7 @@ from ..models import ImageTextModel, ModelOutput, model_class
 from ..utils import dist
 from ..utils.host import tune_malloc
 from ..utils.nn import params_sha256
-from ..utils.precision import autocast
+from ..utils.precision import autocast, emulated_on_cpu
 from . import adapt, classify
 from . import checkpoint as ckpt
 from . import fsdp as sharding
@@ -266,6 +266,9 @@ class Trainer:
             f"{f', gradient caching in chunks of {t.grad_cache_chunk}' if t.grad_cache_chunk else ''}")
         if self.task.describe():
             self.metrics.info(self.task.describe())
+        if self.proc.device.type == "cpu" and emulated_on_cpu(t.precision):
+            self.metrics.info("WARNING: train.precision bf16 on a CPU without native bf16 (AVX-512 BF16 / AMX): every "
+                              "matmul is emulated, ~20x slower than fp32 here; set train.precision=fp32")
         if self.step == 0:
             self.metrics.log({"step": 0, "world_size": self.proc.world, "device": str(self.proc.device)}, show=False)
 
