@@ -24,9 +24,10 @@ import mm
 from mm.eval.dense import dense_probe
 from mm.eval.grounding import referring_accuracy
 
-RUNS = ("siglip", "decoder", "recipe")
-LABELS = {"siglip": "SigLIP (sigmoid loss only)", "decoder": "+ LocCa decoder",
-          "recipe": "+ decoder + self-distillation + masked prediction"}
+RUNS = ("untrained", "siglip", "decoder", "recipe", "referring")
+LABELS = {"untrained": "untrained (random init, the probe's floor)", "siglip": "SigLIP (sigmoid loss only)",
+          "decoder": "+ LocCa decoder", "recipe": "+ decoder + self-distillation + masked prediction",
+          "referring": "(check) + LocCa decoder, referring task only"}
 
 
 def final_eval(run: Path) -> dict:
@@ -44,18 +45,22 @@ def main() -> None:
     ap.add_argument("--max-test", type=int, default=1000, help="held-out scenes for referring (all regions of each)")
     ap.add_argument("--probe-train", type=int, default=1000, help="training images for the dense probe")
     ap.add_argument("--probe-test", type=int, default=500, help="held-out images for the dense probe")
+    ap.add_argument("--only", nargs="*", default=list(RUNS), help=f"runs to score, of {', '.join(RUNS)}")
     args = ap.parse_args()
     torch.manual_seed(0)
     runs, data = Path(args.runs), Path(args.data)
     train, test = f"{data}/train-{{000000..000001}}.tar.gz", f"{data}/test-{{000000..000001}}.tar.gz"
-    results = {}
-    for name in RUNS:
+    out = runs / "results.json"
+    results = json.loads(out.read_text()) if out.is_file() else {}  # scored earlier, kept unless rescored
+    for name in [r for r in RUNS if r in args.only]:
         run = runs / name
-        if not (run / "final").is_dir():
+        if name == "untrained":
+            model, row = mm.create_model("tiny-siglip2").eval(), {"zeroshot_top1": None, "samples_per_s": None}
+        elif not (run / "final").is_dir():
             print(f"{name}: no final model in {run}, skipped")
             continue
-        model = mm.load_model(str(run / "final"))
-        row = final_eval(run)
+        else:
+            model, row = mm.load_model(str(run / "final")), final_eval(run)
         t0 = time.time()
         if model.config.decoder is not None:
             r = referring_accuracy(model, mm.get_tokenizer(model), test, max_samples=args.max_test)
@@ -65,14 +70,15 @@ def main() -> None:
         row["eval_s"] = time.time() - t0
         results[name] = row
         print(name, {k: v for k, v in row.items() if k != "dense_iou"}, flush=True)
-    (runs / "results.json").write_text(json.dumps(results, indent=1))
+    results = {k: results[k] for k in RUNS if k in results}
+    out.write_text(json.dumps(results, indent=1))
     print("\n| run | zero-shot top-1 | referring acc (IoU > 0.5) | referring mean IoU | dense probe mIoU | "
-          "patch acc | samples/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          "patch acc |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         ref = f"{r['referring_acc']:.3f} | {r['referring_miou']:.3f}" if "referring_acc" in r else "n/a | n/a"
-        print(f"| {LABELS[name]} | {r['zeroshot_top1']:.3f} | {ref} | {r['dense_miou']:.3f} | {r['dense_acc']:.3f} | "
-              f"{r['samples_per_s']:.1f} |")
+        zs = f"{r['zeroshot_top1']:.3f}" if r["zeroshot_top1"] is not None else "n/a"
+        print(f"| {LABELS[name]} | {zs} | {ref} | {r['dense_miou']:.3f} | {r['dense_acc']:.3f} |")
 
 
 if __name__ == "__main__":
