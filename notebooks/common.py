@@ -1,5 +1,6 @@
 """What the notebooks share: where they work, the built-in data set, and the small CoCa model that notebook 01
-trains and 02-04 reuse (each trains it first if it is not there yet, so any notebook runs on its own).
+trains and 02-04 reuse (each trains it first if it is not there yet, so any notebook runs on its own); the built-in
+scenes (boxes, referring expressions, shape maps) of notebook 07.
 
 Environment:
   MM_NOTEBOOK_DIR    working folder (default: runs/notebooks in the repository)
@@ -29,8 +30,12 @@ QUICK = os.environ.get("MM_NOTEBOOK_QUICK", "") not in ("", "0")
 DATA = WORK / "data"  # the built-in shapes set (mm shards builtin)
 COCA_RUN = WORK / "coca"  # notebook 01's run; its final/ is the model of 02-04
 
+SCENES = WORK / "scenes"  # the built-in scenes (mm shards builtin --scenes): notebook 07
+
 # (quick, full): data set size and the CoCa run
 N_TRAIN, N_TEST, PER_SHARD = (1000, 200, 250) if QUICK else (20000, 2000, 1000)  # full: `make run`'s set
+# the scenes: full is data/siglip2.yaml's set (mm shards builtin data/scenes --scenes)
+N_SCENES_TRAIN, N_SCENES_TEST, SCENES_PER_SHARD = (600, 100, 300) if QUICK else (20000, 2000, 1000)
 
 
 def mm_cli(*args: Any) -> None:
@@ -98,6 +103,48 @@ def samples(shard: str, n: int) -> list[dict[str, Any]]:
     for s in iter_shard(shard, warn=print):
         out.append({"key": s["__key__"], "image": decode_image(s["jpg"], 10**8), "caption": s["txt"].decode(),
                     "label": int(s["cls"])})
+        if len(out) == n:
+            break
+    return out
+
+
+def scenes_data() -> Path:
+    """The built-in scenes in WORK/scenes, drawn on first use."""
+    if not (SCENES / "info.json").is_file():
+        mm_cli("shards", "builtin", SCENES, "--scenes", "--n-train", N_SCENES_TRAIN, "--n-test", N_SCENES_TEST,
+               "--samples-per-shard", SCENES_PER_SHARD)
+    return SCENES
+
+
+def scenes_train_shards() -> str:
+    return f"{SCENES}/train-{{000000..{N_SCENES_TRAIN // SCENES_PER_SHARD - 1:06d}}}.tar.gz"
+
+
+def scenes_test_shard() -> str:
+    return f"{SCENES}/test-000000.tar.gz"
+
+
+def scenes_test_shards() -> str:
+    """Every held-out shard of the scenes."""
+    return f"{SCENES}/test-{{000000..{max(N_SCENES_TEST // SCENES_PER_SHARD, 1) - 1:06d}}}.tar.gz"
+
+
+def scene_samples(shard: str, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` scenes of a shard as {"key", "image" (PIL), "caption", "label", "info" (the json: objects,
+    regions, captions), "seg" (the shape map, a (H, W) uint8 array: 0 = background, k = ``seg_classes[k]``)}."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mm.data.decode import decode_image
+    from mm.data.wds import iter_shard
+
+    out = []
+    for s in iter_shard(shard, warn=print):
+        out.append({"key": s["__key__"], "image": decode_image(s["jpg"], 10**8), "caption": s["txt"].decode(),
+                    "label": int(s["cls"]), "info": json.loads(s["json"]),
+                    "seg": np.asarray(Image.open(io.BytesIO(s["seg.png"])))})
         if len(out) == n:
             break
     return out

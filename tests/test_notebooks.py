@@ -31,7 +31,7 @@ def test_notebooks_are_stored_with_the_outputs_of_a_full_run_of_their_code():
     spec.loader.exec_module(refresh)
     names = [p.stem for p in PATHS]
     assert names == ["01_train_quickstart", "02_zero_shot", "03_captioning", "04_embeddings_and_search",
-                     "05_moe_routing", "06_open_clip_interop"]
+                     "05_moe_routing", "06_open_clip_interop", "07_siglip2_grounding"]
     for p in PATHS:
         nb = nbformat.read(p, as_version=4)
         nbformat.validate(nb)
