@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.decode import SampleDecoder
-from ..data.transforms import _center_crop_or_pad, image_transform
-from ..data.wds import Collate, ShardStream, check_urls, make_loader
+from ..data.decode import BadSample, SampleDecoder
+from ..data.transforms import _center_crop_or_pad
+from ..data.wds import check_urls
 from ..utils.nn import eval_mode, model_device
 from ..utils.precision import autocast
 from .config import ShardReading
 from .probe import fit_logistic
+from .runner import eval_batches
 
 SEG_KEY = "seg.png"
 
@@ -33,16 +34,14 @@ SEG_KEY = "seg.png"
 class _WithSeg(SampleDecoder):
     """The eval decoder, plus each sample's class map through the same preprocessing (nearest) as ``seg``."""
 
-    def __init__(self, transform: Any, seg_transform: Any, **kwargs: Any):
+    def __init__(self, transform: Any, **kwargs: Any):
         super().__init__(transform, **kwargs)
-        self.seg_transform = seg_transform
+        self.seg_transform = _SegTransform(transform)
 
     def __call__(self, sample: dict[str, Any], rng: Any = None) -> dict[str, Any]:
         out = super().__call__(sample, rng)
         raw = sample.get(SEG_KEY)
         if raw is None:
-            from ..data.decode import BadSample
-
             raise BadSample("no class map", f"missing {SEG_KEY!r}")
         seg = Image.open(io.BytesIO(raw))
         out["seg"] = torch.from_numpy(np.asarray(self.seg_transform(seg), dtype=np.int64).copy())
@@ -77,12 +76,10 @@ def patch_labels(seg: torch.Tensor, patch: int) -> torch.Tensor:
 
 def seg_batches(model: Any, urls: list[str], *, batch_size: int = 64, reading: ShardReading = ShardReading(),
                 max_samples: int | None = None) -> Iterator[dict[str, Any]]:
-    """Batches of ``images`` (eval preprocessing) and ``seg`` (class maps, the same geometry), in shard order."""
-    t = image_transform(model, train=False)
-    decoder = _WithSeg(t, _SegTransform(t), image_keys=list(reading.image_keys), text_key=reading.text_key,
-                       need=(), max_pixels=reading.max_pixels)
-    stream = ShardStream(urls, decoder, Collate(), batch_size, train=False, max_samples=max_samples)
-    yield from (b for b in make_loader(stream, reading.workers, reading.prefetch_factor) if "images" in b)
+    """Batches of ``images`` (eval preprocessing) and ``seg`` (class maps, the same geometry): the eval reader's
+    (:func:`mm.eval.runner.eval_batches`), in its order (several workers interleave a shard's samples)."""
+    return eval_batches(model, urls, (), batch_size=batch_size, reading=reading, max_samples=max_samples,
+                        decoder_class=_WithSeg)
 
 
 @torch.no_grad()

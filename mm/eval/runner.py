@@ -34,11 +34,13 @@ def shard_info(urls: list[str]) -> dict[str, Any]:
 
 def eval_batches(model, urls: list[str], need: tuple[str, ...], *, batch_size: int,
                  reading: ShardReading = ShardReading(), label_key: str = "cls", max_samples: int | None = None,
-                 on_meta: Callable[[dict[str, Any]], None] | None = None) -> Iterator[dict[str, Any]]:
+                 on_meta: Callable[[dict[str, Any]], None] | None = None,
+                 decoder_class: type[SampleDecoder] = SampleDecoder) -> Iterator[dict[str, Any]]:
     """Batches of decoded samples from ``urls`` in the model's eval preprocessing, in shard order;
     ``on_meta(meta)`` sees every batch's report (skipped samples by name and reason, warnings), including a
-    final report that comes without samples."""
-    decoder = SampleDecoder(image_transform(model, train=False), image_keys=reading.image_keys,
+    final report that comes without samples. ``decoder_class``: a SampleDecoder whose samples carry more than the
+    image (the image's stored size for referring, its class map for the dense probe)."""
+    decoder = decoder_class(image_transform(model, train=False), image_keys=reading.image_keys,
                             text_key=reading.text_key, label_key=label_key, need=need,
                             max_pixels=reading.max_pixels)
     stream = ShardStream(urls, decoder, Collate(), batch_size, train=False, max_samples=max_samples)

@@ -58,11 +58,12 @@ class ProjectionHead(nn.Module):
 
 
 def distill_ce(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, student_temp: float,
-               teacher_temp: float) -> torch.Tensor:
+               teacher_temp: float, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``mean_rows( -sum_k softmax((teacher - center) / tt)_k * log_softmax(student / ts)_k )`` in fp32; the teacher's
-    side carries no gradient."""
+    side carries no gradient. ``weight`` (rows,): a weighted mean instead (0 leaves a row out, exactly)."""
     target = F.softmax((teacher.detach().float() - center) / teacher_temp, dim=-1)
-    return -(target * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1).mean()
+    ce = -(target * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1)
+    return ce.mean() if weight is None else (ce * weight).sum() / weight.sum()
 
 
 class Siglip2Task(Task):
@@ -83,13 +84,10 @@ class Siglip2Task(Task):
         if mk is not None:
             width = cfg.vision.transformer.width
             self.heads["patch"] = ProjectionHead(width, mk.prototypes, te.head_hidden, te.head_bottleneck)
-            self.mask_token = nn.Parameter(torch.zeros(width))
-            nn.init.trunc_normal_(self.mask_token, std=0.02)
+            self.mask_token = nn.Parameter(nn.init.trunc_normal_(torch.zeros(width, device=dev), std=0.02))
         else:
             self.mask_token = None
         self.heads.to(dev)
-        if self.mask_token is not None:
-            self.mask_token.data = self.mask_token.data.to(dev)
         self.centers = {k: torch.zeros(o.prototypes, device=dev) for k, o in (("global", sd), ("patch", mk))
                         if o is not None}
         self._sums: dict[str, list] = {}  # this step's teacher outputs: name -> [sum over rows, rows]
@@ -169,17 +167,23 @@ class Siglip2Task(Task):
             t = t.repeat_interleave(o.local_views, dim=0)  # each sample's crops against its global view
             terms["self_distill_loss"] = distill_ce(s, t, self.centers["global"], o.student_temp, o.teacher_temp)
         if "masked" in views:
-            o, mask = self.o.masked, batch["patch_mask"]
+            # every patch through the heads, the masked ones weighted 1 and the others 0: no boolean indexing (a
+            # device-to-host sync on GPUs) in the step
+            o, weight = self.o.masked, batch["patch_mask"].flatten().float()
             with torch.no_grad():
-                t = heads["patch"](views["teacher"].tokens[mask].float())
-            self._accumulate("patch", t)
-            s = self.heads["patch"](views["masked"].tokens[mask].float())
-            terms["masked_loss"] = distill_ce(s, t, self.centers["patch"], o.student_temp, o.teacher_temp)
+                t = heads["patch"](views["teacher"].tokens.flatten(0, 1).float())
+            self._accumulate("patch", t, weight)
+            s = self.heads["patch"](views["masked"].tokens.flatten(0, 1).float())
+            terms["masked_loss"] = distill_ce(s, t, self.centers["patch"], o.student_temp, o.teacher_temp, weight)
         return terms
 
-    def _accumulate(self, name: str, teacher_logits: torch.Tensor) -> None:
-        total = teacher_logits.detach().float().sum(0)
-        rows = torch.tensor(float(teacher_logits.shape[0]), device=total.device)
+    def _accumulate(self, name: str, teacher_logits: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """This step's sum of the teacher's outputs (the rows ``weight`` selects) and their count, for the centre."""
+        t = teacher_logits.detach().float()
+        if weight is None:
+            total, rows = t.sum(0), torch.tensor(float(t.shape[0]), device=t.device)
+        else:
+            total, rows = (t * weight[:, None]).sum(0), weight.sum()
         if name in self._sums:
             self._sums[name][0] += total
             self._sums[name][1] += rows
