@@ -5,11 +5,11 @@ from .config import LoraConfig, MoEConfig, SparseAttentionConfig, TransformerCon
 from .mlp import Mlp, QuickGELU, SwiGLU
 from .moe import MoE, RouterStats
 from .pool import AttentionalPool, LatentAttentionPool, pool_text, text_valid_mask
-from .position import RotaryEmbedding, RotaryEmbedding2D, apply_rope, sincos_2d
+from .position import RotaryEmbedding, RotaryEmbedding2D, apply_rope, sincos_1d, sincos_2d
 
 __all__ = [
     "LoraConfig", "MoEConfig", "SparseAttentionConfig", "TransformerConfig",
     "Attention", "KVCache", "make_attn_mask", "Block", "BlockCache", "DropPath", "LayerScale", "Transformer", "make_ffn",
     "Mlp", "QuickGELU", "SwiGLU", "MoE", "RouterStats", "AttentionalPool", "LatentAttentionPool", "pool_text", "text_valid_mask",
-    "RotaryEmbedding", "RotaryEmbedding2D", "apply_rope", "sincos_2d",
+    "RotaryEmbedding", "RotaryEmbedding2D", "apply_rope", "sincos_1d", "sincos_2d",
 ]

@@ -64,9 +64,10 @@ class AttentionalPool(nn.Module):
         self.norm_k = nn.LayerNorm(context_dim, eps=norm_eps)
         self.attn = Attention(dim, heads, cross=True, kv_dim=context_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``valid`` (B, T) bool: the tokens the queries may attend to (None: all)."""
         q = self.norm_q(self.query).unsqueeze(0).expand(x.shape[0], -1, -1)
-        return self.attn(q, self.norm_k(x))
+        return self.attn(q, self.norm_k(x), attn_mask=_key_mask(valid))
 
 
 class LatentAttentionPool(nn.Module):
@@ -81,7 +82,14 @@ class LatentAttentionPool(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, mlp_hidden, act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.attn(self.latent.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype), x)  # (B, 1, dim)
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``valid`` (B, T) bool: the tokens the query may attend to (None: all)."""
+        latent = self.latent.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
+        y = self.attn(latent, x, attn_mask=_key_mask(valid))  # (B, 1, dim)
         y = y + self.mlp(self.norm(y))
         return y[:, 0]
+
+
+def _key_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, T) bool -> SDPA's boolean (B, 1, 1, T) mask (True = attend)."""
+    return None if valid is None else valid[:, None, None, :]

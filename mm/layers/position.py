@@ -13,7 +13,7 @@ def sincos_1d(dim: int, pos: torch.Tensor, base: float = 10000.0) -> torch.Tenso
     if dim % 2:
         raise ValueError(f"sin-cos dim must be even, got {dim}")
     omega = 1.0 / base ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
-    out = pos.to(torch.float64).reshape(-1, 1) * omega[None]
+    out = pos.to(torch.float64).reshape(-1, 1) * omega.to(pos.device)[None]
     return torch.cat([out.sin(), out.cos()], dim=1).float()
 
 
@@ -44,7 +44,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def _rope_angles(dim: int, pos: torch.Tensor, base: float) -> torch.Tensor:
     """(N,) positions -> (N, dim) angles, laid out for rotate_half: the same dim/2 freqs twice."""
     inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    ang = pos.float()[:, None] * inv[None]
+    ang = pos.float()[:, None] * inv.to(pos.device)[None]
     return torch.cat([ang, ang], dim=-1)
 
 
@@ -106,11 +106,30 @@ class RotaryEmbedding2D(nn.Module):
         if self.axial is not None:
             return axial_rope_angles(self.head_dim, self.grid, **self.axial)
         ys, xs = torch.meshgrid(torch.arange(self.grid), torch.arange(self.grid), indexing="ij")
+        return self._angles_at(ys.reshape(-1), xs.reshape(-1))
+
+    def _angles_at(self, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """(N,) rows and columns -> (N, head_dim) angles of mm's own layout."""
         half = self.head_dim // 2
-        ay = _rope_angles(half, ys.reshape(-1), self.base)  # (N, half)
-        ax = _rope_angles(half, xs.reshape(-1), self.base)
+        ay = _rope_angles(half, ys, self.base)  # (N, half)
+        ax = _rope_angles(half, xs, self.base)
         # interleave so rotate_half over the full head pairs y-with-y and x-with-x channels
         return torch.cat([ay[:, : half // 2], ax[:, : half // 2], ay[:, half // 2 :], ax[:, half // 2 :]], dim=-1)
+
+    def at(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables (B, 1, prefix + N, head_dim) for patches at ``coords`` (B, N, 2) (row, col) on grids of any shape
+        (NaFlex input, mm/models/patches.py): the positions rotate by their own coordinates, as the square table's
+        rows do, so a square grid gets the square table. timm's axial tables depend on the grid's size
+        (``ref_grid``): such towers run at their fixed size only."""
+        if self.axial is not None:
+            raise ValueError("axial RoPE (vision.rope) scales positions to one fixed grid: such a tower takes square "
+                             "images only, not NaFlex patch sequences")
+        b, n, _ = coords.shape
+        ang = self._angles_at(coords[..., 0].reshape(-1), coords[..., 1].reshape(-1))
+        ang = ang.view(b, n, self.head_dim)
+        if self.prefix_tokens:
+            ang = torch.cat([ang.new_zeros(b, self.prefix_tokens, self.head_dim), ang], dim=1)
+        return ang.cos().unsqueeze(1), ang.sin().unsqueeze(1)
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the cos / sin tables: they derive from the config and are never saved, so a model built

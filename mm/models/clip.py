@@ -222,14 +222,17 @@ class CoCa(CLIP):
                     raise ValueError("decoder_tokens need decoder_targets of the same shape")
                 seqs, targets = decoder_tokens[:rows], decoder_targets[:rows]
                 feats = self.text(seqs).tokens  # (an MoE text tower's routing of this pass is not logged)
-            logits, labels, stats["decoder"] = self._teacher_forced(seqs, feats, v.tokens[:rows], targets)
+            context_valid = v.valid[:rows] if v.valid is not None else None
+            logits, labels, stats["decoder"] = self._teacher_forced(seqs, feats, v.tokens[:rows], targets,
+                                                                    context_valid)
         out = self._output(_embeddings(v, t), stats, _mean_aux(stats))
         out.caption_logits, out.caption_labels = logits, labels
         out.views = self.image_views(views)
         return out
 
     def _teacher_forced(self, seqs: torch.Tensor, feats: torch.Tensor, image_tokens: torch.Tensor,
-                        targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
+                        targets: torch.Tensor | None, context_valid: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
         """The decoder over ``seqs``' text features: packed logits and labels at the positions whose next token is
         real (and, with ``targets``, a target)."""
         valid = text_valid_mask(seqs, eot_id=self.config.text.eot_id, pad_id=self.config.text.pad_id)
@@ -239,12 +242,17 @@ class CoCa(CLIP):
         # removes most of the decoder's and LM head's work and most of the logits' memory.
         n = int(valid.sum(1).max().clamp_min(2))
         predicts = valid[:, 1:n] if targets is None else valid[:, 1:n] & targets[:, 1:n]
-        logits, stats = self.decoder(feats[:, : n - 1], image_tokens, valid=valid[:, : n - 1], select=predicts)
+        logits, stats = self.decoder(feats[:, : n - 1], image_tokens, valid=valid[:, : n - 1], select=predicts,
+                                     context_valid=context_valid)
         return logits, seqs[:, 1:n][predicts], stats
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, S, context_dim): what the decoder cross-attends to."""
-        return self.vision(images).tokens
+        out = self.vision(images)
+        if out.valid is not None:  # generation's cross-attention caches keys without a padding mask
+            raise ValueError("captioning a padded NaFlex batch needs attentional pooling (vision.pool: attn); "
+                             "caption these images one at a time")
+        return out.tokens
 
     def new_decode_cache(self, max_len: int | None = None) -> DecodeCache:
         """Empty KV caches for generating up to ``max_len`` positions (default: the context length)."""

@@ -76,6 +76,9 @@ class VisionConfig:
     # longest (longest side to image_size, then pad to a square) | squash (both sides to image_size)
     resize_mode: str = "shortest"
     interpolation: str = "bicubic"  # bicubic | bilinear (resampling of the resize, evaluation and training)
+    # NaFlex input (images at their own aspect ratio, mm/models/patches.py): how the learned position table is resized
+    # to each image's grid: bicubic (timm's NaFlexVit) | bilinear (Hugging Face's Siglip2), antialiased
+    pos_interpolation: str = "bicubic"
 
     @property
     def grid(self) -> int:
@@ -118,6 +121,8 @@ class VisionConfig:
             yield "resize_mode", f"must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}"
         if self.interpolation not in INTERPOLATIONS:
             yield "interpolation", f"must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}"
+        if self.pos_interpolation not in INTERPOLATIONS:
+            yield "pos_interpolation", f"must be one of {', '.join(INTERPOLATIONS)}, got {self.pos_interpolation!r}"
 
 
 @dataclass

@@ -32,11 +32,14 @@ class CaptionDecoder(nn.Module):
         valid: torch.Tensor | None = None,
         cache: list[BlockCache] | None = None,
         select: torch.Tensor | None = None,
+        context_valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[RouterStats]]:
         """x: (B, T, width) text features; image_tokens: (B, S, context_dim) (may be None once a cache
         holds their keys/values). Returns next-token logits (B, T, vocab), or with ``select`` ((B, T)
-        bool) only those positions' logits, packed as (N, vocab); and MoE router statistics."""
-        x, stats = self.transformer(x, causal=True, context=image_tokens, valid=valid, cache=cache)
+        bool) only those positions' logits, packed as (N, vocab); and MoE router statistics. ``context_valid``
+        (B, S) bool: the image tokens to attend to (NaFlex padding left out; None: all)."""
+        x, stats = self.transformer(x, causal=True, context=image_tokens, context_padding_mask=context_valid,
+                                    valid=valid, cache=cache)
         if select is not None:
             # The LM head is the widest matmul of a small CoCa (vocab 49,408) and its logits the largest
             # activation; positions that predict padding would only be thrown away by the loss.

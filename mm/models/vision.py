@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..layers import (
@@ -13,9 +14,11 @@ from ..layers import (
     RouterStats,
     Transformer,
     TransformerConfig,
+    sincos_1d,
     sincos_2d,
 )
 from .config import VisionConfig
+from .patches import Patches
 
 
 @dataclass
@@ -23,6 +26,7 @@ class TowerOutput:
     emb: torch.Tensor  # (B, embed_dim) projected, not normalised
     tokens: torch.Tensor  # (B, T, D) per-token features after the final norm (for captioning / dense use)
     router_stats: list[RouterStats] = field(default_factory=list)
+    valid: torch.Tensor | None = None  # (B, T) bool: NaFlex input's real patches among ``tokens`` (None: all real)
 
 
 class ConvStem(nn.Sequential):
@@ -101,15 +105,20 @@ class _VisionParts(nn.Module):
         else:  # the pooled features are the embedding (their width is embed_dim)
             self.proj = nn.Identity()
 
-    def _patch_dropout(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _patch_dropout(self, x: torch.Tensor, valid: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """FLIP (Li et al. 2023): keep a random subset of patch tokens per image; prefix tokens stay.
-        Returns the tokens and the kept positions (B, T') including the prefix, for RoPE."""
+        Returns the tokens and the kept positions (B, T') including the prefix, for RoPE. ``valid`` (B, T) (NaFlex
+        padding): real patches are kept before padding, so an image keeps min(its patches, the share) real ones."""
         p = self.cfg.patch_dropout
         if not self.training or p == 0.0:
             return x, None
         b, n = x.shape[0], x.shape[1] - self.prefix
         n_keep = max(1, int(n * (1 - p)))
-        keep = torch.rand(b, n, device=x.device).topk(n_keep, dim=1).indices + self.prefix  # (B, n_keep)
+        score = torch.rand(b, n, device=x.device)
+        if valid is not None:
+            score = score + valid[:, self.prefix :].to(score.dtype)  # real patches (1 + u) outrank padding (u)
+        keep = score.topk(n_keep, dim=1).indices + self.prefix  # (B, n_keep)
         if self.prefix:
             keep = torch.cat([torch.arange(self.prefix, device=x.device).expand(b, -1), keep], dim=1)
         return x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])), keep
@@ -133,25 +142,87 @@ class _VisionParts(nn.Module):
         x, keep = self._patch_dropout(x)
         return self.norm_pre(x), keep
 
-    def head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stack's output (B, T, width) -> projected embedding (B, embed_dim) and normed tokens."""
+    def embed_patches(self, p: Patches, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """NaFlex input (mm/models/patches.py) -> the stack's input tokens (B, prefix + N, width), their validity
+        (B, prefix + N) (None when no position is padding) and the RoPE tables (None without RoPE).
+
+        The same weights as :meth:`embed`: the patchify's convolution applied as a linear map over channels-last
+        patches, the learned position table resized to each image's grid (``vision.pos_interpolation``, antialiased,
+        corners not aligned: timm's ``NaFlexEmbeds`` (bicubic) and Hugging Face's Siglip2 (bilinear)); a fixed table
+        (sin-cos) or RoPE is computed at each patch's coordinates. A square batch gives :meth:`embed`'s tokens."""
+        cfg = self.cfg
+        if cfg.stem != "patch":
+            raise ValueError("vision.stem conv convolves whole images: NaFlex patch sequences need stem: patch")
+        w = self.patch_embed.weight  # (width, 3, p, p) -> (width, p*p*3), channels last like the patches
+        x = F.linear(p.pixels.to(w.dtype), w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), self.patch_embed.bias)
+        if mask is not None:
+            if mask_token is None or mask.shape != x.shape[:2]:
+                raise ValueError(f"a patch mask needs a mask_token and the shape (batch, patches) = "
+                                 f"{tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+            x = torch.where(mask.unsqueeze(-1), mask_token.to(x.dtype), x)
+        if cfg.pos_embed == "learned":
+            x = x + self._resized_positions(p.shapes, x.shape[1]).to(x.dtype)
+        elif cfg.pos_embed == "sincos2d":
+            half = x.shape[-1] // 2
+            rows, cols = p.coords[..., 0].reshape(-1), p.coords[..., 1].reshape(-1)
+            table = torch.cat([sincos_1d(half, cols), sincos_1d(half, rows)], dim=1)
+            x = x + table.view(*x.shape).to(x.dtype)
+        valid = p.valid if p.padded else None
+        if self.cls_token is not None:
+            cls = self.cls_token.to(x.dtype)
+            if cfg.pos_embed == "learned":
+                cls = cls + self.pos_embed[0].to(x.dtype)
+            x = torch.cat([cls.expand(x.shape[0], 1, -1), x], dim=1)
+            if valid is not None:
+                valid = torch.cat([valid.new_ones(valid.shape[0], 1), valid], dim=1)
+        rope = self.rope.at(p.coords) if self.rope is not None else None
+        x, keep = self._patch_dropout(x, valid)
+        if keep is not None:  # the kept tokens' validity and rotations
+            valid = valid.gather(1, keep) if valid is not None else None
+            if rope is not None:
+                idx = keep[:, None, :, None].expand(-1, 1, -1, rope[0].shape[-1])
+                rope = (rope[0].gather(2, idx), rope[1].gather(2, idx))
+        return self.norm_pre(x), valid, rope
+
+    def _resized_positions(self, shapes: torch.Tensor, length: int) -> torch.Tensor:
+        """The learned table's patch rows resized to each image's grid: (B, length, width), zeros at padding."""
+        g, width = self.cfg.grid, self.pos_embed.shape[-1]
+        table = self.pos_embed[self.prefix :].reshape(g, g, width)
+        out = table.new_zeros(len(shapes), length, width)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (h, w) in enumerate(shapes.tolist()):
+            groups.setdefault((h, w), []).append(i)
+        for (h, w), rows in groups.items():
+            if (h, w) == (g, g):
+                t = table.reshape(g * g, width)
+            else:  # in fp32: CPU interpolation has no antialiased half precision
+                t = F.interpolate(table.permute(2, 0, 1)[None].float(), size=(h, w), mode=self.cfg.pos_interpolation,
+                                  align_corners=False, antialias=True)[0].permute(1, 2, 0).reshape(h * w, width)
+            idx = torch.tensor(rows, device=out.device)
+            out[idx, : h * w] = t.to(out.dtype).expand(len(rows), -1, -1)
+        return out
+
+    def head(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stack's output (B, T, width) -> projected embedding (B, embed_dim) and normed tokens. ``valid``
+        (B, T) bool, prefix included: NaFlex input's real tokens (pooling leaves padding out); None: all real."""
+        keys = valid if valid is not None else None
         if self.cfg.pool == "attn":
             # open_clip's CoCa layout (kept for weight compatibility): the first pooled query is the
             # contrastive embedding, the other queries are the decoder's image tokens.
-            x = self.norm(self.attn_pool(x))
+            x = self.norm(self.attn_pool(x, keys))
             pooled, tokens = x[:, 0], x[:, 1:]
         elif self.cfg.pool == "map":  # timm: the final norm, then the learned query attends to every token
             x = self.norm(x)
-            pooled, tokens = self.attn_pool(x), x[:, self.prefix :]
+            pooled, tokens = self.attn_pool(x, keys), x[:, self.prefix :]
         elif self.cfg.final_ln_after_pool:  # open_clip's CLIPA: pool, then norm (the tokens stay un-normed)
             tokens = x[:, self.prefix :]
-            pooled = self.norm(x[:, 0] if self.cfg.pool == "cls" else tokens.mean(1))
+            pooled = self.norm(x[:, 0] if self.cfg.pool == "cls" else _mean(tokens, valid, self.prefix))
         else:
             x = self.norm(x)
             tokens = x[:, self.prefix :]
-            pooled = x[:, 0] if self.cfg.pool == "cls" else tokens.mean(1)
+            pooled = x[:, 0] if self.cfg.pool == "cls" else _mean(tokens, valid, self.prefix)
         return self.proj(pooled), tokens
-
 
 class VisionEmbedHead(_VisionParts):
     """An image tower without a stack of its own (``transformer`` is None): a one-tower model (LIMoE,
@@ -176,12 +247,28 @@ class VisionTower(_VisionParts):
         self.transformer = Transformer(cfg.transformer)
         self._init_head(cfg, embed_dim, cfg.transformer)
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, images: torch.Tensor | Patches, mask: torch.Tensor | None = None,
                 mask_token: torch.Tensor | None = None) -> TowerOutput:
-        """images: (B, 3, H, W) normalised pixels at ``cfg.image_size``; ``mask`` / ``mask_token``: patches
+        """images: (B, 3, H, W) normalised pixels at ``cfg.image_size``, or NaFlex :class:`Patches` (each image at
+        its own grid; attention and pooling see only its own patches); ``mask`` / ``mask_token``: patches
         replaced by a learned token (:meth:`embed`)."""
+        if isinstance(images, Patches):
+            x, valid, rope = self.embed_patches(images, mask, mask_token)
+            x, stats = self.transformer(x, rope=rope, key_padding_mask=valid)
+            emb, tokens = self.head(x, valid)
+            # attentional pooling's tokens are its queries' outputs: all real
+            real = None if valid is None or self.cfg.pool == "attn" else valid[:, self.prefix :]
+            return TowerOutput(emb, tokens, stats, real)
         x, keep = self.embed(images, mask, mask_token)
         rope = self.rope(keep) if self.rope is not None else None
         x, stats = self.transformer(x, rope=rope)
         emb, tokens = self.head(x)
         return TowerOutput(emb, tokens, stats)
+
+
+def _mean(tokens: torch.Tensor, valid: torch.Tensor | None, prefix: int) -> torch.Tensor:
+    """Mean over the patch tokens (B, N, D); with ``valid`` (B, prefix + N), over each image's real ones."""
+    if valid is None:
+        return tokens.mean(1)
+    w = valid[:, prefix:].to(tokens.dtype).unsqueeze(-1)
+    return (tokens * w).sum(1) / w.sum(1).clamp_min(1)
