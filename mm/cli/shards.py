@@ -1,26 +1,31 @@
-"""``mm shards``: make webdataset shards (a table, img2dataset output, the built-in set or scenes) and write shards
-back out as files (``mm.data.sources``, ``mm.data.synthetic``, ``mm.data.scenes``)."""
+"""``mm shards``: make webdataset shards (a table, img2dataset output, the built-in set, scenes or mixed-aspect images)
+and write shards back out as files (``mm.data.sources``, ``mm.data.synthetic``, ``mm.data.scenes``,
+``mm.data.aspect``)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import Any
 
-from ..data import scenes, synthetic
+from ..data import aspect, scenes, synthetic
 from ..data.shards import DEFAULT_MAX_PIXELS
 from ..data.sources import extract, from_img2dataset, from_table
 from .common import guard
 
 # `mm shards builtin` (and data/make_builtin.py): what mm.data.synthetic.generate draws, or with --scenes
-# mm.data.scenes.generate_scenes
+# mm.data.scenes.generate_scenes, with --aspect mm.data.aspect.generate_aspect
 BUILTIN_DESCRIPTION = ("Draw the built-in synthetic captioned data set: one coloured shape per image on a noisy\n"
                        "gradient; 30 zero-shot classes '{colour} {shape}'. Writes train-*.tar.gz, test-*.tar.gz and\n"
                        "info.json (both splits, classes, zero-shot templates) into OUT_DIR.\n"
                        "--scenes: 64 px scenes of one large and 1-2 small shapes instead, each sample with the\n"
                        "shapes' boxes and referring expressions (json 'objects', 'regions') and a shape map\n"
-                       "KEY.seg.png; the class is the large shape's.\n\n"
+                       "KEY.seg.png; the class is the large shape's.\n"
+                       "--aspect: one shape per image on canvases of aspect 1:4, 1:2, 1:1, 2:1 and 4:1 (--image-size\n"
+                       "is the long side, default 128), sized by the short side and placed anywhere along the long\n"
+                       "one, so a centre square crop often misses it; json 'aspect' and the shape's 'box'.\n\n"
                        "example: mm shards builtin data/builtin --n-train 20000 --n-test 2000\n"
-                       "example: mm shards builtin data/scenes --scenes")
+                       "example: mm shards builtin data/scenes --scenes\n"
+                       "example: mm shards builtin data/aspect --aspect")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -115,13 +120,17 @@ def add_builtin_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-train", type=int, default=20000, help="training images (default: 20000)")
     p.add_argument("--n-test", type=int, default=2000, help="held-out images (default: 2000)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="image side in pixels (default: 32; 64 with --scenes)")
+                   help="image side in pixels (default: 32; 64 with --scenes); with --aspect the long side "
+                   "(default: 128)")
     p.add_argument("--seed", type=int, default=0, help="seed; train and test use disjoint streams of it")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--gzip", action=argparse.BooleanOptionalAction, default=True,
                    help="write .tar.gz shards (default; --no-gzip: plain .tar)")
-    p.add_argument("--scenes", action="store_true",
-                   help="several shapes per image with boxes, region captions and a shape map (mm.data.scenes)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--scenes", action="store_true",
+                      help="several shapes per image with boxes, region captions and a shape map (mm.data.scenes)")
+    kind.add_argument("--aspect", action="store_true",
+                      help="one shape per image on canvases of mixed aspect ratios, with its box (mm.data.aspect)")
 
 
 @guard(FileNotFoundError, ValueError)
@@ -129,6 +138,10 @@ def run_builtin(args: argparse.Namespace) -> int:
     if args.scenes:
         size = 64 if args.image_size is None else args.image_size
         scenes.generate_scenes(args.out_dir, args.n_train, args.n_test, size, args.seed, args.samples_per_shard,
+                               args.gzip)
+    elif args.aspect:
+        size = 128 if args.image_size is None else args.image_size
+        aspect.generate_aspect(args.out_dir, args.n_train, args.n_test, size, args.seed, args.samples_per_shard,
                                args.gzip)
     else:
         size = 32 if args.image_size is None else args.image_size
