@@ -25,10 +25,17 @@ What each HF model computes, in mm's terms (transformers 4.55):
   open_clip does); with one, HF hides padding from attention and the results differ.
 * SigLIP's image tower is timm's ViT without class token or pre-norm (patch bias, final norm, latent-query
   attention pool, no projection): mm's ``pool: map``.
-* Siglip2 (NaFlex) resizes its position table to each image's patch grid and takes padded patch sequences
-  (``pixel_attention_mask``, ``spatial_shapes``). mm imports the fixed-resolution model: square images whose
-  grid is the position table's (``image_size = patch_size * sqrt(num_patches)``), where HF's resize is the
-  identity. Other grids and padded patches have no mm counterpart.
+* Siglip2 (NaFlex) takes padded patch sequences (``pixel_values`` (B, N, p*p*3), ``pixel_attention_mask``,
+  ``spatial_shapes``) and resizes its position table to each image's patch grid: bilinear, antialiased, corners not
+  aligned, in fp32 on the CPU (``Siglip2VisionEmbeddings.resize_positional_embeddings``). mm's tower takes the same
+  batch as :class:`~mm.models.patches.Patches` (``pixels``, ``valid`` as the attention mask, ``shapes`` as the spatial
+  shapes) with ``vision.pos_interpolation: bilinear``, which the import sets: ``encode_image`` equals
+  ``get_image_features`` and the tower's tokens at the valid positions equal ``last_hidden_state`` (1e-5 in fp32,
+  tests/test_naflex_interop.py). HF resizes even when the grid is the table's, where mm adds the table as it is:
+  PyTorch's antialiased bilinear resize to the same size is exactly the identity (checked bit for bit on the CPU
+  in fp32), so the two agree there too. Square images at ``image_size = patch_size * sqrt(num_patches)`` go
+  through mm's convolutional path with the same weights. Padding positions hold HF's first position row in HF and
+  zeros in mm: neither is attended to or pooled. There is no Siglip2 export (only :func:`to_hf_clip`).
 """
 from __future__ import annotations
 
@@ -162,6 +169,8 @@ def _siglip_config(hf: dict[str, Any], pre: dict[str, Any], tokenizer: str | Non
         image_size = grid * v["patch_size"]
     else:
         image_size = v["image_size"]
+    if kind == "siglip2":  # NaFlex input: HF resizes the position table bilinearly (antialiased)
+        pre = {**pre, "pos_interpolation": "bilinear"}
     stack = _stack(v)
     tokenizer = tokenizer or _siglip_tokenizer(hf, directory)
     return ModelConfig(
