@@ -105,3 +105,20 @@ def write_wds(d: Path, samples: list[dict[str, bytes]], *, shards: int = 2, clas
     if dataset_type is not None:
         (d / "dataset_type.txt").write_text(dataset_type + "\n")
     return d
+
+
+def sigterm_when(cmd: list[str], log: Path, marker: str, cwd: Path, timeout: float = 300) -> str:
+    """Start a training command, send it SIGTERM once ``marker`` appears in its metrics log ``log``, and return its
+    output after it exits (it must exit 0, saying it stopped by signal)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (log.is_file() and marker in log.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0 and "stopped by signal" in out, out[-3000:]
+    return out

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import yaml
 from PIL import Image
 
 import mm
+from conftest import sigterm_when
 from mm.config import ConfigError
 from mm.data.locca import DecoderPrompts, LocTokens
 from mm.data.regions import crop_box, dequantize, parse_regions, quantize
@@ -340,15 +339,8 @@ def test_recipe_stops_on_sigterm_and_resumes_exactly(scenes, tmp_path):
     assert all("caption_loss" in r for r in recs)
 
     cfg = _config(tmp_path, scenes, "split", steps=6, precision="bf16", checkpoint_every=0)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), str(cfg), *[o for o in SMALL[1:]]], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = tmp_path / "split" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (log.is_file() and '"step": 4' in log.read_text()):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "stopped by signal" in out, out[-3000:]
+    sigterm_when([sys.executable, str(ROOT / "train.py"), str(cfg), *SMALL[1:]], tmp_path / "split" / "metrics.jsonl",
+                 '"step": 4', ROOT)
     _train(cfg)
     a = {r["step"]: r for r in recs}
     b = {r["step"]: r for r in _records(tmp_path / "split") if "loss" in r}

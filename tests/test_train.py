@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from conftest import (
     make_colour_shards,
     png_bytes,
     write_tar,
+    sigterm_when,
 )
 from PIL import Image
 
@@ -123,16 +123,8 @@ def test_kill_9_during_checkpoint_write_resumes_from_previous_checkpoint(referen
 
 def test_sigterm_writes_a_checkpoint_and_exits_zero(colour_shards, tmp_path):
     cfg = write_config(tmp_path, colour_shards, "term", train={"steps": 100000, "log_every": 1, "warmup_steps": 1})
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), str(cfg)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    log = tmp_path / "term" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.is_file() and '"loss"' in log.read_text()):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]
-    assert "stopped by signal" in out
+    sigterm_when([sys.executable, str(ROOT / "train.py"), str(cfg)], tmp_path / "term" / "metrics.jsonl", '"loss"',
+                 ROOT, timeout=120)
     ckpts = list((tmp_path / "term" / "checkpoints").iterdir())
     assert len(ckpts) == 1 and ckpts[0].name.startswith("step_") and (ckpts[0] / "optimizer.pt").is_file()
 

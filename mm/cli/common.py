@@ -8,6 +8,7 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..config import ConfigError
 from ..eval.zeroshot import load_names
@@ -153,3 +154,40 @@ def _config_value(tp: object, key: str) -> Callable[[str], object]:
 
     parse.__name__ = getattr(tp, "__name__", str(tp))
     return parse
+
+
+SEQ_LEN_HELP = ("NaFlex: each image at its own aspect ratio, cut into at most N of the model's patches (SigLIP 2's "
+                "NaFlex; models with a patchify image tower); default: square images at the model's image_size")
+
+
+def patch_count(text: str) -> int:
+    """argparse type of ``--seq-len``: a positive number of patches (a bad one fails before any work)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of patches: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 patch (the smallest grid is 1x1), got {n}")
+    return n
+
+
+def add_seq_len(p: argparse.ArgumentParser, help: str = SEQ_LEN_HELP) -> None:
+    p.add_argument("--seq-len", type=patch_count, metavar="N", help=help)
+
+
+def check_seq_len(model: Any, seq_len: int | None) -> int | None:
+    """``--seq-len`` against the loaded model: a positive count, and an image tower that takes patch sequences."""
+    from ..models import VisionTower, naflex_problem
+
+    if seq_len is None:
+        return None
+    if seq_len < 1:
+        raise ValueError(f"--seq-len must be >= 1 (patches per image), got {seq_len}")
+    tower = getattr(model, "vision", None)
+    if not isinstance(tower, VisionTower):
+        raise ValueError("--seq-len: NaFlex needs an mm image tower of its own; this model has none (a one-tower "
+                         "model, or one run through open_clip)")
+    problem = naflex_problem(tower.cfg)
+    if problem:
+        raise ValueError(f"--seq-len: this model's image tower takes square images only: {problem}")
+    return seq_len

@@ -14,7 +14,7 @@ import torch
 
 from ..data.decode import BadSample
 from ..data.folder import load_image
-from ..data.transforms import image_transform
+from ..data.transforms import image_transform, stack_images
 from ..hub import load_model
 from ..inference.embed import (
     INDEX_NAME,
@@ -38,6 +38,8 @@ from .common import (
     MODEL_ERRORS,
     MODEL_HELP,
     add_model_options,
+    add_seq_len,
+    check_seq_len,
     default_device,
     guard,
 )
@@ -70,13 +72,17 @@ def cmd_embed(args: argparse.Namespace) -> int:
     normalize = not args.no_normalize
     # fail on a mismatched output directory before the model is loaded
     check_out_dir(args.out, chunks, model_spec=args.model, pretrained=args.pretrained, normalize=normalize,
-                  dtype=args.dtype, quantize=args.quantize)
+                  dtype=args.dtype, quantize=args.quantize, seq_len=None if args.texts else args.seq_len)
     adapter = _check_adapter(Path(args.out), args.adapter)
     started = dist.start()  # forms the process group under `accelerate launch`
     device = args.device or str(started)
     if args.quantize == "int8" and not device.startswith("cpu"):
         raise EmbedError(f"--quantize int8 runs on the CPU (--device cpu); on {device} use int8-weight")
     model = load_model(args.model, args.pretrained, device, adapter=args.adapter, names=MODEL_ARGS)
+    try:
+        seq_len = None if args.texts else check_seq_len(model, args.seq_len)
+    except ValueError as e:
+        raise EmbedError(str(e)) from None
     if dist.is_main():  # before any part is written: an interrupted run keeps the record
         side = Path(args.out) / ADAPTER_NAME
         if adapter is not None:
@@ -87,7 +93,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     index = run_embed(model, chunks, args.out, model_spec=args.model, pretrained=args.pretrained,
                       batch_size=args.batch_size, workers=args.workers, normalize=normalize,
-                      precision=args.precision, dtype=args.dtype, quantize=args.quantize)
+                      precision=args.precision, dtype=args.dtype, quantize=args.quantize, seq_len=seq_len)
     if dist.is_main():
         if adapter is not None:  # index.json names the whole model: `mm search` loads the same one for queries
             write_json_atomic(Path(args.out) / INDEX_NAME, {**index, "adapter": adapter})
@@ -130,6 +136,7 @@ def add_embed_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored dtype")
     s.add_argument("--quantize", choices=["int8", "int8-weight"], default=None,
                    help="int8 Linear layers (mm.quantize): int8 = dynamic, CPU; int8-weight = weight-only, any device")
+    add_seq_len(s)
     s.set_defaults(fn=cmd_embed)
     return s
 
@@ -143,9 +150,13 @@ def _embed_queries(index: dict[str, Any], args: argparse.Namespace) -> np.ndarra
     device = default_device(args.device)
     model = load_model(spec, pretrained, device, adapter=adapter, names=MODEL_ARGS)
     with torch.inference_mode():
-        if args.image:
-            pre = image_transform(model, train=False)
-            x = torch.stack([pre(load_image(p)) for p in args.image]).to(device)
+        if args.image:  # embedded as the index's images were (NaFlex: at the recorded sequence length)
+            try:
+                seq_len = check_seq_len(model, args.seq_len if args.seq_len is not None else index.get("seq_len"))
+            except ValueError as e:
+                raise EmbedError(str(e)) from None
+            pre = image_transform(model, train=False, seq_len=seq_len)
+            x = stack_images([pre(load_image(p)) for p in args.image]).to(device)
             return model.encode_image(x, normalize=True).float().cpu().numpy()
         return model.encode_text(get_tokenizer(model)(args.queries).to(device), normalize=True).float().cpu().numpy()
 
@@ -199,5 +210,7 @@ def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--faiss", action="store_true", help="score blocks with faiss (must be installed)")
     s.add_argument("--json", action="store_true", help="one JSON line per query {query, results: [{rank, score, id}]}")
     s.add_argument("--plot", metavar="PNG", help="also draw each query and its results (images or texts) to this PNG")
+    add_seq_len(s, "NaFlex: image queries at their own aspect ratio in at most N patches (default: as the index's "
+                   "images were)")
     s.set_defaults(fn=cmd_search)
     return s

@@ -44,7 +44,9 @@ from .common import (
     MODEL_ERRORS,
     add_model_and_labelled_shards,
     add_model_options,
+    add_seq_len,
     check_out,
+    check_seq_len,
     default_device,
     guard,
     parse_classes,
@@ -77,8 +79,9 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
         classnames, items = label_images(args.inputs, classnames, names=CLASSES_ARG)
     model = load_model(args.model, args.pretrained, default_device(args.device), adapter=args.adapter,
                        names=MODEL_ARGS)
-    batches = shard_batches(model, urls, label_key, args.batch_size, args.workers) if shards \
-        else folder_batches(model, items, args.batch_size, args.workers)
+    seq_len = check_seq_len(model, args.seq_len)
+    batches = shard_batches(model, urls, label_key, args.batch_size, args.workers, seq_len) if shards \
+        else folder_batches(model, items, args.batch_size, args.workers, seq_len)
     result = zeroshot(model, classnames, templates, batches, args.k, autocast_dtype=autocast_dtype(args.precision),
                       on_prediction=None if out else lambda p: print(prediction_line(p, classnames), flush=True),
                       on_skip=lambda s: print(f"skipped {s}", file=sys.stderr, flush=True))
@@ -114,7 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        names=MODEL_ARGS)
     cfg = EvalConfig(batch_size=args.batch_size, zeroshot=zs, retrieval=rt)
     results = evaluate(cfg, model, next(model.parameters()).device, precision=args.precision,
-                       reading=ShardReading(workers=args.workers))
+                       reading=ShardReading(workers=args.workers, seq_len=check_seq_len(model, args.seq_len)))
     text = json.dumps(results, indent=2)
     print(text)
     if out:
@@ -161,6 +164,7 @@ def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
                    help="image loading processes (0: load in this one; default: the available cores but one, 1 to 4)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="autocast while encoding (default: fp32, none)")
+    add_seq_len(p)
 
 
 def add_zeroshot_and_eval_parsers(sub: Any) -> None:

@@ -17,6 +17,8 @@ from .common import (
     MODEL_ERRORS,
     UsageError,
     add_model_options,
+    add_seq_len,
+    check_seq_len,
     default_device,
     guard,
 )
@@ -59,6 +61,10 @@ def _settings(args: argparse.Namespace) -> Any:
                          decode_workers=args.decode_workers, cors_origins=tuple(args.cors_origin or ()), limits=limits)
 
 
+def _reading(seq_len: int | None) -> str:
+    return "square" if seq_len is None else f"as NaFlex sequences of at most {seq_len} patches"
+
+
 def _same_model(recorded: str | None, spec: str) -> bool:
     if recorded is None:
         return True
@@ -82,8 +88,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, args.pretrained, default_device(args.device), adapter=args.adapter,
                        names=MODEL_ARGS)
-    engine = Engine(model, precision=args.precision)
+    try:
+        seq_len = check_seq_len(model, args.seq_len)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    engine = Engine(model, precision=args.precision, seq_len=seq_len)
     for name, index in indexes.items():
+        if index.info.get("seq_len") != seq_len:
+            print(f"warning: --index {name}'s images were read {_reading(index.info.get('seq_len'))}, queries will be "
+                  f"read {_reading(seq_len)}", file=sys.stderr)
         if index.info["embed_dim"] != engine.dim:
             raise EmbedError(f"--index {name}: embeddings of width {index.info['embed_dim']}, the model's are "
                              f"{engine.dim} (made with another model: {index.info.get('model')})")
@@ -124,5 +137,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="a browser origin allowed to call the API (repeatable; default: none, CORS off)")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--access-log", action="store_true", help="log every request")
+    add_seq_len(s)
     s.set_defaults(fn=cmd_serve)
     return s

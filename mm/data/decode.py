@@ -142,6 +142,14 @@ class SampleDecoder:
         out.update(self.image_fields(img, out, rng))
         return out
 
+    def set_seq_len(self, seq_len: int) -> None:
+        """NaFlex: the sequence length of the batch being made (the token-budget schedule, mm.data.naflex)."""
+        set_len = getattr(self.transform, "set_seq_len", None)
+        if set_len is None:
+            raise TypeError(f"{type(self.transform).__name__} makes square images: a token budget needs NaFlex "
+                            "patches (mm.data.transforms.NaFlexTransform)")
+        set_len(seq_len)
+
     def image_fields(self, img: Any, out: dict[str, Any], rng: random.Random | None) -> dict[str, Any]:
         """What the decoded image gives the sample (``out``: its fields so far): ``image``, the transform's output.
         A subclass adds more views of the same image (mm.data.views)."""

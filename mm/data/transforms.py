@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from ..models import ModelConfig, VisionConfig
+from ..models.patches import Patches, patchify
 
 # torchvision's InterpolationMode -> PIL mapping for the two modes open_clip offers
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
@@ -108,6 +109,29 @@ class EvalTransform(_ToNormalizedTensor):
         return super().__call__(img)
 
 
+def random_crop_params(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+                       rng: random.Random) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop rule: (top, left, height, width) of a crop covering ``scale`` of the area
+    with aspect ratio (width / height) in ``ratio``, drawn from ``rng``."""
+    area = width * height
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_r))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height  # fallback: central crop at the clamped aspect ratio
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 class TrainTransform(_ToNormalizedTensor):
     """RandomResizedCrop (area ``scale``, aspect 3/4–4/3, ``interpolation``) -> tensor -> normalise.
 
@@ -124,23 +148,7 @@ class TrainTransform(_ToNormalizedTensor):
         self.interpolation, self.resample = interpolation, _resample(interpolation)
 
     def crop_params(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
-        area = width * height
-        log_r = (math.log(self.ratio[0]), math.log(self.ratio[1]))
-        for _ in range(10):
-            target = area * rng.uniform(*self.scale)
-            aspect = math.exp(rng.uniform(*log_r))
-            w = int(round(math.sqrt(target * aspect)))
-            h = int(round(math.sqrt(target / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-        in_ratio = width / height  # fallback: central crop at the clamped aspect ratio
-        if in_ratio < self.ratio[0]:
-            w, h = width, int(round(width / self.ratio[0]))
-        elif in_ratio > self.ratio[1]:
-            h, w = height, int(round(height * self.ratio[1]))
-        else:
-            w, h = width, height
-        return (height - h) // 2, (width - w) // 2, h, w
+        return random_crop_params(width, height, self.scale, self.ratio, rng)
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         if img.mode != "RGB":
@@ -154,15 +162,98 @@ class TrainTransform(_ToNormalizedTensor):
         return super().__call__(img)
 
 
-def image_transform(model_or_cfg: Any, train: bool = False, scale: tuple[float, float] = (0.9, 1.0)):
-    """PIL image -> normalised (3, S, S) float tensor at the model's ``image_size``.
+def naflex_size(height: int, width: int, patch: int, seq_len: int, eps: float = 1e-5) -> tuple[int, int]:
+    """(height, width) in pixels, multiples of ``patch``, at most ``seq_len`` patches, the aspect ratio kept as
+    closely as whole patches allow, at least one patch a side: the largest scale whose sides, rounded up to whole
+    patches, fit (a binary search to ``eps``: Hugging Face's ``get_image_size_for_max_num_patches``, the SigLIP 2
+    NaFlex processor's rule, so an imported model sees the sizes it was trained with)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"an image of {width}x{height} pixels has no area")
+    if seq_len < 1:
+        raise ValueError(f"a sequence of {seq_len} patches holds no image")
+
+    def side(scale: float, size: int) -> int:
+        return max(patch, int(math.ceil(size * scale / patch) * patch))
+
+    lo, hi = eps / 10, 100.0
+    while hi - lo >= eps:
+        mid = (lo + hi) / 2
+        if (side(mid, height) / patch) * (side(mid, width) / patch) <= seq_len:
+            lo = mid
+        else:
+            hi = mid
+    return side(lo, height), side(lo, width)
+
+
+class NaFlexImage(tuple):
+    """One image as NaFlex patches: ``(patches (rows*cols, patch*patch*3), (rows, cols), seq_len)``; a batch of
+    them stacks into :class:`~mm.models.patches.Patches` padded to ``seq_len`` (:func:`stack_images`)."""
+
+    __slots__ = ()
+
+    def __new__(cls, patches: torch.Tensor, grid: tuple[int, int], seq_len: int):
+        return super().__new__(cls, (patches, grid, seq_len))
+
+
+class NaFlexTransform(_ToNormalizedTensor):
+    """PIL image -> :class:`NaFlexImage` of at most ``seq_len`` patches, aspect ratio kept (:func:`naflex_size`).
+
+    Evaluation (``train=False``) resizes the whole image. Training first takes a random crop (area ``scale`` of the
+    image, aspect ratio the image's own times ``ratio``, drawn from the sample's ``random.Random`` as
+    :class:`TrainTransform` draws; ``scale`` (1, 1) keeps the whole image). ``seq_len`` may change between batches
+    (the token-budget schedule sets it: :meth:`set_seq_len`)."""
+
+    def __init__(self, patch: int, seq_len: int, mean, std, interpolation: str = "bicubic", train: bool = False,
+                 scale: tuple[float, float] = (0.9, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        super().__init__(mean, std)
+        self.patch, self.train, self.scale, self.ratio = patch, train, scale, ratio
+        self.interpolation, self.resample = interpolation, _resample(interpolation)
+        self.set_seq_len(seq_len)
+
+    def set_seq_len(self, seq_len: int) -> None:
+        if seq_len < 1:
+            raise ValueError(f"a sequence of {seq_len} patches holds no image")
+        self.seq_len = seq_len
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> NaFlexImage:
+        if img.width < 1 or img.height < 1:
+            raise ValueError(f"an image of {img.width}x{img.height} pixels has no area")
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        if self.train:
+            own = img.width / img.height
+            i, j, h, w = random_crop_params(img.width, img.height, self.scale, (own * self.ratio[0],
+                                            own * self.ratio[1]), rng or random)
+            img = img.crop((j, i, j + w, i + h))
+        h, w = naflex_size(img.height, img.width, self.patch, self.seq_len)
+        if (w, h) != img.size:
+            img = img.resize((w, h), self.resample)
+        patches, grid = patchify(super().__call__(img), self.patch)
+        return NaFlexImage(patches, grid, self.seq_len)
+
+
+def stack_images(images: list) -> torch.Tensor | Patches:
+    """A batch of transformed images: square tensors stacked (B, 3, S, S), or :class:`NaFlexImage`s as
+    :class:`~mm.models.patches.Patches` padded to their (longest) ``seq_len``."""
+    if images and isinstance(images[0], NaFlexImage):
+        return Patches.stack([(p, grid) for p, grid, _ in images], length=max(n for _, _, n in images))
+    return torch.stack(images)
+
+
+def image_transform(model_or_cfg: Any, train: bool = False, scale: tuple[float, float] = (0.9, 1.0),
+                    seq_len: int | None = None, ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+    """PIL image -> normalised (3, S, S) float tensor at the model's ``image_size``; with ``seq_len``, a
+    :class:`NaFlexImage` of at most that many patches at the image's own aspect ratio (:class:`NaFlexTransform`).
 
     Evaluation follows the vision config's ``resize_mode`` and ``interpolation`` (:class:`EvalTransform`).
     ``train=True``: :class:`TrainTransform` (RandomResizedCrop over ``scale`` of the area, open_clip's
-    default range, resampled with ``interpolation``; no flips: captions may say "left" or "right").
+    default range, aspect ratio in ``ratio`` (NaFlex: relative to the image's own), resampled with
+    ``interpolation``; no flips: captions may say "left" or "right").
     """
     v = _vision_cfg(model_or_cfg)
+    if seq_len is not None:
+        return NaFlexTransform(v.patch_size, seq_len, v.image_mean, v.image_std, v.interpolation, train, scale, ratio)
     if train:
-        return TrainTransform(v.image_size, v.image_mean, v.image_std, scale, interpolation=v.interpolation)
+        return TrainTransform(v.image_size, v.image_mean, v.image_std, scale, ratio, interpolation=v.interpolation)
     return EvalTransform(v.image_size, v.image_mean, v.image_std, resize_mode=v.resize_mode,
                          interpolation=v.interpolation)

@@ -30,6 +30,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config import ConfigError
 from .decode import BadSample, SampleDecoder
 from .gpu import PendingImages
+from .naflex import TokenBudget
+from .transforms import NaFlexImage, stack_images
 
 
 def expand_urls(spec: str | list[str]) -> list[str]:
@@ -136,8 +138,13 @@ class ShardStream(IterableDataset):
         start: dict[int, tuple[int, int]] | None = None,
         rotation: int = 0,
         max_samples: int | None = None,
+        budget: TokenBudget | None = None,
+        first_batch: int = 0,
     ):
         self.urls, self.decoder, self.collate = urls, decoder, collate
+        # NaFlex training: each batch's size and sequence length from the token budget, by the batch's index in
+        # this process's stream (``first_batch``: the batches consumed before a resume)
+        self.budget, self.first_batch = budget, first_batch
         self.batch_size, self.seed, self.buffer = batch_size, seed, shuffle_buffer
         self.train, self.resampled = train, resampled
         self.rank, self.world = rank, world
@@ -180,6 +187,14 @@ class ShardStream(IterableDataset):
         yield from buf
 
     # -- batches ---------------------------------------------------------------------------------
+    def _plan(self, index: int) -> int:
+        """The size of batch ``index``; with a token budget, the decoder is set to its sequence length."""
+        if self.budget is None:
+            return self.batch_size
+        size, seq_len = self.budget.at(index)
+        self.decoder.set_seq_len(seq_len)
+        return size
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
@@ -194,6 +209,9 @@ class ShardStream(IterableDataset):
         bad: list[str] = []
         parts: list[str] = []  # parts of samples left out (the samples themselves kept): "URL:KEY: why"
         emitted = 0
+        # this worker makes every nw-th batch of the process's stream, starting with the first one at its turn
+        index = self.first_batch + (logical - self.first_batch) % nw
+        batch_size = self._plan(index)
         while True:
             good_in_epoch, pos, resumed = 0, 0, skip > 0
             stream = self._shuffled(self._raw(epoch, gid, total, warnings.append), _seeded(self.seed, epoch, gid))
@@ -214,13 +232,15 @@ class ShardStream(IterableDataset):
                 item["__key__"] = raw["__key__"]
                 batch.append(item)
                 good_in_epoch += 1
-                if len(batch) == self.batch_size or (limit and emitted + len(batch) >= limit):
+                if len(batch) == batch_size or (limit and emitted + len(batch) >= limit):
                     out = self.collate(batch)
                     out["meta"] = {"worker": gid, "epoch": epoch, "pos": pos, "skipped": dict(skipped),
-                                   "bad": bad, "bad_parts": parts, "warnings": warnings[:]}
+                                   "bad": bad, "bad_parts": parts, "warnings": warnings[:], "index": index}
                     emitted += len(batch)
                     batch, skipped, bad, parts = [], Counter(), [], []
                     warnings.clear()  # the list object is shared with the shard readers
+                    index += nw
+                    batch_size = self._plan(index)
                     yield out
                     if limit and emitted >= limit:
                         return
@@ -253,8 +273,8 @@ class Collate:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         images = [it["image"] for it in items]
-        if all(isinstance(x, torch.Tensor) for x in images):
-            stacked: Any = torch.stack(images)
+        if all(isinstance(x, (torch.Tensor, NaFlexImage)) for x in images):
+            stacked: Any = stack_images(images)
         else:  # data.decode: device -- some images are still compressed
             stacked = PendingImages.collate(images)
         out: dict[str, Any] = {"images": stacked, "keys": [it["__key__"] for it in items]}

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.decode import BadSample
 from ..data.folder import IMAGE_SUFFIXES, list_images, load_image
-from ..data.transforms import image_transform
+from ..data.transforms import image_transform, stack_images
 from ..data.wds import check_urls
 from ..tokenizer import get_tokenizer
 from .config import ShardReading
@@ -181,14 +181,15 @@ class _ImageFiles(Dataset):
 
 def _collate(items: list[tuple[str, int | None, torch.Tensor | None, str]]) -> Batch:
     good = [it for it in items if it[2] is not None]
-    return Batch(torch.stack([it[2] for it in good]) if good else None, [it[0] for it in good],
+    return Batch(stack_images([it[2] for it in good]) if good else None, [it[0] for it in good],
                  [it[1] for it in good], [f"{it[0]}: {it[3]}" for it in items if it[2] is None])
 
 
 def folder_batches(model: Any, items: Sequence[tuple[Path, int | None]], batch_size: int = 64,
-                   workers: int = 0) -> DataLoader:
-    """Batches of ``items`` (from :func:`label_images`) in the model's eval preprocessing."""
-    return DataLoader(_ImageFiles(items, image_transform(model, train=False)), batch_size=batch_size,
+                   workers: int = 0, seq_len: int | None = None) -> DataLoader:
+    """Batches of ``items`` (from :func:`label_images`) in the model's eval preprocessing (``seq_len``: NaFlex
+    patches, each image at its own aspect ratio)."""
+    return DataLoader(_ImageFiles(items, image_transform(model, train=False, seq_len=seq_len)), batch_size=batch_size,
                       num_workers=workers, collate_fn=_collate)
 
 
@@ -212,12 +213,12 @@ def resolve_shards(spec: str | list[str], classnames: Sequence[str] | None, temp
 
 
 def shard_batches(model: Any, urls: list[str], label_key: str | None = "cls", batch_size: int = 64,
-                  workers: int = 0) -> Iterator[Batch]:
+                  workers: int = 0, seq_len: int | None = None) -> Iterator[Batch]:
     """Batches of the shards' samples (``label_key=None``: unlabelled); skipped samples are named by
     ``shard:key: reason``, cut-off shards by a warning."""
     notes: list[str] = []
     for b in eval_batches(model, urls, ("label",) if label_key else (), batch_size=batch_size,
-                          reading=ShardReading(workers=workers), label_key=label_key or "cls",
+                          reading=ShardReading(workers=workers, seq_len=seq_len), label_key=label_key or "cls",
                           on_meta=lambda m: notes.extend(m["warnings"] + m["bad"])):
         labels = b["labels"].tolist() if label_key else [None] * len(b["keys"])
         yield Batch(b["images"], b["keys"], labels, notes[:])

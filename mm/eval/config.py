@@ -79,3 +79,4 @@ class ShardReading:
     image_keys: tuple[str, ...] = IMAGE_KEYS  # the first member present holds the image
     text_key: str = "txt"  # the member holding the caption
     max_pixels: int = MAX_PIXELS  # larger images are skipped as decompression bombs
+    seq_len: int | None = None  # NaFlex: each image at its own aspect ratio, at most this many patches; None: square

@@ -40,7 +40,7 @@ def eval_batches(model, urls: list[str], need: tuple[str, ...], *, batch_size: i
     ``on_meta(meta)`` sees every batch's report (skipped samples by name and reason, warnings), including a
     final report that comes without samples. ``decoder_class``: a SampleDecoder whose samples carry more than the
     image (the image's stored size for referring, its class map for the dense probe)."""
-    decoder = decoder_class(image_transform(model, train=False), image_keys=reading.image_keys,
+    decoder = decoder_class(image_transform(model, train=False, seq_len=reading.seq_len), image_keys=reading.image_keys,
                             text_key=reading.text_key, label_key=label_key, need=need,
                             max_pixels=reading.max_pixels)
     stream = ShardStream(urls, decoder, Collate(), batch_size, train=False, max_samples=max_samples)

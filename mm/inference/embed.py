@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config import ConfigError
 from ..data.decode import IMAGE_KEYS, BadSample, SampleDecoder
 from ..data.folder import list_images, load_image
-from ..data.transforms import image_transform
+from ..data.transforms import image_transform, stack_images
 from ..data.wds import check_urls, is_shard_spec, iter_shard
 from ..tokenizer import get_tokenizer
 from ..utils import dist
@@ -214,7 +214,7 @@ class _BatchStream(IterableDataset):
                 ids.append(pid)
             except BadSample as e:
                 skipped.append((path, str(e)))
-        return _batch(job, job.batch, job.last, ids, torch.stack(xs) if xs else None, skipped)
+        return _batch(job, job.batch, job.last, ids, stack_images(xs) if xs else None, skipped)
 
     def _shard(self, job: _Job) -> Iterator[dict[str, Any]]:
         decoder = SampleDecoder(self.transform, image_keys=IMAGE_KEYS, need=())
@@ -227,10 +227,10 @@ class _BatchStream(IterableDataset):
             except BadSample as e:
                 skipped.append((f"{job.url}:{sample['__key__']}", str(e)))
             if len(xs) == self.batch_size:
-                yield _batch(job, n, False, ids, torch.stack(xs), skipped)
+                yield _batch(job, n, False, ids, stack_images(xs), skipped)
                 ids, xs, skipped, n = [], [], [], n + 1
         skipped += [(job.url, w) for w in warnings]  # a shard cut off mid-file: its remainder is lost
-        yield _batch(job, n, True, ids, torch.stack(xs) if xs else None, skipped)
+        yield _batch(job, n, True, ids, stack_images(xs) if xs else None, skipped)
 
 
 # -- output files ------------------------------------------------------------------------------------
@@ -261,7 +261,8 @@ def _check_plan(out: Path, plan: dict[str, Any], write: bool) -> None:
     path = out / PLAN_NAME
     if path.is_file():
         old = json.loads(path.read_text())
-        diff = [k for k in plan if old.get(k) != plan[k]]
+        keys = [*plan, *(["seq_len"] if "seq_len" not in plan else [])]  # recorded only for NaFlex runs
+        diff = [k for k in keys if old.get(k) != plan.get(k)]
         if diff:
             raise EmbedError(f"{out} holds an embed run with different {', '.join(diff)} (was "
                              f"{', '.join(repr(old.get(k)) for k in diff)}); use a new output directory, or "
@@ -288,10 +289,13 @@ def image_sources(chunks: list[Chunk]) -> dict[str, list[str]]:
 
 
 def make_plan(kind: str, chunks: list[Chunk], *, model: str | None, pretrained: str | None, normalize: bool,
-              dtype: str, quantize: str | None = None) -> dict[str, Any]:
+              dtype: str, quantize: str | None = None, seq_len: int | None = None) -> dict[str, Any]:
     digest = hashlib.sha256(json.dumps([asdict(c) for c in chunks]).encode()).hexdigest()
-    return {"kind": kind, "model": model, "pretrained": pretrained, "normalized": normalize, "dtype": dtype,
+    plan = {"kind": kind, "model": model, "pretrained": pretrained, "normalized": normalize, "dtype": dtype,
             "quantize": quantize, "chunks": len(chunks), "inputs_sha256": digest}
+    if seq_len is not None:  # NaFlex images (mm search embeds image queries the same way)
+        plan["seq_len"] = seq_len
+    return plan
 
 
 def read_index(out_dir: str | Path) -> dict[str, Any]:
@@ -343,24 +347,27 @@ def _recorded(spec: str | None) -> str | None:
 
 def check_out_dir(out_dir: str | Path, chunks: list[Chunk], *, model_spec: str | None = None,
                   pretrained: str | None = None, normalize: bool = True, dtype: str = "float32",
-                  quantize: str | None = None) -> None:
+                  quantize: str | None = None, seq_len: int | None = None) -> None:
     """EmbedError if ``out_dir`` holds another embed run (other inputs or options); nothing is written. A
     command calls it before loading the model, so a mismatch costs a second, not a model load."""
     kind = "texts" if chunks and chunks[0].kind == "texts" else "images"
     _check_plan(Path(out_dir), make_plan(kind, chunks, model=_recorded(model_spec), pretrained=_recorded(pretrained),
-                                         normalize=normalize, dtype=dtype, quantize=quantize), write=False)
+                                         normalize=normalize, dtype=dtype, quantize=quantize, seq_len=seq_len),
+                write=False)
 
 
 def run_embed(model: torch.nn.Module, chunks: list[Chunk], out_dir: str | Path, *, model_spec: str | None = None,
               pretrained: str | None = None, batch_size: int = 64, workers: int | None = None, normalize: bool = True,
-              precision: str | None = None, dtype: str = "float32", quantize: str | None = None) -> dict[str, Any]:
+              precision: str | None = None, dtype: str = "float32", quantize: str | None = None,
+              seq_len: int | None = None) -> dict[str, Any]:
     """Embed the planned ``chunks`` into ``out_dir`` (this rank's unfinished ones), then, after all ranks are
     done, write index.json on the main process. Returns the index. ``model_spec`` / ``pretrained``: what
     index.json records as the model (``mm search`` loads it for queries). ``precision``: "bf16" or "fp32"
     (default: bf16 on CUDA, fp32 on CPU). ``quantize``: "int8" / "int8-weight" (:func:`mm.quantize`, applied to
     a copy unless the model already is). ``workers``: image-loading processes (None: the available cores but
-    one, :func:`mm.utils.host.default_workers`). The model is put in eval mode (train-mode patch dropout would
-    change the embeddings)."""
+    one, :func:`mm.utils.host.default_workers`). ``seq_len``: NaFlex, each image at its own aspect ratio in at
+    most that many patches (recorded in the plan and index). The model is put in eval mode (train-mode patch
+    dropout would change the embeddings)."""
     workers = default_workers() if workers is None else workers
     if batch_size < 1:
         raise EmbedError(f"batch_size must be >= 1, got {batch_size}")
@@ -370,7 +377,7 @@ def run_embed(model: torch.nn.Module, chunks: list[Chunk], out_dir: str | Path, 
     out = Path(out_dir)
     kind = "texts" if chunks and chunks[0].kind == "texts" else "images"
     plan = make_plan(kind, chunks, model=_recorded(model_spec), pretrained=_recorded(pretrained), normalize=normalize,
-                     dtype=dtype, quantize=quantize)
+                     dtype=dtype, quantize=quantize, seq_len=seq_len)
     if quantize and getattr(model, "quantization", None) != quantize:
         try:
             model = quantize_model(model, quantize)
@@ -387,7 +394,7 @@ def run_embed(model: torch.nn.Module, chunks: list[Chunk], out_dir: str | Path, 
     if dist.is_main() and done:
         print(f"resuming: {len(done)} of {len(chunks)} chunks already in {out}", file=sys.stderr)
     _embed_chunks(model, todo, out, dist.rank(), batch_size=batch_size, workers=workers,
-                  normalize=normalize, precision=precision, dtype=dtype, show=dist.is_main())
+                  normalize=normalize, precision=precision, dtype=dtype, show=dist.is_main(), seq_len=seq_len)
     dist.barrier()
     if dist.is_main():
         _write_index(out, {**plan, "sources": image_sources(chunks)}, model.config.embed_dim)
@@ -406,11 +413,12 @@ def load_tokenizer(model: torch.nn.Module) -> Callable[[list[str]], torch.Tensor
 
 
 def _embed_chunks(model: torch.nn.Module, chunks: list[Chunk], out: Path, rank: int, *, batch_size: int,
-                  workers: int, normalize: bool, precision: str, dtype: str, show: bool) -> None:
+                  workers: int, normalize: bool, precision: str, dtype: str, show: bool,
+                  seq_len: int | None = None) -> None:
     if not chunks:  # all of this rank's chunks were done by an earlier run
         return
     texts = chunks[0].kind == "texts"
-    stream = _BatchStream(_jobs(chunks, batch_size), None if texts else image_transform(model, train=False),
+    stream = _BatchStream(_jobs(chunks, batch_size), None if texts else image_transform(model, seq_len=seq_len),
                           get_tokenizer(model) if texts else None, batch_size)
     cuda = next(model.parameters()).is_cuda
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=cuda,

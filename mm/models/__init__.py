@@ -13,9 +13,9 @@ from .decoder import CaptionDecoder
 from .limoe import LIMoE
 from .presets import NotNative, get_preset
 from .text import TextEmbedHead, TextTower
-from .vision import TowerOutput, VisionEmbedHead, VisionTower
+from .vision import TowerOutput, VisionEmbedHead, VisionTower, naflex_problem
 
 __all__ = ["AxialRopeConfig", "CLIP", "CaptionDecoder", "CoCa", "DecodeCache", "DecoderConfig", "ImageTextModel", "LIMoE",
            "ImageView", "ModelConfig", "ModelOutput", "NotNative", "OpenClipSource", "TextConfig", "TextEmbedHead", "TextTower", "TowerOutput", "VisionConfig",
-           "VisionEmbedHead", "VisionTower", "build_model", "get_preset", "list_models", "model_class",
+           "VisionEmbedHead", "VisionTower", "build_model", "naflex_problem", "get_preset", "list_models", "model_class",
            "resolve_config"]

@@ -56,6 +56,11 @@ class Patches:
         return Patches(pixels, self.coords.to(pixels.device, **dev), self.valid.to(pixels.device, **dev),
                        self.shapes, self.padded)
 
+    def pin_memory(self) -> Patches:
+        """Page-locked pixels, coordinates and mask (a DataLoader with ``pin_memory`` calls this)."""
+        return Patches(self.pixels.pin_memory(), self.coords.pin_memory(), self.valid.pin_memory(), self.shapes,
+                       self.padded)
+
     def __getitem__(self, index) -> Patches:
         """Rows of the batch (a slice or index tensor), trimmed to their longest sequence."""
         if isinstance(index, int):

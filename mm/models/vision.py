@@ -152,8 +152,9 @@ class _VisionParts(nn.Module):
         corners not aligned: timm's ``NaFlexEmbeds`` (bicubic) and Hugging Face's Siglip2 (bilinear)); a fixed table
         (sin-cos) or RoPE is computed at each patch's coordinates. A square batch gives :meth:`embed`'s tokens."""
         cfg = self.cfg
-        if cfg.stem != "patch":
-            raise ValueError("vision.stem conv convolves whole images: NaFlex patch sequences need stem: patch")
+        problem = naflex_problem(cfg)
+        if problem:
+            raise ValueError(f"this image tower takes square images only: {problem}")
         w = self.patch_embed.weight  # (width, 3, p, p) -> (width, p*p*3), channels last like the patches
         x = F.linear(p.pixels.to(w.dtype), w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), self.patch_embed.bias)
         if mask is not None:
@@ -223,6 +224,15 @@ class _VisionParts(nn.Module):
             tokens = x[:, self.prefix :]
             pooled = x[:, 0] if self.cfg.pool == "cls" else _mean(tokens, valid, self.prefix)
         return self.proj(pooled), tokens
+
+def naflex_problem(cfg: VisionConfig) -> str | None:
+    """Why an image tower of this config cannot take NaFlex patch sequences (None: it can)."""
+    if cfg.stem != "patch":
+        return "its convolutional stem (vision.stem: conv) convolves whole images; NaFlex needs the patchify"
+    if cfg.rope is not None:
+        return "its axial RoPE (vision.rope) scales positions to one fixed grid"
+    return None
+
 
 class VisionEmbedHead(_VisionParts):
     """An image tower without a stack of its own (``transformer`` is None): a one-tower model (LIMoE,

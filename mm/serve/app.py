@@ -115,17 +115,19 @@ class Service:
     async def _off_loop(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    async def _images(self, blobs: list[bytes], what: str) -> list[Any]:
-        """Decoded and preprocessed images, decoded in the pool (each one's errors name it)."""
+    async def _images(self, blobs: list[bytes], what: str, square: bool = False) -> list[Any]:
+        """Decoded and preprocessed images, decoded in the pool (each one's errors name it); ``square``: for the
+        decoder (:meth:`Engine.preprocess`)."""
         def one(i: int, data: bytes) -> Any:
-            return self.engine.preprocess(decode_image(data, self.limits, f"{what}[{i}]" if len(blobs) > 1 else what))
+            img = decode_image(data, self.limits, f"{what}[{i}]" if len(blobs) > 1 else what)
+            return self.engine.preprocess(img, square)
         return await asyncio.gather(*(self._off_loop(one, i, b) for i, b in enumerate(blobs)))
 
     async def _image_and_size(self, blob: bytes, what: str) -> tuple[Any, tuple[int, int]]:
         """One image decoded and preprocessed in the pool, with its (width, height) as uploaded (upright)."""
         def one() -> tuple[Any, tuple[int, int]]:
             img = decode_image(blob, self.limits, what)
-            return self.engine.preprocess(img), img.size
+            return self.engine.preprocess(img, square=True), img.size
         return await self._off_loop(one)
 
     # -- routes ------------------------------------------------------------------------------------------
@@ -184,7 +186,7 @@ class Service:
             config = validate(from_dict(GenerationConfig, options))
         except ConfigError as e:
             raise RequestError(422, str(e)) from None
-        image = (await self._images(_one(files["image"], "image"), "image"))[0]
+        image = (await self._images(_one(files["image"], "image"), "image", square=True))[0]
         job = CaptionJob(image, config, body.seed if config.method == "sample" else None)
         (text,) = await self._model("caption", [job], deadline, key=job.key())
         return JSONResponse({"caption": text})

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.transforms import image_transform
+from ..data.transforms import image_transform, stack_images
 from ..eval.zeroshot import zero_shot_classifier
 from ..inference.generate import GenerationConfig, generate
 from ..inference.ground import GroundingError, box_tokens, locate
@@ -65,12 +65,15 @@ def _ground_problem(model: Any) -> str | None:
 
 
 class Engine:
-    def __init__(self, model: Any, *, precision: str = "fp32"):
+    def __init__(self, model: Any, *, precision: str = "fp32", seq_len: int | None = None):
         self.model = model.eval()
         self.device = model_device(model)
         self.precision = precision
         self.tokenizer = get_tokenizer(model)
-        self.transform = image_transform(model, train=False)
+        # embeddings, zero-shot and search read images as NaFlex patches with a seq_len; captioning and grounding
+        # read square images (their decoders and boxes work on the square input)
+        self.transform = image_transform(model, train=False, seq_len=seq_len)
+        self.square = image_transform(model, train=False)
         self.can_caption = getattr(getattr(model, "config", None), "decoder", None) is not None \
             and hasattr(model, "next_token_logits")
         self.no_ground = _ground_problem(model)  # why the model cannot ground text (None: it can)
@@ -80,8 +83,10 @@ class Engine:
         self.embed_images([self.preprocess(Image.new("RGB", (8, 8)))])
 
     # -- on any thread ---------------------------------------------------------------------------------
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image)
+    def preprocess(self, image: Image.Image, square: bool = False) -> Any:
+        """An image as the model reads it: for embeddings (NaFlex patches with ``seq_len``), or ``square`` for the
+        decoder (captions, grounding)."""
+        return (self.square if square else self.transform)(image)
 
     @staticmethod
     def top_classes(embedding: np.ndarray, classifier: torch.Tensor, k: int) -> list[tuple[int, float]]:
@@ -93,7 +98,7 @@ class Engine:
     # -- in the model thread (the batcher's run functions) -------------------------------------------------
     @torch.inference_mode()
     def embed_images(self, images: Sequence[torch.Tensor]) -> list[np.ndarray]:
-        x = torch.stack(list(images)).to(self.device)
+        x = stack_images(list(images)).to(self.device)
         with autocast(self.device, self.precision):
             emb = self.model.encode_image(x, normalize=True)
         return list(emb.float().cpu().numpy())

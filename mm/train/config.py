@@ -22,6 +22,28 @@ from ..models import ModelConfig, NotNative, list_models, resolve_config
 
 
 @dataclass
+class NaFlexData:
+    """NaFlex training (SigLIP 2's native aspect ratio; mm/models/patches.py): each image is cut into patches on a
+    grid of its own aspect ratio, at most a batch's sequence length of them, after a random crop; every batch draws
+    its length from ``seq_lens`` and holds ``max_tokens // length`` images (mm/data/naflex.py: the same schedule on
+    every rank, resumed exactly). The patch size is the model's."""
+
+    seq_lens: list[int] = field(default_factory=lambda: [64, 144, 256])  # patches per image (sequence lengths)
+    max_tokens: int = 8192  # patches per batch and process (padding included): batch size = max_tokens // length
+    # the crop's aspect ratio relative to the image's own (data.crop_scale sets its area): [1, 1] keeps the image's
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not self.seq_lens or any(n < 1 for n in self.seq_lens):
+            yield "seq_lens", f"must be one or more positive patch counts (the smallest grid is 1x1), got {self.seq_lens}"
+        elif self.max_tokens < max(self.seq_lens):
+            yield "max_tokens", (f"a budget of {self.max_tokens} patches is smaller than one image at sequence length "
+                                 f"{max(self.seq_lens)}")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            yield "crop_ratio", f"must satisfy 0 < min <= max, got {self.crop_ratio}"
+
+
+@dataclass
 class DataConfig:
     train: str | None = None  # shard URLs, brace-expanded: "dir/train-{000000..000009}.tar"; "::" joins sets
     batch_size: int = 64  # per process
@@ -35,6 +57,12 @@ class DataConfig:
     random_caption: bool = False
     max_pixels: int = MAX_PIXELS  # larger images are skipped as decompression bombs (PIL's default)
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range
+    # its aspect ratio range (width / height); with crop_scale [1, 1] and a range holding every image's aspect ratio
+    # (e.g. [0.2, 5]), the whole image is squashed to the square input
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    # NaFlex: images at their own aspect ratio as patch sequences, batched by a token budget (null: square images of
+    # the model's image_size, data.batch_size a batch); the run's evaluations read images at the longest length
+    naflex: NaFlexData | None = None
     prefetch_factor: int = 4  # batches loaded ahead per worker
     # where training JPEGs are decoded and augmented: "workers" (PIL in the DataLoader workers) or
     # "device" (torchvision.io.decode_jpeg on the training device, batched: nvJPEG on CUDA; workers only
@@ -52,11 +80,16 @@ class DataConfig:
             yield "decode", f"must be workers or device, got {self.decode!r}"
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             yield "crop_scale", f"must satisfy 0 < min <= max <= 1, got {self.crop_scale}"
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            yield "crop_ratio", f"must satisfy 0 < min <= max, got {self.crop_ratio}"
+        if self.naflex is not None and self.decode == "device":
+            yield "decode", "NaFlex patches are cut in the data workers: data.naflex needs decode: workers"
 
     def reading(self) -> ShardReading:
         """How evaluation reads shards in this run: with the training data's keys, limits and workers."""
         return ShardReading(workers=self.workers, prefetch_factor=self.prefetch_factor,
-                            image_keys=tuple(self.image_keys), text_key=self.text_key, max_pixels=self.max_pixels)
+                            image_keys=tuple(self.image_keys), text_key=self.text_key, max_pixels=self.max_pixels,
+                            seq_len=max(self.naflex.seq_lens) if self.naflex is not None else None)
 
 
 @dataclass

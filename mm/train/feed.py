@@ -3,6 +3,7 @@ executors get (on the device, decoded there with ``data.decode: device``); skipp
 ``skipped_samples.rank{R}.txt`` and counted."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,13 @@ import torch
 
 from ..data.decode import SampleDecoder
 from ..data.locca import DecoderPrompts, LocTokens
+from ..data.naflex import TokenBudget
 from ..data.views import ViewsDecoder, ViewsSpec
 from ..data.gpu import DeferredTrainTransform, GpuImageDecoder, PendingImages
 from ..data.transforms import image_transform
 from ..data.wds import Collate, ShardStream, check_urls, make_loader
 from ..models import ImageTextModel
+from ..models.patches import Patches
 from ..tokenizer import get_tokenizer
 from .config import RunConfig
 
@@ -27,25 +30,37 @@ class DataState:
     batches: int = 0
     workers: dict[int, tuple[int, int]] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    shapes: str = ""  # a running SHA-256 over the batches' (images, sequence positions): the schedule taken
 
-    def consume(self, meta: dict[str, Any]) -> None:
+    def consume(self, meta: dict[str, Any], shape: tuple[int, ...]) -> None:
+        if meta.get("index", self.batches) != self.batches:  # the stream and the count disagree: resume is broken
+            raise RuntimeError(f"the data stream gave batch {meta['index']} where batch {self.batches} was due")
         self.batches += 1
         self.workers[meta["worker"]] = (meta["epoch"], meta["pos"])
         for reason, n in meta["skipped"].items():
             self.skipped[reason] = self.skipped.get(reason, 0) + n
+        self.shapes = hashlib.sha256(f"{self.shapes}{tuple(shape)}".encode()).hexdigest()
 
     def to_json(self, workers_per_process: int) -> dict[str, Any]:
         return {"batches": self.batches, "workers_per_process": workers_per_process,
-                "positions": {str(k): list(v) for k, v in self.workers.items()}, "skipped": self.skipped}
+                "positions": {str(k): list(v) for k, v in self.workers.items()}, "skipped": self.skipped,
+                "shapes": self.shapes}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> DataState:
-        return cls(d["batches"], {int(k): tuple(v) for k, v in d["positions"].items()}, dict(d["skipped"]))
+        return cls(d["batches"], {int(k): tuple(v) for k, v in d["positions"].items()}, dict(d["skipped"]),
+                   d.get("shapes", ""))
 
 
 def build_train_stream(cfg: RunConfig, model: ImageTextModel, rank: int, world: int, data: DataState) -> ShardStream:
     mcfg = model.config
-    transform = image_transform(mcfg, train=True, scale=tuple(cfg.data.crop_scale))
+    nf, budget = cfg.data.naflex, None
+    if nf is not None:  # patch sequences at each image's aspect ratio, batched by a token budget
+        transform = image_transform(mcfg, train=True, scale=tuple(cfg.data.crop_scale), seq_len=max(nf.seq_lens),
+                                    ratio=tuple(nf.crop_ratio))
+        budget = TokenBudget(tuple(nf.seq_lens), nf.max_tokens, cfg.train.seed)
+    else:
+        transform = image_transform(mcfg, train=True, scale=tuple(cfg.data.crop_scale), ratio=tuple(cfg.data.crop_ratio))
     on_device = cfg.data.decode == "device"
     if on_device:
         transform = DeferredTrainTransform(transform, cfg.data.max_pixels)
@@ -65,7 +80,7 @@ def build_train_stream(cfg: RunConfig, model: ImageTextModel, rank: int, world: 
     return ShardStream(check_urls(cfg.data.train, "data.train"), decoder, collate, cfg.data.batch_size,
                        seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, train=True,
                        resampled=cfg.data.resampled, rank=rank, world=world, start=data.workers,
-                       rotation=data.batches % nw)
+                       rotation=data.batches % nw, budget=budget, first_batch=data.batches)
 
 
 def views_spec(cfg: RunConfig, mcfg) -> ViewsSpec | None:
@@ -79,6 +94,15 @@ def views_spec(cfg: RunConfig, mcfg) -> ViewsSpec | None:
     return ViewsSpec(local_views=o.self_distill.local_views if o.self_distill else 0,
                      local_scale=tuple(o.self_distill.local_scale) if o.self_distill else (0.05, 0.4),
                      grid=mcfg.vision.grid, mask_ratio=o.masked.ratio if o.masked else 0.0, decoder_tasks=tasks)
+
+
+def image_tokens(images: Any, mcfg) -> tuple[int, int]:
+    """(patches, sequence positions) of a batch's images: NaFlex patches and their padded length, or a square batch's
+    grid (no padding)."""
+    if isinstance(images, Patches):
+        return int(images.lengths().sum()), images.shape[0] * images.shape[1]
+    n = len(images) * (mcfg.vision.image_size // mcfg.vision.patch_size) ** 2
+    return n, n
 
 
 def _tok(model: ImageTextModel):
@@ -127,7 +151,9 @@ class Feed:
         """The next batch: ``images`` and ``tokens`` (a fine-tuning run's: ``labels``) on the device, ``keys``,
         ``texts``; its skipped samples and warnings go to ``note`` and the skip log."""
         batch = next(self.batches)
-        self.state.consume(batch["meta"])
+        images = batch["images"]
+        shape = tuple(images.shape[:2]) if isinstance(images, Patches) else (len(batch["keys"]),)
+        self.state.consume(batch["meta"], shape)
         for line in batch["meta"]["bad"]:
             self.skip_log.write(line + "\n")
             note(f"skipped sample {line}")
@@ -136,7 +162,6 @@ class Feed:
             note(f"left out {line}")
         for w in batch["meta"]["warnings"]:
             note(f"warning: {w}")
-        images = batch["images"]
         if isinstance(images, PendingImages):
             images = self.gpu_decoder(images, self.device)
         else:

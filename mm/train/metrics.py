@@ -43,14 +43,17 @@ class RunMetrics:
         self.out_dir, self.total, self.rank, self.main = out_dir, total_steps, rank, main
         self.logger: RunLogger | None = None
         self.t_last, self.samples = time.time(), 0
+        self.tokens = self.positions = 0
 
     def open(self, step: int) -> None:
         self.logger = RunLogger(self.out_dir, self.total, step, enabled=self.main)
         self.t_last, self.samples = time.time(), 0
+        self.tokens = self.positions = 0
 
     def restart_clock(self) -> None:
         """Rates count from now (the loop's start: setup time is not a step's)."""
         self.t_last, self.samples = time.time(), 0
+        self.tokens = self.positions = 0
 
     def info(self, msg: str) -> None:
         if self.logger is not None:
@@ -66,8 +69,12 @@ class RunMetrics:
     def advance(self) -> None:
         self.logger.advance()
 
-    def count(self, samples: int) -> None:
+    def count(self, samples: int, tokens: int = 0, positions: int = 0) -> None:
+        """A micro-batch of ``samples`` (all processes) whose images are ``tokens`` patches in ``positions`` sequence
+        positions (NaFlex: the rest is padding)."""
         self.samples += samples
+        self.tokens += tokens
+        self.positions += positions
 
     def step_record(self, step: int, end: int, every: int, losses: dict[str, torch.Tensor], out: ModelOutput, *,
                     lr: float, logit_scale: float, norm: torch.Tensor | None, skipped_samples: int,
@@ -81,9 +88,12 @@ class RunMetrics:
                "skipped_steps": skipped_steps, "logit_scale": logit_scale,
                "grad_norm": float(plain(norm)) if norm is not None else None,
                "eta_s": (end - step) * dt / every}
+        if self.positions:  # image patches per second (real ones), and the share of positions that were padding
+            rec.update(tokens_per_s=self.tokens / max(dt, 1e-9), padding=1 - self.tokens / self.positions)
         rec.update({k: v.item() for k, v in losses.items() if k != "loss"})  # the task's terms
         rec.update(extra(dt))
         self.log(rec)
+        self.tokens = self.positions = 0
         if self.main and out.router_stats:  # own record: per-layer lists would crowd the console line
             self.log({"step": step, **routing_metrics(out.router_stats, moe_layers)}, show=False)
         self.t_last, self.samples = time.time(), 0

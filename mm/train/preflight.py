@@ -21,12 +21,14 @@ from ..config import (
 )
 from ..data.wds import check_urls
 from ..hub.wrapped import WrappedModelError, native_only
+from ..models import naflex_problem
 from ..utils.precision import emulated_on_cpu
 from . import classify
 from .adapt import check_lora, check_selectors
 from .benchmark import check_suite
 from .config import RunConfig, init_from_problem, not_native
 from .distill import check_sources
+from .feed import views_spec
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | dict[str, Any] = ()) -> RunConfig:
@@ -130,6 +132,8 @@ def _model_problems(cfg: RunConfig):
         yield "eval.captioning.shards", "captioning needs a model with a decoder (e.g. model: tiny-coca)"
     if cfg.train.objectives is not None:
         yield from _objectives_problems(cfg, mcfg)
+    if cfg.data.naflex is not None:
+        yield from _naflex_problems(cfg, mcfg)
     gen = cfg.eval.captioning.generation
     if gen.max_new_tokens is not None and gen.max_new_tokens >= mcfg.text.context_length:
         yield "eval.captioning.generation.max_new_tokens", (
@@ -162,3 +166,15 @@ def _objectives_problems(cfg: RunConfig, mcfg):
     if cfg.data.decode == "device":
         yield "data.decode", f"{key} reads local crops, patch masks or regions the data workers make: use workers"
 
+
+
+def _naflex_problems(cfg: RunConfig, mcfg):
+    """``data.naflex`` needs an image tower that takes patch sequences (mm/models/vision.py ``embed_patches``)."""
+    problem = naflex_problem(mcfg.vision)
+    if mcfg.one_tower is not None:
+        yield "data.naflex", "a one-tower model embeds square images only; NaFlex needs a model with its own image tower"
+    elif problem:
+        yield "data.naflex", f"the model's image tower takes square images only: {problem}"
+    if views_spec(cfg, mcfg) is not None:
+        yield "data.naflex", ("train.objectives' local crops, patch masks and regions are cut from square images; "
+                              "train those objectives without data.naflex")

@@ -43,7 +43,7 @@ from .checkpointer import Checkpointer
 from .config import RunConfig
 from .evaluator import RunEvaluator
 from .executors import make_executor
-from .feed import Feed
+from .feed import Feed, image_tokens
 from .log import plot_run
 from .metrics import RunMetrics
 from .optim import make_optimizer, make_scheduler
@@ -281,7 +281,8 @@ class Trainer:
         for micro in range(accum):
             batch = self.feed.next(self.metrics.note)
             losses, out = self.executor.step(batch, divide=accum, sync=micro == accum - 1)
-            self.metrics.count(len(batch["keys"]) * self.proc.world)
+            self.metrics.count(len(batch["keys"]) * self.proc.world,
+                               *(n * self.proc.world for n in image_tokens(batch["images"], self.core.config)))
         self.task.sync_grads()  # what the task trains itself is outside DDP
         self.state.sync_grads()
         self.stepper.step(self.step + 1)
@@ -323,6 +324,8 @@ class Trainer:
         """The last evaluation, ``final/`` (the trained model), every process's weight hash, plots."""
         whole = self.state.whole(self.proc.main, everywhere=self.evaluator.everywhere)
         shas = {"param_sha256": self.state.hashes(whole)}
+        if self.cfg.data.naflex is not None:  # the token-budget schedule each process took (the same on all)
+            shas["batch_shapes_sha256"] = dist.gather_object(self.feed.state.shapes)
         if self.task.parameters():  # trained outside DDP: its gradient sync is ours to get right
             shas[f"{self.task.name}_sha256"] = dist.gather_object(
                 params_sha256(torch.nn.ParameterList(self.task.parameters())))
