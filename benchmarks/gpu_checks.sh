@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU (issues 5, 7, 8, 19, 20, 21 and 27), as one prepared pass sized for one H200; the limits
+# Every check that needs a GPU (issues 5, 7, 8, 19, 20, 21, 27 and 30), as one prepared pass sized for one H200; the limits
 # add up to more than one 10-minute command: run it as two (ONLY="info train infer data", then the rest). Each step has its own time limit, so one hang costs only its slot; logs go to
 # $OUT (the device tool's output folder) or benchmarks/runs/gpu.
 #
@@ -25,7 +25,7 @@
 set -u
 OUT=${OUT:-benchmarks/runs/gpu}
 PY=${PY:-.venv/bin/python}
-ONLY=${ONLY:-"info train infer data moe sparse lora gradcache serve tests"}  # and probe, a call of its own
+ONLY=${ONLY:-"info train infer data moe sparse lora gradcache serve naflex tests"}  # and probe, a call of its own
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
@@ -76,6 +76,10 @@ step serve 90 $PY benchmarks/bench_serve.py --device cuda --duration 8 --rss-req
 # fp16 autocast); needs .whl-cb (above).
 step probe 150 bash -c "$PY -m pip install -q --no-index --no-deps --target /tmp/cb .whl-cb/*.whl && \
     $PY benchmarks/check_probe_cuda.py --cb-path /tmp/cb"
+
+# Issue 30, acceptance 4: the NaFlex path's training step against the square path at equal positions per batch
+# (ViT-B-16, 196 positions, b256 bf16): square images as Patches (the path's own cost) and mixed aspect ratios (padding).
+step naflex 60 $PY benchmarks/bench_naflex.py speed --model ViT-B-16 --batch 256 --repeats 6 --bf16
 
 # The CUDA-only tests (compiled flex_attention) and the device paths of the rest.
 step tests 45 $PY -m pytest -x tests/test_sparse_attention.py tests/test_layers.py tests/test_device_decode.py
