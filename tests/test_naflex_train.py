@@ -220,3 +220,20 @@ def test_two_ranks_take_the_same_schedule(aspect_shards, tmp_path):
     final = [r for r in recs if r.get("final")][0]
     assert len(final["batch_shapes_sha256"]) == 2 and len(set(final["batch_shapes_sha256"])) == 1
     assert len(set(final["param_sha256"])) == 1
+
+
+@pytest.mark.slow
+def test_gradient_caching_of_patch_batches_equals_the_plain_step(aspect_shards, tmp_path):
+    """Chunks of a NaFlex batch (each trimmed to its rows' longest image) give the plain step's losses."""
+    _train(_config(tmp_path, aspect_shards, "plain", steps=3))
+    _train(_config(tmp_path, aspect_shards, "cached", steps=3, grad_cache_chunk=3))
+    a = [r["loss"] for r in _records(tmp_path / "plain") if "loss" in r]
+    b = [r["loss"] for r in _records(tmp_path / "cached") if "loss" in r]
+    assert len(a) == len(b) == 3 and all(abs(x - y) <= 2e-4 * max(1.0, abs(x)) for x, y in zip(a, b)), (a, b)
+
+
+def test_a_live_teacher_is_refused_with_naflex(aspect_shards, tmp_path):
+    with pytest.raises(ConfigError, match=r"distill\.teacher"):
+        load_run_config(None, ["model=tiny-clip", f"data.train={aspect_shards}/train-000000.tar.gz",
+                               "data.naflex.max_tokens=1024", "distill.teacher=tiny-clip",
+                               f"output_dir={tmp_path / 'run'}"])

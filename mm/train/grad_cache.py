@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..models import ModelOutput
+from ..models.patches import Patches
 from .tasks import Batch, Task
 
 __all__ = ["GradCache", "chunk_bounds"]
@@ -208,5 +209,5 @@ class GradCache:
 
 
 def _chunk(batch: Batch, a: int, b: int) -> Batch:
-    """Rows ``a:b`` of a batch's tensors and lists (images, tokens, keys, texts)."""
-    return {k: v[a:b] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}
+    """Rows ``a:b`` of a batch's tensors, NaFlex patches and lists (images, tokens, keys, texts)."""
+    return {k: v[a:b] if isinstance(v, (torch.Tensor, Patches, list)) else v for k, v in batch.items()}

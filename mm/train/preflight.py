@@ -175,6 +175,9 @@ def _naflex_problems(cfg: RunConfig, mcfg):
         yield "data.naflex", "a one-tower model embeds square images only; NaFlex needs a model with its own image tower"
     elif problem:
         yield "data.naflex", f"the model's image tower takes square images only: {problem}"
+    if cfg.distill is not None and cfg.distill.image_embeddings is None:
+        yield "distill.teacher", ("a live teacher reads the student's square images; with data.naflex give the "
+                                  "teacher's image embeddings instead (distill.image_embeddings: mm embed output)")
     if views_spec(cfg, mcfg) is not None:
         yield "data.naflex", ("train.objectives' local crops, patch masks and regions are cut from square images; "
                               "train those objectives without data.naflex")
