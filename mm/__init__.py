@@ -7,6 +7,8 @@ Public API (see README.md and ARCHITECTURE.md)::
     tok = mm.get_tokenizer(model)
     pre = mm.image_transform(model, train=False)
     out = model(images, tok(["a photo of a cat"]))
+    naflex = mm.image_transform(model, seq_len=256)                    # each image at its own aspect ratio
+    emb = model.encode_image(mm.stack_images([naflex(im) for im in pil_images]))   # mm.Patches, padded
     captions = mm.caption(mm.create_model("tiny-coca"), tok, images)   # CoCa models
     fast = mm.quantize(model, "int8")                                  # int8 Linear layers, CPU inference
     mm.export_model(model, "exported/", to="onnx")                     # image + text encoders
@@ -31,7 +33,7 @@ _EXPORTS = {
     "PretrainedError": "mm.hub", "from_open_clip": "mm.hub", "to_open_clip": "mm.hub", "from_hf_clip": "mm.hub",
     "Tokenizer": "mm.tokenizer", "get_tokenizer": "mm.tokenizer",
     "ClipLoss": "mm.losses", "CocaLoss": "mm.losses", "SigLipLoss": "mm.losses", "make_loss": "mm.losses",
-    "image_transform": "mm.data.transforms",
+    "image_transform": "mm.data.transforms", "stack_images": "mm.data.transforms", "Patches": "mm.models.patches",
     "GenerationConfig": "mm.inference.generate", "caption": "mm.inference.generate",
     "quantize": "mm.inference.quantize", "export_model": "mm.inference.export",
     "zero_shot_classifier": "mm.eval.zeroshot",
@@ -60,7 +62,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
     from .config import ConfigError  # noqa: F401
-    from .data.transforms import image_transform  # noqa: F401
+    from .data.transforms import image_transform, stack_images  # noqa: F401
     from .eval.zeroshot import zero_shot_classifier  # noqa: F401
     from .hub import (  # noqa: F401  # noqa: F401
         PretrainedError,
@@ -77,6 +79,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from .inference.quantize import quantize  # noqa: F401
     from .layers import MoEConfig, TransformerConfig  # noqa: F401
     from .losses import ClipLoss, CocaLoss, SigLipLoss, make_loss  # noqa: F401
+    from .models.patches import Patches  # noqa: F401
     from .models import (  # noqa: F401  # noqa: F401
         CLIP,
         CoCa,
