@@ -237,3 +237,30 @@ def test_a_live_teacher_is_refused_with_naflex(aspect_shards, tmp_path):
         load_run_config(None, ["model=tiny-clip", f"data.train={aspect_shards}/train-000000.tar.gz",
                                "data.naflex.max_tokens=1024", "distill.teacher=tiny-clip",
                                f"output_dir={tmp_path / 'run'}"])
+
+
+def test_an_image_with_a_zero_side_is_skipped_counted_and_named(tmp_path):
+    """A PNG declaring a 0-pixel width among good samples: the NaFlex stream skips it with its reason and name, the
+    batch fills from the next samples; the transform called directly names the problem."""
+    import struct
+    import zlib
+
+    from conftest import colour_samples, write_tar
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    empty = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 5, 8, 2, 0, 0, 0))
+             + chunk(b"IDAT", zlib.compress(b"\x00" * 5)) + chunk(b"IEND", b""))
+    samples = colour_samples(6)
+    samples.insert(2, ("zero-width", {"png": empty, "txt": b"nothing"}))
+    url = str(write_tar(tmp_path / "train-000000.tar", samples))
+    cfg = get_preset("tiny-clip")
+    decoder = SampleDecoder(image_transform(cfg, train=True, seq_len=16), image_keys=["jpg", "png"])
+    stream = ShardStream([url], decoder, Collate(), 4, train=True, budget=TokenBudget((16,), 64))
+    batch = next(iter(stream))
+    assert len(batch["keys"]) == 4 and "zero-width" not in batch["keys"]
+    assert batch["meta"]["skipped"] == {"undecodable image": 1}
+    assert any("zero-width" in line for line in batch["meta"]["bad"])
+    with pytest.raises(ValueError, match="0x5 pixels has no area"):
+        image_transform(cfg, seq_len=16)(Image.new("RGB", (0, 5)))

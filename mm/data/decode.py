@@ -40,6 +40,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             w, h = img.size
             if w * h > max_pixels:
                 raise BadSample("too many pixels", f"{w}x{h} > {max_pixels}")
+            if w < 1 or h < 1:
+                raise BadSample("empty image", f"{w}x{h} pixels")
             img.load()  # a truncated or corrupt file fails here
     except BadSample:
         raise
