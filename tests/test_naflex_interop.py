@@ -246,3 +246,20 @@ def test_siglip2_resize_at_the_table_grid_is_the_identity(transformers):
         table = torch.randn(g, g, width, generator=torch.Generator().manual_seed(g))
         out = Siglip2VisionEmbeddings.resize_positional_embeddings(table, torch.tensor([[g, g]]), g * g)
         assert torch.equal(out[0], table.reshape(g * g, width))
+
+
+@pytest.mark.hf
+def test_naflex_size_is_the_siglip2_processor_rule(transformers):
+    """mm's NaFlex size rule is Hugging Face's (Siglip2ImageProcessor's get_image_size_for_max_num_patches), so an
+    imported SigLIP 2 sees images at the sizes its processor makes."""
+    import random
+
+    from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
+
+    from mm.data.transforms import naflex_size
+
+    rng = random.Random(0)
+    cases = [(rng.randint(1, 2000), rng.randint(1, 2000), rng.choice([14, 16]), rng.choice([64, 256, 576, 1024]))
+             for _ in range(400)] + [(1, 1, 16, 256), (10, 4000, 16, 256), (4000, 10, 16, 64), (224, 224, 16, 256)]
+    for h, w, patch, n in cases:
+        assert naflex_size(h, w, patch, n) == get_image_size_for_max_num_patches(h, w, patch, n), (h, w, patch, n)
