@@ -92,21 +92,29 @@ def _mixed(batch: int, patch: int, seq_len: int, seed: int) -> Patches:
     return Patches.stack(items, length=seq_len)
 
 
-def _step_rate(tower, x, repeats: int, device: torch.device, precision: str) -> float:
-    """Seconds per forward + backward of the image tower (the median of ``repeats`` after two warm-up steps)."""
-    times = []
-    for i in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with autocast(device, precision):
-            out = tower(x)
-        out.emb.float().square().mean().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+def _step(tower, x, device: torch.device, precision: str) -> float:
+    """Seconds of one forward + backward of the image tower."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with autocast(device, precision):
+        out = tower(x)
+    out.emb.float().square().mean().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _step_times(tower, inputs: dict, repeats: int, device: torch.device, precision: str) -> dict[str, float]:
+    """The median step time of each input, measured in interleaved rounds (one step of each input per round, after
+    two warm-up rounds), so that a machine's drift and neighbours' load fall on every input alike."""
+    times: dict[str, list[float]] = {name: [] for name in inputs}
+    for r in range(repeats + 2):
+        for name, x in inputs.items():
+            t = _step(tower, x, device, precision)
+            if r >= 2:
+                times[name].append(t)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -119,8 +127,9 @@ def speed(args: argparse.Namespace) -> None:
     inputs = {"square": square, "naflex, square images": square_patches(square.cpu(), v.patch_size).to(device),
               "naflex, mixed aspect": _mixed(args.batch, v.patch_size, seq_len, 0).to(device)}
     rows = {}
+    medians = _step_times(tower, inputs, args.repeats, device, "bf16" if args.bf16 else "fp32")
     for name, x in inputs.items():
-        s = _step_rate(tower, x, args.repeats, device, "bf16" if args.bf16 else "fp32")
+        s = medians[name]
         positions = args.batch * seq_len
         real = int(x.lengths().sum()) if isinstance(x, Patches) else positions
         rows[name] = {"s_per_step": s, "positions_per_s": positions / s, "patches_per_s": real / s,
@@ -145,7 +154,7 @@ def main() -> None:
     p = sub.add_parser("speed")
     p.add_argument("--model", default="tiny-clip")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=20, help="interleaved rounds measured (after two warm-up rounds)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (default: fp32)")
     args = ap.parse_args()

@@ -145,3 +145,38 @@ def test_axial_rope_and_conv_stem_refuse_patch_sequences():
     p = model.config.vision.patch_size
     with pytest.raises(ValueError, match="axial RoPE"):
         model.vision(Patches.stack([patchify(torch.randn(3, p * 2, p * 4), p)]))
+
+
+def test_compiled_tower_stops_recompiling_after_each_length_is_seen():
+    """Under torch.compile, batches of new grids at lengths already seen add no graph: the per-grid position resize
+    runs outside the graph, and the rest sees one shape per sequence length (dynamo only: backend eager). (An
+    unpadded batch, every image filling the length, takes the unmasked graph: at most one more per length.)"""
+    import random
+
+    from torch._dynamo.utils import counters
+
+    from mm.data.transforms import naflex_size
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _tower("tiny-clip", {})
+    tower = torch.compile(model.vision, backend="eager")
+    rng = random.Random(0)
+
+    def batch(length, size):  # the first image 2:1, which leaves padding at every length here: always masked
+        items = []
+        for i in range(size):
+            a = 2.0 if i == 0 else rng.choice([0.25, 0.5, 1.0, 2.0, 4.0])
+            w, h = (128, round(128 / a)) if a >= 1 else (round(128 * a), 128)
+            th, tw = naflex_size(h, w, 4, length)
+            items.append(patchify(torch.randn(3, th, tw), 4))
+        return Patches.stack(items, length=length)
+
+    plan = [(16, 8), (36, 4), (64, 2)]
+    for length, size in plan:
+        tower(batch(length, size)).emb.sum().backward()
+    graphs = counters["stats"]["unique_graphs"]
+    for length, size in plan * 2:  # new images, new grids, the same lengths
+        tower(batch(length, size)).emb.sum().backward()
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()

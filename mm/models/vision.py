@@ -186,6 +186,7 @@ class _VisionParts(nn.Module):
                 rope = (rope[0].gather(2, idx), rope[1].gather(2, idx))
         return self.norm_pre(x), valid, rope
 
+    @torch.compiler.disable  # a loop over the batch's grids: compiled, every new set of grids would recompile
     def _resized_positions(self, shapes: torch.Tensor, length: int) -> torch.Tensor:
         """The learned table's patch rows resized to each image's grid: (B, length, width), zeros at padding."""
         g, width = self.cfg.grid, self.pos_embed.shape[-1]
