@@ -27,6 +27,8 @@ from ..inference.embed import (
     read_index,
     run_embed,
 )
+from ..inference.ann import is_ann, read_ann
+from ..inference.ann import search as ann_search
 from ..inference.search import plot_results, require_faiss, search
 from ..tokenizer import get_tokenizer
 from ..utils import dist
@@ -172,8 +174,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise EmbedError(f"-k must be >= 1, got {args.k}")
     if args.faiss:
         require_faiss("--faiss")
-    index = read_index(args.index)
-    scores, ids = search(args.index, _embed_queries(index, args), args.k, use_faiss=args.faiss)
+    emb_dir, ann = args.index, None
+    if is_ann(args.index):  # an `mm index build` output: its ann.json names the embed output it was built from
+        require_faiss("--index (an approximate index)")
+        ann = read_ann(args.index)
+        emb_dir = ann["embeddings"]
+    index = ann["embed"] if ann else read_index(args.index)
+    q = _embed_queries(index, args)
+    if ann and not args.exact:
+        scores, ids = ann_search(args.index, q, args.k)
+    else:
+        scores, ids = search(emb_dir, q, args.k, use_faiss=args.faiss)
     for query, s, found in zip(args.image or args.queries, scores, ids):
         if args.json:
             print(json.dumps({"query": query, "results": [{"rank": r, "score": float(v), "id": i}
@@ -184,23 +195,28 @@ def cmd_search(args: argparse.Namespace) -> int:
             print(f"{r}\t{v:.6f}\t{i}")
     if args.plot:
         queries = [(load_image(p), f"query: {Path(p).name}") for p in args.image] if args.image else list(args.queries)
-        print(f"wrote {plot_results(args.index, queries, scores, ids, args.plot)}", file=sys.stderr)
+        print(f"wrote {plot_results(emb_dir, queries, scores, ids, args.plot)}", file=sys.stderr)
     return 0
 
 
 def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
     s = subparsers.add_parser(
         "search", help="nearest neighbours of texts or images in an `mm embed` output",
-        description="Exact cosine top-k over an `mm embed` output directory, streamed part by part. Prints "
+        description="Exact cosine top-k over an `mm embed` output directory, streamed part by part, or approximate "
+                    "through an `mm index build` output (--exact: exact over its embeddings). Prints "
                     "rank<TAB>score<TAB>id per result.\n\nexamples:\n"
                     "  mm search --index emb/photos 'a dog on a beach' 'a red car' -k 5\n"
                     "  mm search --index emb/captions --image query.jpg\n"
                     "  mm search --index emb/photos --model other_model/ 'a dog' --json\n"
-                    "  mm search --index emb/photos 'a red circle' 'a blue star' -k 8 --plot search.png",
+                    "  mm search --index emb/photos 'a red circle' 'a blue star' -k 8 --plot search.png\n"
+                    "  mm search --index ann/photos 'a dog on a beach'   (an `mm index build` output; --exact to compare)",
         formatter_class=EXAMPLES)
     s.add_argument("queries", nargs="*", metavar="QUERY_TEXT", help="query texts")
     s.add_argument("--image", nargs="+", metavar="PATH", help="query images instead of texts")
-    s.add_argument("--index", required=True, help="an `mm embed` output directory")
+    s.add_argument("--index", required=True, help="an `mm embed` output directory, or an `mm index build` output "
+                   "(approximate search through its faiss index)")
+    s.add_argument("--exact", action="store_true", help="with an `mm index build` output: exact search over the "
+                   "embeddings it was built from instead")
     s.add_argument("-k", type=int, default=10, help="results per query")
     add_model_options(s, required=False, model_help=f"default: the model recorded in the index. {MODEL_HELP}",
                       pretrained_help="weights file for a preset --model",
