@@ -66,6 +66,10 @@ def test_flat_index_answers_exactly_with_the_same_ids(data, tmp_path):
     assert ids == want_ids
     np.testing.assert_allclose(scores, want_scores, atol=1e-5)
     assert ann.search(tmp_path / "flat", x[[7, 9500]], 1)[1] == [["v7"], ["v9500"]]  # row -> id across parts
+    ann.build(emb, tmp_path / "l2", kind="flat", metric="l2", chunk_rows=5000, n_queries=100, progress_every=None)
+    scores, ids = ann.search(tmp_path / "l2", q, 10)  # L2 ranks unit vectors as cosine does; scores are cosines
+    assert ids == want_ids
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["ivf-flat", "hnsw", "ivf-pq"])
