@@ -36,6 +36,7 @@ import numpy as np
 from ..utils.io import atomic_path, write_json_atomic
 from ..utils.progress import Progress
 from .embed import EmbedError, read_index
+from .search import _ids, query_matrix, unit_rows
 
 ANN_NAME, BUILD_NAME, INDEX_FILE = "ann.json", "build.json", "index.faiss"
 KINDS = ("flat", "hnsw", "ivf-flat", "ivf-pq")
@@ -186,11 +187,6 @@ def check_embeddings(emb_dir: str | Path) -> dict[str, Any]:
     return index
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12))
-
-
 def iter_rows(emb_dir: Path, parts: list[dict[str, Any]], start: int, chunk_rows: int) -> Iterator[np.ndarray]:
     """Unit-normalised rows from global row ``start`` on, in chunks of ``chunk_rows`` to twice that (a chunk may
     span parts; the last may be shorter)."""
@@ -202,11 +198,11 @@ def iter_rows(emb_dir: Path, parts: list[dict[str, Any]], start: int, chunk_rows
             for b in range(lo, p["rows"], chunk_rows):
                 pending.append(emb[b:min(b + chunk_rows, p["rows"])])
                 if sum(len(x) for x in pending) >= chunk_rows:
-                    yield _unit(np.concatenate(pending))
+                    yield unit_rows(np.concatenate(pending))
                     pending = []
         offset += p["rows"]
     if pending:
-        yield _unit(np.concatenate(pending))
+        yield unit_rows(np.concatenate(pending))
 
 
 def read_rows(emb_dir: Path, parts: list[dict[str, Any]], rows: np.ndarray) -> np.ndarray:
@@ -217,7 +213,7 @@ def read_rows(emb_dir: Path, parts: list[dict[str, Any]], rows: np.ndarray) -> n
         if len(sel):
             out.append(np.asarray(np.load(emb_dir / p["file"], mmap_mode="r")[sel]))
         offset += p["rows"]
-    return _unit(np.concatenate(out))
+    return unit_rows(np.concatenate(out))
 
 
 def exact_topk(emb_dir: Path, parts: list[dict[str, Any]], queries: np.ndarray, k: int,
@@ -245,7 +241,7 @@ def heldout_queries(emb_dir: Path, parts: list[dict[str, Any]], n: int, n_querie
     rows = np.sort(rng.choice(n, min(n_queries, n), replace=False))
     x = read_rows(emb_dir, parts, rows)
     g = rng.standard_normal(x.shape).astype(np.float32)
-    return rows, _unit(x + QUERY_NOISE * _unit(g))
+    return rows, unit_rows(x + QUERY_NOISE * unit_rows(g))
 
 
 def _train_sample(emb_dir: Path, parts: list[dict[str, Any]], n: int, size: int, heldout: np.ndarray,
@@ -478,16 +474,9 @@ def search(index_dir: str | Path, query_embeddings: Any, k: int = 10) -> tuple[n
     """Approximate cosine top-``k`` of each query over the index in ``index_dir``: (scores [Q, k] float32, ids
     per query), best first, as :func:`mm.inference.search.search` returns them. An index may find fewer than
     ``k`` (IVF with few lists probed): those rows' id lists are shorter, their missing scores -inf."""
-    from .search import _ids
-
     out = Path(index_dir)
     index, ann = load(out)
-    if hasattr(query_embeddings, "detach"):
-        query_embeddings = query_embeddings.detach().float().cpu().numpy()
-    q = _unit(np.atleast_2d(query_embeddings))
-    if q.shape[1] != ann["embed_dim"]:
-        raise AnnError(f"queries have dimension {q.shape[1]}, the index in {out} has {ann['embed_dim']} "
-                       "(a different model?)")
+    q = query_matrix(query_embeddings, ann["embed_dim"], out)
     scores, rows = index.search(q, min(k, ann["count"]))
     if ann["metric"] == "l2":  # squared distances of unit vectors -> cosines
         scores = np.where(rows >= 0, 1 - scores / 2, scores)

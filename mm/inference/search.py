@@ -54,9 +54,22 @@ def require_faiss(what: str = "use_faiss") -> None:
         raise EmbedError(f"{what}: faiss is not installed (pip install faiss-cpu, or faiss-gpu)") from None
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit norm, float32, contiguous (what faiss takes)."""
     x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12))
+
+
+def query_matrix(query_embeddings: Any, embed_dim: int, where: Path) -> np.ndarray:
+    """Queries (array or tensor, one or many) as unit rows [Q, embed_dim]; EmbedError naming ``where`` (the index)
+    when their width is not the index's."""
+    if hasattr(query_embeddings, "detach"):
+        query_embeddings = query_embeddings.detach().float().cpu().numpy()
+    q = unit_rows(np.atleast_2d(query_embeddings))
+    if q.shape[1] != embed_dim:
+        raise EmbedError(f"queries have dimension {q.shape[1]}, the index in {where} has {embed_dim} "
+                         "(a different model?)")
+    return q
 
 
 def search(index_dir: str | Path, query_embeddings: Any, k: int = 10, *, use_faiss: bool = False,
@@ -67,12 +80,7 @@ def search(index_dir: str | Path, query_embeddings: Any, k: int = 10, *, use_fai
     if use_faiss:
         require_faiss()
     out, index = Path(index_dir), read_index(index_dir)
-    if hasattr(query_embeddings, "detach"):
-        query_embeddings = query_embeddings.detach().float().cpu().numpy()
-    q = _unit(np.atleast_2d(query_embeddings))
-    if q.shape[1] != index["embed_dim"]:
-        raise EmbedError(f"queries have dimension {q.shape[1]}, the index in {out} has {index['embed_dim']} "
-                         "(a different model?)")
+    q = query_matrix(query_embeddings, index["embed_dim"], out)
     k = min(k, index["count"])
     block_rows = block_rows or max(1024, BLOCK_SCORES // len(q))
     best = (np.full((len(q), 0), -np.inf, np.float32), np.zeros((len(q), 0), np.int64))
@@ -81,7 +89,7 @@ def search(index_dir: str | Path, query_embeddings: Any, k: int = 10, *, use_fai
         starts.append(offset)
         emb = np.load(out / part["file"], mmap_mode="r")  # only the block being scored is read
         for b in range(0, part["rows"], block_rows):
-            rows = _unit(emb[b:b + block_rows])
+            rows = unit_rows(emb[b:b + block_rows])
             scores, pos = _block_topk(q, rows, min(k, len(rows)), use_faiss)
             best = _merge(best, (scores.astype(np.float32), pos + offset + b), k)
         offset += part["rows"]
