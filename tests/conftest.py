@@ -122,3 +122,18 @@ def sigterm_when(cmd: list[str], log: Path, marker: str, cwd: Path, timeout: flo
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0 and "stopped by signal" in out, out[-3000:]
     return out
+
+
+def two_gloo_ranks(*args: str) -> list[str]:
+    """``accelerate launch`` of ``args`` (a script and its arguments) as 2 CPU processes on a free loopback port (the
+    script builds Accelerator(cpu=True) without CUDA, so --multi_gpu forms two gloo ranks); run with
+    CUDA_VISIBLE_DEVICES empty."""
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(port), *args]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import sigterm_when
+from conftest import sigterm_when, two_gloo_ranks
 from mm.config import ConfigError
 from mm.data.aspect import generate_aspect
 from mm.data.decode import SampleDecoder
@@ -205,13 +204,7 @@ def test_naflex_run_stops_on_sigterm_and_resumes_exactly(aspect_shards, tmp_path
 
 @pytest.mark.slow
 def test_two_ranks_take_the_same_schedule(aspect_shards, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = _config(tmp_path, aspect_shards, "ddp", steps=4)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           str(ROOT / "train.py"), str(cfg), *SMALL]
+    cmd = two_gloo_ranks(str(ROOT / "train.py"), str(_config(tmp_path, aspect_shards, "ddp", steps=4)), *SMALL)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

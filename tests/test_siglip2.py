@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 import mm
-from conftest import sigterm_when
+from conftest import sigterm_when, two_gloo_ranks
 from mm.config import ConfigError
 from mm.data.locca import DecoderPrompts, LocTokens
 from mm.data.regions import crop_box, dequantize, parse_regions, quantize
@@ -369,15 +369,7 @@ def test_recipe_with_gradient_caching_equals_the_plain_step(scenes, tmp_path):
 
 @pytest.mark.slow
 def test_recipe_under_ddp_keeps_both_ranks_identical(scenes, tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = _config(tmp_path, scenes, "ddp", steps=4)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           str(ROOT / "train.py"), str(cfg), *SMALL[1:]]
+    cmd = two_gloo_ranks(str(ROOT / "train.py"), str(_config(tmp_path, scenes, "ddp", steps=4)), *SMALL[1:])
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
