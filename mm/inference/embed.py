@@ -261,8 +261,7 @@ def _check_plan(out: Path, plan: dict[str, Any], write: bool) -> None:
     path = out / PLAN_NAME
     if path.is_file():
         old = json.loads(path.read_text())
-        keys = [*plan, *(["seq_len"] if "seq_len" not in plan else [])]  # recorded only for NaFlex runs
-        diff = [k for k in keys if old.get(k) != plan.get(k)]
+        diff = [k for k in plan if old.get(k) != plan[k]]  # (a key older plans lack reads as None)
         if diff:
             raise EmbedError(f"{out} holds an embed run with different {', '.join(diff)} (was "
                              f"{', '.join(repr(old.get(k)) for k in diff)}); use a new output directory, or "
@@ -291,11 +290,9 @@ def image_sources(chunks: list[Chunk]) -> dict[str, list[str]]:
 def make_plan(kind: str, chunks: list[Chunk], *, model: str | None, pretrained: str | None, normalize: bool,
               dtype: str, quantize: str | None = None, seq_len: int | None = None) -> dict[str, Any]:
     digest = hashlib.sha256(json.dumps([asdict(c) for c in chunks]).encode()).hexdigest()
-    plan = {"kind": kind, "model": model, "pretrained": pretrained, "normalized": normalize, "dtype": dtype,
-            "quantize": quantize, "chunks": len(chunks), "inputs_sha256": digest}
-    if seq_len is not None:  # NaFlex images (mm search embeds image queries the same way)
-        plan["seq_len"] = seq_len
-    return plan
+    # seq_len: NaFlex images (mm search embeds image queries the same way); None: square
+    return {"kind": kind, "model": model, "pretrained": pretrained, "normalized": normalize, "dtype": dtype,
+            "quantize": quantize, "chunks": len(chunks), "inputs_sha256": digest, "seq_len": seq_len}
 
 
 def read_index(out_dir: str | Path) -> dict[str, Any]:

@@ -72,8 +72,8 @@ class Engine:
         self.tokenizer = get_tokenizer(model)
         # embeddings, zero-shot and search read images as NaFlex patches with a seq_len; captioning and grounding
         # read square images (their decoders and boxes work on the square input)
-        self.transform = image_transform(model, train=False, seq_len=seq_len)
         self.square = image_transform(model, train=False)
+        self.transform = self.square if seq_len is None else image_transform(model, train=False, seq_len=seq_len)
         self.can_caption = getattr(getattr(model, "config", None), "decoder", None) is not None \
             and hasattr(model, "next_token_logits")
         self.no_ground = _ground_problem(model)  # why the model cannot ground text (None: it can)
