@@ -19,7 +19,7 @@ from PIL import Image
 
 import mm
 from mm.cli import main as mm_main
-from mm.inference.embed import EmbedError, embed_images, load_index, read_texts
+from mm.inference.embed import EmbedError, embed_images, load_index, model_fingerprint, read_texts
 from mm.inference.search import search
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +79,12 @@ def test_embed_folder_equals_encode_image_and_skips_the_corrupt_file(model_dir, 
     assert index["count"] == 9 and index["skipped"] == 1 and index["normalized"] is True
     assert index["model"] == str(model_dir.resolve()) and index["embed_dim"] == model.config.embed_dim
     assert [p["rows"] for p in index["parts"]] == [3, 4, 2]  # 10 inputs in chunks of 4; broken.jpg is in the first
+    # the weights fingerprint queries are checked against: the model's, a reloaded copy's, not another model's
+    assert index["model_fingerprint"] == model_fingerprint(model) == model_fingerprint(mm.load_pretrained(model_dir))
+    other = mm.create_model("tiny-clip")
+    assert model_fingerprint(other) != index["model_fingerprint"]
+    other.load_state_dict(model.state_dict())
+    assert model_fingerprint(other) == index["model_fingerprint"]
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")

@@ -22,6 +22,7 @@ from ..inference.embed import (
     SKIPPED_NAME,
     EmbedError,
     check_out_dir,
+    check_query_model,
     plan_images,
     plan_texts,
     read_index,
@@ -151,6 +152,7 @@ def _embed_queries(index: dict[str, Any], args: argparse.Namespace) -> np.ndarra
     adapter = args.adapter or (None if args.model else index.get("adapter"))
     device = default_device(args.device)
     model = load_model(spec, pretrained, device, adapter=adapter, names=MODEL_ARGS)
+    check_query_model(index, model, spec, f"--index {args.index}", args.allow_other_model)
     with torch.inference_mode():
         if args.image:  # embedded as the index's images were (NaFlex: at the recorded sequence length)
             try:
@@ -207,7 +209,7 @@ def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "rank<TAB>score<TAB>id per result.\n\nexamples:\n"
                     "  mm search --index emb/photos 'a dog on a beach' 'a red car' -k 5\n"
                     "  mm search --index emb/captions --image query.jpg\n"
-                    "  mm search --index emb/photos --model other_model/ 'a dog' --json\n"
+                    "  mm search --index emb/photos --model finetuned/ 'a dog' --allow-other-model --json\n"
                     "  mm search --index emb/photos 'a red circle' 'a blue star' -k 8 --plot search.png\n"
                     "  mm search --index ann/photos 'a dog on a beach'   (an `mm index build` output; --exact to compare)",
         formatter_class=EXAMPLES)
@@ -223,6 +225,9 @@ def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
                       adapter_help="a LoRA adapter directory on the query model (default: the one the index "
                                    "records, unless --model is given)")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    s.add_argument("--allow-other-model", action="store_true", help="query with a --model other than the one that "
+                   "made the index (refused by default: its weights fingerprint differs, so the scores compare two "
+                   "models' embeddings)")
     s.add_argument("--faiss", action="store_true", help="score blocks with faiss (must be installed)")
     s.add_argument("--json", action="store_true", help="one JSON line per query {query, results: [{rank, score, id}]}")
     s.add_argument("--plot", metavar="PNG", help="also draw each query and its results (images or texts) to this PNG")

@@ -6,10 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
-from ..inference.embed import EmbedError
+from ..inference.embed import EmbedError, check_query_model
 from ..utils.precision import PRECISIONS
 from .common import (
     EXAMPLES,
@@ -25,7 +24,8 @@ from .common import (
 
 DESCRIPTION = """\
 Serve a model over HTTP: POST /v1/embed, /v1/zeroshot, /v1/caption (CoCa models) and /v1/search (over each
---index), GET /healthz, /metrics (Prometheus) and /v1/info; API docs at /docs, a web page at / (search by
+--index: exact over an `mm embed` output, approximate over an `mm index build` output, merged over several
+shards), GET /healthz, /metrics (Prometheus) and /v1/info; API docs at /docs, a web page at / (search by
 text or image, zero-shot, captions). Concurrent requests are batched into one model call per kind (up to
 --max-batch items, the first waiting at most --max-wait-ms); a full queue answers 503 with Retry-After.
 Binds to 127.0.0.1 unless --host says otherwise; a non-loopback host needs --api-key (or MM_SERVE_API_KEY),
@@ -35,6 +35,8 @@ examples:
   mm serve --model runs/builtin/final --index runs/emb/test
   mm serve --model open_clip:ViT-B-32:laion2b_s34b_b79k --index photos=emb/photos --port 8080
   mm serve --model runs/builtin/final --host 0.0.0.0 --api-key "$(cat key.txt)" --max-batch 64
+  mm serve --model M --index photos=ann/photos-0,ann/photos-1          (two `mm index build` shards as one)
+  mm serve --model M --index photos=http://host1:8000/photos,http://host2:8000/photos   (shards on other hosts)
   curl -s localhost:8000/v1/search -H 'content-type: application/json' -d '{"text": "a red circle", "k": 5}'"""
 
 
@@ -65,12 +67,6 @@ def _reading(seq_len: int | None) -> str:
     return "square" if seq_len is None else f"as NaFlex sequences of at most {seq_len} patches"
 
 
-def _same_model(recorded: str | None, spec: str) -> bool:
-    if recorded is None:
-        return True
-    return recorded == spec or (Path(recorded).exists() and Path(recorded).resolve() == Path(spec).resolve())
-
-
 @guard(EmbedError, UsageError, OSError, *MODEL_ERRORS)
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
@@ -82,7 +78,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"mm serve needs the serve extra ({e.name} is missing): pip install 'mm[serve]'") from None
     settings = _settings(args)
     specs = parse_index_specs(args.index or [], "--index")
-    indexes = {name: ServedIndex(name, path) for name, path in specs.items()}  # EmbedError: unfinished / missing
+    # EmbedError: unfinished / missing, a remote shard that does not answer, shards that do not belong together
+    indexes = {name: ServedIndex(name, shards, api_key=args.api_key) for name, shards in specs.items()}
     sock = bind(args.host, args.port)  # before the model loads: a port in use fails at once
     from ..hub import load_model
 
@@ -97,12 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if index.info.get("seq_len") != seq_len:
             print(f"warning: --index {name}'s images were read {_reading(index.info.get('seq_len'))}, queries will be "
                   f"read {_reading(seq_len)}", file=sys.stderr)
-        if index.info["embed_dim"] != engine.dim:
-            raise EmbedError(f"--index {name}: embeddings of width {index.info['embed_dim']}, the model's are "
-                             f"{engine.dim} (made with another model: {index.info.get('model')})")
-        if not _same_model(index.info.get("model"), args.model):
-            print(f"warning: --index {name} was made with {index.info.get('model')}, not {args.model}: its scores "
-                  "compare the two models' embeddings", file=sys.stderr)
+        check_query_model(index.info, model, args.model, f"--index {name}", args.allow_other_model)
     app = create_app(engine, indexes, settings)
     return run(app, sock, grace=settings.timeout + 5, max_connections=args.max_connections,
                log_level=args.log_level, access_log=args.access_log)
@@ -112,8 +104,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a model over HTTP: embed, zero-shot, caption, search, and a web page",
                        description=DESCRIPTION, formatter_class=EXAMPLES)
     add_model_options(s)
-    s.add_argument("--index", action="append", metavar="[NAME=]DIR",
-                   help="an `mm embed` output to search (repeatable; NAME defaults to the folder's name)")
+    s.add_argument("--index", action="append", metavar="[NAME=]SHARD[,SHARD...]",
+                   help="an index to search (repeatable; NAME defaults to the folder's name): an `mm embed` output "
+                   "(exact), an `mm index build` output (approximate), or several of them, or other mm serve "
+                   "processes' indexes (http://HOST:PORT/NAME), searched together as one")
+    s.add_argument("--allow-other-model", action="store_true", help="serve indexes made with another model than "
+                   "--model (refused by default: their weights fingerprints differ)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port, printed)")
     s.add_argument("--api-key", default=os.environ.get("MM_SERVE_API_KEY"),

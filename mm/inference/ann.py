@@ -4,7 +4,11 @@
 ``choose_index`` picks the index type and its parameters from the collection's size and a memory budget, with
 autofaiss's rules of thumb (our code): a flat scan while it is small, HNSW32 (graph, ~d*4 + 2*32*4 bytes a
 vector) up to a million vectors, IVF-Flat (inverted lists of full vectors, 2^round(log2(4 sqrt(n))) lists),
-then IVF-PQ (m bytes a vector, the largest m dividing d that fits: more bytes, better recall). The index is
+then IVF-PQ (m bytes a vector, the largest m dividing d that fits: more bytes, better recall). IVF-PQ's codes
+rank only roughly (recall@10 ~0.7 with 64 bytes), so an IVF-PQ index re-ranks: it asks faiss for ``rerank`` x k
+candidates and orders them by their exact cosines, read from the embed output's vectors on disk (memory-mapped:
+k x rerank rows a query, ~1 MB at k=10, rerank=10 and 512-d float32), which stays where it is and is not counted
+in the memory budget. The index is
 trained on a sample, vectors are added chunk by chunk, streamed part by part from the embed output (memory:
 one chunk plus the index), and written at checkpoints, so a killed build continues from the last one.
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +50,10 @@ HNSW_MAX = 1_000_000   # above, HNSW's build (single inserts) takes hours on a f
 HNSW_M = 32
 QUERY_NOISE = 0.3      # norm of the noise added to a held-out vector to make a query
 RECALL_K = 10
+NLIST_MAX = 4096       # k-means training and assigning n vectors cost n x nlist x d: 4,096 lists keep a 10M-vector
+# build within ~15 min on 2 cores (16,384, autofaiss's 4 sqrt(n), would take hours); a query then scans nprobe
+# lists of n / 4,096 codes (2,400 at 10M), a fraction of a millisecond a list for PQ codes
+RERANK = 10            # IVF-PQ: candidates re-ranked by exact cosine, per result asked for
 
 
 class AnnError(EmbedError):
@@ -62,6 +71,7 @@ class IndexSpec:
     m: int = 0
     nbits: int = 0
     hnsw_m: int = 0
+    rerank: int = 0  # IVF-PQ: re-rank rerank x k candidates by their exact cosines (0: the codes' order)
 
     @property
     def train_rows(self) -> int:
@@ -83,8 +93,9 @@ def parse_memory(text: str) -> int:
 
 
 def nlist_for(n: int) -> int:
-    """autofaiss's rule: about 4 sqrt(n) inverted lists, a power of two, at most n / 39 (enough to train)."""
-    nlist = 2 ** round(math.log2(max(4 * math.sqrt(n), 1)))
+    """autofaiss's rule: about 4 sqrt(n) inverted lists, a power of two, at most n / 39 (enough to train) and
+    at most ``NLIST_MAX``."""
+    nlist = min(2 ** round(math.log2(max(4 * math.sqrt(n), 1))), NLIST_MAX)
     while nlist > 1 and nlist * 39 > n:
         nlist //= 2
     return max(nlist, 1)
@@ -119,7 +130,8 @@ def _spec(kind: str, n: int, dim: int, m: int = 0) -> IndexSpec:
     else:
         factory = f"IVF{nlist},PQ{m}x8np"  # np: no polysemous training (minutes, for a Hamming filter we do not use)
     return IndexSpec(kind, factory, estimate_memory(kind, n, dim, nlist, m), nlist=nlist, m=m,
-                     nbits=8 if kind == "ivf-pq" else 0, hnsw_m=HNSW_M if kind == "hnsw" else 0)
+                     nbits=8 if kind == "ivf-pq" else 0, hnsw_m=HNSW_M if kind == "hnsw" else 0,
+                     rerank=RERANK if kind == "ivf-pq" else 0)
 
 
 def candidates(n: int, dim: int, kind: str | None = None) -> list[IndexSpec]:
@@ -308,16 +320,22 @@ def _check_state(out: Path, state: dict[str, Any]) -> None:
 
 def build(emb_dir: str | Path, out_dir: str | Path, *, max_memory: int = 4 << 30, target_recall: float = 0.9,
           metric: str = "ip", kind: str | None = None, chunk_rows: int = 65536, checkpoint_chunks: int = 16,
-          n_queries: int = 1000, seed: int = 0, max_chunks: int | None = None,
+          n_queries: int = 1000, seed: int = 0, max_chunks: int | None = None, rerank: int | None = None,
           progress_every: float | None = 30.0) -> dict[str, Any] | None:
     """Build (or continue building) an approximate index of the embed output ``emb_dir`` in ``out_dir``; returns
     ann.json's contents, or None when ``max_chunks`` chunks were added and the build is not finished (a rerun
-    continues it). The index is written every ``checkpoint_chunks`` chunks of ``chunk_rows`` vectors."""
+    continues it). The index is written every ``checkpoint_chunks`` chunks of ``chunk_rows`` vectors. ``rerank``
+    (IVF-PQ): candidates re-ranked by exact cosine per result (default ``RERANK``; 0: the codes' order)."""
     emb_dir, out = Path(emb_dir).resolve(), Path(out_dir)
     source = check_embeddings(emb_dir)
     _metric(metric)
     n, dim = source["count"], source["embed_dim"]
     spec = choose_index(n, dim, max_memory, target_recall, kind)
+    if rerank is not None:
+        if rerank < 0 or (rerank and spec.kind != "ivf-pq"):
+            raise AnnError(f"rerank {rerank}: re-ranking is for IVF-PQ indexes (>= 0; the others hold the full "
+                           f"vectors), the index chosen is {spec.factory}")
+        spec.rerank = rerank
     parts = [{"file": p["file"], "ids": p["ids"], "rows": p["rows"]} for p in source["parts"]]
     state = {"embeddings": str(emb_dir), "count": n, "embed_dim": dim, "metric": metric, "spec": asdict(spec),
              "n_queries": n_queries, "seed": seed, "parts": parts}
@@ -327,6 +345,8 @@ def build(emb_dir: str | Path, out_dir: str | Path, *, max_memory: int = 4 << 30
     t0 = time.perf_counter()
     index, _ = _start(emb_dir, out, state, seed)
     added = index.ntotal
+    if added:
+        print(f"resuming: {added} of {n} vectors already added in {out}", file=sys.stderr)
     bar = Progress(n, "vector", initial=added, every=progress_every)
     done = 0
     for rows in iter_rows(emb_dir, parts, added, chunk_rows):
@@ -352,7 +372,7 @@ def _finish(emb_dir: Path, out: Path, source: dict[str, Any], state: dict[str, A
     for p in state["parts"]:
         name = f"ids/{Path(p['ids']).name}"
         shutil.copyfile(emb_dir / p["ids"], out / name)
-        parts.append({"ids": name, "rows": p["rows"]})
+        parts.append({"ids": name, "rows": p["rows"], "file": p["file"]})  # file: in the embed output
     embed = {k: v for k, v in source.items() if k not in ("parts", "format", "version")}
     ann = {"format": "mm-ann", "version": 1, "factory": state["spec"]["factory"], "spec": state["spec"],
            "metric": state["metric"], "count": state["count"], "embed_dim": state["embed_dim"],
@@ -392,7 +412,51 @@ def _set(index: Any, name: str | None, value: int) -> None:
         faiss.ParameterSpace().set_index_parameter(index, name, value)
 
 
-def measure(index: Any, queries: np.ndarray, truth: np.ndarray, k: int = RECALL_K) -> dict[str, float]:
+class Searcher:
+    """A faiss index answering cosine top-k as global rows, best first; with ``vectors`` (the embed output's parts)
+    and ``rerank`` > 0, faiss's ``rerank`` x k best candidates are ordered by their exact cosines instead."""
+
+    def __init__(self, index: Any, metric: str, vectors: Vectors | None = None, rerank: int = 0):
+        self.index, self.metric, self.vectors, self.rerank = index, metric, vectors, rerank if vectors else 0
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(cosines [Q, k] float32, -inf where fewer were found; global rows [Q, k], -1 there)."""
+        k = min(k, self.index.ntotal)
+        if not self.rerank:
+            scores, rows = self.index.search(q, k)
+            if self.metric == "l2":  # squared distances of unit vectors -> cosines
+                scores = 1 - scores / 2
+            return np.where(rows >= 0, scores, -np.inf).astype(np.float32), rows
+        _, cand = self.index.search(q, min(k * self.rerank, self.index.ntotal))
+        vec = self.vectors.rows(np.maximum(cand, 0).ravel()).reshape(*cand.shape, -1)
+        scores = np.where(cand >= 0, np.einsum("qkd,qd->qk", vec, q), -np.inf).astype(np.float32)
+        order = np.lexsort((cand, -scores), axis=-1)[:, :k]  # ties: the earlier row, as exact search
+        rows = np.take_along_axis(cand, order, 1)
+        return np.take_along_axis(scores, order, 1), np.where(np.isfinite(np.take_along_axis(scores, order, 1)),
+                                                              rows, -1)
+
+
+class Vectors:
+    """Random access to an embed output's unit rows by global row (its parts memory-mapped)."""
+
+    def __init__(self, emb_dir: Path, parts: list[dict[str, Any]]):
+        self.arrays = [np.load(emb_dir / p["file"], mmap_mode="r") for p in parts]
+        self.starts = np.cumsum([0] + [p["rows"] for p in parts])[:-1]
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((len(rows), self.arrays[0].shape[1]), np.float32)
+        for p in np.unique(part):
+            sel = part == p
+            local = rows[sel] - self.starts[p]
+            order = np.argsort(local)  # sorted reads from the memory map
+            got = np.empty((len(local), out.shape[1]), np.float32)
+            got[order] = self.arrays[p][local[order]]
+            out[sel] = got
+        return unit_rows(out)
+
+
+def measure(index: Searcher, queries: np.ndarray, truth: np.ndarray, k: int = RECALL_K) -> dict[str, float]:
     """recall@1, recall@``k`` against exact rows ``truth``, and ms per query at batch 1 (up to 200 queries) and
     at batch 64 (all)."""
     _, found = index.search(queries, k)
@@ -411,12 +475,28 @@ def measure(index: Any, queries: np.ndarray, truth: np.ndarray, k: int = RECALL_
             "ms_per_query_batch64": round(batch, 4)}
 
 
+def _vectors(ann: dict[str, Any]) -> Vectors:
+    """The embed output's vectors an index re-ranks with (where ann.json says they are)."""
+    emb = Path(ann["embeddings"])
+    missing = [p["file"] for p in ann["parts"] if not (emb / p["file"]).is_file()]
+    if missing:
+        raise AnnError(f"{emb / missing[0]}: missing; this {ann['factory']} index re-ranks its candidates with the "
+                       "vectors of the embed output it was built from (ann.json 'embeddings'): put them back, or "
+                       "answer from the codes alone with mm index tune --rerank 0")
+    return Vectors(emb, ann["parts"])
+
+
+def _rerank_of(ann: dict[str, Any]) -> int:
+    return ann.get("search_params", {}).get("rerank", ann["spec"].get("rerank", 0))
+
+
 def tune(index_dir: str | Path, *, target_recall: float | None = None, max_latency_ms: float | None = None,
-         index: Any = None, ann: dict[str, Any] | None = None) -> dict[str, Any]:
+         rerank: int | None = None, index: Any = None, ann: dict[str, Any] | None = None) -> dict[str, Any]:
     """Set the query-time knob (IVF nprobe, HNSW efSearch) on the held-out queries: the cheapest value whose
     recall@10 reaches ``target_recall``, or the most accurate whose batch-1 latency is within ``max_latency_ms``
-    (neither: the recorded target). Every value tried, its recall and latency go into ann.json with the choice;
-    ``meets_target`` says whether the target was reached (if not, the most accurate value is kept)."""
+    (neither: the recorded target). ``rerank`` (IVF-PQ): candidates re-ranked per result (0: none; default:
+    as recorded). Every value tried, its recall and latency go into ann.json with the choice; ``meets_target``
+    says whether the target was reached (if not, the most accurate value is kept)."""
     import faiss
 
     out = Path(index_dir)
@@ -425,13 +505,18 @@ def tune(index_dir: str | Path, *, target_recall: float | None = None, max_laten
         raise AnnError("give a target recall or a latency bound, not both")
     if target_recall is None and max_latency_ms is None:
         target_recall = ann.get("target_recall", 0.9)
+    rerank = _rerank_of(ann) if rerank is None else rerank
+    if rerank < 0 or (rerank and ann["spec"]["kind"] != "ivf-pq"):
+        raise AnnError(f"rerank {rerank}: re-ranking is for IVF-PQ indexes (>= 0; the others hold the full vectors), "
+                       f"this one is {ann['factory']}")
     index = index if index is not None else faiss.read_index(str(out / INDEX_FILE))
+    searcher = Searcher(index, ann["metric"], _vectors(ann) if rerank else None, rerank)
     queries, truth = np.load(out / "heldout.npy"), np.load(out / "truth.npy")
     name, values = _knob(ann["spec"])
     sweep = []
     for v in values:
         _set(index, name, v)
-        sweep.append({"value": v, **measure(index, queries, truth)})
+        sweep.append({"value": v, **measure(searcher, queries, truth)})
         if target_recall is not None and sweep[-1][f"recall@{RECALL_K}"] >= target_recall:
             break
     if target_recall is not None:
@@ -442,7 +527,8 @@ def tune(index_dir: str | Path, *, target_recall: float | None = None, max_laten
         ok = [s for s in sweep if s["ms_per_query"] <= max_latency_ms]
         best = ok[-1] if ok else sweep[0]
         meets = bool(ok)
-    ann = {**ann, "search_params": {name: best["value"]} if name else {},
+    params = {name: best["value"]} if name else {}
+    ann = {**ann, "search_params": {**params, "rerank": rerank} if rerank else params,
            "recall": {k: best[k] for k in ("recall@1", f"recall@{RECALL_K}")},
            "latency_ms": {"batch1": best["ms_per_query"], "batch64_per_query": best["ms_per_query_batch64"]},
            "tuned_for": {"target_recall": target_recall} if target_recall is not None
@@ -454,20 +540,22 @@ def tune(index_dir: str | Path, *, target_recall: float | None = None, max_laten
 _LOADED: dict[str, tuple[float, Any]] = {}
 
 
-def load(index_dir: str | Path) -> tuple[Any, dict[str, Any]]:
-    """The faiss index of ``index_dir`` with its tuned search parameters set, and its ann.json (kept loaded
-    while the file is unchanged, for a server answering many queries)."""
+def load(index_dir: str | Path) -> tuple[Searcher, dict[str, Any]]:
+    """The searcher of ``index_dir`` (its faiss index with the tuned search parameters set, re-ranking if
+    tuned so) and its ann.json; kept loaded while the files are unchanged, for a server answering many queries."""
     import faiss
 
     out, ann = Path(index_dir), read_ann(index_dir)
     path = out / INDEX_FILE
-    key, mtime = str(path.resolve()), path.stat().st_mtime
+    key, mtime = str(path.resolve()), (path.stat().st_mtime, (out / ANN_NAME).stat().st_mtime)
     if key not in _LOADED or _LOADED[key][0] != mtime:
-        _LOADED[key] = (mtime, faiss.read_index(str(path)))
-    index = _LOADED[key][1]
-    for name, value in ann.get("search_params", {}).items():
-        _set(index, name, value)
-    return index, ann
+        index = faiss.read_index(str(path))
+        rerank = _rerank_of(ann)
+        for name, value in ann.get("search_params", {}).items():
+            if name != "rerank":
+                _set(index, name, value)
+        _LOADED[key] = (mtime, Searcher(index, ann["metric"], _vectors(ann) if rerank else None, rerank))
+    return _LOADED[key][1], ann
 
 
 def search(index_dir: str | Path, query_embeddings: Any, k: int = 10) -> tuple[np.ndarray, list[list[str]]]:
@@ -475,12 +563,9 @@ def search(index_dir: str | Path, query_embeddings: Any, k: int = 10) -> tuple[n
     per query), best first, as :func:`mm.inference.search.search` returns them. An index may find fewer than
     ``k`` (IVF with few lists probed): those rows' id lists are shorter, their missing scores -inf."""
     out = Path(index_dir)
-    index, ann = load(out)
+    searcher, ann = load(out)
     q = query_matrix(query_embeddings, ann["embed_dim"], out)
-    scores, rows = index.search(q, min(k, ann["count"]))
-    if ann["metric"] == "l2":  # squared distances of unit vectors -> cosines
-        scores = np.where(rows >= 0, 1 - scores / 2, scores)
-    scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
+    scores, rows = searcher.search(q, k)
     starts = np.cumsum([0] + [p["rows"] for p in ann["parts"]])[:-1]
     ids = _ids(out, ann["parts"], starts, np.maximum(rows, 0))
     return scores, [[i for i, r in zip(row, rr) if r >= 0] for row, rr in zip(ids, rows)]

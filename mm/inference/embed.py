@@ -295,6 +295,51 @@ def make_plan(kind: str, chunks: list[Chunk], *, model: str | None, pretrained: 
             "quantize": quantize, "chunks": len(chunks), "inputs_sha256": digest, "seq_len": seq_len}
 
 
+FINGERPRINT_SAMPLES = 4096  # values of each tensor a fingerprint reads (evenly spaced): models differ everywhere
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the model's weights as loaded: each state-dict entry's name, shape, dtype and up to
+    ``FINGERPRINT_SAMPLES`` of its values, evenly spaced (milliseconds for any model; two different trainings,
+    fine-tunes or adapters differ in nearly every tensor, so a sample tells them apart). Index outputs record it
+    so queries are embedded by the model that made the index (``mm search``, ``mm serve``)."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        if not isinstance(value, torch.Tensor):
+            h.update(repr(value).encode())
+            continue
+        flat = value.detach().reshape(-1)
+        if flat.numel() > FINGERPRINT_SAMPLES:
+            flat = flat[torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES, device=flat.device).long()]
+        h.update(f"{tuple(value.shape)} {value.dtype}".encode())
+        h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_query_model(index: dict[str, Any], model: torch.nn.Module, spec: str, where: str,
+                      allow_other: bool = False) -> None:
+    """EmbedError (naming ``where``, the index) unless ``model`` (loaded from ``spec``) is the model the index's
+    embeddings were made with: same width, and the same weights fingerprint when the index records one, else
+    the same recorded name. ``allow_other``: only the width must match (comparing two models' embeddings)."""
+    dim = model.config.embed_dim
+    if index["embed_dim"] != dim:
+        raise EmbedError(f"{where}: embeddings of width {index['embed_dim']}, the query model's are {dim} (the index "
+                         f"was made with another model: {index.get('model')})")
+    if allow_other:
+        return
+    recorded = index.get("model_fingerprint")
+    if recorded is not None:
+        same = recorded == model_fingerprint(model)
+    else:
+        same = index.get("model") is None or _recorded(spec) == index.get("model")
+    if not same:
+        raise EmbedError(f"{where}: made with the model {index.get('model')} (weights fingerprint "
+                         f"{(recorded or 'not recorded')[:12]}), queries would be embedded by {spec}, whose weights "
+                         "differ: their embeddings are not comparable. Query with the index's model, rebuild the "
+                         "index with this one, or pass --allow-other-model to compare them anyway")
+
+
 def read_index(out_dir: str | Path) -> dict[str, Any]:
     """The parsed ``index.json`` of an embed output directory."""
     path = Path(out_dir) / INDEX_NAME
@@ -375,6 +420,7 @@ def run_embed(model: torch.nn.Module, chunks: list[Chunk], out_dir: str | Path, 
     kind = "texts" if chunks and chunks[0].kind == "texts" else "images"
     plan = make_plan(kind, chunks, model=_recorded(model_spec), pretrained=_recorded(pretrained), normalize=normalize,
                      dtype=dtype, quantize=quantize, seq_len=seq_len)
+    fingerprint = model_fingerprint(model)  # of the model as given (a quantised copy below embeds the same model)
     if quantize and getattr(model, "quantization", None) != quantize:
         try:
             model = quantize_model(model, quantize)
@@ -394,7 +440,8 @@ def run_embed(model: torch.nn.Module, chunks: list[Chunk], out_dir: str | Path, 
                   normalize=normalize, precision=precision, dtype=dtype, show=dist.is_main(), seq_len=seq_len)
     dist.barrier()
     if dist.is_main():
-        _write_index(out, {**plan, "sources": image_sources(chunks)}, model.config.embed_dim)
+        _write_index(out, {**plan, "sources": image_sources(chunks), "model_fingerprint": fingerprint},
+                     model.config.embed_dim)
     dist.barrier()  # every rank returns the finished index
     return read_index(out)
 

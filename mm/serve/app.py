@@ -29,12 +29,13 @@ from ..inference.generate import GenerationConfig
 from .batcher import Batcher, QueueFull, Timeout
 from .bodies import read_body
 from .engine import DEFAULT_PROMPTS, CaptionJob, Engine, GroundJob
-from .indexes import ServedIndex
+from .indexes import ExactUnavailable, ServedIndex, ShardUnavailable
 from .limits import (
     BodyLimit,
     BodyTooLarge,
     Limits,
     RequestError,
+    check_embedding,
     check_k,
     check_texts,
     decode_image,
@@ -212,21 +213,29 @@ class Service:
         knows its images), as `mm search` ranks them."""
         deadline = time.monotonic() + self.settings.timeout
         body, files = await read_body(request, SearchRequest, ("image",), self.limits)
-        if (body.text is not None) == bool(files["image"]):
-            raise RequestError(422, "give one query: text, or image")
+        if (body.text is not None) + bool(files["image"]) + (body.embedding is not None) != 1:
+            raise RequestError(422, "give one query: text, image, or embedding")
         if body.index is not None and body.index not in self.indexes:
             raise RequestError(404, f"no index named {body.index!r} (loaded: {', '.join(self.indexes) or 'none'})")
         if not self.indexes:
             raise RequestError(404, "no index is loaded (the server was started without one)")
         k = check_k(body.k, self.limits)
-        if body.text is not None:
+        if body.embedding is not None:
+            emb = check_embedding(body.embedding, self.engine.dim)
+        elif body.text is not None:
             (emb,) = await self._model("text", check_texts([body.text], self.limits, "text"), deadline)
         else:
             (emb,) = await self._model("image", await self._images(_one(files["image"], "image"), "image"), deadline)
         names = [body.index] if body.index else list(self.indexes)
-        found = await asyncio.gather(*(self._off_loop(self.indexes[n].search, emb[None], k) for n in names))
-        return JSONResponse({"query": body.text if body.text is not None else "image", "k": k,
-                             "results": {n: hits[0] for n, hits in zip(names, found)}})
+        try:
+            found = await asyncio.gather(*(self._off_loop(self.indexes[n].search, emb[None], k, body.exact)
+                                           for n in names))
+        except ShardUnavailable as e:
+            raise RequestError(502, f"a shard of the index did not answer: {e}") from None
+        except ExactUnavailable as e:
+            raise RequestError(422, f"exact: {e}") from None
+        query = body.text if body.text is not None else "image" if files["image"] else "embedding"
+        return JSONResponse({"query": query, "k": k, "results": {n: hits[0] for n, hits in zip(names, found)}})
 
     async def index_image(self, name: str, id: str) -> Response:
         """The image an index made a result from (a search hit's `image` URL)."""

@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from ..data.decode import to_rgb
@@ -107,6 +108,17 @@ def check_texts(texts: list[str], limits: Limits, what: str = "texts") -> list[s
             raise RequestError(413, f"{what}[{i}]: {len(t)} characters is more than the limit of "
                                     f"{limits.max_text_chars}")
     return texts
+
+
+def check_embedding(values: list[float], dim: int) -> np.ndarray:
+    """A query embedding as a unit float32 row; 422 when its width is not the model's or it is not finite / zero."""
+    x = np.asarray(values, np.float32)
+    if x.shape != (dim,):
+        raise RequestError(422, f"embedding: {len(values)} values, the served model's embeddings have {dim}")
+    norm = float(np.linalg.norm(x))
+    if not np.isfinite(norm) or norm == 0:
+        raise RequestError(422, "embedding: must be finite and not all zero")
+    return x / norm
 
 
 def check_k(k: Any, limits: Limits) -> int:

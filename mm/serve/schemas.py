@@ -80,8 +80,12 @@ class GroundResponse(BaseModel):
 class SearchRequest(_Strict):
     text: str | None = Field(default=None, description="a text query (or an image: base64 here, multipart `image`)")
     image: str | None = None
+    embedding: list[float] | None = Field(default=None, description="a query embedding (the served model's width; "
+                                          "normalised here), instead of a text or an image")
     index: str | None = Field(default=None, description="an index name (default: every loaded index)")
     k: int = Field(default=10, description="results per index")
+    exact: bool = Field(default=False, description="an approximate index (`mm index build`): search its embeddings "
+                        "exactly instead")
 
 
 class Hit(BaseModel):
