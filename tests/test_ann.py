@@ -19,7 +19,7 @@ import torch
 import mm
 from mm.cli import main as mm_main
 from mm.inference import ann
-from mm.inference.search import search
+from mm.inference.search import merge_topk, search
 
 faiss = pytest.importorskip("faiss")  # in the test extra (CI has it); a bare install without mm[index] skips
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,3 +253,46 @@ def test_search_cli_uses_the_index_and_exact_on_request(model_dir, model, tmp_pa
     for got in (run(), run("--exact")):
         assert [[r["id"] for r in g["results"]] for g in got] == want_ids
         np.testing.assert_allclose([[r["score"] for r in g["results"]] for g in got], want_scores, atol=1e-5)
+
+
+def test_an_index_built_in_two_parts_answers_as_one_built_at_once(data, tmp_path):
+    """Two shards (halves of the collection, each its own embed output and index), searched together and merged:
+    flat ones answer exactly what one exact search over the whole answers; IVF ones reach the recall of one IVF
+    index of the whole on its held-out queries."""
+    emb, x = data
+    halves = [write_embed(tmp_path / f"emb{i}", [x[6000 * i:6000 * (i + 1)]], start=6000 * i) for i in range(2)]
+    whole = ann.build(emb, tmp_path / "whole", kind="ivf-flat", n_queries=300, progress_every=None,
+                      target_recall=0.95)
+    queries, truth = np.load(tmp_path / "whole" / "heldout.npy"), np.load(tmp_path / "whole" / "truth.npy")
+    want_scores, want_ids = search(emb, queries, 10)
+    assert [[f"v{r}" for r in row] for row in truth] == want_ids  # the recorded truth is exact search's
+    for kind in ("flat", "ivf-flat"):
+        for i, h in enumerate(halves):
+            ann.build(h, tmp_path / f"{kind}{i}", kind=kind, n_queries=300, progress_every=None, target_recall=0.95)
+        scores, ids = merge_topk([ann.search(tmp_path / f"{kind}{i}", queries, 10) for i in range(2)], 10)
+        if kind == "flat":
+            assert ids == want_ids
+            np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+        else:
+            recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(ids, want_ids)])
+            assert recall >= 0.95 and recall == pytest.approx(whole["recall"]["recall@10"], abs=0.03)
+
+
+def test_search_cli_merges_several_shards(model_dir, model, tmp_path):
+    from mm.inference.embed import model_fingerprint
+
+    x = clustered(2000, model.config.embed_dim, seed=7)
+    fp = model_fingerprint(model)
+    whole = write_embed(tmp_path / "whole", [x], model=str(model_dir), fingerprint=fp)
+    halves = [write_embed(tmp_path / f"h{i}", [x[1000 * i:1000 * (i + 1)]], model=str(model_dir), fingerprint=fp,
+                          start=1000 * i) for i in range(2)]
+    ann.build(halves[1], tmp_path / "ann1", kind="flat", n_queries=20, progress_every=None)
+
+    def run(*index: Path) -> list[list[str]]:
+        r = subprocess.run([sys.executable, "-m", "mm", "search", *[a for d in index for a in ("--index", str(d))],
+                            "a red square", "a blue circle", "-k", "7", "--json"], capture_output=True, text=True,
+                           cwd=ROOT, env=ENV, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return [[h["id"] for h in json.loads(line)["results"]] for line in r.stdout.splitlines()]
+
+    assert run(halves[0], tmp_path / "ann1") == run(whole)  # an embed output and an index of the other half

@@ -30,7 +30,7 @@ from ..inference.embed import (
 )
 from ..inference.ann import is_ann, read_ann
 from ..inference.ann import search as ann_search
-from ..inference.search import plot_results, require_faiss, search
+from ..inference.search import merge_topk, plot_results, require_faiss, search
 from ..tokenizer import get_tokenizer
 from ..utils import dist
 from ..utils.host import default_workers
@@ -144,15 +144,18 @@ def add_embed_parser(subparsers: Any) -> argparse.ArgumentParser:
     return s
 
 
-def _embed_queries(index: dict[str, Any], args: argparse.Namespace) -> np.ndarray:
+def _embed_queries(index: dict[str, Any], args: argparse.Namespace, shards: list[dict[str, Any]]) -> np.ndarray:
+    """The queries embedded by ``--model``, else by the model the first index (``index``) records, after checking
+    it is the model of every index searched (``shards``: their index.json contents, in --index order)."""
     spec = args.model or index.get("model")
     if not spec:
-        raise EmbedError(f"{args.index} does not record its model; give --model")
+        raise EmbedError(f"--index {args.index[0]} does not record its model; give --model")
     pretrained = args.pretrained if args.model else index.get("pretrained")
     adapter = args.adapter or (None if args.model else index.get("adapter"))
     device = default_device(args.device)
     model = load_model(spec, pretrained, device, adapter=adapter, names=MODEL_ARGS)
-    check_query_model(index, model, spec, f"--index {args.index}", args.allow_other_model)
+    for where, info in zip(args.index, shards):
+        check_query_model(info, model, spec, f"--index {where}", args.allow_other_model)
     with torch.inference_mode():
         if args.image:  # embedded as the index's images were (NaFlex: at the recorded sequence length)
             try:
@@ -163,6 +166,15 @@ def _embed_queries(index: dict[str, Any], args: argparse.Namespace) -> np.ndarra
             x = stack_images([pre(load_image(p)) for p in args.image]).to(device)
             return model.encode_image(x, normalize=True).float().cpu().numpy()
         return model.encode_text(get_tokenizer(model)(args.queries).to(device), normalize=True).float().cpu().numpy()
+
+
+def _search_shard(directory: str) -> tuple[str, str, dict[str, Any] | None]:
+    """(directory, the embed output it searches exactly, its ann.json when it is an `mm index build` output)."""
+    if is_ann(directory):  # its ann.json names the embed output it was built from
+        require_faiss("--index (an approximate index)")
+        ann = read_ann(directory)
+        return directory, ann["embeddings"], ann
+    return directory, directory, None
 
 
 @guard(EmbedError, BadSample, *MODEL_ERRORS)
@@ -176,17 +188,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise EmbedError(f"-k must be >= 1, got {args.k}")
     if args.faiss:
         require_faiss("--faiss")
-    emb_dir, ann = args.index, None
-    if is_ann(args.index):  # an `mm index build` output: its ann.json names the embed output it was built from
-        require_faiss("--index (an approximate index)")
-        ann = read_ann(args.index)
-        emb_dir = ann["embeddings"]
-    index = ann["embed"] if ann else read_index(args.index)
-    q = _embed_queries(index, args)
-    if ann and not args.exact:
-        scores, ids = ann_search(args.index, q, args.k)
-    else:
-        scores, ids = search(emb_dir, q, args.k, use_faiss=args.faiss)
+    shards = [_search_shard(d) for d in args.index]  # (directory, its embed output, ann.json or None)
+    first = shards[0][2]["embed"] if shards[0][2] else read_index(shards[0][1])
+    q = _embed_queries(first, args, [s[2]["embed"] if s[2] else read_index(s[1]) for s in shards])
+    found = [ann_search(d, q, args.k) if ann and not args.exact else search(emb, q, args.k, use_faiss=args.faiss)
+             for d, emb, ann in shards]
+    scores, ids = found[0] if len(found) == 1 else merge_topk(found, args.k)
     for query, s, found in zip(args.image or args.queries, scores, ids):
         if args.json:
             print(json.dumps({"query": query, "results": [{"rank": r, "score": float(v), "id": i}
@@ -197,7 +204,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             print(f"{r}\t{v:.6f}\t{i}")
     if args.plot:
         queries = [(load_image(p), f"query: {Path(p).name}") for p in args.image] if args.image else list(args.queries)
-        print(f"wrote {plot_results(emb_dir, queries, scores, ids, args.plot)}", file=sys.stderr)
+        print(f"wrote {plot_results([s[1] for s in shards], queries, scores, ids, args.plot)}", file=sys.stderr)
     return 0
 
 
@@ -215,8 +222,9 @@ def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=EXAMPLES)
     s.add_argument("queries", nargs="*", metavar="QUERY_TEXT", help="query texts")
     s.add_argument("--image", nargs="+", metavar="PATH", help="query images instead of texts")
-    s.add_argument("--index", required=True, help="an `mm embed` output directory, or an `mm index build` output "
-                   "(approximate search through its faiss index)")
+    s.add_argument("--index", required=True, action="append", metavar="DIR",
+                   help="an `mm embed` output directory, or an `mm index build` output (approximate search through "
+                   "its faiss index); repeat it to search several shards as one (the best k of all, each id once)")
     s.add_argument("--exact", action="store_true", help="with an `mm index build` output: exact search over the "
                    "embeddings it was built from instead")
     s.add_argument("-k", type=int, default=10, help="results per query")

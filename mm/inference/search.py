@@ -96,6 +96,26 @@ def search(index_dir: str | Path, query_embeddings: Any, k: int = 10, *, use_fai
     return best[0], _ids(out, index["parts"], np.array(starts, np.int64), best[1])
 
 
+def merge_topk(found: list[tuple[np.ndarray, list[list[str]]]], k: int) -> tuple[np.ndarray, list[list[str]]]:
+    """The best ``k`` of several indexes' answers to the same queries ((scores, ids) each, best first): by score,
+    ties towards the earlier index and its earlier hit (one index's answer is kept as it is), each id once.
+    Returns (scores [Q, k] float32, -inf past the hits found; ids per query)."""
+    scores = np.full((len(found[0][1]), k), -np.inf, np.float32)
+    ids: list[list[str]] = []
+    for q in range(len(found[0][1])):
+        cand = sorted((-float(s), n, r, i) for n, (sc, idx) in enumerate(found)
+                      for r, (s, i) in enumerate(zip(sc[q], idx[q])))
+        seen: list[str] = []
+        for neg, _, _, i in cand:
+            if i not in seen:
+                scores[q, len(seen)] = -neg
+                seen.append(i)
+                if len(seen) == k:
+                    break
+        ids.append(seen)
+    return scores, ids
+
+
 def _ids(out: Path, parts: list[dict[str, Any]], starts: np.ndarray, rows: np.ndarray) -> list[list[str]]:
     """Global row numbers -> ids, reading only the ids files of the parts that hold a result."""
     part_of = np.searchsorted(starts, rows, side="right") - 1
@@ -105,13 +125,22 @@ def _ids(out: Path, parts: list[dict[str, Any]], starts: np.ndarray, rows: np.nd
     return [[cache[int(p)][int(r - starts[p])] for p, r in zip(pp, rr)] for pp, rr in zip(part_of, rows)]
 
 
-def result_images(index_dir: str | Path, ids: list[str], max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
-    """{id: RGB PIL image, or None when it cannot be found or read} for image ids of an ``mm embed`` index.
+def _dirs(index_dir: str | Path | list[str | Path]) -> list[str | Path]:
+    return list(index_dir) if isinstance(index_dir, (list, tuple)) else [index_dir]
+
+
+def result_images(index_dir: str | Path | list[str | Path], ids: list[str],
+                  max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
+    """{id: RGB PIL image, or None when it cannot be found or read} for image ids of an ``mm embed`` index (or
+    of several, searched together).
 
     File ids are looked up under the folders index.json records (``sources.roots``, then the current folder);
     shard ids (sample keys) by streaming the recorded shards until every id is found (the first sample with
     a key wins: keys repeated across shards are ambiguous)."""
-    sources = read_index(index_dir).get("sources") or {}
+    sources: dict[str, list[str]] = {"roots": [], "shards": []}
+    for d in _dirs(index_dir):
+        for key, values in (read_index(d).get("sources") or {}).items():
+            sources[key] += [v for v in values if v not in sources[key]]
     found: dict[str, Any] = {}
     for i in dict.fromkeys(ids):
         for root in [*sources.get("roots", []), ""]:
@@ -140,11 +169,11 @@ def result_images(index_dir: str | Path, ids: list[str], max_pixels: int = MAX_P
     return {i: found.get(i) for i in ids}
 
 
-def plot_results(index_dir: str | Path, queries: list[Any], scores: np.ndarray, ids: list[list[str]],
+def plot_results(index_dir: str | Path | list[str | Path], queries: list[Any], scores: np.ndarray, ids: list[list[str]],
                  path: str | Path) -> Path:
     """A PNG sheet, one row per query (a text, or a (PIL image, label) pair): the query, then its results with
     rank, score and id. Results of an image index are shown as images, of a text index as texts."""
-    texts = read_index(index_dir).get("kind") == "texts"
+    texts = read_index(_dirs(index_dir)[0]).get("kind") == "texts"
     images = {} if texts else result_images(index_dir, [i for row in ids for i in row])
     rows = []
     for query, s, found in zip(queries, scores, ids):

@@ -3,15 +3,16 @@
 A shard is an ``mm embed`` output (exact search), an ``mm index build`` output (approximate: its faiss index,
 exact on request while its embed output is there) or another ``mm serve`` process's index, given as
 ``http://HOST:PORT/NAME`` (asked with the query's embedding, so a collection too large for one machine is
-served by several processes behind one query; :func:`merge_hits`). An index of several shards answers with the
+served by several processes behind one query). An index of several shards answers with the
 best ``k`` of all of them, each hit once.
 
 A request names an index by its name and a result by its id, never a path: an image is served only for an
 id a shard holds, found where its ``index.json`` says its inputs were (``sources``: folders that file ids are
 relative to, shard URLs whose sample keys are the ids), as ``mm search --plot`` finds them, or asked of the
-remote server that holds it. Shards cannot be seeked, so the first image asked of a webdataset index reads its
-shards once and keeps each image's encoded bytes in memory up to ``cache_bytes`` (the keys beyond it remember
-their shard, streamed again when asked for).
+remote server that holds it. Webdataset shards cannot be seeked, so the first image asked of such an index reads
+its shards once and keeps each image's encoded bytes in memory up to ``cache_bytes`` (the keys beyond it remember
+their shard, streamed again when asked for). Several shards' answers merge with
+:func:`mm.inference.search.merge_topk`.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from ..data.wds import iter_shard
 from ..inference.ann import AnnError, is_ann, read_ann
 from ..inference.ann import search as ann_search
 from ..inference.embed import EmbedError, read_index
-from ..inference.search import search
+from ..inference.search import merge_topk, search
 from .limits import IMAGE_FORMATS
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -224,24 +225,6 @@ class RemoteShard:
 
 
 # -- an index: one or several shards ------------------------------------------------------------------
-def merge_hits(found: list[tuple[np.ndarray, list[list[str]]]], k: int) -> list[list[tuple[float, str]]]:
-    """Per query, the best ``k`` (score, id) of several shards' answers: by score, ties towards the earlier shard
-    and its earlier hit (so one shard's answer is kept as it is), each id once."""
-    out = []
-    for q in range(len(found[0][1])):
-        cand = [(-float(s), n, r, i) for n, (scores, ids) in enumerate(found)
-                for r, (s, i) in enumerate(zip(scores[q], ids[q]))]
-        seen, best = set(), []
-        for neg, _, _, i in sorted(cand):
-            if i not in seen:
-                seen.add(i)
-                best.append((-neg, i))
-                if len(best) == k:
-                    break
-        out.append(best)
-    return out
-
-
 class ServedIndex:
     def __init__(self, name: str, shards: list[str | Path] | str | Path, cache_bytes: int = 256 * 2**20,
                  api_key: str | None = None):
@@ -290,7 +273,9 @@ class ServedIndex:
             found = [self.shards[0].search(queries, k, exact)]
         else:
             found = list(self._pool.map(lambda s: s.search(queries, k, exact), self.shards))
-        return [[self._hit(r, s, i) for r, (s, i) in enumerate(hits, 1)] for hits in merge_hits(found, k)]
+        scores, ids = found[0] if len(found) == 1 else merge_topk(found, k)
+        return [[self._hit(r, float(s), i) for r, (s, i) in enumerate(zip(row_s, row_i), 1)]
+                for row_s, row_i in zip(scores, ids)]
 
     def _hit(self, rank: int, score: float, id_: str) -> dict[str, Any]:
         hit = {"rank": rank, "id": id_, "score": score}
