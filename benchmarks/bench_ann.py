@@ -117,7 +117,7 @@ def main() -> None:
     print("\n| type | factory | params | build s | index MB | recall@10 | q/s batch 1 | q/s batch 64 |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for kind, factory, params, secs, size, recall, q1, q64 in rows:
-        print(f"| {kind} | {factory} | {params} | {secs:.0f} | {size / 2**20:.0f} | {recall:.3f} | {q1:.0f} | {q64:.0f} |")
+        print(f"| {kind} | {factory} | {params} | {secs:.0f} | {size / 2**20:.0f} | {recall:.3f} | {q1:.3g} | {q64:.3g} |")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,9 @@ def test_ivf_pq_reranks_with_exact_cosines_from_the_embed_output(data, tmp_path)
     codes = ann.tune(tmp_path / "pq", rerank=0)  # the codes' own order: the recall re-ranking buys
     assert "rerank" not in codes["search_params"]
     assert codes["sweep"][-1]["recall@10"] < info["recall"]["recall@10"]
+    top = max(s["recall@10"] for s in codes["sweep"])  # target missed: the cheapest nprobe near the best recall
+    assert not codes["meets_target"] and codes["search_params"]["nprobe"] == min(
+        s["value"] for s in codes["sweep"] if s["recall@10"] >= top - ann.PLATEAU_GAIN)
     ann.tune(tmp_path / "pq", rerank=ann.RERANK)
     shutil.move(emb, tmp_path / "moved")
     try:
@@ -121,6 +124,7 @@ def test_ivf_pq_reranks_with_exact_cosines_from_the_embed_output(data, tmp_path)
         shutil.move(tmp_path / "moved", emb)
 
 
+@pytest.mark.slow  # a real process killed and rerun (~20 s on 2 cores): the second CI step
 def test_a_killed_build_process_resumes(tmp_path):
     """`mm index build` killed (SIGKILL) after its first checkpoint: the rerun continues from it (not from 0), and the
     index holds every vector once, answering as one built at once."""
@@ -230,7 +234,9 @@ def test_tune_sets_the_knob_for_recall_or_latency(data, tmp_path, capsys):
     assert low["search_params"]["nprobe"] <= high["search_params"]["nprobe"]
     assert low["recall"]["recall@10"] >= 0.5 and low["tuned_for"] == {"target_recall": 0.5}
     assert mm_main(["index", "tune", "--index", str(tmp_path / "ivf"), "--max-latency-ms", "1000"]) == 0
-    assert json.loads((tmp_path / "ivf" / "ann.json").read_text())["search_params"]["nprobe"] == high["spec"]["nlist"]  # all lists
+    loose = json.loads((tmp_path / "ivf" / "ann.json").read_text())  # every value is fast enough: the last tried
+    assert loose["search_params"]["nprobe"] == loose["sweep"][-1]["value"] >= high["search_params"]["nprobe"]
+    assert loose["recall"]["recall@10"] == max(s["recall@10"] for s in loose["sweep"])
     capsys.readouterr()
 
 

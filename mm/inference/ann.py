@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -53,6 +54,7 @@ RECALL_K = 10
 NLIST_MAX = 4096       # k-means training and assigning n vectors cost n x nlist x d: 4,096 lists keep a 10M-vector
 # build within ~15 min on 2 cores (16,384, autofaiss's 4 sqrt(n), would take hours); a query then scans nprobe
 # lists of n / 4,096 codes (2,400 at 10M), a fraction of a millisecond a list for PQ codes
+PLATEAU, PLATEAU_GAIN = 3, 0.002  # tune stops when 3 doublings of the knob gained at most 0.002 recall@10
 RERANK = 10            # IVF-PQ: candidates re-ranked by exact cosine, per result asked for
 
 
@@ -437,23 +439,36 @@ class Searcher:
 
 
 class Vectors:
-    """Random access to an embed output's unit rows by global row (its parts memory-mapped)."""
+    """Random access to an embed output's unit rows by global row: each row read with one positioned read
+    (``os.pread``) from its part's .npy file, so memory holds the rows asked for and nothing else (a memory map
+    would fault in and keep a read-ahead window around every row: gigabytes after a few thousand queries)."""
 
     def __init__(self, emb_dir: Path, parts: list[dict[str, Any]]):
-        self.arrays = [np.load(emb_dir / p["file"], mmap_mode="r") for p in parts]
+        self.fds, self.offsets, self.dtype, self.dim = [], [], None, 0
+        for p in parts:
+            path = emb_dir / p["file"]
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read(f)
+                self.offsets.append(f.tell())
+            if fortran or len(shape) != 2:
+                raise AnnError(f"{path}: not a C-ordered 2-d array")
+            self.dtype, self.dim = dtype, shape[1]
+            self.fds.append(os.open(path, os.O_RDONLY))
+        self.row_bytes = self.dtype.itemsize * self.dim
         self.starts = np.cumsum([0] + [p["rows"] for p in parts])[:-1]
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
-        part = np.searchsorted(self.starts, rows, side="right") - 1
-        out = np.empty((len(rows), self.arrays[0].shape[1]), np.float32)
-        for p in np.unique(part):
-            sel = part == p
-            local = rows[sel] - self.starts[p]
-            order = np.argsort(local)  # sorted reads from the memory map
-            got = np.empty((len(local), out.shape[1]), np.float32)
-            got[order] = self.arrays[p][local[order]]
-            out[sel] = got
-        return unit_rows(out)
+        uniq, back = np.unique(rows, return_inverse=True)  # each row read once, in file order
+        part = np.searchsorted(self.starts, uniq, side="right") - 1
+        buf = b"".join(os.pread(self.fds[p], self.row_bytes, self.offsets[p] + int(r - self.starts[p]) * self.row_bytes)
+                       for p, r in zip(part, uniq))
+        return unit_rows(np.frombuffer(buf, self.dtype).reshape(len(uniq), self.dim))[back.ravel()]
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "fds", []):
+            os.close(fd)
 
 
 def measure(index: Searcher, queries: np.ndarray, truth: np.ndarray, k: int = RECALL_K) -> dict[str, float]:
@@ -496,7 +511,8 @@ def tune(index_dir: str | Path, *, target_recall: float | None = None, max_laten
     recall@10 reaches ``target_recall``, or the most accurate whose batch-1 latency is within ``max_latency_ms``
     (neither: the recorded target). ``rerank`` (IVF-PQ): candidates re-ranked per result (0: none; default:
     as recorded). Every value tried, its recall and latency go into ann.json with the choice; ``meets_target``
-    says whether the target was reached (if not, the most accurate value is kept)."""
+    says whether the target was reached (if not, the cheapest value within ``PLATEAU_GAIN`` of the best recall is
+    kept, and the sweep stops once ``PLATEAU`` doublings gain no more than that)."""
     import faiss
 
     out = Path(index_dir)
@@ -514,14 +530,18 @@ def tune(index_dir: str | Path, *, target_recall: float | None = None, max_laten
     queries, truth = np.load(out / "heldout.npy"), np.load(out / "truth.npy")
     name, values = _knob(ann["spec"])
     sweep = []
+    key = f"recall@{RECALL_K}"
     for v in values:
         _set(index, name, v)
         sweep.append({"value": v, **measure(searcher, queries, truth)})
-        if target_recall is not None and sweep[-1][f"recall@{RECALL_K}"] >= target_recall:
+        if target_recall is not None and sweep[-1][key] >= target_recall:
             break
+        if len(sweep) > PLATEAU and sweep[-1][key] - sweep[-1 - PLATEAU][key] <= PLATEAU_GAIN:
+            break  # recall stopped growing (PQ codes cap it): larger values only cost time
     if target_recall is not None:
-        ok = [s for s in sweep if s[f"recall@{RECALL_K}"] >= target_recall]
-        best = ok[0] if ok else sweep[-1]
+        ok = [s for s in sweep if s[key] >= target_recall]
+        top = max(s[key] for s in sweep)  # missed: the cheapest value within PLATEAU_GAIN of the best recall
+        best = ok[0] if ok else next(s for s in sweep if s[key] >= top - PLATEAU_GAIN)
         meets = bool(ok)
     else:
         ok = [s for s in sweep if s["ms_per_query"] <= max_latency_ms]
