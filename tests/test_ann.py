@@ -118,7 +118,7 @@ def test_ivf_pq_reranks_with_exact_cosines_from_the_embed_output(data, tmp_path)
     ann.tune(tmp_path / "pq", rerank=ann.RERANK)
     shutil.move(emb, tmp_path / "moved")
     try:
-        with pytest.raises(ann.AnnError, match=r"part-000-000000\.npy: missing; .* re-ranks .* --rerank 0"):
+        with pytest.raises(ann.AnnError, match=r"part-000-000000\.npy: missing; .* re-ranks .* rerank 0"):
             ann.search(tmp_path / "pq", q, 10)
     finally:
         shutil.move(tmp_path / "moved", emb)

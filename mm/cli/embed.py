@@ -155,7 +155,7 @@ def _embed_queries(index: dict[str, Any], args: argparse.Namespace, shards: list
     device = default_device(args.device)
     model = load_model(spec, pretrained, device, adapter=adapter, names=MODEL_ARGS)
     for where, info in zip(args.index, shards):
-        check_query_model(info, model, spec, f"--index {where}", args.allow_other_model)
+        check_query_model(info, model, spec, f"--index {where}", args.allow_other_model, "--allow-other-model")
     with torch.inference_mode():
         if args.image:  # embedded as the index's images were (NaFlex: at the recorded sequence length)
             try:

@@ -94,7 +94,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if index.info.get("seq_len") != seq_len:
             print(f"warning: --index {name}'s images were read {_reading(index.info.get('seq_len'))}, queries will be "
                   f"read {_reading(seq_len)}", file=sys.stderr)
-        check_query_model(index.info, model, args.model, f"--index {name}", args.allow_other_model)
+        check_query_model(index.info, model, args.model, f"--index {name}", args.allow_other_model,
+                          "--allow-other-model")
     app = create_app(engine, indexes, settings)
     return run(app, sock, grace=settings.timeout + 5, max_connections=args.max_connections,
                log_level=args.log_level, access_log=args.access_log)

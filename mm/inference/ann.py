@@ -497,7 +497,7 @@ def _vectors(ann: dict[str, Any]) -> Vectors:
     if missing:
         raise AnnError(f"{emb / missing[0]}: missing; this {ann['factory']} index re-ranks its candidates with the "
                        "vectors of the embed output it was built from (ann.json 'embeddings'): put them back, or "
-                       "answer from the codes alone with mm index tune --rerank 0")
+                       "re-tune it with rerank 0 to answer from the codes alone")
     return Vectors(emb, ann["parts"])
 
 

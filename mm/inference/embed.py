@@ -318,10 +318,11 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def check_query_model(index: dict[str, Any], model: torch.nn.Module, spec: str, where: str,
-                      allow_other: bool = False) -> None:
+                      allow_other: bool = False, override: str = "allow_other=True") -> None:
     """EmbedError (naming ``where``, the index) unless ``model`` (loaded from ``spec``) is the model the index's
     embeddings were made with: same width, and the same weights fingerprint when the index records one, else
-    the same recorded name. ``allow_other``: only the width must match (comparing two models' embeddings)."""
+    the same recorded name. ``allow_other``: only the width must match (comparing two models' embeddings);
+    ``override``: the caller's name for it, in the message."""
     dim = model.config.embed_dim
     if index["embed_dim"] != dim:
         raise EmbedError(f"{where}: embeddings of width {index['embed_dim']}, the query model's are {dim} (the index "
@@ -337,7 +338,7 @@ def check_query_model(index: dict[str, Any], model: torch.nn.Module, spec: str, 
         raise EmbedError(f"{where}: made with the model {index.get('model')} (weights fingerprint "
                          f"{(recorded or 'not recorded')[:12]}), queries would be embedded by {spec}, whose weights "
                          "differ: their embeddings are not comparable. Query with the index's model, rebuild the "
-                         "index with this one, or pass --allow-other-model to compare them anyway")
+                         f"index with this one, or pass {override} to compare them anyway")
 
 
 def read_index(out_dir: str | Path) -> dict[str, Any]:
