@@ -1,5 +1,6 @@
-"""``mm caption``: captions for image files and folders with a CoCa model (:mod:`mm.inference.generate`), or of one
-region of each (``--box``, a LocCa model: :func:`mm.inference.ground.caption_regions`)."""
+"""``mm caption``: captions for image files and folders with a CoCa model (:mod:`mm.inference.generate`), of one
+region of each (``--box``, a LocCa model: :func:`mm.inference.ground.caption_regions`), or read with the captions a
+datastore retrieves for each image (``--datastore``: :func:`mm.inference.retrieval.caption_with_datastore`)."""
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,12 @@ from ..data.decode import BadSample
 from ..data.folder import list_images, load_image
 from ..data.transforms import image_transform
 from ..hub import load_model
+from ..inference.ann import AnnError
+from ..inference.embed import EmbedError, check_query_model, model_fingerprint
 from ..inference.generate import GenerationConfig, generate
 from ..inference.ground import GroundingError, box_tokens, caption_regions, region_in_input
 from ..inference.plots import box_sheet, caption_sheet
+from ..inference.retrieval import Datastore, caption_with_datastore
 from ..tokenizer import get_tokenizer
 from .common import (
     EXAMPLES,
@@ -68,13 +72,17 @@ def cmd_caption(args: argparse.Namespace) -> int:
                          "open_clip:coca_ViT-B-32:laion2b_s13b_b90k, or train tiny-coca)")
     tok, pre = get_tokenizer(model), image_transform(model, train=False)
     generator = torch.Generator(args.device).manual_seed(args.seed)
+    if args.datastore:
+        if box is not None:
+            raise UsageError("--box and --datastore: a region caption does not read retrieved captions")
+        args.store, args.retrieval_model = _datastore(args, model)
     bad, sheet = 0, []  # sheet: (image, caption) for --plot, the first PLOT_MAX images
     for start in range(0, len(paths), args.batch_size):
         chunk, images, pil = [], [], []
         for p in paths[start:start + args.batch_size]:
             try:
                 img = load_image(p)
-                images.append(pre(img) if box is None else img)
+                images.append(pre(img) if box is None and not args.datastore else img)
                 chunk.append(p)
                 pil.append(img if args.plot and len(sheet) + len(pil) < PLOT_MAX else None)
             except BadSample as e:
@@ -82,9 +90,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
                 print(f"skipped {p}: {e}", file=sys.stderr)
         if not images:
             continue
-        for text, p, img in zip(_captions(args, model, tok, gen, generator, images, chunk, box), chunk, pil):
+        texts, found = _captions(args, model, tok, gen, generator, images, chunk, box)
+        for text, p, img, retrieved in zip(texts, chunk, pil, found):
             row = {"image": str(p), "caption": text} if box is None else {"image": str(p), "box": list(box),
                                                                             "caption": text}
+            if args.datastore:
+                row["retrieved"] = retrieved
             print(json.dumps(row) if args.json else f"{p}\t{text}", flush=True)
             if img is not None:
                 sheet.append((img, f"{p.name}\n{text}"))
@@ -98,21 +109,50 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def _datastore(args: argparse.Namespace, model: Any) -> tuple[Datastore, Any]:
+    """The datastore and the model that embeds its queries: the captioning model when the datastore was made with
+    it (same weights fingerprint), else the model the datastore records."""
+    try:
+        store = Datastore(args.datastore)
+    except (EmbedError, AnnError) as e:
+        raise UsageError(f"--datastore {args.datastore}: {e}") from None
+    if args.k < 0:
+        raise UsageError(f"--k must be >= 0, got {args.k}")
+    if store.info.get("model_fingerprint") == model_fingerprint(model):
+        return store, model
+    if not store.model:
+        raise UsageError(f"--datastore {args.datastore} records no model to embed the images with")
+    info = store.info
+    other = load_model(info["model"], info.get("pretrained"), args.device, adapter=info.get("adapter"),
+                       names=MODEL_ARGS)
+    try:
+        check_query_model(info, other, info["model"], f"--datastore {args.datastore}")
+    except EmbedError as e:
+        raise UsageError(str(e)) from None
+    return store, other
+
+
 def _captions(args: argparse.Namespace, model: Any, tok: Any, gen: GenerationConfig, generator: torch.Generator,
-              images: list[Any], paths: list[Any], box: tuple[float, float, float, float] | None) -> list[str]:
-    """Captions of a batch: of the whole images (preprocessed tensors), or of ``box`` in each (PIL images)."""
+              images: list[Any], paths: list[Any], box: tuple[float, float, float, float] | None
+              ) -> tuple[list[str], list[list[str]]]:
+    """Captions of a batch and what each image retrieved (--datastore; else empty lists): of the whole images
+    (preprocessed tensors; PIL images with a datastore), or of ``box`` in each (PIL images)."""
     eot = model.config.text.eot_id
+    if args.datastore:
+        return caption_with_datastore(model, tok, images, args.store, args.retrieval_model, args.k, config=gen,
+                                      batch_size=len(images), device=args.device, generator=generator)
+    none: list[list[str]] = [[] for _ in images]
     if box is None:
         with torch.no_grad():
             ids = generate(model, torch.stack(images).to(args.device), gen, generator=generator)
-        return [tok.decode(row[: row.index(eot)] if eot in row else row) for row in ids.tolist()]
+        return [tok.decode(row[: row.index(eot)] if eot in row else row) for row in ids.tolist()], none
     for p, img in zip(paths, images):
         try:
             region_in_input(model, box, img.width, img.height)
         except GroundingError as e:
             raise UsageError(f"--box {args.box}: {p}: {e}") from None
     return caption_regions(model, tok, images, [box] * len(images), batch_size=len(images), device=args.device,
-                           config=gen, generator=generator)
+                           config=gen, generator=generator), none
 
 
 def add_parser(sub: Any) -> None:
@@ -140,6 +180,10 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--box", metavar="X0,Y0,X1,Y1",
                    help="caption this region of each image (pixels of the image; x1, y1: its right and bottom edges) "
                         "with a LocCa model (a decoder with box tokens, decoder.loc_bins > 0)")
+    s.add_argument("--datastore", metavar="DIR", help="retrieval-augmented: the decoder first reads the --k captions "
+                   "this datastore (an `mm embed --texts` output, or an `mm index build` over one) returns for the "
+                   "image (SmallCap); a model trained with data.retrieval needs it")
+    s.add_argument("--k", type=int, default=4, help="retrieved captions in the prompt (--datastore; 0: none)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")

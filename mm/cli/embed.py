@@ -124,8 +124,9 @@ def add_embed_parser(subparsers: Any) -> argparse.ArgumentParser:
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", nargs="+", metavar="INPUT",
                      help="image files, folders (recursive) or webdataset shards (.tar/.tar.gz, brace ranges)")
-    src.add_argument("--texts", metavar="FILE",
-                     help="one text a line, a .json list of strings, or .jsonl with a \"text\" field")
+    src.add_argument("--texts", metavar="FILE|SHARDS",
+                     help="one text a line, a .json list of strings, .jsonl with a \"text\" field, or webdataset "
+                     "shards: their captions (json 'captions', else txt), ids KEY#I (a retrieval datastore)")
     add_model_options(s)
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--batch-size", type=int, default=64)

@@ -141,11 +141,40 @@ def _jsonl_text(path: Path, n: int, line: str) -> str:
     return text
 
 
+def shard_captions(spec: str, what: str = "texts") -> list[tuple[str, str]]:
+    """(id, caption) pairs of every caption in webdataset shards: a sample's ``json`` ``captions`` list when it has
+    one, else its ``txt``; ids are ``KEY#I: caption`` (I: the caption's position in its sample), so a retrieval
+    datastore knows which sample each caption came from (:mod:`mm.inference.retrieval`). Samples without a caption
+    are left out; a shard cut off mid-file keeps its complete samples."""
+    try:
+        urls = check_urls(spec, what)
+    except ConfigError as e:
+        raise EmbedError(str(e)) from None
+    pairs: list[tuple[str, str]] = []
+    for url in urls:
+        for sample in iter_shard(url, warn=lambda msg: None):
+            caps = None
+            if "json" in sample:
+                try:
+                    caps = json.loads(sample["json"].decode("utf-8")).get("captions")
+                except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                    caps = None
+            if not (isinstance(caps, list) and all(isinstance(c, str) for c in caps)):
+                caps = [sample["txt"].decode("utf-8", errors="replace")] if "txt" in sample else []
+            pairs += [(f"{sample['__key__']}#{i}: {c.strip()}", c.strip()) for i, c in enumerate(caps) if c.strip()]
+    if not pairs:
+        raise EmbedError(f"{spec}: no captions in these shards")
+    return pairs
+
+
 def plan_texts(texts: str | Path | Sequence[str], chunk_size: int, what: str = "texts") -> list[Chunk]:
-    """Chunks over a texts file (see :func:`read_texts`; ``what`` as there) or a list of strings (ids
-    "POSITION: text")."""
-    pairs = read_texts(texts, what) if isinstance(texts, (str, Path)) else \
-        [(f"{n}: {t.strip()}", t.strip()) for n, t in enumerate(texts, 1) if t.strip()]
+    """Chunks over a texts file (see :func:`read_texts`; ``what`` as there), webdataset shards (their captions,
+    :func:`shard_captions`) or a list of strings (ids "POSITION: text")."""
+    if isinstance(texts, (str, Path)) and is_shard_spec(str(texts)):
+        pairs = shard_captions(str(texts), what)
+    else:
+        pairs = read_texts(texts, what) if isinstance(texts, (str, Path)) else \
+            [(f"{n}: {t.strip()}", t.strip()) for n, t in enumerate(texts, 1) if t.strip()]
     if not pairs:
         raise EmbedError("no texts to embed")
     return _cut("texts", pairs, chunk_size)

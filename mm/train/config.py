@@ -44,6 +44,25 @@ class NaFlexData:
 
 
 @dataclass
+class RetrievalData:
+    """Retrieval-augmented captioning (SmallCap; mm/data/retrieved.py): the decoder reads ``k`` captions retrieved for
+    the image, then writes the sample's caption (the loss is on the caption only). What each sample retrieved is
+    read by its key from ``captions``, an `mm retrieve` output (JSON lines, its own captions excluded)."""
+
+    captions: str = ""  # the `mm retrieve` output (.jsonl)
+    k: int = 4  # retrieved captions in the prompt (0: plain captioning, for a baseline at the same context)
+    caption_tokens: int = 30  # the most a target caption takes of the context; the retrieved share the rest
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not self.captions:
+            yield "captions", "give the `mm retrieve` output (a .jsonl of retrieved captions per sample key)"
+        if self.k < 0:
+            yield "k", f"must be >= 0, got {self.k}"
+        if self.caption_tokens < 1:
+            yield "caption_tokens", f"must be >= 1, got {self.caption_tokens}"
+
+
+@dataclass
 class DataConfig:
     train: str | None = None  # shard URLs, brace-expanded: "dir/train-{000000..000009}.tar"; "::" joins sets
     batch_size: int = 64  # per process
@@ -63,6 +82,8 @@ class DataConfig:
     # NaFlex: images at their own aspect ratio as patch sequences, batched by a token budget (null: square images of
     # the model's image_size, data.batch_size a batch); the run's evaluations read images at the longest length
     naflex: NaFlexData | None = None
+    # retrieval-augmented captioning: the decoder's prompt holds captions retrieved for the image (null: none)
+    retrieval: RetrievalData | None = None
     prefetch_factor: int = 4  # batches loaded ahead per worker
     # where training JPEGs are decoded and augmented: "workers" (PIL in the DataLoader workers) or
     # "device" (torchvision.io.decode_jpeg on the training device, batched: nvJPEG on CUDA; workers only

@@ -13,6 +13,7 @@ import torch
 from ..data.decode import SampleDecoder
 from ..data.locca import DecoderPrompts, LocTokens
 from ..data.naflex import TokenBudget
+from ..data.retrieved import RetrievalDecoder, RetrievalPrompts
 from ..data.views import ViewsDecoder, ViewsSpec
 from ..data.gpu import DeferredTrainTransform, GpuImageDecoder, PendingImages
 from ..data.transforms import image_transform
@@ -69,10 +70,14 @@ def build_train_stream(cfg: RunConfig, model: ImageTextModel, rank: int, world: 
               label_key=cfg.finetune.label_key if labelled else "cls", need=("label",) if labelled else ("text",),
               max_pixels=cfg.data.max_pixels, random_caption=cfg.data.random_caption, raw_image=on_device)
     spec = views_spec(cfg, mcfg)
-    if spec is not None:  # train.objectives: local crops, patch masks, the decoder's sequences
+    r = cfg.data.retrieval
+    if r is not None:  # retrieval-augmented captioning: the decoder's sequences hold the sample's retrieved captions
+        prompts = RetrievalPrompts(_tok(model), mcfg.text.context_length, r.k, r.caption_tokens)
+        decoder: SampleDecoder = RetrievalDecoder(transform, prompts, r.captions, **kw)
+    elif spec is not None:  # train.objectives: local crops, patch masks, the decoder's sequences
         prompts = DecoderPrompts(_tok(model), LocTokens.of(mcfg), mcfg.text.context_length) \
             if spec.decoder_tasks else None
-        decoder: SampleDecoder = ViewsDecoder(transform, spec, prompts, **kw)
+        decoder = ViewsDecoder(transform, spec, prompts, **kw)
     else:
         decoder = SampleDecoder(transform, **kw)
     nw = max(1, cfg.data.workers)

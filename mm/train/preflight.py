@@ -6,6 +6,7 @@ exist, the ``eval.benchmark`` suite's datasets resolve). Every error names its k
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -19,9 +20,11 @@ from ..config import (
     to_dict,
     validate,
 )
+from ..data.retrieved import RetrievalPrompts
 from ..data.wds import check_urls
 from ..hub.wrapped import WrappedModelError, native_only
 from ..models import naflex_problem
+from ..tokenizer import get_tokenizer
 from ..utils.precision import emulated_on_cpu
 from . import classify
 from .adapt import check_lora, check_selectors
@@ -123,6 +126,24 @@ def _finetune_problems(cfg: RunConfig):
         raise WrappedModelError(native_only(classify.WHAT, reason))
 
 
+def _retrieval_problems(cfg: RunConfig, mcfg):
+    r = cfg.data.retrieval
+    if mcfg.decoder is None:
+        yield "data.retrieval", "retrieval-augmented captioning needs a model with a decoder (e.g. model: tiny-coca)"
+        return
+    if cfg.train.objectives is not None and cfg.train.objectives.decoder is not None:
+        yield "data.retrieval", "the decoder reads either retrieved captions or LocCa's prompted tasks, not both"
+    if cfg.eval.captioning.shards:
+        yield "eval.captioning.shards", ("would caption without the datastore the model reads; score a retrieval-"
+                                         "augmented model with `mm caption` and its datastore")
+    if not Path(r.captions).is_file():
+        yield "data.retrieval.captions", f"file {r.captions!r} not found (make it with `mm retrieve`)"
+    try:  # the template and k captions of at least a token each must fit beside the caption
+        RetrievalPrompts(get_tokenizer(SimpleNamespace(config=mcfg)), mcfg.text.context_length, r.k, r.caption_tokens)
+    except ValueError as e:
+        yield "data.retrieval.k", str(e)
+
+
 def _model_problems(cfg: RunConfig):
     """What the run asks of its model: a logit bias for SigLIP, a decoder for captioning, room for captions."""
     mcfg = cfg.model_config()
@@ -134,6 +155,8 @@ def _model_problems(cfg: RunConfig):
         yield from _objectives_problems(cfg, mcfg)
     if cfg.data.naflex is not None:
         yield from _naflex_problems(cfg, mcfg)
+    if cfg.data.retrieval is not None:
+        yield from _retrieval_problems(cfg, mcfg)
     gen = cfg.eval.captioning.generation
     if gen.max_new_tokens is not None and gen.max_new_tokens >= mcfg.text.context_length:
         yield "eval.captioning.generation.max_new_tokens", (
