@@ -80,6 +80,14 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.pretrained, default_device(args.device), adapter=args.adapter,
                        names=MODEL_ARGS)
     seq_len = check_seq_len(model, args.seq_len)
+    if args.datastore:
+        from ..inference import reco
+        from ..inference.embed import EmbedError
+
+        try:
+            model = reco.load(args.datastore, model, args.allow_other_model)
+        except EmbedError as e:
+            raise ValueError(str(e)) from None
     batches = shard_batches(model, urls, label_key, args.batch_size, args.workers, seq_len) if shards \
         else folder_batches(model, items, args.batch_size, args.workers, seq_len)
     result = zeroshot(model, classnames, templates, batches, args.k, autocast_dtype=autocast_dtype(args.precision),
@@ -175,6 +183,9 @@ def add_zeroshot_and_eval_parsers(sub: Any) -> None:
     _common(p, batch_size=64)
     p.add_argument("-k", type=int, default=5, help="predictions per image (default: 5)")
     p.add_argument("--out", help="write predictions to FILE.csv or FILE.json instead of printing them")
+    p.add_argument("--datastore", metavar="DIR", help="retrieval-augmented (RECO): fuse image and class-prompt "
+                   "embeddings with the neighbours of an `mm reco` datastore")
+    p.add_argument("--allow-other-model", action="store_true", help="--datastore made with another model")
     p.set_defaults(fn=cmd_zeroshot)
     p = sub.add_parser("eval", help="zero-shot accuracy and retrieval recall on shards",
                        description=EVAL_DESCRIPTION, formatter_class=fmt)
