@@ -121,6 +121,11 @@ def test_frozen_modules_stay_in_eval_mode():
         assert torch.equal(model.encode_image(images), ref_img)  # no patch dropout / drop-path
         assert not torch.equal(model.encode_text(tokens), ref_txt)  # the trained tower still drops paths
 
+    coca = mm.create_model("tiny-coca")  # everything but the decoder's cross-attention (SmallCap): ! keeps trainable
+    adapt.freeze(coca, ["*", "!decoder.*.cross_attn.*", "!decoder.*.norm_cross.*"])
+    assert {n for n, p in coca.named_parameters() if p.requires_grad} == \
+        {n for n, _ in coca.named_parameters() if ".cross_attn." in n or ".norm_cross." in n} != set()
+
     part = mm.create_model("tiny-clip")
     assert adapt.freeze(part, ["vision.transformer.blocks.0.*"]) == ["vision.transformer.blocks.0"]
     assert [n for n, p in part.named_parameters() if not p.requires_grad] == \
@@ -176,6 +181,8 @@ def test_layer_decay_and_tower_lr_multipliers():
 @pytest.mark.parametrize("override, message", [
     ("train.freeze=[visoin]", "train.freeze: 'visoin' matches no parameter"),
     ("train.freeze=['*']", "train.freeze: ['*'] freezes every parameter"),
+    ("train.freeze=['*', '!vision', '*']", "freezes every parameter"),
+    ("train.freeze=['*', '!nope.*']", "train.freeze: '!nope.*' matches no parameter"),
     ("train.lr_mult={text: 0}", "train.lr_mult.text: must be a number > 0"),
     ("train.lr_mult={txet.*: 0.5}", "train.lr_mult: 'txet.*' matches no parameter"),
     ("train.layer_decay=1.5", "train.layer_decay: must be in (0, 1]"),

@@ -57,6 +57,17 @@ def matches(selector: str, name: str, tower_names: list[str]) -> bool:
     return fnmatch.fnmatchcase(name, selector)
 
 
+def is_frozen(name: str, selectors: list[str], tower_names: list[str]) -> bool:
+    """Whether ``train.freeze`` freezes parameter ``name``: the last selector matching it decides, a selector
+    starting with ``!`` keeping it trainable (``["*", "!decoder.*.cross_attn.*"]``: everything but cross-attention)."""
+    frozen = False
+    for s in selectors:
+        keep = s.startswith("!")
+        if matches(s[1:] if keep else s, name, tower_names):
+            frozen = not keep
+    return frozen
+
+
 def check_selectors(cfg: RunConfig) -> None:
     """Every ``train.freeze`` / ``train.lr_mult`` entry must select a parameter of the model; all of them
     frozen is an error too. The model is built on the meta device (names only, no memory, no init)."""
@@ -69,10 +80,10 @@ def check_selectors(cfg: RunConfig) -> None:
     names, top = [n for n, _ in model.named_parameters()], towers(model)
     for key, selectors in (("train.freeze", t.freeze), ("train.lr_mult", list(t.lr_mult))):
         for s in selectors:
-            if not any(matches(s, n, top) for n in names):
+            if not any(matches(s.removeprefix("!") if key == "train.freeze" else s, n, top) for n in names):
                 raise ConfigError(f"{key}: {s!r} matches no parameter (towers: {', '.join(top)}; or a glob over "
                                   f"parameter names such as {names[len(names) // 2]!r})")
-    if t.freeze and all(any(matches(s, n, top) for s in t.freeze) for n in names):
+    if t.freeze and all(is_frozen(n, t.freeze, top) for n in names):
         raise ConfigError(f"train.freeze: {t.freeze} freezes every parameter; nothing would train")
 
 
@@ -81,7 +92,7 @@ def freeze(model: nn.Module, selectors: list[str]) -> list[str]:
     mode (the outermost modules whose parameters are all frozen)."""
     top = towers(model)
     for name, p in model.named_parameters():
-        if any(matches(s, name, top) for s in selectors):
+        if is_frozen(name, selectors, top):
             p.requires_grad_(False)
     return frozen_modules(model)
 

@@ -289,7 +289,9 @@ class TrainConfig:
     # NAME's architecture is used.
     init_from: str | None = None
     # towers (vision, text, decoder, logit_scale...) or parameter-name globs (vision.transformer.blocks.[0-3].*)
-    # to freeze: no gradient, not in the optimizer, kept in eval mode (LiT: [vision])
+    # to freeze: no gradient, not in the optimizer, kept in eval mode (LiT: [vision]); the last entry matching a
+    # parameter decides, and one starting with ! keeps it trainable (["*", "!decoder.*.cross_attn.*"]: only the
+    # decoder's cross-attention trains, as SmallCap)
     freeze: list[str] = field(default_factory=list)
     # learning-rate multiplier per tower or glob, e.g. {text: 0.5}; the last entry selecting a parameter wins
     lr_mult: dict[str, float] = field(default_factory=dict)
