@@ -211,3 +211,30 @@ def test_the_training_stream_gives_the_decoder_each_samples_retrieved_captions(s
                                image_keys=["jpg"])
     with pytest.raises(BadSample, match=r"no retrieved captions.*'s0000' is not in"):
         decoder(next(iter_shard(str(setup.shards[0]), warn=print)))
+
+
+@pytest.mark.slow  # a server process (~10 s on 2 cores): the second CI step
+def test_serve_captions_with_a_datastore(setup, tmp_path):
+    pytest.importorskip("fastapi")
+    from test_serve import Server, b64
+
+    img = tmp_path / "blue.png"
+    colour_image("blue", 36, seed=77).save(img)
+    model, tok = setup.model, mm.get_tokenizer(setup.model)
+    store = Datastore(setup.dir / "captions")
+    want, found = caption_with_datastore(model, tok, [mm.data.folder.load_image(img)], store, model, 2,
+                                         method="greedy", max_new_tokens=6)
+    plain = mm.caption(model, tok, [mm.data.folder.load_image(img)], method="greedy", max_new_tokens=6)
+    server = Server("--model", str(setup.model_dir), "--datastore", str(setup.dir / "captions"), "--k", "2")
+    try:
+        with server.client() as c:
+            body = {"image": b64(img), "method": "greedy", "max_new_tokens": 6}
+            r = c.post("/v1/caption", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json() == {"caption": want[0], "retrieved": found[0]}
+            r = c.post("/v1/caption", json={**body, "k": 0})  # no retrieval: the plain caption
+            assert r.json() == {"caption": plain[0]}
+            r = c.post("/v1/caption", json={**body, "k": -1})
+            assert r.status_code == 422 and "k" in r.json()["detail"]
+    finally:
+        assert server.stop() == 0

@@ -75,7 +75,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.datastore:
         if box is not None:
             raise UsageError("--box and --datastore: a region caption does not read retrieved captions")
-        args.store, args.retrieval_model = _datastore(args, model)
+        args.store, args.retrieval_model = load_datastore(args, model)
     bad, sheet = 0, []  # sheet: (image, caption) for --plot, the first PLOT_MAX images
     for start in range(0, len(paths), args.batch_size):
         chunk, images, pil = [], [], []
@@ -109,7 +109,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
-def _datastore(args: argparse.Namespace, model: Any) -> tuple[Datastore, Any]:
+def load_datastore(args: argparse.Namespace, model: Any) -> tuple[Datastore, Any]:
     """The datastore and the model that embeds its queries: the captioning model when the datastore was made with
     it (same weights fingerprint), else the model the datastore records."""
     try:

@@ -89,7 +89,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         seq_len = check_seq_len(model, args.seq_len)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    engine = Engine(model, precision=args.precision, seq_len=seq_len)
+    store = retrieval_model = None
+    if args.datastore:
+        if getattr(model.config, "decoder", None) is None:
+            raise UsageError(f"--datastore: {args.model} has no captioning decoder to read retrieved captions")
+        from .caption import load_datastore
+
+        args.device = default_device(args.device)
+        store, retrieval_model = load_datastore(args, model)
+    engine = Engine(model, precision=args.precision, seq_len=seq_len, datastore=store,
+                    retrieval_model=retrieval_model, k=args.k)
     for name, index in indexes.items():
         if index.info.get("seq_len") != seq_len:
             print(f"warning: --index {name}'s images were read {_reading(index.info.get('seq_len'))}, queries will be "
@@ -109,6 +118,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="an index to search (repeatable; NAME defaults to the folder's name): an `mm embed` output "
                    "(exact), an `mm index build` output (approximate), or several of them, or other mm serve "
                    "processes' indexes (http://HOST:PORT/NAME), searched together as one")
+    s.add_argument("--datastore", metavar="DIR", help="retrieval-augmented captions: /v1/caption first reads the --k "
+                   "captions this datastore returns for the image (as mm caption --datastore)")
+    s.add_argument("--k", type=int, default=4, help="retrieved captions per caption with --datastore (a request's k "
+                   "overrides it; default: 4)")
     s.add_argument("--allow-other-model", action="store_true", help="serve indexes made with another model than "
                    "--model (refused by default: their weights fingerprints differ)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")

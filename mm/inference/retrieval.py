@@ -122,11 +122,14 @@ def write_retrieved(datastore: str | Path, queries_dir: str | Path, out: str | P
 def caption_with_datastore(model: Any, tok: Any, images: torch.Tensor | Sequence[Any], store: Datastore,
                            retrieval_model: Any, k: int = 4, *, config: GenerationConfig | None = None,
                            batch_size: int = 32, device: torch.device | str | None = None,
+                           retrieval_images: torch.Tensor | None = None,
                            **kwargs: Any) -> tuple[list[str], list[list[str]]]:
     """(captions, the captions each image retrieved): ``model``'s decoder continues ``sot`` + the ``k`` captions
     ``store`` returns for the image under ``retrieval_model`` (the datastore's model; it may be ``model``), in the
     SmallCap template (:class:`~mm.data.retrieved.RetrievalPrompts`). ``k = 0``: plain captioning. Generation
-    settings as :func:`~mm.inference.generate.generate`'s (``config`` and / or its fields)."""
+    settings as :func:`~mm.inference.generate.generate`'s (``config`` and / or its fields). ``images`` as a tensor:
+    preprocessed for ``model``; ``retrieval_images``: the same images preprocessed for ``retrieval_model`` (default:
+    ``images``)."""
     from ..data.transforms import image_transform
 
     device = device or next(model.parameters()).device
@@ -141,7 +144,9 @@ def caption_with_datastore(model: Any, tok: Any, images: torch.Tensor | Sequence
         chunk = images[start:start + batch_size]
         x = _load_images(chunk, own, device)
         if k:
-            xr = x if theirs is None else _load_images(chunk, theirs, next(retrieval_model.parameters()).device)
+            rdev = next(retrieval_model.parameters()).device
+            xr = retrieval_images[start:start + batch_size].to(rdev) if retrieval_images is not None else \
+                x if theirs is None else _load_images(chunk, theirs, rdev)
             q = retrieval_model.encode_image(xr, normalize=True).float().cpu().numpy()
             caps = retrieve(store, q, k)
         else:

@@ -179,7 +179,11 @@ class Service:
         if "caption" not in self.batchers:
             raise RequestError(400, f"{self.settings.model} has no captioning decoder: serve a CoCa model")
         body, files = await read_body(request, CaptionRequest, ("image",), self.limits)
-        options = body.model_dump(exclude={"image", "seed"})
+        options = body.model_dump(exclude={"image", "seed", "k"})
+        k = self.engine.k if body.k is None and self.engine.datastore is not None else (body.k or 0)
+        if k < 0 or (k and self.engine.datastore is None):
+            raise RequestError(422, f"k: {k} retrieved captions need a server started with a datastore (k >= 0)"
+                               if k > 0 else f"k: must be >= 0, got {k}")
         room = self.engine.model.config.text.context_length - 1
         if options["num_beams"] > MAX_BEAMS or (options["max_new_tokens"] or 0) > room:
             raise RequestError(422, f"num_beams must be <= {MAX_BEAMS} and max_new_tokens <= {room}")
@@ -187,10 +191,18 @@ class Service:
             config = validate(from_dict(GenerationConfig, options))
         except ConfigError as e:
             raise RequestError(422, str(e)) from None
-        image = (await self._images(_one(files["image"], "image"), "image", square=True))[0]
-        job = CaptionJob(image, config, body.seed if config.method == "sample" else None)
-        (text,) = await self._model("caption", [job], deadline, key=job.key())
-        return JSONResponse({"caption": text})
+        blob = _one(files["image"], "image")[0]
+
+        def read() -> tuple[Any, Any]:
+            img = decode_image(blob, self.limits, "image")
+            return self.engine.preprocess(img, square=True), self.engine.preprocess_retrieval(img) if k else None
+        image, retrieval_image = await self._off_loop(read)
+        job = CaptionJob(image, config, body.seed if config.method == "sample" else None, k, retrieval_image)
+        try:
+            ((text, found),) = await self._model("caption", [job], deadline, key=job.key())
+        except ValueError as e:  # the prompt and max_new_tokens do not fit the context together
+            raise RequestError(422, str(e)) from None
+        return JSONResponse({"caption": text, **({"retrieved": found} if k else {})})
 
     async def ground(self, request: Request) -> Response:
         """Find the box each text names in one image (LocCa models: a decoder with box tokens), as `mm ground` does:

@@ -25,6 +25,7 @@ from ..data.transforms import image_transform, stack_images
 from ..eval.zeroshot import zero_shot_classifier
 from ..inference.generate import GenerationConfig, generate
 from ..inference.ground import GroundingError, box_tokens, locate
+from ..inference.retrieval import caption_with_datastore
 from ..tokenizer import get_tokenizer
 from ..utils.nn import model_device
 from ..utils.precision import autocast
@@ -41,10 +42,12 @@ class CaptionJob:
     image: torch.Tensor
     config: GenerationConfig
     seed: int | None = None
+    k: int = 0  # retrieved captions the decoder reads first (a served datastore)
+    retrieval_image: torch.Tensor | None = None  # the image as the datastore's model reads it (if not the model)
 
     def key(self) -> tuple:
         cfg = astuple(self.config)
-        return (cfg, self.seed, id(self)) if self.config.method == "sample" else (cfg,)
+        return (cfg, self.k, self.seed, id(self)) if self.config.method == "sample" else (cfg, self.k)
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,15 @@ def _ground_problem(model: Any) -> str | None:
 
 
 class Engine:
-    def __init__(self, model: Any, *, precision: str = "fp32", seq_len: int | None = None):
+    def __init__(self, model: Any, *, precision: str = "fp32", seq_len: int | None = None, datastore: Any = None,
+                 retrieval_model: Any = None, k: int = 4):
+        """``datastore`` (a :class:`mm.inference.retrieval.Datastore`) with ``retrieval_model`` (its model; default:
+        ``model``) and ``k``: captions read the captions it retrieves first (retrieval-augmented captioning)."""
         self.model = model.eval()
+        self.datastore, self.k = datastore, k
+        self.retrieval_model = (retrieval_model if retrieval_model is not None else model).eval()
+        self.retrieval_transform = None if self.retrieval_model is model else \
+            image_transform(self.retrieval_model, train=False)
         self.device = model_device(model)
         self.precision = precision
         self.tokenizer = get_tokenizer(model)
@@ -132,14 +142,28 @@ class Engine:
             out.append(W)
         return out
 
-    def captions(self, jobs: Sequence[CaptionJob]) -> list[str]:
-        """Captions of jobs that share one generation config (the batcher groups them by :meth:`CaptionJob.key`)."""
+    def preprocess_retrieval(self, image: Image.Image) -> torch.Tensor | None:
+        """The image as the datastore's model reads it, when that is not the served model (None otherwise)."""
+        return self.retrieval_transform(image) if self.retrieval_transform is not None else None
+
+    def captions(self, jobs: Sequence[CaptionJob]) -> list[tuple[str, list[str]]]:
+        """(caption, retrieved captions) of jobs that share one generation config and k (the batcher groups them by
+        :meth:`CaptionJob.key`)."""
         images = torch.stack([j.image for j in jobs]).to(self.device)
         seed = jobs[0].seed
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        if jobs[0].k:
+            retrieval = torch.stack([j.retrieval_image for j in jobs]) if jobs[0].retrieval_image is not None \
+                else None
+            with torch.inference_mode():
+                caps, found = caption_with_datastore(self.model, self.tokenizer, images, self.datastore,
+                                                     self.retrieval_model, jobs[0].k, config=jobs[0].config,
+                                                     batch_size=len(jobs), retrieval_images=retrieval,
+                                                     generator=generator)
+            return list(zip(caps, found))
         ids = generate(self.model, images, jobs[0].config, generator=generator)
         eot = self.model.config.text.eot_id
-        return [self.tokenizer.decode(row[: row.index(eot)] if eot in row else row) for row in ids.tolist()]
+        return [(self.tokenizer.decode(row[: row.index(eot)] if eot in row else row), []) for row in ids.tolist()]
 
     @torch.inference_mode()
     def ground(self, jobs: Sequence[GroundJob]) -> list[dict[str, Any]]:

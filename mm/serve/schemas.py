@@ -55,10 +55,13 @@ class CaptionRequest(_Strict):
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     seed: int = Field(default=0, description="sampling seed (method=sample)")
+    k: int | None = Field(default=None, description="retrieved captions the decoder reads first (a server started "
+                          "with a datastore; default: the server's k; 0: none)")
 
 
 class CaptionResponse(BaseModel):
     caption: str
+    retrieved: list[str] | None = Field(default=None, description="the captions read first (with a datastore)")
 
 
 class GroundRequest(_Strict):
