@@ -5,16 +5,15 @@ another model is refused."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_colour_shards
+from conftest import colour_samples, make_colour_shards, write_tar
 
 import mm
 from mm.cli import main as mm_main
 from mm.inference import reco
-from mm.inference.embed import embed_images, embed_texts
+from mm.inference.embed import EmbedError, embed_images, embed_texts
 from mm.models.reco import RecoConfig, RecoFusion
 
 
@@ -30,7 +29,7 @@ def pairs(model_dir, model, tmp_path_factory):
 
 def test_pairs_join_captions_to_their_images_and_neighbours_leave_the_own_sample_out(pairs):
     _, _, _, store = pairs
-    assert len(store) == 48 and store.keys[5] == "s00005"
+    assert len(store) == 48 and store.keys[5] == "0/s00005"
     q = store.images[:10]
     got = reco.PairStore.nearest(store, q, "image", 4, exclude=store.key_ids[:10])
     for i in range(10):  # brute force: every other sample's pair by cosine, ties to the earlier row
@@ -84,8 +83,17 @@ def test_reco_and_zeroshot_commands(pairs, model_dir, tmp_path, capsys):
     assert "not a RECO datastore" in capsys.readouterr().err
 
 
-def test_a_datastore_of_one_modality_is_refused(pairs):
-    d, _, _, _ = pairs
-    with pytest.raises(mm.inference.embed.EmbedError, match="must hold images"):
-        reco.PairStore(d / "store" / "texts", d / "store" / "texts")
-    assert Path(d / "store" / "images" / "index.json").is_file()
+def test_sources_whose_keys_repeat_stay_apart_and_bad_stores_are_refused(pairs, model, tmp_path):
+    d, _, _, one = pairs
+    img, txt = d / "store" / "images", d / "store" / "texts"
+    two = reco.PairStore([img, img], [txt, txt])  # two sources with the same keys (two sets numbered from 0)
+    assert len(two) == 2 * len(one) and two.keys[0] == "0/s00000" and two.keys[len(one)] == "1/s00000"
+    got = two.nearest(two.images[:1], "image", 1, exclude=two.key_ids[:1])
+    assert got[0, 0] == len(one)  # its twin in the other source is another sample: not left out
+    with pytest.raises(EmbedError, match="must hold images"):
+        reco.PairStore(txt, txt)
+    dup = write_tar(tmp_path / "dup.tar", colour_samples(3) + colour_samples(2))  # s00000, s00001 twice
+    embed_images(model, [str(dup)], tmp_path / "i", workers=0)
+    embed_texts(model, str(dup), tmp_path / "t", workers=0)
+    with pytest.raises(EmbedError, match=r"sample key 's00000' appears twice"):
+        reco.PairStore(tmp_path / "i", tmp_path / "t")

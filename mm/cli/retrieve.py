@@ -53,14 +53,16 @@ def add_parser(sub: Any) -> None:
 
 RECO_DESCRIPTION = """\
 Build a RECO datastore (retrieval-augmented zero-shot, Iscen et al. 2024) from webdataset shards of image-text
-pairs: embeds their images and every caption with --model into OUT/images and OUT/texts (resumable, as mm embed),
+pairs (one source per --images): embeds their images and every caption with --model into OUT/images-N and
+OUT/texts-N (resumable, as mm embed),
 then trains a small fusion (one transformer block per side) that refines an image embedding with the captions of
 its --k nearest datastore images, and a text embedding with the images of its k nearest datastore texts. Each
 pair's neighbours leave its own sample out. `mm zeroshot --datastore OUT` then classifies with fused embeddings.
 
 examples:
-  mm reco --model runs/flickr8k_coca/final --images '../shared/datasets/flickr8k/train-{0000..0003}.tar' --out reco/flickr
-  mm zeroshot --model runs/flickr8k_coca/final --datastore reco/flickr ../shared/datasets/cifar10/test-0000.tar.gz"""
+  mm reco --model runs/flickr8k_coca/final --images '../shared/datasets/flickr8k/train-{0000..0003}.tar' \\
+      --images '../shared/datasets/cifar10/train-{0000..0004}.tar.gz' --out reco/flickr-cifar
+  mm zeroshot --model runs/flickr8k_coca/final --datastore reco/flickr-cifar ../shared/datasets/cifar10/test-0000.tar.gz"""
 
 
 @guard(EmbedError, *MODEL_ERRORS)
@@ -85,7 +87,9 @@ def add_reco_parser(sub: Any) -> None:
     s = sub.add_parser("reco", help="a datastore of image-text pairs and its fusion, for retrieval-augmented "
                        "zero-shot", description=RECO_DESCRIPTION, formatter_class=EXAMPLES)
     add_model_options(s)
-    s.add_argument("--images", required=True, metavar="SHARDS", help="webdataset shards of images with captions")
+    s.add_argument("--images", required=True, action="append", metavar="SHARDS",
+                   help="webdataset shards of images with captions; repeat it for several sources (their sample "
+                   "keys may repeat across sources)")
     s.add_argument("--out", required=True, metavar="DIR", help="the datastore directory")
     s.add_argument("--k", type=int, default=8, help="neighbours fused per embedding (default: 8)")
     s.add_argument("--steps", type=int, default=1000, help="fusion training steps (default: 1000)")

@@ -4,11 +4,12 @@ model itself unchanged.
 
 A RECO directory (``mm reco``)::
 
-    images/          an ``mm embed`` output of the pairs' images (ids: sample keys)
-    texts/           an ``mm embed`` output of their captions (ids ``KEY#I: caption``, from the same shards)
+    images-N/        an ``mm embed`` output of source N's images (ids: sample keys)
+    texts-N/         an ``mm embed`` output of their captions (ids ``KEY#I: caption``, from the same shards)
     fusion.safetensors, reco.json   the trained fusion, its config, the model, the training record
 
-Pairs join each caption with its sample's image. The fusion is trained contrastively on the pairs themselves,
+Pairs join each caption with its sample's image, within each source (shard sets whose keys may repeat across
+sources, as two data sets numbered from 000000 do). The fusion is trained contrastively on the pairs themselves,
 every pair's neighbours found with its own sample left out (a pair must not read its own caption or image), with a
 seeded sampler: the same inputs and seed give the same weights. :class:`RecoModel` wraps the model so that
 ``encode_image`` / ``encode_text`` return fused embeddings: anything written against a model (``mm zeroshot``,
@@ -36,32 +37,50 @@ from .retrieval import split_id
 RECO_NAME, FUSION_FILE = "reco.json", "fusion.safetensors"
 
 
-class PairStore:
-    """Image-text pairs from two ``mm embed`` outputs of the same shards and model: row i is caption i and its
-    sample's image (unit float32 embeddings), ``keys[i]`` its sample key."""
+def _pairs(images_dir: Path, texts_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any]]:
+    """(image embeddings, text embeddings, sample keys) of one source's pairs, and its images' index."""
+    ii, ti = read_index(images_dir), read_index(texts_dir)
+    if ii.get("kind") == "texts" or ti.get("kind") != "texts":
+        raise EmbedError(f"{images_dir} must hold images and {texts_dir} texts (`mm embed` outputs)")
+    a, b = ii.get("model_fingerprint"), ti.get("model_fingerprint")
+    if ii["embed_dim"] != ti["embed_dim"] or (a and b and a != b):
+        raise EmbedError(f"{images_dir} and {texts_dir} were embedded by different models")
+    img, img_ids = load_index(images_dir)
+    txt, txt_ids = load_index(texts_dir)
+    row_of = {k: i for i, k in enumerate(img_ids)}
+    if len(row_of) < len(img_ids):
+        dup = next(k for i, k in enumerate(img_ids) if row_of[k] != i)
+        raise EmbedError(f"{images_dir}: sample key {dup!r} appears twice; pairs would be ambiguous (give shard "
+                         "sets whose keys repeat as separate sources)")
+    pairs = [(row_of[key], j, key) for j, (key, _) in enumerate(map(split_id, txt_ids)) if key in row_of]
+    if not pairs:
+        raise EmbedError(f"no caption of {texts_dir} belongs to an image of {images_dir} (ids KEY#I: caption "
+                         "from embedding the same shards' texts)")
+    rows, cols, keys = zip(*pairs)
+    return np.asarray(img[list(rows)], np.float32), np.asarray(txt[list(cols)], np.float32), list(keys), ii
 
-    def __init__(self, images_dir: str | Path, texts_dir: str | Path):
-        ii, ti = read_index(images_dir), read_index(texts_dir)
-        if ii.get("kind") == "texts" or ti.get("kind") != "texts":
-            raise EmbedError(f"{images_dir} must hold images and {texts_dir} texts (`mm embed` outputs)")
-        a, b = ii.get("model_fingerprint"), ti.get("model_fingerprint")
-        if ii["embed_dim"] != ti["embed_dim"] or (a and b and a != b):
-            raise EmbedError(f"{images_dir} and {texts_dir} were embedded by different models")
-        img, img_ids = load_index(images_dir)
-        txt, txt_ids = load_index(texts_dir)
-        row_of = {k: i for i, k in enumerate(img_ids)}
-        pairs = [(row_of[key], j, key) for j, (key, _) in enumerate(map(split_id, txt_ids)) if key in row_of]
-        if not pairs:
-            raise EmbedError(f"no caption of {texts_dir} belongs to an image of {images_dir} (ids KEY#I: caption "
-                             "from embedding the same shards' texts)")
-        rows, cols, keys = zip(*pairs)
-        self.images = F.normalize(torch.from_numpy(np.asarray(img[list(rows)], np.float32)), dim=-1)
-        self.texts = F.normalize(torch.from_numpy(np.asarray(txt[list(cols)], np.float32)), dim=-1)
-        self.keys = list(keys)
+
+class PairStore:
+    """Image-text pairs from ``mm embed`` outputs of images and of their captions, one pair of outputs per source
+    (the same model): row i is a caption and its sample's image (unit float32 embeddings), ``keys[i]`` its
+    sample ("N/KEY": source N's sample KEY)."""
+
+    def __init__(self, images_dirs: str | Path | list[str | Path], texts_dirs: str | Path | list[str | Path]):
+        images_dirs = images_dirs if isinstance(images_dirs, list) else [images_dirs]
+        texts_dirs = texts_dirs if isinstance(texts_dirs, list) else [texts_dirs]
+        parts = [_pairs(Path(i), Path(t)) for i, t in zip(images_dirs, texts_dirs)]
+        fps = {p[3].get("model_fingerprint") for p in parts} - {None}
+        if len({p[0].shape[1] for p in parts}) > 1 or len(fps) > 1:
+            raise EmbedError(f"the sources {', '.join(map(str, images_dirs))} were embedded by different models")
+        self.images = F.normalize(torch.from_numpy(np.concatenate([p[0] for p in parts])), dim=-1)
+        self.texts = F.normalize(torch.from_numpy(np.concatenate([p[1] for p in parts])), dim=-1)
+        self.keys = [f"{n}/{k}" for n, p in enumerate(parts) for k in p[2]]
+        ii = parts[0][3]
         _, self.key_ids = np.unique(np.array(self.keys), return_inverse=True)
         self.key_ids = torch.from_numpy(self.key_ids.astype(np.int64))
         self.max_per_key = int(torch.bincount(self.key_ids).max())
         self.info = ii
+        self.sources = len(parts)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -145,21 +164,28 @@ def train_fusion(store: PairStore, cfg: RecoConfig, *, steps: int = 1000, batch_
     return fusion, log
 
 
-def build(model: nn.Module, shards: str, out_dir: str | Path, *, model_spec: str | None = None, k: int = 8,
-          steps: int = 1000, batch_size: int = 256, lr: float = 1e-3, seed: int = 0, workers: int = 0,
+def _dirs(out: Path, sources: int) -> tuple[list[Path], list[Path]]:
+    return [out / f"images-{n}" for n in range(sources)], [out / f"texts-{n}" for n in range(sources)]
+
+
+def build(model: nn.Module, shards: str | list[str], out_dir: str | Path, *, model_spec: str | None = None,
+          k: int = 8, steps: int = 1000, batch_size: int = 256, lr: float = 1e-3, seed: int = 0, workers: int = 0,
           depth: int = 1, heads: int = 8) -> dict[str, Any]:
-    """Embed the pairs of ``shards`` (images and every caption; resumable, as ``mm embed``) into ``out_dir`` with
-    ``model``, train the fusion and write it with reco.json. Returns reco.json's contents."""
-    out = Path(out_dir)
-    embed_images(model, [shards], out / "images", model_spec=model_spec, workers=workers)
-    embed_texts(model, shards, out / "texts", model_spec=model_spec, workers=workers)
-    store = PairStore(out / "images", out / "texts")
+    """Embed the pairs of each shard set of ``shards`` (a source: images and every caption; resumable, as
+    ``mm embed``) into ``out_dir`` with ``model``, train the fusion and write it with reco.json. Returns reco.json's
+    contents."""
+    out, sources = Path(out_dir), [shards] if isinstance(shards, str) else list(shards)
+    images, texts = _dirs(out, len(sources))
+    for spec, i, t in zip(sources, images, texts):
+        embed_images(model, [spec], i, model_spec=model_spec, workers=workers)
+        embed_texts(model, spec, t, model_spec=model_spec, workers=workers)
+    store = PairStore(images, texts)
     cfg = RecoConfig(dim=model.config.embed_dim, k=k, depth=depth, heads=heads)
     fusion, log = train_fusion(store, cfg, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     from safetensors.torch import save_file
 
     save_file(fusion.state_dict(), str(out / FUSION_FILE))
-    info = {"format": "mm-reco", "version": 1, "config": asdict(cfg), "pairs": len(store),
+    info = {"format": "mm-reco", "version": 1, "config": asdict(cfg), "pairs": len(store), "sources": sources,
             "model": store.info.get("model"), "model_fingerprint": model_fingerprint(model),
             "training": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "log": log}}
     write_json_atomic(out / RECO_NAME, info)
@@ -182,4 +208,4 @@ def load(directory: str | Path, model: nn.Module, allow_other_model: bool = Fals
     fusion = RecoFusion(RecoConfig(**info["config"]))
     fusion.load_state_dict(load_file(str(d / FUSION_FILE)))
     device = next(model.parameters()).device
-    return RecoModel(model, fusion.to(device).eval(), PairStore(d / "images", d / "texts"))
+    return RecoModel(model, fusion.to(device).eval(), PairStore(*_dirs(d, len(info["sources"]))))
