@@ -156,6 +156,7 @@ def test_a_centre_square_crop_misses_objects_on_elongated_canvases(aspect_dir):
     assert min(elongated) == 0.0  # some entirely
 
 
+@pytest.mark.slow  # end-to-end commands in subprocesses (~20-30 s on 2 cores): the second CI step
 def test_cli_writes_the_aspect_set(tmp_path):
     def mm(*args):
         return subprocess.run([sys.executable, "-m", "mm.cli", "shards", "builtin", *args], cwd=ROOT, env=ENV,

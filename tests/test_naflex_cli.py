@@ -58,6 +58,7 @@ def _mm(*args: str) -> subprocess.CompletedProcess:
                           env=ENV)
 
 
+@pytest.mark.slow  # end-to-end commands in subprocesses (~20-30 s on 2 cores): the second CI step
 def test_embed_and_search_read_images_at_their_aspect_ratio(data, tmp_path):
     d, model_dir, model = data
     paths = sorted((d / "images").glob("*.png"))
@@ -82,6 +83,7 @@ def test_embed_and_search_read_images_at_their_aspect_ratio(data, tmp_path):
         assert json.loads(r.stdout)["results"][0]["id"] == p.name
 
 
+@pytest.mark.slow  # end-to-end commands in subprocesses (~20-30 s on 2 cores): the second CI step
 def test_zeroshot_and_eval_take_seq_len(data):
     d, model_dir, model = data
     shard = str(d / "shards" / "test-000000.tar.gz")
