@@ -124,6 +124,22 @@ def sigterm_when(cmd: list[str], log: Path, marker: str, cwd: Path, timeout: flo
     return out
 
 
+def assert_same_run(full: Path, split: Path, steps: int, keys: tuple[str, ...] = ("loss",)) -> None:
+    """Two training runs (one uninterrupted, one stopped and resumed) logged the same ``keys`` at steps 1..``steps``
+    and ended with the same weights, bit for bit."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = ({r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+            for run in (full, split))
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    assert all(a[s][k] == b[s][k] for s in a for k in keys)
+    wa, wb = (load_file(str(run / "final" / "model.safetensors")) for run in (full, split))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def two_gloo_ranks(*args: str) -> list[str]:
     """``accelerate launch`` of ``args`` (a script and its arguments) as 2 CPU processes on a free loopback port (the
     script builds Accelerator(cpu=True) without CUDA, so --multi_gpu forms two gloo ranks); run with

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import colour_image, jpeg_bytes, sigterm_when, write_tar
+from conftest import assert_same_run, colour_image, jpeg_bytes, sigterm_when, write_tar
 
 import mm
 from mm.cli import main as mm_main
@@ -153,10 +153,6 @@ def _train(config: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def _records(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_a_run_without_retrieved_captions_for_its_data_fails_before_work(setup, tmp_path, capsys):
     cfg = _config(tmp_path, setup, "bad", tmp_path / "missing.jsonl")
     assert mm_main(["train", str(cfg), *SMALL]) == 2
@@ -174,14 +170,7 @@ def test_a_retrieval_augmented_run_resumes_exactly(setup, tmp_path):
     sigterm_when([sys.executable, str(ROOT / "train.py"), str(cfg), *SMALL], tmp_path / "split" / "metrics.jsonl",
                  '"step": 3', ROOT)
     _train(cfg)
-    a = {r["step"]: r for r in _records(tmp_path / "full") if "loss" in r}
-    b = {r["step"]: r for r in _records(tmp_path / "split") if "loss" in r}
-    assert sorted(a) == sorted(b) == list(range(1, 7))
-    assert all(a[s]["loss"] == b[s]["loss"] and a[s]["caption_loss"] == b[s]["caption_loss"] for s in a)
-    from safetensors.torch import load_file
-
-    wa, wb = (load_file(str(tmp_path / n / "final" / "model.safetensors")) for n in ("full", "split"))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_run(tmp_path / "full", tmp_path / "split", 6, keys=("loss", "caption_loss"))
 
 
 def test_the_training_stream_gives_the_decoder_each_samples_retrieved_captions(setup, tmp_path):
