@@ -433,9 +433,8 @@ class Searcher:
         vec = self.vectors.rows(np.maximum(cand, 0).ravel()).reshape(*cand.shape, -1)
         scores = np.where(cand >= 0, np.einsum("qkd,qd->qk", vec, q), -np.inf).astype(np.float32)
         order = np.lexsort((cand, -scores), axis=-1)[:, :k]  # ties: the earlier row, as exact search
-        rows = np.take_along_axis(cand, order, 1)
-        return np.take_along_axis(scores, order, 1), np.where(np.isfinite(np.take_along_axis(scores, order, 1)),
-                                                              rows, -1)
+        scores, rows = np.take_along_axis(scores, order, 1), np.take_along_axis(cand, order, 1)
+        return scores, np.where(np.isfinite(scores), rows, -1)
 
 
 class Vectors:
