@@ -164,6 +164,71 @@ def test_classification_and_retrieval_equal_reference(data, model_dir, tmp_path,
     assert len(md) == 2 + len(rows) and md[-1].startswith(f"| {model_dir} |  | average |")
 
 
+@pytest.fixture
+def http_root(data):
+    """The data's root served over HTTP on a loopback port (a real server in a thread), as a remote
+    ``--dataset_root`` of clip_benchmark's serves its datasets."""
+    import functools
+    import http.server
+    import threading
+
+    root, _ = data
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # the test reads the command's stderr
+            pass
+
+    handler = functools.partial(Quiet, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_datasets_by_url_equal_the_local_ones(data, http_root, model_dir, tmp_path, capsys):
+    """A dataset by URL (``--dataset URL``, or a ``--dataset-root`` URL / URL template) streams its shards and reads
+    its class names, templates and type over HTTP: the same metrics as from the local directory."""
+    root, ref = data
+    out = tmp_path / "out"
+    assert bench("--model", str(model_dir), "--dataset", f"{http_root}/cifar", "--output", str(out)) == 0
+    assert bench("--model", str(model_dir), "--dataset", "wds/flickr", "--dataset-root", http_root + "/",
+                 "--output", str(out)) == 0
+    assert bench("--model", str(model_dir), "--dataset", "wds/cifar3", "--dataset-root", http_root + "/{dataset}",
+                 "--output", str(out)) == 0
+    for name, task in (("cifar", "zeroshot_classification"), ("cifar3", "zeroshot_classification"),
+                       ("flickr", "zeroshot_retrieval")):
+        r = read_result(out, f"{name}__{slug(model_dir)}_en_{task}.json")
+        assert r["dataset"] == f"wds/{name}" and r["task"] == task
+        assert r["metrics"] == pytest.approx(ref[name], abs=1e-9, nan_ok=True), name
+    capsys.readouterr()
+    assert bench("--model", str(model_dir), "--dataset", f"{http_root}/nowhere", "--output", str(out)) == 2
+    assert capsys.readouterr().err.strip() == f"error: {http_root}/nowhere/test/nshards.txt: not found (a dataset " \
+                                              "read by URL needs its split's shard count)"
+
+
+def test_progress_counts_the_samples_and_estimates_the_time_left(data, tmp_path):
+    """The encoding's progress knows the split's size (local shards: their tar headers; an image folder: its
+    files), so it says how long is left."""
+    from mm.eval.benchmark import resolve_dataset, sample_count
+    from mm.utils.progress import Progress
+
+    root, _ = data
+    assert sample_count(resolve_dataset("wds/cifar", str(root)), "test") == 28
+    assert sample_count(resolve_dataset("wds/flickr", str(root)), "test") == 14
+    assert sample_count(resolve_dataset("wds/flickr", str(root)), "test", slice(1, None, 2)) == 5  # shard 1 of 5, 5, 4
+    folder = tmp_path / "folder"
+    for c, n in (("red", 3), ("green", 2)):
+        (folder / c).mkdir(parents=True)
+        for i in range(n):
+            random_images(1, i)[0].save(folder / c / f"{i}.png")
+    assert sample_count(resolve_dataset(str(folder)), "test") == 5
+    p = Progress(28, "image", enabled=False)
+    p.update(7)
+    p.t0 -= 2.0  # 7 images in 2 s: 21 left at 3.5/s
+    assert p.line(p.t0 + 2.0) == "7 of 28 images, 3.5 images/s, about 6 s left"
+
+
 def test_an_adapter_gets_the_results_of_its_merged_model(data, model_dir, tmp_path, capsys):
     """`--adapter`: the base with a LoRA adapter applied (not merged) scores exactly what `mm merge`'s model
     directory scores, and not what the base alone scores (the adapter is really applied)."""
@@ -237,12 +302,17 @@ def test_suite_resumes_and_a_failing_entry_does_not_stop_the_others(data, model_
     bad = write_wds(tmp_path / "wds" / "nolabels", [{"png": png_bytes(random_images(1, 9)[0]), "cls": b"0"}],
                     shards=1, templates=TEMPLATES)  # no classnames.txt
     suite = tmp_path / "suite.yaml"
+    mismatch = write_wds(tmp_path / "wds" / "mismatch", [{"png": png_bytes(random_images(1, 9)[0]), "cls": b"5"}],
+                         shards=1, classes=["red", "green"])  # label 5 of 2 classes
     suite.write_text(f"dataset_root: {root}\nmodels: [{model_dir}]\n"
-                     f"datasets:\n  - {bad}\n  - wds/cifar3\n  - {{dataset: wds/flickr, tasks: [zeroshot_retrieval]}}\n")
+                     f"datasets:\n  - {bad}\n  - wds/cifar3\n  - {{dataset: wds/flickr, tasks: [zeroshot_retrieval]}}\n"
+                     f"  - {{dataset: wds/cifar3, tasks: [linear_regression]}}\n  - {mismatch}\n")
     out = tmp_path / "out"
     assert main(["benchmark", "--suite", str(suite), "--output", str(out), "--workers", "0"]) == 2
     got = capsys.readouterr()
-    assert f"{bad}: no classnames.txt" in got.out and "1 of 3 entries failed" in got.err
+    assert f"{bad}: no classnames.txt" in got.out and "3 of 5 entries failed" in got.err
+    assert "wds/cifar3 linear_regression" in got.out and "error: unknown task 'linear_regression'" in got.out
+    assert f"{mismatch}: sample s0000 has label 5, but classnames.txt lists 2 classes" in got.out
     files = {p.name: p for p in out.glob("*.json")}
     assert len(files) == 2
     c3 = files[f"cifar3__{slug(model_dir)}_en_zeroshot_classification.json"]
@@ -252,6 +322,7 @@ def test_suite_resumes_and_a_failing_entry_does_not_stop_the_others(data, model_
     c3.unlink()
     (bad / "classnames.txt").write_text("red\n")  # fixed: the entry now runs
     time.sleep(0.01)
+    suite.write_text("\n".join(suite.read_text().splitlines()[:-2]) + "\n")  # the two bad entries dropped
     assert main(["benchmark", "--suite", str(suite), "--output", str(out), "--workers", "0"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[-1].strip() for line in lines if "skipped, result exists" in line] == [str(fl)]

@@ -28,7 +28,9 @@ on --val-split or a --val-proportion of it), captioning (Bleu_1..4, ROUGE_L, CID
 image-caption selection (acc: the first of a sample's captions is the most similar; SugarCrepe-style sets). Datasets are in clip_benchmark's webdataset
 layout (DIR/{split}/*.tar, classnames.txt, zeroshot_classification_templates.txt, dataset_type.txt) or image
 folders with a sub-folder per class; --dataset wds/NAME reads --dataset-root/NAME (or --dataset-root
-'.../{dataset}', as clip_benchmark's --dataset_root). Each (dataset, model, task) is written to --output as
+'.../{dataset}', as clip_benchmark's --dataset_root). A dataset or dataset root may be an http(s) URL, as
+clip_benchmark's own (https://huggingface.co/datasets/clip-benchmark/wds_{dataset_cleaned}/tree/main): its shards
+stream, {split}/nshards.txt counts them. Each (dataset, model, task) is written to --output as
 clip_benchmark's DATASET_PRETRAINED_MODEL_en_TASK.json (clip_benchmark build reads them with its own) and skipped
 when that file exists (--overwrite recomputes); results.csv and results.md tabulate them with each model's average
 of one main metric per task (acc1, mean recall@1, lp_acc1, CIDEr, acc). A failing entry is reported and the others still run;
@@ -125,10 +127,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--pretrained", help="weights file for a preset --model (mm or open_clip checkpoint)")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter directory put on --model")
     p.add_argument("--dataset", nargs="+", action="extend", metavar="NAME|wds/NAME|DIR",
-                   help="datasets: wds/NAME or NAME under --dataset-root, or a directory")
+                   help="datasets: wds/NAME or NAME under --dataset-root, or a directory, or a URL")
     p.add_argument("--task", nargs="+", action="extend", metavar="TASK",
                    help=f"{' and/or '.join(TASKS)} (default: each dataset's own, from its dataset_type.txt)")
-    p.add_argument("--dataset-root", metavar="DIR", help="where wds/NAME is: DIR/NAME, or a template with {dataset}")
+    p.add_argument("--dataset-root", metavar="DIR", help="where wds/NAME is: DIR/NAME, or a template with {dataset}; "
+                   "DIR may be an http(s) URL")
     p.add_argument("--suite", metavar="FILE", help="a YAML of datasets x tasks (and models) to run, resumably")
     p.add_argument("--output", default="benchmark", metavar="DIR",
                    help="result files and results.csv / results.md (default: benchmark)")

@@ -95,13 +95,29 @@ class BenchmarkError(ValueError):
 # -- datasets ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Dataset:
-    """A resolved dataset: ``name`` as results record it, ``path`` its directory, ``kind`` ``wds`` / ``folder``."""
+    """A resolved dataset: ``name`` as results record it, ``path`` its directory (a local Path) or base URL (a str:
+    http(s) / file, read as clip_benchmark reads a remote ``--dataset_root``), ``kind`` ``wds`` / ``folder``."""
 
     name: str
-    path: Path
+    path: Path | str
     kind: str
     split: str
     dataset_type: str  # "classification" or "retrieval" (dataset_type.txt)
+
+    @property
+    def remote(self) -> bool:
+        return isinstance(self.path, str)
+
+    def location(self, *parts: str) -> Path | str:
+        """A file of the dataset: a local path, or the URL under the base URL."""
+        return "/".join([self.path, *parts]) if self.remote else self.path.joinpath(*parts)
+
+    def read_text(self, *parts: str) -> str | None:
+        """A small text file of the dataset (class names, templates, type, shard count); None when it is not there."""
+        where = self.location(*parts)
+        if self.remote:
+            return _fetch_text(where)
+        return where.read_text(encoding="utf-8") if where.is_file() else None
 
     @property
     def slug(self) -> str:
@@ -116,10 +132,54 @@ class Dataset:
         return "zeroshot_retrieval" if self.dataset_type == "retrieval" else "zeroshot_classification"
 
 
+def is_url(spec: str) -> bool:
+    """A dataset (or dataset root) given by URL: http(s) or file, as clip_benchmark's remote ``--dataset_root``."""
+    return spec.startswith(("http://", "https://", "file://"))
+
+
+def _base_url(url: str) -> str:
+    # a Hugging Face dataset page (clip_benchmark's own roots) serves its files under resolve/, not tree/
+    if url.startswith("https://huggingface.co/datasets/"):
+        url = url.replace("/tree/main", "/resolve/main")
+    return url.rstrip("/")
+
+
+_fetched: dict[str, str | None] = {}
+_WDS_KEY = re.compile(r"^((?:.*/|)[^./]+)\.[^/]*$")  # webdataset's sample key: the name up to its first dot
+
+
+def _fetch_text(url: str) -> str | None:
+    """A small text file by URL (kept for the process: a suite reads the same class names once); None for a 404
+    (an optional file that is not there), any other failure an error naming the URL."""
+    if url not in _fetched:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r:
+                _fetched[url] = r.read().decode("utf-8")
+        except urllib.error.HTTPError as e:
+            if e.code != 404:
+                raise BenchmarkError(f"{url}: HTTP {e.code} {e.reason}") from None
+            _fetched[url] = None
+        except FileNotFoundError:  # file:// of a missing file
+            _fetched[url] = None
+        except (urllib.error.URLError, OSError, UnicodeDecodeError) as e:
+            raise BenchmarkError(f"{url}: cannot be read ({getattr(e, 'reason', e)})") from None
+    return _fetched[url]
+
+
 def resolve_dataset(spec: str, root: str | None = None, split: str = "test") -> Dataset:
-    """``wds/NAME`` (or ``NAME``) under ``root``, or a directory path. ``root`` may be a template as clip_benchmark's
-    ``--dataset_root`` (``{dataset}``, ``{dataset_cleaned}``: the directory itself); a plain ``root`` holds
-    ``NAME/``. A path that exists wins over a name."""
+    """``wds/NAME`` (or ``NAME``) under ``root``, or a directory path, or a URL. ``root`` may be a template as
+    clip_benchmark's ``--dataset_root`` (``{dataset}``, ``{dataset_cleaned}``: the directory itself); a plain
+    ``root`` holds ``NAME/``. A path that exists wins over a name. A dataset by URL (``spec`` or ``root`` http(s) /
+    file, e.g. clip_benchmark's ``https://huggingface.co/datasets/clip-benchmark/wds_{dataset_cleaned}/tree/main``)
+    is a webdataset whose ``{split}/nshards.txt`` says how many shards to stream, as clip_benchmark reads one."""
+    if is_url(spec):
+        base = _base_url(spec)
+        parts = base.split("/")
+        parts = parts[:-2] if parts[-2:] == ["resolve", "main"] else parts
+        return _remote_dataset(f"wds/{parts[-1].removeprefix('wds_')}", base, split)
     if Path(spec).is_dir() and not spec.startswith("wds/"):
         path = Path(spec)
         is_wds = _split_shards(path, split) is not None
@@ -129,9 +189,12 @@ def resolve_dataset(spec: str, root: str | None = None, split: str = "test") -> 
         if root is None:
             raise BenchmarkError(f"dataset {spec!r}: no such directory, and no dataset root to find it under")
         if "{dataset" in root:
-            path = Path(root.format(dataset=short, dataset_cleaned=short.replace("/", "-")))
+            where = root.format(dataset=short, dataset_cleaned=short.replace("/", "-"))
         else:
-            path = Path(root) / short
+            where = f"{root.rstrip('/')}/{short}" if is_url(root) else str(Path(root) / short)
+        if is_url(where):
+            return _remote_dataset(f"wds/{short}", _base_url(where), split)
+        path = Path(where)
         if not path.is_dir():
             raise BenchmarkError(f"dataset {spec!r}: directory {path} does not exist")
         name = f"wds/{short}"
@@ -145,6 +208,17 @@ def resolve_dataset(spec: str, root: str | None = None, split: str = "test") -> 
     return Dataset(name, path, kind, split, dataset_type)
 
 
+def _remote_dataset(name: str, base: str, split: str) -> Dataset:
+    ds = Dataset(name, base, "wds", split, "classification")
+    dataset_type = (ds.read_text("dataset_type.txt") or "classification").strip().lower()
+    if dataset_type not in ("classification", "retrieval"):
+        raise BenchmarkError(f"{ds.location('dataset_type.txt')}: dataset type {dataset_type!r} is not supported "
+                             "(classification, retrieval)")
+    ds = replace(ds, dataset_type=dataset_type)
+    shard_urls(ds)  # the split is there: its nshards.txt reads
+    return ds
+
+
 def _split_shards(path: Path, split: str) -> list[Path] | None:
     d = path / split
     if (d / "nshards.txt").is_file():
@@ -155,8 +229,18 @@ def _split_shards(path: Path, split: str) -> list[Path] | None:
 
 def shard_urls(ds: Dataset, split: str | None = None) -> list[str]:
     """The shards of ``split`` (default: the dataset's) in clip_benchmark's order; a missing one (or a split with
-    none) is an error naming it."""
+    none) is an error naming it. A dataset by URL lists ``0.tar .. n-1.tar`` from its ``{split}/nshards.txt``."""
     split = split or ds.split
+    if ds.remote:
+        text = ds.read_text(split, "nshards.txt")
+        where = ds.location(split, "nshards.txt")
+        if text is None:
+            raise BenchmarkError(f"{where}: not found (a dataset read by URL needs its split's shard count)")
+        try:
+            n = int(text.strip())
+        except ValueError:
+            raise BenchmarkError(f"{where}: {text.strip()[:40]!r} is not a shard count") from None
+        return [ds.location(split, f"{i}.tar") for i in range(n)]
     paths = _split_shards(ds.path, split)
     if paths is None:
         raise BenchmarkError(f"{ds.path}: split {split!r} has no shards ({split}/*.tar)")
@@ -164,6 +248,25 @@ def shard_urls(ds: Dataset, split: str | None = None) -> list[str]:
         if not p.is_file():
             raise BenchmarkError(f"{ds.path}: shard {p} is missing ({split}/nshards.txt lists {len(paths)})")
     return [str(p) for p in paths]
+
+
+def sample_count(ds: Dataset, split: str, share: slice = slice(None)) -> int | None:
+    """How many samples ``share`` of the split's shards (or image files) holds, for a progress bar with a time left:
+    local shards are counted from their tar headers (distinct keys; no image is read); None for a dataset by URL."""
+    if ds.remote:
+        return None
+    if ds.kind == "folder":
+        return len(list_images(_class_dirs(_folder_root(ds.path, split)))[share])
+    import tarfile
+
+    n = 0
+    for url in shard_urls(ds, split)[share]:
+        try:
+            with tarfile.open(url, "r:") as tar:  # headers only: members' data is skipped
+                n += len({_WDS_KEY.sub(r"\1", m.name) for m in tar if m.isfile()})
+        except (tarfile.TarError, OSError):
+            return None  # reading it will name the problem
+    return n
 
 
 def _folder_root(path: Path, split: str) -> Path:
@@ -176,13 +279,14 @@ def _class_dirs(path: Path) -> list[Path]:
 
 def classnames(ds: Dataset) -> list[str]:
     """``classnames.txt`` (line i = class i); an image folder without one: its class folders' names."""
-    f = ds.path / "classnames.txt"
-    if ds.kind == "folder" and not f.is_file():
+    f = ds.location("classnames.txt")
+    text = ds.read_text("classnames.txt")
+    if ds.kind == "folder" and text is None:
         return [d.name.replace("_", " ") for d in _class_dirs(_folder_root(ds.path, ds.split))]
-    if not f.is_file():
+    if text is None:
         raise BenchmarkError(f"{ds.path}: no classnames.txt (one class name per line, line i = class i), which "
                              "classification needs")
-    names = [line.strip() for line in f.read_text(encoding="utf-8").splitlines()]
+    names = [line.strip() for line in text.splitlines()]
     while names and not names[-1]:
         names.pop()
     for i, n in enumerate(names):
@@ -196,10 +300,11 @@ def classnames(ds: Dataset) -> list[str]:
 def templates(ds: Dataset) -> list[Callable[[str], str]] | None:
     """``zeroshot_classification_templates.txt`` as callables (its ``{c}`` is clip_benchmark's placeholder);
     None without one (OpenAI's ImageNet prompts)."""
-    f = ds.path / "zeroshot_classification_templates.txt"
-    if not f.is_file():
+    f = ds.location("zeroshot_classification_templates.txt")
+    text = ds.read_text("zeroshot_classification_templates.txt")
+    if text is None:
         return None
-    lines = [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     try:
         for t in lines:
             t.format(c="x")
@@ -335,7 +440,8 @@ def encode(model: Any, ds: Dataset, split: str, need: str, opts: TaskOptions, *,
     tok = get_tokenizer(model) if text_features or generate_captions else None
     n_classes = len(classnames(ds)) if need == "label" else None
     eot = model.config.text.eot_id if generate_captions else None
-    progress = Progress(None, "image", enabled=opts.progress and dist.is_main(), every=30)
+    total = sample_count(ds, split, slice(dist.rank(), None, dist.world_size())) if opts.progress else None
+    progress = Progress(total, "image", enabled=opts.progress and dist.is_main(), every=30)
     try:
         part = _encode_share(model, ds, split, need, opts, device, tok, n_classes, eot, progress, text_features,
                              generate_captions)
@@ -544,7 +650,7 @@ def _tasks(value: Any, where: str) -> list[str] | None:
     value = [value] if isinstance(value, str) else value
     if not isinstance(value, list) or not value:
         raise BenchmarkError(f"{where}: tasks must be a task name or a list of them, got {value!r}")
-    return [check_task(str(t)) for t in value]
+    return [str(t) for t in value]  # checked per entry (an unknown one fails its entries, the others still run)
 
 
 def load_suite(path: str | Path, what: str | None = None) -> Suite:

@@ -7,8 +7,8 @@ import time
 
 class Progress:
     """``update(n)`` as work gets done; ``write(msg)`` prints a line without breaking the bar. On a terminal
-    a tqdm bar; elsewhere, with ``every`` set, a line ``N of TOTAL UNITs, R UNITs/s`` at most every ``every``
-    seconds (None: no progress lines, only what is written). Disabled (``enabled=False``: not the main
+    a tqdm bar; elsewhere, with ``every`` set, a line ``N of TOTAL UNITs, R UNITs/s, about T left`` at most every
+    ``every`` seconds (None: no progress lines, only what is written). Disabled (``enabled=False``: not the main
     process) it prints nothing."""
 
     def __init__(self, total: int | None, unit: str, *, enabled: bool = True, initial: int = 0,
@@ -32,9 +32,17 @@ class Progress:
         now = time.perf_counter()
         if self.enabled and self.every is not None and now - self.last >= self.every:
             self.last = now
-            of = f" of {self.total}" if self.total else ""
-            print(f"{self.n}{of} {self.unit}s, {self.n / (now - self.t0):.1f} {self.unit}s/s", file=sys.stderr,
-                  flush=True)
+            print(self.line(now), file=sys.stderr, flush=True)
+
+    def line(self, now: float | None = None) -> str:
+        """``N of TOTAL UNITs, R UNITs/s, about T left`` (the time left with a known total, at the rate so far)."""
+        now = time.perf_counter() if now is None else now
+        rate = self.n / max(now - self.t0, 1e-9)
+        text = f"{self.n}{f' of {self.total}' if self.total else ''} {self.unit}s, {rate:.1f} {self.unit}s/s"
+        if self.total and rate > 0 and self.n < self.total:
+            left = (self.total - self.n) / rate
+            text += f", about {left:.0f} s left" if left < 90 else f", about {left / 60:.1f} min left"
+        return text
 
     def write(self, msg: str) -> None:
         """A line of output: above the bar on a terminal, on stdout otherwise."""
