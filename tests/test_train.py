@@ -263,3 +263,68 @@ def test_captioning_eval_needs_a_decoder(colour_shards, tmp_path):
     cfg = write_config(tmp_path, colour_shards, "nocap", eval={"captioning": {"shards": f"{colour_shards}/test-0000.tar"}})
     proc = train(cfg, check=False)
     assert proc.returncode != 0 and "eval.captioning.shards" in proc.stderr + proc.stdout
+
+
+POISON = '''
+"""The run's own objective, but the loss of the (1-based) steps listed in MM_POISON_STEPS is NaN."""
+import os
+from dataclasses import replace
+
+from mm.train.tasks import Task, build_task
+
+
+class Poisoned(Task):
+    def __init__(self, inner, bad):
+        self.inner, self.bad, self.name, self.step = inner, bad, inner.name, 0
+
+    def __getattr__(self, name):  # everything else is the inner task's
+        return getattr(self.inner, name)
+
+    def forward(self, module, batch, embed_only=False, **kw):
+        return self.inner.forward(module, batch, embed_only, **kw)
+
+    def begin_step(self, step):
+        self.step = step + 1
+        self.inner.begin_step(step)
+
+    def end_step(self, step):
+        self.inner.end_step(step)
+
+    def batch_terms(self, out, batch):
+        return self.inner.batch_terms(out, batch)
+
+    def local_terms(self, out, batch):
+        return self.inner.local_terms(out, batch)
+
+    def local_units(self, batch):
+        return self.inner.local_units(batch)
+
+    def combine(self, terms):
+        loss = self.inner.combine(terms)
+        return loss * float("nan") if self.step in self.bad else loss
+
+
+def make_task(cfg, model, device):
+    inner = build_task(replace(cfg, train=replace(cfg.train, objective=None)), model, None, device)
+    return Poisoned(inner, {int(s) for s in os.environ["MM_POISON_STEPS"].split(",")})
+'''
+
+
+def test_skipped_steps_are_counted_across_a_resume(colour_shards, tmp_path):
+    """Non-finite steps are skipped and counted; the counters travel in the checkpoint: a resumed run goes on
+    counting the skipped steps, and the limit on non-finite steps in a row spans the resume."""
+    (tmp_path / "poison.py").write_text(POISON)
+    cfg = write_config(tmp_path, colour_shards, "run", train={"steps": 5, "warmup_steps": 1, "checkpoint_every": 3,
+                                                              "max_bad_steps": 3, "objective": "poison:make_task"})
+    env = {"MM_POISON_STEPS": "2,3", "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    train(cfg, "train.stop_after=3", env=env)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_3" / "trainer_state.json").read_text())
+    assert (state["skipped_steps"], state["bad_in_row"]) == (2, 2)
+    # step 4 bad as well: the third in a row, counted from before the resume
+    proc = train(cfg, "train.resume=auto", env={**env, "MM_POISON_STEPS": "2,3,4"}, check=False)
+    assert proc.returncode != 0
+    assert "3 steps in a row had non-finite loss or gradients (last at step 4)" in proc.stdout + proc.stderr
+    # step 4 fine: the run finishes, having skipped 2 steps in all
+    train(cfg, "train.resume=auto", env=env)
+    steps = [r for r in metrics(tmp_path / "run") if "skipped_steps" in r]
+    assert [(r["step"], r["skipped_steps"]) for r in steps][-2:] == [(4, 2), (5, 2)]
