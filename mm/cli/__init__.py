@@ -6,14 +6,14 @@ import argparse
 
 from ..utils import dist
 from ..utils.host import tune_malloc
-from . import benchmark, caption, convert, embed, eval, finetune, ground, index, models, retrieve, serve, shards, train
+from . import benchmark, caption, convert, curate, embed, eval, finetune, ground, index, models, retrieve, serve, shards, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mm", description="Train and use CLIP-style image-text models.")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (models.add_models_parser, train.add_parser, shards.add_parser, embed.add_embed_parser,
-                embed.add_search_parser, index.add_parser, retrieve.add_parser, retrieve.add_reco_parser, eval.add_zeroshot_and_eval_parsers, eval.add_probe_parser,
+                embed.add_search_parser, index.add_parser, curate.add_parser, retrieve.add_parser, retrieve.add_reco_parser, eval.add_zeroshot_and_eval_parsers, eval.add_probe_parser,
                 benchmark.add_parser, finetune.add_parser, convert.add_export_parser, caption.add_parser,
                 ground.add_parser, convert.add_convert_parser, convert.add_merge_parser, serve.add_parser,
                 models.add_demo_parser):

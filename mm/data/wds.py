@@ -69,6 +69,21 @@ def check_urls(spec: str | list[str] | None, key: str) -> list[str]:
     return urls
 
 
+def read_keys(path: str | Path, key: str) -> frozenset[str]:
+    """The sample keys of a keep list (one a line, blank lines ignored: ``mm curate filter``'s keep.txt); errors
+    name the config key (``key``) and say what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{key}: file {str(path)!r} not found (a list of sample keys, one a line)")
+    try:
+        keys = frozenset(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{key}: {path} is not UTF-8 text ({e})") from None
+    if not keys:
+        raise ConfigError(f"{key}: {path} lists no sample key")
+    return keys
+
+
 def _open(url: str):
     if is_local(url):
         return open(url.removeprefix("file://"), "rb")
@@ -140,8 +155,12 @@ class ShardStream(IterableDataset):
         max_samples: int | None = None,
         budget: TokenBudget | None = None,
         first_batch: int = 0,
+        keep: frozenset[str] | None = None,
     ):
         self.urls, self.decoder, self.collate = urls, decoder, collate
+        # data.keep: only samples whose key is listed exist for this stream (a curated subset of the shards, read
+        # without rewriting them); the others are not read as samples at all, so positions count kept samples only
+        self.keep = keep
         # NaFlex training: each batch's size and sequence length from the token budget, by the batch's index in
         # this process's stream (``first_batch``: the batches consumed before a resume)
         self.budget, self.first_batch = budget, first_batch
@@ -152,21 +171,25 @@ class ShardStream(IterableDataset):
         self.max_samples = max_samples
 
     # -- raw stream ------------------------------------------------------------------------------
+    def _shard(self, url: str, warn) -> Iterator[dict[str, Any]]:
+        samples = iter_shard(url, warn)
+        return samples if self.keep is None else (s for s in samples if s["__key__"] in self.keep)
+
     def _raw(self, epoch: int, gid: int, total: int, warn) -> Iterator[dict[str, Any]]:
         if self.resampled:  # shards drawn with replacement, forever
             rng = _seeded(self.seed, gid, 7919)
             while True:
-                yield from iter_shard(rng.choice(self.urls), warn)
+                yield from self._shard(rng.choice(self.urls), warn)
         urls = list(self.urls)
         if self.train:
             _seeded(self.seed, epoch).shuffle(urls)
         if len(urls) >= total:
             for u in urls[gid::total]:
-                yield from iter_shard(u, warn)
+                yield from self._shard(u, warn)
         else:  # fewer shards than workers: split by sample so that every worker gets data
             i = 0
             for u in urls:
-                for s in iter_shard(u, warn):
+                for s in self._shard(u, warn):
                     if i % total == gid:
                         yield s
                     i += 1
@@ -250,7 +273,8 @@ class ShardStream(IterableDataset):
             if resumed:
                 pass  # resumed at (or near) the end of an epoch: an empty remainder is expected
             elif good_in_epoch == 0 and pos <= 0:
-                raise RuntimeError(f"worker {gid}: shards yielded no samples at all ({len(self.urls)} shards, "
+                listed = f" whose key is in the keep list ({len(self.keep)} keys)" if self.keep is not None else ""
+                raise RuntimeError(f"worker {gid}: shards yielded no samples{listed} at all ({len(self.urls)} shards, "
                                    f"first {self.urls[0]}); warnings: {warnings[:3]}")
             elif good_in_epoch == 0 and not batch:
                 raise RuntimeError(f"worker {gid}: a whole pass over its shards produced no usable sample; "

@@ -264,7 +264,8 @@ class _BatchStream(IterableDataset):
 
 # -- output files ------------------------------------------------------------------------------------
 # Every file is written atomically by its one writer (parts carry their rank, the rest is the main process's).
-def _part_name(rank: int, chunk: int) -> str:
+def part_name(rank: int, chunk: int) -> str:
+    """The file stem of chunk ``chunk``'s part written by rank ``rank``: ``part-RRR-CCCCCC``."""
     return f"part-{rank:03d}-{chunk:06d}"
 
 
@@ -278,9 +279,10 @@ def finished_parts(out: Path) -> dict[int, str]:
     return found
 
 
-def _write_chunk(out: Path, rank: int, chunk: int, ids: list[str], emb: np.ndarray,
-                 skipped: list[tuple[str, str]], dtype: str) -> None:
-    stem = _part_name(rank, chunk)
+def write_part(out: Path, rank: int, chunk: int, ids: list[str], emb: np.ndarray,
+               skipped: list[tuple[str, str]], dtype: str) -> None:
+    """One chunk's part in ``out``: its ids and skipped samples (``STEM.ids.json``), then its rows (``STEM.npy``)."""
+    stem = part_name(rank, chunk)
     write_json_atomic(out / f"{stem}.ids.json", {"ids": ids, "skipped": skipped}, indent=None)
     atomic_write(out / f"{stem}.npy", lambda f: np.save(f, emb.astype(dtype)), mode="wb")
 
@@ -362,7 +364,7 @@ def check_query_model(index: dict[str, Any], model: torch.nn.Module, spec: str, 
     if recorded is not None:
         same = recorded == model_fingerprint(model)
     else:
-        same = index.get("model") is None or _recorded(spec) == index.get("model")
+        same = index.get("model") is None or recorded_spec(spec) == index.get("model")
     if not same:
         raise EmbedError(f"{where}: made with the model {index.get('model')} (weights fingerprint "
                          f"{(recorded or 'not recorded')[:12]}), queries would be embedded by {spec}, whose weights "
@@ -387,7 +389,8 @@ def load_index(out_dir: str | Path) -> tuple[np.ndarray, list[str]]:
     return emb, ids
 
 
-def _write_index(out: Path, plan: dict[str, Any], embed_dim: int) -> None:
+def write_index(out: Path, plan: dict[str, Any], embed_dim: int) -> None:
+    """index.json and skipped.txt of ``out`` once every chunk of ``plan`` has its part (main process, last)."""
     parts, skipped = [], []
     done = finished_parts(out)
     for c in range(plan["chunks"]):
@@ -403,7 +406,8 @@ def _write_index(out: Path, plan: dict[str, Any], embed_dim: int) -> None:
 
 
 # -- the run -----------------------------------------------------------------------------------------
-def _encode(model: torch.nn.Module, x: torch.Tensor, kind: str, normalize: bool, precision: str) -> np.ndarray:
+def embed_batch(model: torch.nn.Module, x: torch.Tensor, kind: str, normalize: bool, precision: str) -> np.ndarray:
+    """Embeddings of one batch (images, or token ids when ``kind`` is "texts") as float32 rows on the CPU."""
     dev = next(model.parameters()).device
     x = x.to(dev, non_blocking=True)
     with torch.inference_mode(), autocast(dev, precision):
@@ -412,7 +416,7 @@ def _encode(model: torch.nn.Module, x: torch.Tensor, kind: str, normalize: bool,
     return (F.normalize(emb, dim=-1) if normalize else emb).cpu().numpy()
 
 
-def _recorded(spec: str | None) -> str | None:
+def recorded_spec(spec: str | None) -> str | None:
     """A model / weights path as index.json records it: absolute, so `mm search` works from anywhere."""
     return str(Path(spec).resolve()) if spec and Path(spec).exists() else spec
 
@@ -423,8 +427,9 @@ def check_out_dir(out_dir: str | Path, chunks: list[Chunk], *, model_spec: str |
     """EmbedError if ``out_dir`` holds another embed run (other inputs or options); nothing is written. A
     command calls it before loading the model, so a mismatch costs a second, not a model load."""
     kind = "texts" if chunks and chunks[0].kind == "texts" else "images"
-    _check_plan(Path(out_dir), make_plan(kind, chunks, model=_recorded(model_spec), pretrained=_recorded(pretrained),
-                                         normalize=normalize, dtype=dtype, quantize=quantize, seq_len=seq_len),
+    _check_plan(Path(out_dir), make_plan(kind, chunks, model=recorded_spec(model_spec),
+                                         pretrained=recorded_spec(pretrained), normalize=normalize, dtype=dtype,
+                                         quantize=quantize, seq_len=seq_len),
                 write=False)
 
 
@@ -448,8 +453,8 @@ def run_embed(model: torch.nn.Module, chunks: list[Chunk], out_dir: str | Path, 
     dist.start()  # joins the launcher's process group: chunk c is rank c % world's
     out = Path(out_dir)
     kind = "texts" if chunks and chunks[0].kind == "texts" else "images"
-    plan = make_plan(kind, chunks, model=_recorded(model_spec), pretrained=_recorded(pretrained), normalize=normalize,
-                     dtype=dtype, quantize=quantize, seq_len=seq_len)
+    plan = make_plan(kind, chunks, model=recorded_spec(model_spec), pretrained=recorded_spec(pretrained),
+                     normalize=normalize, dtype=dtype, quantize=quantize, seq_len=seq_len)
     fingerprint = model_fingerprint(model)  # of the model as given (a quantised copy below embeds the same model)
     if quantize and getattr(model, "quantization", None) != quantize:
         try:
@@ -470,8 +475,8 @@ def run_embed(model: torch.nn.Module, chunks: list[Chunk], out_dir: str | Path, 
                   normalize=normalize, precision=precision, dtype=dtype, show=dist.is_main(), seq_len=seq_len)
     dist.barrier()
     if dist.is_main():
-        _write_index(out, {**plan, "sources": image_sources(chunks), "model_fingerprint": fingerprint},
-                     model.config.embed_dim)
+        write_index(out, {**plan, "sources": image_sources(chunks), "model_fingerprint": fingerprint},
+                    model.config.embed_dim)
     dist.barrier()  # every rank returns the finished index
     return read_index(out)
 
@@ -504,7 +509,8 @@ def _embed_chunks(model: torch.nn.Module, chunks: list[Chunk], out: Path, rank: 
     empty = np.zeros((0, model.config.embed_dim), np.float32)
     for b in loader:
         c = b["chunk"]
-        emb = empty if b["x"] is None else _encode(model, b["x"], "texts" if texts else "images", normalize, precision)
+        emb = empty if b["x"] is None else embed_batch(model, b["x"], "texts" if texts else "images", normalize,
+                                                       precision)
         got[c][b["batch"]] = (b["ids"], emb, [tuple(s) for s in b["skipped"]])
         if b["last"]:
             n_batches[c] = b["batch"] + 1
@@ -512,8 +518,8 @@ def _embed_chunks(model: torch.nn.Module, chunks: list[Chunk], out: Path, rank: 
         if len(got[c]) == n_batches.get(c):
             parts = [got[c].pop(i) for i in range(n_batches.pop(c))]
             del got[c]
-            _write_chunk(out, rank, c, [i for p in parts for i in p[0]], np.concatenate([p[1] for p in parts]),
-                         [s for p in parts for s in p[2]], dtype)
+            write_part(out, rank, c, [i for p in parts for i in p[0]], np.concatenate([p[1] for p in parts]),
+                       [s for p in parts for s in p[2]], dtype)
     progress.close()
 
 

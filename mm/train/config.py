@@ -65,6 +65,9 @@ class RetrievalData:
 @dataclass
 class DataConfig:
     train: str | None = None  # shard URLs, brace-expanded: "dir/train-{000000..000009}.tar"; "::" joins sets
+    # a file of sample keys, one a line (`mm curate filter`'s keep.txt): train only on the samples of data.train
+    # listed there, without rewriting the shards (null: every sample)
+    keep: str | None = None
     batch_size: int = 64  # per process
     workers: int = 2  # DataLoader worker processes per process (0 = load in the main process)
     shuffle_buffer: int = 1000  # sample shuffle buffer per worker (0 = only shard shuffling)

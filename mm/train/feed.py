@@ -17,7 +17,7 @@ from ..data.retrieved import RetrievalDecoder, RetrievalPrompts
 from ..data.views import ViewsDecoder, ViewsSpec
 from ..data.gpu import DeferredTrainTransform, GpuImageDecoder, PendingImages
 from ..data.transforms import image_transform
-from ..data.wds import Collate, ShardStream, check_urls, make_loader
+from ..data.wds import Collate, ShardStream, check_urls, make_loader, read_keys
 from ..models import ImageTextModel
 from ..models.patches import Patches
 from ..tokenizer import get_tokenizer
@@ -85,7 +85,8 @@ def build_train_stream(cfg: RunConfig, model: ImageTextModel, rank: int, world: 
     return ShardStream(check_urls(cfg.data.train, "data.train"), decoder, collate, cfg.data.batch_size,
                        seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, train=True,
                        resampled=cfg.data.resampled, rank=rank, world=world, start=data.workers,
-                       rotation=data.batches % nw, budget=budget, first_batch=data.batches)
+                       rotation=data.batches % nw, budget=budget, first_batch=data.batches,
+                       keep=read_keys(cfg.data.keep, "data.keep") if cfg.data.keep else None)
 
 
 def views_spec(cfg: RunConfig, mcfg) -> ViewsSpec | None:

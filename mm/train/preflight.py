@@ -21,7 +21,7 @@ from ..config import (
     validate,
 )
 from ..data.retrieved import RetrievalPrompts
-from ..data.wds import check_urls
+from ..data.wds import check_urls, read_keys
 from ..hub.wrapped import WrappedModelError, native_only
 from ..models import naflex_problem
 from ..tokenizer import get_tokenizer
@@ -90,6 +90,8 @@ def preflight(cfg: RunConfig) -> None:
     check_selectors(cfg)  # train.freeze / train.lr_mult entries must name parameters of this model
     check_lora(cfg)  # train.lora targets must select layers of this model, wide enough for the rank
     check_urls(cfg.data.train, "data.train")
+    if cfg.data.keep:
+        read_keys(cfg.data.keep, "data.keep")  # exists, UTF-8, lists a key: before any work
     if cfg.eval.zeroshot.shards:
         check_urls(cfg.eval.zeroshot.shards, "eval.zeroshot.shards")
     if cfg.eval.retrieval.shards:
