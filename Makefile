@@ -23,12 +23,17 @@ run: setup
 	test -f data/builtin/info.json || $(VENV)/bin/mm shards builtin data/builtin
 	$(VENV)/bin/mm train data/builtin.yaml
 
+# tests in TEST_WORKERS processes (pytest-xdist; 0: in this process). Tests that share a session's work are
+# grouped (xdist_group), so each group runs in one process
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 # the long end-to-end tests (marked slow; `make test` leaves them out; slow hf ones run in test-hf)
 test-slow: setup
-	$(PY) -m pytest -m 'slow and not hf'
+	$(PY) -m pytest $(XDIST) -m 'slow and not hf'
 
 # the Hugging Face interop tests, with the optional transformers extra installed
 test-hf: setup

@@ -177,17 +177,32 @@ def test_bad_data_is_skipped_counted_and_named(tmp_path):
     ("train.steps=-1", "train.steps: must be >= 1, got -1"),
     ("train.caption_fraction=0", "train.caption_fraction: must be in (0, 1], got 0"),
 ])
-def test_config_errors_fail_before_training(colour_shards, tmp_path, override, message):
-    """train.py (what `accelerate launch train.py` runs) answers a bad config as `mm train` does: one line
-    `error: ...` naming the key, exit code 2, no traceback, and nothing started."""
+def test_config_errors_fail_before_training(colour_shards, tmp_path, override, message, capsys):
+    """`mm train` answers a bad config with one line `error: ...` naming the key, exit code 2, no traceback, and
+    nothing started (in this process: the command's own return code; the processes are the next test's)."""
+    from mm.cli import main
+
+    cfg = write_config(tmp_path, colour_shards, "err")
+    assert main(["train", str(cfg), override]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "err").exists()  # nothing was started
+
+
+def test_a_bad_config_ends_both_entry_points_with_exit_code_2(colour_shards, tmp_path):
+    """train.py (what `accelerate launch train.py` runs) and `python -m mm train` exit with the command's 2 and its
+    one error line, no traceback, nothing started."""
     cfg = write_config(tmp_path, colour_shards, "err")
     for cmd in ([sys.executable, str(ROOT / "train.py")], [sys.executable, "-m", "mm", "train"]):
-        proc = subprocess.run([*cmd, str(cfg), override], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([*cmd, str(cfg), "train.steps=-1"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
         assert proc.returncode == 2, (cmd, proc.stderr[-2000:])
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-        assert len(errors) == 1 and message in errors[0], (cmd, proc.stderr[-2000:])
+        assert errors == ["error: train.steps: must be >= 1, got -1"], (cmd, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr, (cmd, proc.stderr[-2000:])
-        assert not (tmp_path / "err").exists()  # nothing was started
+        assert not (tmp_path / "err").exists()
 
 
 def _free_port() -> int:
