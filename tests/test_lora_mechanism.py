@@ -162,10 +162,10 @@ def test_adapted_model_deep_copies_and_pickles():
     copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model)), torch.load(buf, weights_only=False)]
     for c in copies:
         assert type(first_moe(c)[1]) is type(first_moe(model)[1])
-        assert all(torch.equal(a, b) for a, b in zip(embeddings(c, images, tokens), want))
+        assert all(torch.equal(a, b) for a, b in zip(embeddings(c, images, tokens), want, strict=True))
     merge_lora(copies[0])
     assert has_lora(model) and first_moe(model)[1].w1 is first_moe(model)[1]._parameters["w1"]
-    assert all(torch.equal(a, b) for a, b in zip(embeddings(model, images, tokens), want))
+    assert all(torch.equal(a, b) for a, b in zip(embeddings(model, images, tokens), want, strict=True))
 
 
 def test_gradient_checkpointing_gives_the_same_adapter_gradients():
