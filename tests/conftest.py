@@ -153,3 +153,21 @@ def two_gloo_ranks(*args: str) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
             str(port), *args]
+
+
+def mm_in_process(*args: object) -> "subprocess.CompletedProcess[str]":
+    """``mm ARGS`` run in this process (``mm.cli.main``: the command's own parser, error guard and exit code), its
+    stdout and stderr captured: what a subprocess gives, without a fresh interpreter's seconds of imports."""
+    import contextlib
+    import io
+    import subprocess
+
+    from mm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors exit 2
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess([str(a) for a in args], code, out.getvalue(), err.getvalue())

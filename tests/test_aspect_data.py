@@ -5,22 +5,18 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import mm_in_process
 from PIL import Image
 
 from mm.data import aspect
 from mm.data.synthetic import CLASSES, COLORS, SHAPES, ZERO_SHOT_TEMPLATES, parse_caption
 from mm.data.wds import iter_shard
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 N = 60  # 2 per class, 12 per default aspect
 
 
@@ -156,11 +152,9 @@ def test_a_centre_square_crop_misses_objects_on_elongated_canvases(aspect_dir):
     assert min(elongated) == 0.0  # some entirely
 
 
-@pytest.mark.slow  # end-to-end commands in subprocesses (~20-30 s on 2 cores): the second CI step
 def test_cli_writes_the_aspect_set(tmp_path):
     def mm(*args):
-        return subprocess.run([sys.executable, "-m", "mm.cli", "shards", "builtin", *args], cwd=ROOT, env=ENV,
-                              capture_output=True, text=True, timeout=300)
+        return mm_in_process("shards", "builtin", *args)
 
     out = tmp_path / "cli"
     proc = mm(str(out), "--aspect", "--n-train", "20", "--n-test", "5", "--samples-per-shard", "10", "--no-gzip")

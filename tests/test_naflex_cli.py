@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import mm_in_process
 from PIL import Image
 
 import mm
@@ -54,11 +55,9 @@ def _alone(model, paths, seq_len=SEQ) -> np.ndarray:
 
 
 def _mm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mm", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=ENV)
+    return mm_in_process(*args)
 
 
-@pytest.mark.slow  # end-to-end commands in subprocesses (~20-30 s on 2 cores): the second CI step
 def test_embed_and_search_read_images_at_their_aspect_ratio(data, tmp_path):
     d, model_dir, model = data
     paths = sorted((d / "images").glob("*.png"))
@@ -83,7 +82,6 @@ def test_embed_and_search_read_images_at_their_aspect_ratio(data, tmp_path):
         assert json.loads(r.stdout)["results"][0]["id"] == p.name
 
 
-@pytest.mark.slow  # end-to-end commands in subprocesses (~20-30 s on 2 cores): the second CI step
 def test_zeroshot_and_eval_take_seq_len(data):
     d, model_dir, model = data
     shard = str(d / "shards" / "test-000000.tar.gz")
