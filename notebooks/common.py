@@ -1,5 +1,5 @@
 """What the notebooks share: where they work, the built-in data set, and the small CoCa model that notebook 01
-trains and 02-04 reuse (each trains it first if it is not there yet, so any notebook runs on its own); the built-in
+trains and 02-04 and 08 reuse (each trains it first if it is not there yet, so any notebook runs on its own); the built-in
 scenes (boxes, referring expressions, shape maps) of notebook 07.
 
 Environment:
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("MM_NOTEBOOK_DIR") or REPO / "runs" / "notebooks").resolve()
 QUICK = os.environ.get("MM_NOTEBOOK_QUICK", "") not in ("", "0")
 DATA = WORK / "data"  # the built-in shapes set (mm shards builtin)
-COCA_RUN = WORK / "coca"  # notebook 01's run; its final/ is the model of 02-04
+COCA_RUN = WORK / "coca"  # notebook 01's run; its final/ is the model of 02-04 and 08
 
 SCENES = WORK / "scenes"  # the built-in scenes (mm shards builtin --scenes): notebook 07
 

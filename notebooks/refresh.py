@@ -1,6 +1,6 @@
 """Execute every notebook in full mode, as a user runs it, and store it with its outputs (``make notebooks``).
 
-    python notebooks/refresh.py                 # all, in order (01 trains the model 02-04 use)
+    python notebooks/refresh.py                 # all, in order (01 trains the model 02-04 and 08 use)
     python notebooks/refresh.py 03_captioning   # one (its model is trained first if missing)
 
 Each notebook runs through ``jupyter nbconvert --to notebook --execute --inplace`` (full settings: no

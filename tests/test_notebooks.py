@@ -31,7 +31,7 @@ def test_notebooks_are_stored_with_the_outputs_of_a_full_run_of_their_code():
     spec.loader.exec_module(refresh)
     names = [p.stem for p in PATHS]
     assert names == ["01_train_quickstart", "02_zero_shot", "03_captioning", "04_embeddings_and_search",
-                     "05_moe_routing", "06_open_clip_interop", "07_siglip2_grounding"]
+                     "05_moe_routing", "06_open_clip_interop", "07_siglip2_grounding", "08_retrieval_captioning"]
     for p in PATHS:
         nb = nbformat.read(p, as_version=4)
         nbformat.validate(nb)
@@ -52,6 +52,7 @@ def test_notebooks_are_stored_with_the_outputs_of_a_full_run_of_their_code():
 
 
 @pytest.mark.slow  # long end-to-end runs: `make test-slow`
+@pytest.mark.xdist_group("notebooks")  # one process runs them in order: 01's model serves 02-04 and 08
 @pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
 def test_notebook_runs(path, notebook_dir, monkeypatch):
     # the kernel inherits this environment: a temporary working folder, quick settings, CPU
