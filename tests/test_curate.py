@@ -24,7 +24,8 @@ import mm
 from mm.cli import main as mm_main
 from mm.data.wds import iter_shard
 from mm.inference import dedup
-from mm.inference.curate import balanced_sizes, shard_keys
+from mm.data.wds import shard_keys
+from mm.inference.curate import balanced_sizes
 from mm.inference.curate_rules import Pool
 from mm.inference.embed import load_index, model_fingerprint
 

@@ -84,6 +84,33 @@ def read_keys(path: str | Path, key: str) -> frozenset[str]:
     return keys
 
 
+def member_key(name: str) -> tuple[str, str] | None:
+    """(sample key, extension) of a tar member's name, as webdataset groups members: the path up to the first dot
+    of the base name; None for a name without one (or a hidden file), which is no sample's member."""
+    d, _, base = name.rpartition("/")
+    if "." not in base or base.startswith("."):
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{d}/{stem}" if d else stem), ext
+
+
+def shard_keys(url: str) -> list[str] | None:
+    """The sample keys of a local shard in order, grouped as :func:`iter_shard` groups members, read from the tar
+    headers (a plain .tar: no member's data is read); None for a remote URL or an unreadable file."""
+    if not is_local(url):
+        return None
+    keys: list[str] = []
+    try:
+        with tarfile.open(url.removeprefix("file://"), "r:*") as tar:
+            for m in tar:
+                split = member_key(m.name) if m.isfile() else None
+                if split is not None and (not keys or keys[-1] != split[0]):
+                    keys.append(split[0])
+    except (tarfile.TarError, OSError, EOFError):
+        return None
+    return keys
+
+
 def _open(url: str):
     if is_local(url):
         return open(url.removeprefix("file://"), "rb")
@@ -105,11 +132,10 @@ def iter_shard(url: str, warn: Callable[[str], None]) -> Iterator[dict[str, Any]
             for member in tar:
                 if not member.isfile():
                     continue
-                d, _, base = member.name.rpartition("/")
-                if "." not in base or base.startswith("."):
+                split = member_key(member.name)
+                if split is None:
                     continue
-                stem, ext = base.split(".", 1)
-                key = f"{d}/{stem}" if d else stem
+                key, ext = split
                 if sample is not None and sample["__key__"] != key:
                     yield sample  # complete: the next sample's header has been read
                     count += 1

@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.folder import list_images
+from ..data.wds import shard_keys
 from ..hub.spec import parse_spec
 from ..inference.generate import GenerationConfig, generate
 from ..tokenizer import get_tokenizer
@@ -145,7 +146,6 @@ def _base_url(url: str) -> str:
 
 
 _fetched: dict[str, str | None] = {}
-_WDS_KEY = re.compile(r"^((?:.*/|)[^./]+)\.[^/]*$")  # webdataset's sample key: the name up to its first dot
 
 
 def _fetch_text(url: str) -> str | None:
@@ -257,15 +257,12 @@ def sample_count(ds: Dataset, split: str, share: slice = slice(None)) -> int | N
         return None
     if ds.kind == "folder":
         return len(list_images(_class_dirs(_folder_root(ds.path, split)))[share])
-    import tarfile
-
     n = 0
     for url in shard_urls(ds, split)[share]:
-        try:
-            with tarfile.open(url, "r:") as tar:  # headers only: members' data is skipped
-                n += len({_WDS_KEY.sub(r"\1", m.name) for m in tar if m.isfile()})
-        except (tarfile.TarError, OSError):
+        keys = shard_keys(url)  # the tar headers: no member's data is read
+        if keys is None:
             return None  # reading it will name the problem
+        n += len(keys)
     return n
 
 

@@ -28,7 +28,6 @@ import json
 import os
 import re
 import sys
-import tarfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,7 +41,7 @@ from ..config import ConfigError
 from ..data.decode import IMAGE_KEYS, BadSample, SampleDecoder
 from ..data.shards import ShardWriter
 from ..data.transforms import image_transform, stack_images
-from ..data.wds import check_urls, is_local, is_shard_spec, iter_shard, read_keys
+from ..data.wds import check_urls, is_shard_spec, iter_shard, read_keys, shard_keys
 from ..utils import dist
 from ..utils.host import default_workers
 from ..utils.io import atomic_write, write_json_atomic
@@ -215,26 +214,6 @@ def _write_scores(out: Path, plan: dict[str, Any], chunks: list[Chunk], fingerpr
         "format": "mm-curate-scores", "version": 1, **plan, **extra, "embed_dim": embed_dim,
         "count": sum(p["rows"] for p in parts), "skipped": len(skipped), "repeated_keys": len(repeated),
         "repeated_key_example": repeated[0] if repeated else None, "images": IMAGES, "texts": TEXTS, "parts": parts})
-
-
-def shard_keys(url: str) -> list[str] | None:
-    """The sample keys of a local shard in order, grouped as :func:`mm.data.wds.iter_shard` groups members, read
-    from the tar headers (a plain .tar: no member's data is read); None for a remote URL or an unreadable file."""
-    if not is_local(url):
-        return None
-    keys: list[str] = []
-    try:
-        with tarfile.open(url.removeprefix("file://"), "r:*") as tar:
-            for m in tar:
-                d, _, base = m.name.rpartition("/")
-                if not m.isfile() or "." not in base or base.startswith("."):
-                    continue
-                key = f"{d}/{base.split('.', 1)[0]}" if d else base.split(".", 1)[0]
-                if not keys or keys[-1] != key:
-                    keys.append(key)
-    except (tarfile.TarError, OSError, EOFError):
-        return None
-    return keys
 
 
 def _progress(chunks: list[Chunk], show: bool) -> tuple[Progress, bool]:
