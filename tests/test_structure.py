@@ -272,6 +272,21 @@ def test_import_mm_is_light():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_the_command_line_and_a_model_leave_dynamo_and_torchvision_unloaded():
+    """Every `mm` command, DataLoader worker and launched rank imports the CLI and builds a model; torch._dynamo
+    (through a decorator run at import) and torchvision (which imports dynamo) cost several seconds a process
+    there, so they load only when used: torch.compile, an optimizer step, open_clip's own preprocessing."""
+    code = ("import sys, torch, mm.cli, mm\n"
+            "from mm.models.patches import Patches, patchify\n"
+            "m = mm.create_model('tiny-clip').eval()\n"
+            "with torch.no_grad():\n"
+            "    m.encode_image(torch.zeros(1, 3, 32, 32))\n"
+            "    m.encode_image(Patches.stack([patchify(torch.zeros(3, 8, 16), 4)]))\n"
+            "print(sorted(n for n in ('torch._dynamo', 'torchvision') if n in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
+
 def test_python_dash_m_mm_runs_the_command():
     proc = subprocess.run([sys.executable, "-m", "mm", "--help"], cwd=ROOT, capture_output=True, text=True,
                           check=False)

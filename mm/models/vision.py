@@ -1,6 +1,8 @@
 """ViT image tower: patchify -> (+ class token, positions) -> Transformer -> norm -> pool -> project."""
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +21,25 @@ from ..layers import (
 )
 from .config import VisionConfig
 from .patches import Patches
+
+
+def _not_compiled(fn: Callable) -> Callable:
+    """``torch.compiler.disable(fn)`` where it matters, under torch.compile, and made there rather than at import:
+    disabling imports torch._dynamo (~1.5 s a process), which eager use never needs and every CLI call and
+    DataLoader worker would pay. Dynamo traces this wrapper (``is_compiling`` is true there) and meets the disabled
+    function: a graph break."""
+    disabled: Callable | None = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal disabled
+        if not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return call
 
 
 @dataclass
@@ -186,7 +207,7 @@ class _VisionParts(nn.Module):
                 rope = (rope[0].gather(2, idx), rope[1].gather(2, idx))
         return self.norm_pre(x), valid, rope
 
-    @torch.compiler.disable  # a loop over the batch's grids: compiled, every new set of grids would recompile
+    @_not_compiled  # a loop over the batch's grids: compiled, every new set of grids would recompile
     def _resized_positions(self, shapes: torch.Tensor, length: int) -> torch.Tensor:
         """The learned table's patch rows resized to each image's grid: (B, length, width), zeros at padding."""
         g, width = self.cfg.grid, self.pos_embed.shape[-1]
