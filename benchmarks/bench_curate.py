@@ -22,8 +22,13 @@ image of its class, i.e. still right; junk; dup) with each duplicate's original.
 ``table OUT``: the Markdown table of the runs (kept samples, steps, training time, CIFAR-10 zero-shot top-1, Flickr8k
 retrieval recall@1/5 both ways) and what each filter removed of the planted corruption.
 
+``speed --model M --data SHARDS``: acceptance 3, samples/s of ``mm curate score`` against ``mm embed`` (its images
+run and its captions run) on the same model, shards, batch and workers, in one process, rounds interleaved.
+
     .venv/bin/python benchmarks/bench_curate.py make-pool benchmarks/runs/curate [--limit 300]
     .venv/bin/python benchmarks/bench_curate.py table benchmarks/runs/curate
+    .venv/bin/python benchmarks/bench_curate.py speed --model benchmarks/runs/curate/runs/ref/final \
+        --data 'benchmarks/runs/curate/pool/pool-{000000..000003}.tar'
 """
 from __future__ import annotations
 
@@ -257,6 +262,57 @@ def table(a: argparse.Namespace) -> None:
                 print("\n".join(lines))
 
 
+def speed(a: argparse.Namespace) -> None:
+    """Acceptance 3: `mm curate score` against `mm embed` on the same model and shards, in one process (the model
+    loaded once), rounds interleaved (embed images, embed captions, curate score; each into a fresh directory, so
+    nothing resumes), the same batch size and DataLoader workers. samples/s counts the pool's samples for every
+    command; the figure of merit is curate score's samples/s over that of getting the same two embeddings from
+    `mm embed` (its images run plus its captions run); over the images run alone too, the stricter one."""
+    import shutil
+    import tempfile
+    import time
+
+    import torch
+
+    from mm.hub import load_model
+    from mm.inference.curate import plan_pool, run_score
+    from mm.inference.embed import plan_images, plan_texts, run_embed
+    from mm.utils.host import default_workers
+
+    torch.set_num_threads(a.threads or torch.get_num_threads())
+    model = load_model(a.model, None, "cpu")
+    workers = default_workers() if a.workers is None else a.workers
+    kw = dict(batch_size=a.batch_size, workers=workers)
+    n = len(plan_texts(a.data, 10**9)[0].items)
+    tmp = Path(tempfile.mkdtemp(prefix="curate_speed_"))
+    jobs = {"embed images": lambda d: run_embed(model, plan_images([a.data], 4096), d, **kw),
+            "embed captions": lambda d: run_embed(model, plan_texts(a.data, 4096), d, **kw),
+            "curate score": lambda d: run_score(model, plan_pool(a.data), d, **kw)}
+    times: dict[str, list[float]] = {k: [] for k in jobs}
+    print(f"{a.model}: {n} samples of {a.data}, batch {a.batch_size}, {workers} workers, "
+          f"{torch.get_num_threads()} threads, {a.repeats} rounds", flush=True)
+    try:
+        for r in range(a.repeats):
+            for name, job in jobs.items():
+                d = tmp / f"{r}-{name.replace(' ', '_')}"
+                t0 = time.perf_counter()
+                job(d)
+                times[name].append(time.perf_counter() - t0)
+                shutil.rmtree(d)
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    best = {k: min(v) for k, v in times.items()}
+    rate = {k: n / t for k, t in best.items()}
+    both = n / (best["embed images"] + best["embed captions"])
+    print(f"\nbest of {a.repeats} rounds, samples/s:")
+    for k in jobs:
+        print(f"  {k:<15} {rate[k]:8.1f}  (median {np.median(times[k]):.2f} s, best {best[k]:.2f} s)")
+    print(f"  embed both      {both:8.1f}  (images + captions runs)")
+    print(f"curate score / embed both: {rate['curate score'] / both:.3f}x; "
+          f"/ embed images alone: {rate['curate score'] / rate['embed images']:.3f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -278,6 +334,14 @@ def main() -> None:
     t = sub.add_parser("table", help="the Markdown tables of the runs and filters")
     t.add_argument("out")
     t.set_defaults(fn=table)
+    s = sub.add_parser("speed", help="samples/s of mm curate score against mm embed (images, captions)")
+    s.add_argument("--model", required=True, help="a model directory or open_clip:NAME[:TAG] spec")
+    s.add_argument("--data", required=True, help="webdataset shards (one caption a sample: txt)")
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the commands' default)")
+    s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    s.add_argument("--repeats", type=int, default=3)
+    s.set_defaults(fn=speed)
     a = p.parse_args()
     a.fn(a)
 
