@@ -1,14 +1,17 @@
 """Same numbers across a change: the same training runs in an old and a new tree give identical losses and weights.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/same_numbers.py --old REV [--new REV|DIR] [--work DIR]
-        [--only builtin,clip,siglip,coca,distill,finetune,resume] [--atol 0]
+        [--only builtin,clip,siglip,coca,distill,finetune,resume] [--builtin-precision fp32|bf16] [--atol 0]
 
 --old is a git revision, exported with `git archive` under WORK/trees/; --new is one too, or a directory (default:
 this working tree). Every run is a fresh `python -m mm ...` process of this interpreter (the repository's .venv)
 with cwd and PYTHONPATH at its tree, so it imports that tree's `mm` (checked: `mm.__file__` lies in the tree).
 All on the CPU, 1 thread (OMP_NUM_THREADS=1), 1 data worker, seed 0, run one after another. The cases:
 
-  builtin   data/builtin.yaml (each tree's own; demo-coca, bf16, batch 128), 40 steps, no evaluation
+  builtin   data/builtin.yaml (each tree's own; demo-coca, batch 128), 40 steps, no evaluation, train.precision
+            pinned to --builtin-precision (default fp32): the old file said bf16, the new one says auto (bf16 on a GPU
+            or a CPU with native bf16, fp32 elsewhere), so each tree's own value could differ; the siglip case
+            covers bf16
   clip      tiny-clip with patch dropout 0.25 (draws from the RNG), CLIP loss, batch 16 x grad_accum 2, 40 steps
   siglip    tiny-siglip, SigLIP loss in tiles of 8 (loss_block), bf16, batch 16, 30 steps
   coca      tiny-coca with patch dropout 0.25, gradient caching in chunks of 8 (RNG replayed per chunk), captions
@@ -61,10 +64,11 @@ def setting(args: list[str], *overrides: str) -> list[str]:
     return [a for a in args if a.split("=", 1)[0] not in keys] + list(overrides)
 
 
-def train_args(case: str, work: Path) -> list[str]:
+def train_args(case: str, work: Path, builtin_precision: str = "fp32") -> list[str]:
     """The `mm train` arguments of a case (output_dir is added by the caller)."""
     if case == "builtin":
-        return ["data/builtin.yaml", "train.steps=40", f"data.train={train_shards(work)}",
+        return ["data/builtin.yaml", "train.steps=40", f"train.precision={builtin_precision}",
+                f"data.train={train_shards(work)}",
                 "data.workers=1", "train.log_every=1", "train.checkpoint_every=0", "train.resume=none",
                 "eval.every=0", "eval.zeroshot.shards=null", "eval.captioning.shards=null"]
     if case in ("clip", "resume"):
@@ -152,14 +156,14 @@ def prepare(old: Tree, work: Path) -> None:
                 work / "logs/teacher.log")
 
 
-def run_case(case: str, tree: Tree, work: Path) -> Path:
+def run_case(case: str, tree: Tree, work: Path, builtin_precision: str = "fp32") -> Path:
     """One case in one tree, into a fresh WORK/runs/TREE/CASE; returns the run directory."""
     out = work / "runs" / tree.name / case
     shutil.rmtree(out, ignore_errors=True)
     if case == "finetune":
         tree.run(["-m", "mm", "finetune", *finetune_args(work), "--out", str(out)], out.with_suffix(".log"))
     else:
-        tree.run(["-m", "mm", "train", *train_args(case, work), f"output_dir={out}"], out.with_suffix(".log"))
+        tree.run(["-m", "mm", "train", *train_args(case, work, builtin_precision), f"output_dir={out}"], out.with_suffix(".log"))
     return out
 
 
@@ -244,6 +248,8 @@ def main() -> int:
     p.add_argument("--new", default=str(REPO), help="git revision or directory of the new tree (default: %(default)s)")
     p.add_argument("--work", default=str(REPO / "benchmarks/runs/same_numbers"), help="trees, data, runs, logs")
     p.add_argument("--only", default=",".join(CASES), help="comma-separated cases (default: all)")
+    p.add_argument("--builtin-precision", default="fp32", choices=("fp32", "bf16"),
+                   help="train.precision of the builtin case in both trees (default: %(default)s)")
     p.add_argument("--atol", type=float, default=0.0, help="largest |diff| that passes (default 0: bit-identical)")
     args = p.parse_args()
     cases = [c.strip() for c in args.only.split(",") if c.strip()]
@@ -266,7 +272,8 @@ def main() -> int:
                     ref = run_case("clip", old, work)
                 rows.append(compare(case, ref, run_resume(old, new, work), args.atol, first_step=21))
             else:
-                rows.append(compare(case, run_case(case, old, work), run_case(case, new, work), args.atol))
+                rows.append(compare(case, run_case(case, old, work, args.builtin_precision),
+                                         run_case(case, new, work, args.builtin_precision), args.atol))
         except (RuntimeError, FileNotFoundError, subprocess.CalledProcessError) as e:
             print(f"  {case}: ERROR: {e}", flush=True)
             rows.append({"case": case, "steps": 0, "loss": math.nan, "weight": math.nan, "result": "ERROR"})
