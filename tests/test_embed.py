@@ -286,3 +286,20 @@ def test_images_and_texts_are_exclusive_and_one_is_required(args, message, capsy
     with pytest.raises(SystemExit) as e:
         mm_main(["embed", "--model", "tiny-clip", "--out", "o", *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n", [5_000, 2**24, 2**24 + 1, 49_408 * 512])
+def test_the_fingerprint_reads_the_first_and_last_value_of_any_tensor(n):
+    """Index outputs record the model's fingerprint, a sample of each tensor's values. Above 2**24 values float32
+    cannot count positions exactly: ViT-B-32's token table (49,408 x 512) made the sample index one past the end, so
+    `mm embed`, `mm curate score` and `mm index` failed on every open_clip model with that table."""
+    holder = torch.nn.Module()
+    holder.register_buffer("table", torch.zeros(n, dtype=torch.uint8))
+    plain = model_fingerprint(holder)
+    seen = []
+    for i in (0, n - 1):
+        holder.table[i] = 1
+        seen.append(model_fingerprint(holder))
+        holder.table[i] = 0
+    assert plain not in seen and seen[0] != seen[1]
+    assert model_fingerprint(holder) == plain

@@ -329,6 +329,15 @@ def make_plan(kind: str, chunks: list[Chunk], *, model: str | None, pretrained: 
 FINGERPRINT_SAMPLES = 4096  # values of each tensor a fingerprint reads (evenly spaced): models differ everywhere
 
 
+def _sample_positions(n: int) -> torch.Tensor:
+    """``FINGERPRINT_SAMPLES`` evenly spaced positions in ``range(n)``, the first and the last included. float32
+    holds every position below 2**24 exactly (these are the positions every fingerprint so far was made with); above
+    it, float32 rounds the last position past the end (a 49,408 x 512 token table: 25,296,895 -> 25,296,896), so
+    float64 there."""
+    dtype = torch.float32 if n <= 2**24 else torch.float64
+    return torch.linspace(0, n - 1, FINGERPRINT_SAMPLES, dtype=dtype).long()
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """sha256 of the model's weights as loaded: each state-dict entry's name, shape, dtype and up to
     ``FINGERPRINT_SAMPLES`` of its values, evenly spaced (milliseconds for any model; two different trainings,
@@ -342,7 +351,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
             continue
         flat = value.detach().reshape(-1)
         if flat.numel() > FINGERPRINT_SAMPLES:
-            flat = flat[torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES, device=flat.device).long()]
+            flat = flat[_sample_positions(flat.numel()).to(flat.device)]
         h.update(f"{tuple(value.shape)} {value.dtype}".encode())
         h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
