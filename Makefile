@@ -29,13 +29,16 @@ run: setup
 # threads and training subprocesses already fill both cores; more cores: TEST_WORKERS=4 make test
 TEST_WORKERS ?= 0
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+# with workers, torch takes one thread in each (and in the commands they start): N one-thread processes, not N
+# processes that each spread over every core
+XDIST_ENV = $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1 MKL_NUM_THREADS=1)
 
 test: setup
-	$(PY) -m pytest $(XDIST)
+	$(XDIST_ENV) $(PY) -m pytest $(XDIST)
 
 # the long end-to-end tests (marked slow; `make test` leaves them out; slow hf ones run in test-hf)
 test-slow: setup
-	$(PY) -m pytest $(XDIST) -m 'slow and not hf'
+	$(XDIST_ENV) $(PY) -m pytest $(XDIST) -m 'slow and not hf'
 
 # the Hugging Face interop tests, with the optional transformers extra installed
 test-hf: setup
