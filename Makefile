@@ -23,14 +23,13 @@ run: setup
 	test -f data/builtin/info.json || $(VENV)/bin/mm shards builtin data/builtin
 	$(VENV)/bin/mm train data/builtin.yaml
 
-# tests in TEST_WORKERS processes (pytest-xdist; 0: in this process). Tests that share a session's work are
-# grouped (xdist_group), so each group runs in one process. 0 by default: on 2 cores, 2 processes gained nothing on
-# the whole suite (fast step 783 s with 2, ~784 s without; slow step 1,433 s with 2) because each test's torch
-# threads and training subprocesses already fill both cores; more cores: TEST_WORKERS=4 make test
-TEST_WORKERS ?= 0
+# tests in TEST_WORKERS processes (pytest-xdist; 0: in this process), by default one per core, at most 4. Tests that
+# share a session's work are grouped (xdist_group), so each group runs in one process. Each worker's torch (and the
+# commands it starts) takes one thread (XDIST_ENV): on CI's 2 cores, 2 one-thread workers ran the fast step in
+# 467 s and the slow one in 805 s; 2 workers of 2 threads each took 783 s and 1,433 s (4 threads on 2 cores), one
+# process ~780 s for the fast step
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
-# with workers, torch takes one thread in each (and in the commands they start): N one-thread processes, not N
-# processes that each spread over every core
 XDIST_ENV = $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1 MKL_NUM_THREADS=1)
 
 test: setup

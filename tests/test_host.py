@@ -50,10 +50,11 @@ def test_tuned_allocator_reuses_pages():
     not_applied, _, _ = faults_per_forward(False)
     assert applied and not not_applied  # MM_TUNE_MALLOC=0 leaves the allocator alone
     # tuned, the warm heap serves the multi-MiB activations of every later forward: next to no page is faulted
-    # in fresh. (Untuned, glibc's dynamic mmap threshold decides: 59k faults per forward on one of our machines,
-    # 0 on another, so the untuned count is no baseline to assert against.)
+    # in fresh. Measured tuned: 0 in most runs, else a few steps of the heap growing by 2 MiB (~520 faults each),
+    # at most 5,200 (2% of the pages); untuned, glibc's dynamic mmap threshold decides: 27k-82k faults per forward
+    # (10-31%) on one of our machines, 0 on another, so the untuned count is no baseline to assert against.
     assert pages > 100_000, pages
-    assert tuned < 0.001 * pages, (tuned, pages)
+    assert tuned < 0.05 * pages, (tuned, pages)
 
 
 def test_opt_out_and_platform(monkeypatch):
