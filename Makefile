@@ -26,8 +26,8 @@ run: setup
 # tests in TEST_WORKERS processes (pytest-xdist; 0: in this process), by default one per core, at most 4. Tests that
 # share a session's work are grouped (xdist_group), so each group runs in one process. Each worker's torch (and the
 # commands it starts) takes one thread (XDIST_ENV): on CI's 2 cores, 2 one-thread workers ran the fast step in
-# 467 s and the slow one in 805 s; 2 workers of 2 threads each took 783 s and 1,433 s (4 threads on 2 cores), one
-# process ~780 s for the fast step
+# 467 s and the slow one in 805 s; 2 workers of 2 threads each took 783 s and 1,433 s (4 threads on 2 cores; and
+# before every command stopped importing torch._dynamo at start-up), one process ~780 s for the fast step
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 XDIST_ENV = $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1 MKL_NUM_THREADS=1)
