@@ -22,9 +22,8 @@ from PIL import Image
 
 import mm
 from mm.cli import main as mm_main
-from mm.data.wds import iter_shard
+from mm.data.wds import iter_shard, shard_keys
 from mm.inference import dedup
-from mm.data.wds import shard_keys
 from mm.inference.curate import balanced_sizes
 from mm.inference.curate_rules import Pool
 from mm.inference.embed import load_index, model_fingerprint

@@ -287,6 +287,7 @@ def test_the_command_line_and_a_model_leave_dynamo_and_torchvision_unloaded():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", proc.stdout
 
+
 def test_python_dash_m_mm_runs_the_command():
     proc = subprocess.run([sys.executable, "-m", "mm", "--help"], cwd=ROOT, capture_output=True, text=True,
                           check=False)
